@@ -1,0 +1,25 @@
+"""Shared command line: `python -m lgd_ray.<verb> CONFIG [key=value ...] [flags]`; config errors print one line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from lgd_ray.config import Config, ConfigError, load_config
+
+
+def run_cli(prog: str, description: str, argv: list[str], work: Callable[[Config, argparse.Namespace], None],
+            add_flags: Callable[[argparse.ArgumentParser], None] | None = None):
+    """Parse CONFIG and overrides, run `work(cfg, args)`; a ConfigError exits 2 with its one-line message."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
+    parser.add_argument("config", help="a name in configs/ (digits, fashion-mnist, ...) or a path to a YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. guidance.omega=0.5")
+    if add_flags:
+        add_flags(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        work(cfg, args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,247 @@
+"""Typed run configuration: YAML in configs/ + dotted `key=value` overrides, validated before any work.
+
+A field named `lambda_` is spelled `lambda` in YAML and on the command line (a Python keyword).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line naming the key and what is allowed."""
+
+
+def _f(default, **meta):
+    """A dataclass field with validation metadata: choices=, min=, max=, min_excl=, length=."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("digits", choices=["digits", "fashion-mnist", "imagenet"])
+    root: str = ""  # fashion-mnist: folder of idx(.gz) files; imagenet: ImageFolder root with train/ and val/
+    classes: str = ""  # imagenet only: imagenette | imagewoof | imagenet1k | path to a wnid list
+    image_size: int = _f(8, min=4)  # the classifiers' input size; generated images are resized to it
+    train_split: str = "train"  # imagenet: sub-folder of root
+    test_split: str = "val"
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.name == "imagenet" else 1
+
+
+@dataclass
+class PriorConfig:
+    model_id: str = ""  # hub id or local folder of a diffusers DiT pipeline; "" = the project's pixel DiT
+    scheduler: str = _f("ddim", choices=["ddim", "ddpm"])
+    num_steps: int = _f(50, min=1)
+    cfg_scale: float = _f(4.0, min=1.0)  # classifier-free guidance; 1 = off
+    # The project's pixel DiT (used when model_id is ""), trained by `python -m lgd_ray.prior`:
+    patch_size: int = _f(2, min=1)
+    num_heads: int = _f(4, min=1)
+    head_dim: int = _f(32, min=8)
+    depth: int = _f(4, min=1)
+    train_timesteps: int = _f(1000, min=10)
+    train_steps: int = _f(2000, min=1)
+    batch_size: int = _f(128, min=1)
+    lr: float = _f(1e-3, min_excl=0.0)
+    label_dropout: float = _f(0.1, min_excl=0.0, max=1.0)  # > 0 so the null class exists for CFG
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(100, min=1)
+    batch_size: int = _f(64, min=1)
+    lr: float = _f(0.01, min_excl=0.0)
+    momentum: float = _f(0.9, min=0.0, max=1.0)
+    weight_decay: float = _f(5e-4, min=0.0)
+    milestones: list = _f([0.6667, 0.8333])  # fractions of the epochs where the lr is multiplied by lr_decay
+    lr_decay: float = _f(0.2, min_excl=0.0, max=1.0)
+    crop_scale: float = _f(0.5, min_excl=0.0, max=1.0)  # RandomResizedCrop scale lower bound; 1 = no crop
+    flip: bool = True
+
+
+@dataclass
+class ClassifierConfig:
+    model: str = "convnet3"  # convnet<D> | resnetap10 | resnet18
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class DistillConfig:
+    method: str = _f("lgd", choices=["lgd", "dit"])
+    seed_ipc: int = _f(10, min=1)  # images per class of the unguided seed increment I_0
+    ipc_per_stage: int = _f(10, min=1)
+    stages: int = _f(4, min=0)  # guided increments I_1..I_K
+    sample_batch: int = _f(64, min=1)  # trajectories per sampler batch (candidates included)
+    classes_per_chunk: int = _f(5, min=1)  # one shard per chunk; fixed so output does not depend on workers
+
+
+@dataclass
+class GuidanceConfig:
+    lambda_: float = _f(0.05, min=0.0)  # learnability guidance weight (see norm_scale)
+    omega: float = _f(0.5, min=0.0)  # S = CE(student) - omega * CE(reference)
+    kappa: int = _f(3, min=1)  # candidates per slot; the highest S is kept
+    gamma: float = _f(0.0, min=0.0)  # deviation guidance weight (away from already chosen images)
+    window: list = _f([10, 45], length=2)  # sampling-step indices (counting down from num_steps-1) guided
+    through: str = _f("denoiser", choices=["denoiser", "decoder"])  # gradient path of grad_{x_t} S
+    norm_scale: float = _f(1.0, min_excl=0.0)  # rho_t multiplier: guidance norm = lambda*norm_scale*sqrt(1-abar)*|eps|
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, min=0)
+    out: str = ""  # run folder; "" = runs/<config name>-<config hash>
+    cache: str = "runs/cache"  # where trained priors and reference models are kept, keyed by their config
+    device: str = _f("auto", choices=["auto", "cpu", "cuda"])
+    data: DataConfig = field(default_factory=DataConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    reference: ClassifierConfig = field(default_factory=ClassifierConfig)
+    student: ClassifierConfig = field(default_factory=ClassifierConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    name: str = ""  # filled from the config file name
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.name.rstrip("_")
+
+
+def _check_value(path: str, value, tp, meta):
+    origin = typing.get_origin(tp) or tp
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: '{path}' must be a mapping of keys, got {value!r}")
+        return _build(tp, value, path + ".")
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif origin is list:
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    else:
+        raise TypeError(tp)
+    if not ok:
+        raise ConfigError(f"config: '{path}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"config: '{path}' must be one of {meta['choices']}, got {value!r}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"config: '{path}' must be >= {meta['min']}, got {value!r}")
+    if "min_excl" in meta and value <= meta["min_excl"]:
+        raise ConfigError(f"config: '{path}' must be > {meta['min_excl']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"config: '{path}' must be <= {meta['max']}, got {value!r}")
+    if "length" in meta and len(value) != meta["length"]:
+        raise ConfigError(f"config: '{path}' must be a list of {meta['length']} numbers, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = {_key(f): f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (allowed: {', '.join(fields)})"
+            raise ConfigError(f"config: unknown key '{prefix}{key}'{hint}")
+        f = fields[key]
+        kwargs[f.name] = _check_value(prefix + key, value, hints[f.name], f.metadata)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value):
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config: '{dotted}': '{p}' is not a section")
+    node[leaf] = value
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A name in configs/ (`digits`) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(names)}"
+    raise ConfigError(f"config: no config '{name_or_path}' (a name in configs/ or a .yaml path; {hint})")
+
+
+def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
+    """Load a YAML config, apply `a.b=value` overrides (values parsed as YAML), validate everything."""
+    path = resolve_path(name_or_path)
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config: {path} must hold a mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"config: override '{item}' must look like key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    tree.setdefault("name", path.stem)
+    cfg = _build(Config, tree)
+    _check_cross(cfg)
+    return cfg
+
+
+def _check_cross(cfg: Config):
+    lo, hi = cfg.guidance.window
+    if not 0 <= lo <= hi:
+        raise ConfigError(f"config: 'guidance.window' must be [lo, hi] with 0 <= lo <= hi, got {cfg.guidance.window}")
+    if cfg.data.name == "imagenet" and not (cfg.data.root and cfg.data.classes):
+        raise ConfigError("config: 'data.root' and 'data.classes' must be set for data.name=imagenet")
+    for section in ("reference", "student"):
+        from lgd_ray.models import check_model_name
+
+        name = getattr(cfg, section).model
+        problem = check_model_name(name)
+        if problem:
+            raise ConfigError(f"config: '{section}.model' {problem}")
+
+
+def to_dict(cfg) -> dict:
+    """The config as a plain dict with YAML spelling of keys."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        out[_key(f)] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def from_dict(tree: dict) -> Config:
+    return _build(Config, tree)
+
+
+def config_hash(tree) -> str:
+    """Short sha256 of a config (or any JSON-able part of one)."""
+    if dataclasses.is_dataclass(tree):
+        tree = to_dict(tree)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.name}-{config_hash(cfg)}"

@@ -1,0 +1,37 @@
+"""`python -m lgd_ray.distill CONFIG [key=value ...] [--resume]`: distil a data set into WebDataset increments."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from lgd_ray.cli import run_cli
+from lgd_ray.config import Config, run_dir
+from lgd_ray.stages import run_stages
+
+
+def distill(cfg: Config, resume: bool = False) -> dict:
+    """Run the stage loop into the config's run folder; returns the manifest."""
+    out = run_dir(cfg)
+    start = time.time()
+    print(f"distill: {cfg.name} ({cfg.distill.method}), {cfg.distill.seed_ipc} + {cfg.distill.stages} x "
+          f"{cfg.distill.ipc_per_stage} images per class -> {out}", flush=True)
+    manifest = run_stages(cfg, out, resume=resume, log=lambda line: print(line, flush=True))
+    final = manifest["stages"][str(cfg.distill.stages)]
+    print(f"distill: done in {time.time() - start:.0f} s: {final['total_images']} images, "
+          f"student test acc {100 * final['student_acc']:.2f}% (reference {100 * manifest['reference']['test_acc']:.2f}%)"
+          f" -> {out}", flush=True)
+    return manifest
+
+
+def _flags(parser: argparse.ArgumentParser):
+    parser.add_argument("--resume", action="store_true", help="continue the run in the config's run folder")
+
+
+def main(argv: list[str]):
+    run_cli("lgd_ray.distill", "Distil a labelled image set with learnability-guided diffusion.", argv,
+            lambda cfg, args: distill(cfg, args.resume), _flags)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

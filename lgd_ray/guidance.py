@@ -1,0 +1,105 @@
+"""The LGD terms: the learnability score, learnability guidance of the noise prediction, deviation guidance.
+
+    S(x, y) = CE(student(x), y) - omega * CE(reference(x), y)        high S: learnable, not yet learned
+
+Guided noise prediction at a step t inside the window (eps^ classifier-free guided, abar_t the scheduler's):
+
+    eps~ = eps^ - norm_scale * sqrt(1 - abar_t) * ||eps^|| * (lambda * g_S / ||g_S|| - gamma * g_D / ||g_D||)
+
+with g_S = grad_{x_t} S(decode(x0^), y), g_D = grad_{x_t} max_m cos(x0^, m) over the class's memory of already
+chosen latents, x0^ = (x_t - sqrt(1 - abar_t) eps^) / sqrt(abar_t). Subtracting from eps moves x0^ along +g_S:
+higher S, and away from the memory. The norms are per image, so lambda is the guidance's size relative to the
+noise prediction's (rho_t of DESIGN.md with the constant norm_scale), whatever the scale of the gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lgd_ray.prior import Prior
+
+
+def classifier_input(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Decoded images -> the classifiers' input: clamped to [-1, 1], resized to size x size."""
+    images = images.clamp(-1, 1)
+    if images.shape[-1] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return images
+
+
+@dataclass
+class Scorer:
+    """The learnability score of images for their labels under the current student and the reference."""
+
+    student: torch.nn.Module
+    reference: torch.nn.Module
+    omega: float
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        """(S, CE of the student, CE of the reference), each of shape (N,)."""
+        ce_student = F.cross_entropy(self.student(images), labels, reduction="none")
+        ce_reference = F.cross_entropy(self.reference(images), labels, reduction="none")
+        return ce_student - self.omega * ce_reference, ce_student, ce_reference
+
+
+def nearest_cosine(x0: torch.Tensor, labels: torch.Tensor, memory: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Per sample, the largest cosine similarity between x0 and the memory latents of its class (0 if none)."""
+    flat = F.normalize(x0.flatten(1), dim=1)
+    sims = torch.zeros(len(x0), dtype=x0.dtype, device=x0.device)
+    for c in labels.unique().tolist():
+        mem = memory.get(c)
+        if mem is None or len(mem) == 0:
+            continue
+        rows = (labels == c).nonzero().squeeze(1)
+        m = F.normalize(mem.to(x0).flatten(1), dim=1)
+        sims = sims.index_put((rows,), (flat[rows] @ m.T).amax(1))
+    return sims
+
+
+def _unit(g: torch.Tensor) -> torch.Tensor:
+    return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1))
+
+
+@dataclass
+class Guide:
+    """Settings of learnability and deviation guidance for one sampling run."""
+
+    scorer: Scorer
+    lambda_: float
+    gamma: float
+    window: tuple[int, int]  # step indices counting down from num_steps - 1, inclusive
+    through: str  # "denoiser": gradient through the DiT too; "decoder": eps^ detached
+    norm_scale: float
+    image_size: int
+    memory: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def active(self, step_index: int) -> bool:
+        return (self.lambda_ > 0 or self.gamma > 0) and self.window[0] <= step_index <= self.window[1]
+
+    def eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float):
+        """The guided noise prediction eps~ (detached)."""
+        abar = prior.scheduler.alphas_cumprod[int(t)].to(x_t)
+        sigma, alpha = (1 - abar).sqrt(), abar.sqrt()
+        use_memory = self.gamma > 0 and any(len(self.memory.get(c, ())) for c in labels.unique().tolist())
+        with torch.enable_grad():
+            if self.through == "denoiser":
+                wrt = x_t.detach().requires_grad_(True)
+                eps = prior.eps(wrt, t, labels, cfg_scale)
+                x0 = (wrt - sigma * eps) / alpha
+            else:  # d x0^ / d x_t = 1 / sqrt(abar_t): a positive constant that the normalisation removes
+                with torch.no_grad():
+                    eps = prior.eps(x_t, t, labels, cfg_scale)
+                x0 = wrt = ((x_t - sigma * eps) / alpha).requires_grad_(True)
+            step = torch.zeros_like(eps)
+            if self.lambda_ > 0:
+                score, _, _ = self.scorer(classifier_input(prior.decode(x0), self.image_size), labels)
+                (g_s,) = torch.autograd.grad(score.sum(), wrt, retain_graph=use_memory)
+                step = step + self.lambda_ * _unit(g_s)
+            if use_memory:
+                (g_d,) = torch.autograd.grad(nearest_cosine(x0, labels, self.memory).sum(), wrt)
+                step = step - self.gamma * _unit(g_d)
+        eps = eps.detach()
+        eps_norm = eps.flatten(1).norm(dim=1).view(-1, *[1] * (eps.dim() - 1))
+        return eps - self.norm_scale * sigma * eps_norm * step

@@ -1,0 +1,230 @@
+"""The diffusion prior: a diffusers DiT pipeline (transformer, optional VAE, scheduler) loaded from a hub id or a
+folder, and the project's own pixel-space class-conditional DiT for small data sets.
+
+`python -m lgd_ray.prior CONFIG [key=value ...]` trains the pixel DiT of a config and saves it with
+`save_pretrained`, so it loads through `load_prior` exactly as `facebook/DiT-XL-2-256` does.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, DiTPipeline, DiTTransformer2DModel
+from tqdm.auto import tqdm
+
+from lgd_ray.cli import run_cli
+from lgd_ray.config import Config, ConfigError, config_hash
+from lgd_ray.data import TensorSet, check_data, load_split, to_float
+from lgd_ray.seeding import derive_seed
+from lgd_ray.train import pick_device
+
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+EMA_DECAY = 0.999
+
+
+@dataclass
+class Prior:
+    """A class-conditional DiT with its scheduler and (for latent DiTs) its VAE."""
+
+    transformer: DiTTransformer2DModel
+    scheduler: DDIMScheduler | DDPMScheduler
+    vae: AutoencoderKL | None
+    class_map: torch.Tensor | None = None  # data-set label -> DiT label (a subset of ImageNet on a 1000-class DiT)
+
+    @property
+    def num_classes(self) -> int:
+        return self.transformer.config.num_embeds_ada_norm
+
+    @property
+    def null_class(self) -> int:
+        """The label-dropout class used for the unconditional half of classifier-free guidance."""
+        return self.num_classes
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c, s = self.transformer.config.in_channels, self.transformer.config.sample_size
+        return c, s, s
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    def to(self, device) -> "Prior":
+        self.transformer.to(device)
+        if self.vae is not None:
+            self.vae.to(device)
+        return self
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """Noise prediction, classifier-free guided when cfg_scale > 1; learned-sigma channels dropped."""
+        c = x_t.shape[1]
+        if self.class_map is not None:
+            labels = self.class_map.to(labels.device)[labels]
+        x_in = self.scheduler.scale_model_input(x_t, t)
+        if cfg_scale > 1:
+            x_in = torch.cat([x_in, x_in])
+            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
+        timesteps = t.reshape(1).to(x_in.device).expand(x_in.shape[0])
+        out = self.transformer(x_in, timestep=timesteps, class_labels=labels).sample[:, :c]
+        if cfg_scale > 1:
+            cond, uncond = out.chunk(2)
+            out = uncond + cfg_scale * (cond - uncond)
+        return out
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (or pixels) -> images in [-1, 1] (not clamped)."""
+        if self.vae is None:
+            return z
+        return self.vae.decode(z / self.vae.config.scaling_factor).sample
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] at the prior's resolution -> latents (the VAE posterior mean), or the images."""
+        if self.vae is None:
+            return images
+        return self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
+
+    @property
+    def image_size(self) -> int:
+        s = self.transformer.config.sample_size
+        return s if self.vae is None else s * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def load_prior(model_id: str, scheduler: str = "ddim", device="cpu", dtype=torch.float32) -> Prior:
+    """Load a DiT pipeline's parts from a hub id (`facebook/DiT-XL-2-256`) or a local folder saved by save_pretrained.
+
+    The VAE is loaded when model_index.json lists one; the scheduler's config is reused with the class named by
+    `scheduler` (ddim | ddpm).
+    """
+    try:
+        index = DiffusionPipeline.load_config(model_id)
+    except (OSError, EnvironmentError) as e:
+        raise ConfigError(f"prior: cannot load a diffusers pipeline from {model_id!r}: {str(e).splitlines()[0]}") from e
+    transformer = DiTTransformer2DModel.from_pretrained(model_id, subfolder="transformer", torch_dtype=dtype)
+    sched_config = SCHEDULERS[scheduler].load_config(model_id, subfolder="scheduler")
+    if scheduler == "ddpm" and sched_config.get("variance_type", "").startswith("learned"):
+        sched_config["variance_type"] = "fixed_small"  # learned-sigma channels are dropped, as DiTPipeline does
+    sched = SCHEDULERS[scheduler].from_config(sched_config)
+    vae = None
+    if (index.get("vae") or [None])[0] is not None:
+        vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dtype)
+        vae.eval().requires_grad_(False)
+    transformer.eval().requires_grad_(False)  # eval: in train mode the label embedding drops labels at random
+    return Prior(transformer, sched, vae).to(device)
+
+
+PRIOR_TRAIN_KEYS = ("patch_size", "num_heads", "head_dim", "depth", "train_timesteps", "train_steps", "batch_size",
+                    "lr", "label_dropout")
+
+
+def prior_dir(cfg: Config) -> Path:
+    """Where the project's pixel DiT for this config lives: keyed by the data set and the training keys."""
+    key = {"data": dataclasses.asdict(cfg.data), "seed": cfg.seed,
+           "prior": {k: getattr(cfg.prior, k) for k in PRIOR_TRAIN_KEYS}}
+    return Path(cfg.cache) / f"prior-{cfg.data.name}-{config_hash(key)}"
+
+
+def prior_id(cfg: Config) -> str:
+    """The model id the sampler loads: prior.model_id, or the folder of the project's own pixel DiT."""
+    return cfg.prior.model_id or str(prior_dir(cfg))
+
+
+def build_pixel_dit(cfg: Config, n_classes: int) -> DiTTransformer2DModel:
+    p = cfg.prior
+    if cfg.data.image_size % p.patch_size:
+        raise ConfigError(f"config: 'prior.patch_size' {p.patch_size} must divide data.image_size {cfg.data.image_size}")
+    return DiTTransformer2DModel(
+        num_attention_heads=p.num_heads, attention_head_dim=p.head_dim, in_channels=cfg.data.channels,
+        out_channels=cfg.data.channels, num_layers=p.depth, sample_size=cfg.data.image_size,
+        patch_size=p.patch_size, num_embeds_ada_norm=n_classes, norm_num_groups=1)
+
+
+def train_pixel_prior(cfg: Config, train_set: TensorSet, out: Path, device="cpu") -> dict:
+    """Train a pixel-space DiT with epsilon-prediction MSE and label dropout; save an EMA copy to `out`."""
+    p = cfg.prior
+    torch.manual_seed(derive_seed(cfg.seed, "prior"))
+    model = build_pixel_dit(cfg, train_set.num_classes)
+    # diffusers gives every block its own label embedder, each dropping labels independently in train mode;
+    # drop them here instead, once per sample, so all blocks see the same (possibly null) label.
+    for block in model.transformer_blocks:
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    model.to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    noise_sched = DDPMScheduler(num_train_timesteps=p.train_timesteps, beta_schedule="linear", clip_sample=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.0)
+    warmup = max(1, p.train_steps // 20)
+    lr_at = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / p.train_steps)).item())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "prior-batches"))
+    images = to_float(train_set.images).to(device)
+    labels = train_set.labels.to(device)
+    start, losses = time.time(), []
+    bar = tqdm(range(p.train_steps), desc="prior", disable=None)
+    for step in bar:
+        idx = torch.randint(len(labels), (p.batch_size,), generator=gen).to(device)
+        x0, y = images[idx], labels[idx]
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(p.train_timesteps, (len(y),), generator=gen).to(device)
+        drop = torch.rand(len(y), generator=gen).to(device) < p.label_dropout
+        y = torch.where(drop, train_set.num_classes, y)
+        pred = model(noise_sched.add_noise(x0, noise, t), timestep=t, class_labels=y).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - EMA_DECAY)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    info = {"seconds": round(time.time() - start, 1), "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+            "params": sum(x.numel() for x in model.parameters()), "steps": p.train_steps}
+    save_pixel_prior(ema.cpu(), noise_sched, out, info)
+    return info
+
+
+def save_pixel_prior(transformer: DiTTransformer2DModel, scheduler: DDPMScheduler, out: Path, info: dict):
+    """save_pretrained as a DiTPipeline without VAE, written to a temporary folder and renamed when complete."""
+    tmp = out.with_name(out.name + ".tmp")
+    DiTPipeline(transformer=transformer, vae=None, scheduler=scheduler).save_pretrained(tmp)
+    (tmp / "train_info.json").write_text(json.dumps(info, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+
+
+def ensure_prior(cfg: Config, device="cpu") -> str:
+    """The prior's model id; trains and saves the project's pixel DiT first if the config needs one and it is absent."""
+    if cfg.prior.model_id:
+        return cfg.prior.model_id
+    out = prior_dir(cfg)
+    if not (out / "model_index.json").exists():
+        if cfg.data.name == "imagenet":
+            raise ConfigError("config: 'prior.model_id' must name a DiT pipeline for imagenet (e.g. facebook/DiT-XL-2-256)")
+        train_set = load_split(cfg.data, "train")
+        print(f"prior: training a pixel DiT on {cfg.data.name} ({cfg.prior.train_steps} steps) -> {out}", flush=True)
+        info = train_pixel_prior(cfg, train_set, out, device)
+        print(f"prior: {info['params'] / 1e6:.2f} M params, loss {info['final_loss']:.4f}, {info['seconds']} s", flush=True)
+    return str(out)
+
+
+def main(argv: list[str]):
+    def work(cfg: Config, args):
+        check_data(cfg.data)
+        if cfg.prior.model_id:
+            raise ConfigError("config: 'prior.model_id' is set: that prior is loaded, not trained (unset it to train)")
+        print(ensure_prior(cfg, device=pick_device(cfg.device)))
+
+    run_cli("lgd_ray.prior", "Train the pixel DiT prior of a config (skipped if already trained).", argv, work)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

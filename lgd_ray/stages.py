@@ -1,0 +1,236 @@
+"""The stage loop: seed increment I_0 (unguided) + K guided increments, the student retrained on D_i each stage.
+
+    D_0 = I_0
+    for i = 1..K:  theta_{i-1} = train(theta_{i-2}, D_{i-1});  I_i = generate(guided by S_i);  D_i = D_{i-1} + I_i
+    theta_K = train(theta_{K-1}, D_K)
+
+Work is cut into fixed class chunks (one shard each); `ChunkMaker.make` is the unit a Ray actor runs. The loop
+skips chunks whose shard is in the manifest with a matching sha256 and stages already trained, so rerunning a
+stopped run redoes only what is missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from lgd_ray.config import Config, ConfigError, config_hash, to_dict
+from lgd_ray.data import check_data, load_split, num_classes, read_classlist, to_float
+from lgd_ray.guidance import Guide, Scorer
+from lgd_ray.prior import Prior, ensure_prior, load_prior
+from lgd_ray.reference import ensure_reference, new_classifier
+from lgd_ray.sampler import generate
+from lgd_ray.seeding import derive_seed
+from lgd_ray.shards import (load_tensor_set, read_manifest, read_shards, sample_key, shard_ok, shard_path,
+                            stage_dir, write_manifest, write_shard)
+from lgd_ray.train import accuracy, load_classifier, pick_device, save_classifier, train_classifier
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    ipc: int  # images per class generated in this stage
+    slot0: int  # first slot of this stage: slots are numbered across the whole run, so keys are unique
+
+    @property
+    def guided(self) -> bool:
+        return self.index > 0
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    stage: int
+    chunk: int
+    classes: tuple[int, ...]
+
+
+def stage_plan(cfg: Config) -> list[Stage]:
+    d = cfg.distill
+    return [Stage(0, d.seed_ipc, 0)] + [Stage(i, d.ipc_per_stage, d.seed_ipc + (i - 1) * d.ipc_per_stage)
+                                        for i in range(1, d.stages + 1)]
+
+
+def class_chunks(n_classes: int, per_chunk: int) -> list[tuple[int, ...]]:
+    """Classes 0..n-1 cut into consecutive chunks of `per_chunk` (the last may be shorter): every class once."""
+    return [tuple(range(i, min(i + per_chunk, n_classes))) for i in range(0, n_classes, per_chunk)]
+
+
+def prior_class_map(cfg: Config, prior: Prior) -> torch.Tensor | None:
+    """For an ImageNet subset on a 1000-class DiT: each subset class's ImageNet-1K index; else None (identity)."""
+    if cfg.data.name != "imagenet" or prior.num_classes == num_classes(cfg.data):
+        return None
+    imagenet = read_classlist("imagenet1k")
+    if prior.num_classes != len(imagenet):
+        raise ConfigError(f"prior: the DiT has {prior.num_classes} classes; data.classes has {num_classes(cfg.data)}")
+    return torch.tensor([imagenet.index(w) for w in read_classlist(cfg.data.classes)])
+
+
+class ChunkMaker:
+    """Holds the prior and the reference model; makes one chunk's shard at a time (what a sampler actor runs)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, device=None):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = device or pick_device(cfg.device)
+        self.num_classes = num_classes(cfg.data)
+        self.prior = load_prior(ensure_prior(cfg, self.device), cfg.prior.scheduler, self.device)
+        self.prior.class_map = prior_class_map(cfg, self.prior)
+        reference, _ = ensure_reference(cfg, self.num_classes, self.device)
+        self.reference = reference.to(self.device).requires_grad_(False)
+
+    def make(self, task: ChunkTask, student_state: dict | None, previous_shards: list[str]) -> dict:
+        """Generate the chunk's images (seed stage: unguided; later: as the method says), write its shard, return its row.
+
+        student_state: theta_{i-1} (None for the seed stage); previous_shards: the shards of D_{i-1} holding
+        these classes (the memory of deviation guidance).
+        """
+        cfg, g = self.cfg, self.cfg.guidance
+        stage = stage_plan(cfg)[task.stage]
+        items = [(c, s) for c in task.classes for s in range(stage.slot0, stage.slot0 + stage.ipc)]
+        scorer = guide = None
+        if student_state is not None:
+            student = new_classifier(cfg, cfg.student.model, self.num_classes)
+            student.load_state_dict(student_state)
+            scorer = Scorer(student.to(self.device).eval().requires_grad_(False), self.reference, g.omega)
+        lgd = stage.guided and cfg.distill.method == "lgd"
+        if lgd:
+            guide = Guide(scorer, g.lambda_, g.gamma, tuple(g.window), g.through, g.norm_scale, cfg.data.image_size,
+                          self._memory(previous_shards, task.classes) if g.gamma > 0 else {})
+        start = time.time()
+        out = generate(self.prior, items, run_seed=cfg.seed, stage=task.stage, num_steps=cfg.prior.num_steps,
+                       cfg_scale=cfg.prior.cfg_scale, batch_size=cfg.distill.sample_batch,
+                       image_size=cfg.data.image_size, kappa=g.kappa if lgd else 1, scorer=scorer, guide=guide)
+        params = {"method": cfg.distill.method if stage.guided else "dit", "cfg_scale": cfg.prior.cfg_scale,
+                  "num_steps": cfg.prior.num_steps}
+        if lgd:
+            params.update(lambda_=g.lambda_, omega=g.omega, kappa=g.kappa, gamma=g.gamma, through=g.through)
+        samples = [{"key": sample_key(o.cls, o.slot), "image": o.image, "cls": o.cls,
+                    "meta": {"stage": task.stage, "seed": derive_seed(cfg.seed, "noise", task.stage, o.cls, o.slot, o.candidate),
+                             "S": o.score, "ce_student": o.ce_student, "ce_reference": o.ce_reference,
+                             "candidate": o.candidate, "candidate_S": o.candidate_scores, "params": params}}
+                   for o in out]
+        row = write_shard(self.run_dir, shard_path(task.stage, task.chunk), samples)
+        scores = [o.score for o in out if o.score is not None]
+        row.update(stage=task.stage, chunk=task.chunk, classes=list(task.classes), seconds=round(time.time() - start, 2),
+                   mean_S=sum(scores) / len(scores) if scores else None)
+        return row
+
+    @torch.no_grad()
+    def _memory(self, shards: list[str], classes: Iterable[int]) -> dict[int, torch.Tensor]:
+        """Latents of the already chosen images of these classes (encoded at the prior's resolution)."""
+        memory = {}
+        samples = read_shards(self.run_dir, shards)
+        for c in classes:
+            imgs = [s["image"] for s in samples if s["cls"] == c]
+            if imgs:
+                x = to_float(torch.stack(imgs)).to(self.device)
+                if x.shape[-1] != self.prior.image_size:
+                    x = torch.nn.functional.interpolate(x, size=self.prior.image_size, mode="bilinear", antialias=True)
+                memory[c] = self.prior.encode(x)
+        return memory
+
+
+def open_manifest(run_dir: Path, cfg: Config, resume: bool) -> dict:
+    """The run's manifest: new, or (resume) the existing one if it was made by the same config."""
+    existing = read_manifest(run_dir)
+    if existing is None:
+        return {"config": to_dict(cfg), "config_hash": config_hash(cfg), "stages": {}, "shards": []}
+    if not resume:
+        raise ConfigError(f"run folder {run_dir} already holds a run: pass --resume to continue it, or set out=NEW_DIR")
+    if existing["config_hash"] != config_hash(cfg):
+        diff = _differing_keys(existing["config"], to_dict(cfg))
+        raise ConfigError(f"--resume: {run_dir} was made by another config (differs in: {', '.join(diff)})")
+    return existing
+
+
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            keys += _differing_keys(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            keys.append(prefix + k)
+    return keys
+
+
+ChunkRunner = Callable[[list[ChunkTask], dict | None, Callable[[ChunkTask], list[str]]], Iterable[dict]]
+
+
+def in_process_runner(maker_factory: Callable[[], ChunkMaker]) -> ChunkRunner:
+    """Run chunks one after another in this process (the Ray layer runs them on a pool of actors instead)."""
+    holder = []
+
+    def run(tasks, student_state, previous_shards):
+        if not holder:
+            holder.append(maker_factory())
+        for task in tasks:
+            yield holder[0].make(task, student_state, previous_shards(task))
+
+    return run
+
+
+def run_stages(cfg: Config, run_dir: Path, resume: bool = False, runner: ChunkRunner | None = None,
+               log: Callable[[str], None] = print) -> dict:
+    """Distil: seed increment + K guided stages into `run_dir`; returns the manifest (also in manifest.json)."""
+    run_dir = Path(run_dir)
+    device = pick_device(cfg.device)
+    check_data(cfg.data)
+    n_classes = num_classes(cfg.data)
+    manifest = open_manifest(run_dir, cfg, resume)
+    # Set-up: prior and reference (trained and cached if absent), the real test split
+    manifest["prior"] = ensure_prior(cfg, device)
+    _, ref_info = ensure_reference(cfg, n_classes, device)
+    manifest["reference"] = ref_info
+    write_manifest(run_dir, manifest)
+    test_set = load_split(cfg.data, "test")
+    runner = runner or in_process_runner(lambda: ChunkMaker(cfg, run_dir, device))
+    chunks = class_chunks(n_classes, cfg.distill.classes_per_chunk)
+    student_state = None
+    plan = stage_plan(cfg)
+    for stage in tqdm(plan, desc="stages", disable=None):
+        info = manifest["stages"].get(str(stage.index), {})
+        ckpt = run_dir / stage_dir(stage.index) / "student.safetensors"
+        rows = {r["chunk"]: r for r in manifest["shards"] if r["stage"] == stage.index}
+        done = {c for c, r in rows.items() if shard_ok(run_dir, r)}
+        if info.get("trained") and ckpt.exists() and len(done) == len(chunks):
+            student_state = load_classifier(new_classifier(cfg, cfg.student.model, n_classes), ckpt)[0].state_dict()
+            continue
+        # Generate I_i: every chunk whose shard is missing or does not match its sha256
+        start = time.time()
+        todo = [ChunkTask(stage.index, i, c) for i, c in enumerate(chunks) if i not in done]
+        earlier = [r for r in manifest["shards"] if r["stage"] < stage.index]
+        previous = lambda t: [r["path"] for r in earlier if set(r["classes"]) & set(t.classes)]
+        for row in tqdm(runner(todo, student_state, previous), total=len(todo), desc=f"stage {stage.index} chunks",
+                        leave=False, disable=None):
+            manifest["shards"] = [r for r in manifest["shards"] if r["path"] != row["path"]] + [row]
+            write_manifest(run_dir, manifest)
+        sample_seconds = time.time() - start
+        # Train theta_i on D_i, starting from theta_{i-1}
+        start = time.time()
+        shards = sorted((r for r in manifest["shards"] if r["stage"] <= stage.index), key=lambda r: r["path"])
+        data = load_tensor_set(run_dir, [r["path"] for r in shards], n_classes)
+        student = new_classifier(cfg, cfg.student.model, n_classes)
+        if student_state is not None:
+            student.load_state_dict(student_state)
+        train_classifier(student, data, cfg.student.train, derive_seed(cfg.seed, "student", stage.index), device,
+                         desc=f"student {stage.index}")
+        acc = accuracy(student, test_set, device)
+        save_classifier(student, ckpt, {"stage": stage.index, "test_acc": acc, "train_images": len(data)})
+        student_state = {k: v.cpu() for k, v in student.state_dict().items()}
+        stage_rows = [r for r in manifest["shards"] if r["stage"] == stage.index]
+        scores = [(r["mean_S"], r["count"]) for r in stage_rows if r["mean_S"] is not None]
+        info = {"trained": True, "images": sum(r["count"] for r in stage_rows), "total_images": len(data),
+                "student_acc": acc, "sample_seconds": round(sample_seconds, 2),
+                "train_seconds": round(time.time() - start, 2),
+                "mean_S": sum(s * n for s, n in scores) / sum(n for _, n in scores) if scores else None}
+        manifest["stages"][str(stage.index)] = info
+        write_manifest(run_dir, manifest)
+        s_text = f", mean S {info['mean_S']:.3f}" if info["mean_S"] is not None else ""
+        log(f"stage {stage.index}/{len(plan) - 1}: {info['images']} new images ({info['total_images']} in all), "
+            f"sample {info['sample_seconds']:.1f} s, train {info['train_seconds']:.1f} s, "
+            f"student test acc {100 * acc:.2f}%{s_text}")
+    return manifest

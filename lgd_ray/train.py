@@ -1,0 +1,111 @@
+"""Classifier training and testing in plain PyTorch; in-memory tensors are batched without a DataLoader."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from lgd_ray.config import TrainConfig
+from lgd_ray.data import TensorSet, to_float
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, crop_scale: float, flip: bool) -> torch.Tensor:
+    """Batched RandomResizedCrop(scale=(crop_scale, 1), ratio 3/4..4/3) + horizontal flip, one affine grid per image."""
+    n = x.shape[0]
+    u = torch.rand(n, 5, generator=gen).to(x.device)
+    area = crop_scale + (1 - crop_scale) * u[:, 0]
+    ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1])
+    w = torch.sqrt(area * ratio).clamp(max=1.0)
+    h = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = (1 - w) * (2 * u[:, 2] - 1)
+    cy = (1 - h) * (2 * u[:, 3] - 1)
+    sign = torch.where((u[:, 4] < 0.5) & flip, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * sign, cx, h, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _batches(data, batch_size: int, gen: torch.Generator, device, shuffle: bool):
+    """(float images in [-1, 1], labels) on `device`; TensorSets are sliced directly, other sets go through a DataLoader."""
+    if isinstance(data, TensorSet):
+        order = torch.randperm(len(data), generator=gen) if shuffle else torch.arange(len(data))
+        for i in range(0, len(data), batch_size):
+            idx = order[i:i + batch_size]
+            yield to_float(data.images[idx].to(device)), data.labels[idx].to(device)
+        return
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                                         num_workers=min(8, torch.get_num_threads()), persistent_workers=False)
+    for x, y in loader:
+        yield to_float(x.to(device)), y.to(device)
+
+
+def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, device="cpu",
+                     on_epoch: Callable[[int, dict], None] | None = None, desc: str = "train") -> torch.nn.Module:
+    """SGD + MultiStepLR training on `data` (images uint8, labels int64); `seed` fixes order and augmentation."""
+    device = torch.device(device)
+    model.to(device).train()
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    milestones = sorted({max(1, int(round(m * cfg.epochs))) for m in cfg.milestones})
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.lr_decay)
+    for epoch in tqdm(range(cfg.epochs), desc=desc, leave=False, disable=None):
+        total, correct, loss_sum = 0, 0, 0.0
+        for x, y in _batches(data, cfg.batch_size, gen, device, shuffle=True):
+            x = augment(x, gen, cfg.crop_scale, cfg.flip)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.item() * len(y)
+        sched.step()
+        if on_epoch:
+            on_epoch(epoch, {"train_loss": loss_sum / total, "train_acc": correct / total})
+    return model.eval()
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, data, batch_size: int = 512, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of the whole set."""
+    model.to(device).eval()
+    outs, ys = [], []
+    for x, y in _batches(data, batch_size, torch.Generator(), torch.device(device), shuffle=False):
+        outs.append(model(x).float().cpu())
+        ys.append(y.cpu())
+    return torch.cat(outs), torch.cat(ys)
+
+
+def accuracy(model: torch.nn.Module, data, device="cpu") -> float:
+    """Top-1 accuracy in [0, 1]."""
+    logits, labels = predict(model, data, device=device)
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def save_classifier(model: torch.nn.Module, path: Path, info: dict):
+    """Weights as safetensors (written to a temporary name, then renamed) and `info` as JSON beside them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    path.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    tmp.replace(path)
+
+
+def load_classifier(model: torch.nn.Module, path: Path) -> tuple[torch.nn.Module, dict]:
+    """Load safetensors weights into `model`; returns (model in eval mode, its info JSON)."""
+    model.load_state_dict(load_file(str(path)))
+    return model.eval(), json.loads(path.with_suffix(".json").read_text())
