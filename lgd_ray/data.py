@@ -153,7 +153,7 @@ def load_split(cfg: DataConfig, split: str) -> torch.utils.data.Dataset:
 
 
 def _tensor_set(images: np.ndarray, labels: np.ndarray, n_classes: int, size: int) -> TensorSet:
-    x = torch.from_numpy(np.ascontiguousarray(images))
+    x = torch.from_numpy(np.array(images, copy=True))
     if x.shape[-1] != size:
         x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
         x = x.round().clamp(0, 255).to(torch.uint8)

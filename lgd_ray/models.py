@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 
-def instance_norm(channels: int) -> nn.GroupNorm:
+def instance_norm(channels: int, **kwargs) -> nn.GroupNorm:
     """Instance norm with affine parameters, written as GroupNorm(C, C) as in the dataset-distillation papers."""
-    return nn.GroupNorm(channels, channels, affine=True)
+    return nn.GroupNorm(channels, channels, affine=True, **kwargs)
 
 
 class ConvNet(nn.Module):
@@ -59,10 +59,11 @@ class ResNetAP10(nn.Module):
             nn.Conv2d(channels, width, 7 if big else 3, stride=2 if big else 1, padding=3 if big else 1, bias=False),
             instance_norm(width), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1) if big else nn.Identity())
         widths = [width, width * 2, width * 4, width * 8]
-        blocks, c = [], width
+        blocks, c, size = [], width, image_size // 4 if big else image_size
         for i, w in enumerate(widths):
-            blocks.append(BasicBlockAP(c, w, downsample=i > 0))
-            c = w
+            down = i > 0 and size >= 4  # instance norm needs more than one value per channel: stop at 2x2
+            blocks.append(BasicBlockAP(c, w, downsample=down))
+            c, size = w, size // 2 if down else size
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(c, num_classes)
 

@@ -180,9 +180,10 @@ def train_pixel_prior(cfg: Config, train_set: TensorSet, out: Path, device="cpu"
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
+        with torch.no_grad():  # EMA with warm-up, so the random init does not linger in the average
+            decay = min(EMA_DECAY, (1 + step) / (10 + step))
             for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - EMA_DECAY)
+                pe.lerp_(pm, 1 - decay)
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")

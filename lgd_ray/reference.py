@@ -19,15 +19,17 @@ def reference_path(cfg: Config) -> Path:
     return Path(cfg.cache) / f"reference-{cfg.data.name}-{cfg.reference.model}-{config_hash(key)}.safetensors"
 
 
-def new_classifier(cfg: Config, model: str, num_classes: int) -> torch.nn.Module:
-    """A fresh classifier of the registry sized for the configured data set."""
-    return build_classifier(model, cfg.data.channels, cfg.data.image_size, num_classes)
+def new_classifier(cfg: Config, model: str, num_classes: int, role: str) -> torch.nn.Module:
+    """A fresh classifier of the registry sized for the configured data set, its init seeded by (run seed, role)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, "init", role))
+        return build_classifier(model, cfg.data.channels, cfg.data.image_size, num_classes)
 
 
 def ensure_reference(cfg: Config, num_classes: int, device="cpu") -> tuple[torch.nn.Module, dict]:
     """(theta* in eval mode, its info {test_acc, seconds, ...}); trained and saved first if not cached."""
     path = reference_path(cfg)
-    model = new_classifier(cfg, cfg.reference.model, num_classes)
+    model = new_classifier(cfg, cfg.reference.model, num_classes, "reference")
     if path.exists():
         return load_classifier(model, path)
     train_set, test_set = load_split(cfg.data, "train"), load_split(cfg.data, "test")

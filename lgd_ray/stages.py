@@ -93,7 +93,7 @@ class ChunkMaker:
         items = [(c, s) for c in task.classes for s in range(stage.slot0, stage.slot0 + stage.ipc)]
         scorer = guide = None
         if student_state is not None:
-            student = new_classifier(cfg, cfg.student.model, self.num_classes)
+            student = new_classifier(cfg, cfg.student.model, self.num_classes, "student")
             student.load_state_dict(student_state)
             scorer = Scorer(student.to(self.device).eval().requires_grad_(False), self.reference, g.omega)
         lgd = stage.guided and cfg.distill.method == "lgd"
@@ -197,7 +197,7 @@ def run_stages(cfg: Config, run_dir: Path, resume: bool = False, runner: ChunkRu
         rows = {r["chunk"]: r for r in manifest["shards"] if r["stage"] == stage.index}
         done = {c for c, r in rows.items() if shard_ok(run_dir, r)}
         if info.get("trained") and ckpt.exists() and len(done) == len(chunks):
-            student_state = load_classifier(new_classifier(cfg, cfg.student.model, n_classes), ckpt)[0].state_dict()
+            student_state = load_classifier(new_classifier(cfg, cfg.student.model, n_classes, "student"), ckpt)[0].state_dict()
             continue
         # Generate I_i: every chunk whose shard is missing or does not match its sha256
         start = time.time()
@@ -213,7 +213,7 @@ def run_stages(cfg: Config, run_dir: Path, resume: bool = False, runner: ChunkRu
         start = time.time()
         shards = sorted((r for r in manifest["shards"] if r["stage"] <= stage.index), key=lambda r: r["path"])
         data = load_tensor_set(run_dir, [r["path"] for r in shards], n_classes)
-        student = new_classifier(cfg, cfg.student.model, n_classes)
+        student = new_classifier(cfg, cfg.student.model, n_classes, "student")
         if student_state is not None:
             student.load_state_dict(student_state)
         train_classifier(student, data, cfg.student.train, derive_seed(cfg.seed, "student", stage.index), device,
