@@ -27,8 +27,9 @@ def augment(x: torch.Tensor, gen: torch.Generator, crop_scale: float, flip: bool
     u = torch.rand(n, 5, generator=gen).to(x.device)
     area = crop_scale + (1 - crop_scale) * u[:, 0]
     ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1])
-    w = torch.sqrt(area * ratio).clamp(max=1.0)
-    h = torch.sqrt(area / ratio).clamp(max=1.0)
+    w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
+    outside = (w > 1) | (h > 1)  # as torchvision falls back to the whole image when the crop does not fit
+    w, h = torch.where(outside, 1.0, w), torch.where(outside, 1.0, h)
     cx = (1 - w) * (2 * u[:, 2] - 1)
     cy = (1 - h) * (2 * u[:, 3] - 1)
     sign = torch.where((u[:, 4] < 0.5) & flip, -1.0, 1.0)

@@ -1,0 +1,55 @@
+import json
+
+import pytest
+import torch
+from diffusers import DiTPipeline
+
+from lgd_ray.config import ConfigError
+from lgd_ray.prior import load_prior
+from lgd_ray.sampler import sample
+from lgd_ray.seeding import generator
+
+
+def test_folder_loads_like_a_hub_id_and_samples(latent_pipeline_dir):
+    prior = load_prior(str(latent_pipeline_dir))  # the same call takes "facebook/DiT-XL-2-256" on a cluster
+    assert prior.vae is not None and prior.num_classes == 1000 and prior.null_class == 1000
+    assert prior.transformer.config.out_channels == 2 * prior.latent_shape[0]  # learned sigma
+    assert prior.image_size == 16 and not prior.transformer.training
+    z = sample(prior, torch.tensor([1, 999]), [generator(0, i) for i in range(2)], num_steps=4, cfg_scale=4.0)
+    with torch.no_grad():
+        images = prior.decode(z)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_bad_model_id_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="cannot load a diffusers pipeline"):
+        load_prior(str(tmp_path / "nowhere"))
+
+
+def test_matches_diffusers_dit_pipeline(latent_pipeline_dir):
+    """Guidance off, the sampler reproduces DiTPipeline (CFG 4.0, same DiT, noise and scheduler)."""
+    labels = [3, 999, 0, 512]
+    steps = 8
+    pipe = DiTPipeline.from_pretrained(latent_pipeline_dir)
+    prior = load_prior(str(latent_pipeline_dir), "ddim")
+    pipe.set_progress_bar_config(disable=True)
+    gens = [generator(7, "noise", 0, c, 0, 0) for c in labels]
+    ref = pipe(class_labels=labels, guidance_scale=4.0, generator=gens, num_inference_steps=steps, output_type="pt").images
+    gens = [generator(7, "noise", 0, c, 0, 0) for c in labels]
+    z = sample(prior, torch.tensor(labels), gens, steps, 4.0)
+    with torch.no_grad():
+        ours = (prior.decode(z) / 2 + 0.5).clamp(0, 1)
+    assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_pixel_prior_saved_with_save_pretrained(trained, tiny_cfg):
+    from lgd_ray.prior import prior_dir
+
+    prior, *_ = trained
+    folder = prior_dir(tiny_cfg)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["vae"] == [None, None] and prior.vae is None
+    assert prior.num_classes == 10 and prior.null_class == 10
+    emb = prior.transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+    assert emb.num_embeddings == 11  # the null class row exists: classifier-free guidance works
+    assert json.loads((folder / "train_info.json").read_text())["steps"] == tiny_cfg.prior.train_steps

@@ -1,0 +1,84 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import webdataset as wds
+from safetensors.torch import load_file
+
+from lgd_ray.config import ConfigError, load_config
+from lgd_ray.reference import new_classifier
+from lgd_ray.shards import read_manifest, sha256_file
+from lgd_ray.stages import class_chunks, run_stages, stage_plan
+
+
+def test_class_chunks_cover_every_class_once():
+    for n, k in ((10, 4), (1000, 7), (3, 5)):
+        chunks = class_chunks(n, k)
+        flat = [c for ch in chunks for c in ch]
+        assert flat == list(range(n)) and all(len(ch) <= k for ch in chunks)
+
+
+def test_stage_plan_slots_are_disjoint(tiny_cfg):
+    plan = stage_plan(tiny_cfg)
+    assert [(s.index, s.ipc, s.slot0) for s in plan] == [(0, 2, 0), (1, 2, 2), (2, 2, 4)]
+
+
+@pytest.fixture(scope="module")
+def run(trained, tiny_overrides, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config("digits", tiny_overrides + [f"out={out}"])
+    lines = []
+    manifest = run_stages(cfg, out, log=lines.append)
+    return cfg, out, manifest, lines
+
+
+def test_run_writes_every_increment(run):
+    cfg, out, manifest, lines = run
+    assert len(lines) == 3 and "student test acc" in lines[-1]
+    assert set(manifest["stages"]) == {"0", "1", "2"}
+    assert all(0.1 < s["student_acc"] <= 1 for s in manifest["stages"].values())
+    assert manifest["stages"]["0"]["mean_S"] is None and manifest["stages"]["2"]["mean_S"] is not None
+    assert manifest["config"]["guidance"]["lambda"] == cfg.guidance.lambda_ and manifest["reference"]["test_acc"] > 0.5
+    # 10 classes x (2 + 2 + 2) images, one shard per chunk of 4 classes, keys unique, readable by plain webdataset
+    assert len(manifest["shards"]) == 3 * 3
+    samples = list(wds.WebDataset([str(out / r["path"]) for r in manifest["shards"]], shardshuffle=False))
+    keys = [s["__key__"] for s in samples]
+    assert len(keys) == 60 == len(set(keys))
+    per_class = {c: sum(1 for k in keys if k.startswith(f"c{c:04d}")) for c in range(10)}
+    assert set(per_class.values()) == {6}
+    meta = json.loads(samples[-1]["json"])
+    assert meta["stage"] == 2 and meta["params"]["method"] == "lgd" and len(meta["candidate_S"]) == cfg.guidance.kappa
+    saved = load_file(str(out / "stage-02" / "student.safetensors"))
+    assert set(saved) == set(new_classifier(cfg, "convnet2", 10, "student").state_dict())
+
+
+def test_rerun_refuses_and_resume_checks_config(run, tiny_overrides):
+    cfg, out, _, _ = run
+    with pytest.raises(ConfigError, match="--resume"):
+        run_stages(cfg, out)
+    other = load_config("digits", tiny_overrides + [f"out={out}", "guidance.omega=0.3"])
+    with pytest.raises(ConfigError, match=r"differs in: guidance\.omega"):
+        run_stages(other, out, resume=True)
+
+
+def test_resume_redoes_only_a_corrupted_shard(run):
+    cfg, out, manifest, _ = run
+    rows = {r["path"]: r for r in manifest["shards"]}
+    mtimes = {p: (out / p).stat().st_mtime_ns for p in rows}
+    victim = "stage-01/shard-000001.tar"
+    (out / victim).write_bytes((out / victim).read_bytes()[:500])
+    again = run_stages(cfg, out, resume=True, log=lambda _: None)
+    assert sha256_file(out / victim) == rows[victim]["sha256"]  # regenerated: the same bytes as the first time
+    changed = {p for p in rows if (out / p).stat().st_mtime_ns != mtimes[p]}
+    assert changed == {victim}
+    assert again["stages"]["1"]["student_acc"] == manifest["stages"]["1"]["student_acc"]
+    assert read_manifest(out)["stages"]["2"] == manifest["stages"]["2"]
+
+
+def test_cli_runs_the_digits_config(trained, tiny_overrides, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, "distill.stages=1",
+                        "distill.method=dit", f"out={tmp_path / 'cli'}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "stage 1/1" in r.stdout and "distill: done" in r.stdout
+    assert read_manifest(tmp_path / "cli")["stages"]["1"]["mean_S"] is not None  # dit records S too, unguided

@@ -1,0 +1,32 @@
+import torch
+
+from lgd_ray.config import DataConfig, TrainConfig
+from lgd_ray.data import load_split, to_float
+from lgd_ray.models import build_classifier
+from lgd_ray.train import accuracy, augment, load_classifier, save_classifier, train_classifier
+
+
+def test_augment_is_seeded_and_keeps_identity_when_off():
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    a = augment(x, torch.Generator().manual_seed(0), 0.5, True)
+    b = augment(x, torch.Generator().manual_seed(0), 0.5, True)
+    assert torch.equal(a, b) and a.shape == x.shape and not torch.allclose(a, x)
+    same = augment(x, torch.Generator().manual_seed(0), 1.0, False)
+    assert torch.allclose(same, x, atol=1e-5)  # scale 1, ratio within 3/4..4/3 clamped to the full image
+
+
+def test_training_on_real_digits_and_safetensors_round_trip(tmp_path):
+    cfg = DataConfig(name="digits", image_size=8)
+    train, test = load_split(cfg, "train"), load_split(cfg, "test")
+    torch.manual_seed(0)
+    model = build_classifier("convnet2", 1, 8, 10)
+    seen = []
+    train_classifier(model, train, TrainConfig(epochs=4, crop_scale=0.8, flip=False), seed=1,
+                     on_epoch=lambda e, m: seen.append(m))
+    acc = accuracy(model, test)
+    assert acc > 0.85 and len(seen) == 4 and seen[-1]["train_loss"] < seen[0]["train_loss"]
+    save_classifier(model, tmp_path / "m.safetensors", {"test_acc": acc})
+    fresh, info = load_classifier(build_classifier("convnet2", 1, 8, 10), tmp_path / "m.safetensors")
+    assert info["test_acc"] == acc and accuracy(fresh, test) == acc
+    x = to_float(test.images[:5])
+    assert torch.equal(fresh(x), model(x))
