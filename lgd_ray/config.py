@@ -101,6 +101,18 @@ class GuidanceConfig:
 
 
 @dataclass
+class RayConfig:
+    """Resources only: changing them never changes the output (excluded from the run's identity)."""
+
+    enabled: bool = True  # false: chunks run one after another in this process, without Ray
+    address: str = ""  # "" = RAY_ADDRESS (set under `ray job submit`), else a local Ray
+    actors: int = _f(2, min=1)  # sampler actors, each holding the prior and the reference model
+    num_cpus_per_actor: float = _f(1.0, min=0.0)
+    num_gpus_per_actor: float = _f(0.0, min=0.0)  # 1 per actor on a GPU cluster; fractions share a GPU
+    max_restarts: int = _f(2, min=0)
+
+
+@dataclass
 class Config:
     seed: int = _f(0, min=0)
     out: str = ""  # run folder; "" = runs/<config name>-<config hash>
@@ -112,6 +124,7 @@ class Config:
     student: ClassifierConfig = field(default_factory=ClassifierConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     name: str = ""  # filled from the config file name
 
 
@@ -243,5 +256,12 @@ def config_hash(tree) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def run_identity(cfg: Config) -> dict:
+    """What decides a run's output: the config less its resources (`ray`)."""
+    tree = to_dict(cfg)
+    tree.pop("ray")
+    return tree
+
+
 def run_dir(cfg: Config) -> Path:
-    return Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.name}-{config_hash(cfg)}"
+    return Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.name}-{config_hash(run_identity(cfg))}"

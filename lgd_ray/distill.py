@@ -16,7 +16,20 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     start = time.time()
     print(f"distill: {cfg.name} ({cfg.distill.method}), {cfg.distill.seed_ipc} + {cfg.distill.stages} x "
           f"{cfg.distill.ipc_per_stage} images per class -> {out}", flush=True)
-    manifest = run_stages(cfg, out, resume=resume, log=lambda line: print(line, flush=True))
+    pool = None
+    if cfg.ray.enabled:
+        import ray
+
+        from lgd_ray.actors import ActorPool
+
+        if not ray.is_initialized():  # joins the cluster under `ray job submit` (RAY_ADDRESS), else starts a local Ray
+            ray.init(address=cfg.ray.address or None)
+        pool = ActorPool(cfg, out)
+    try:
+        manifest = run_stages(cfg, out, resume=resume, runner=pool, log=lambda line: print(line, flush=True))
+    finally:
+        if pool is not None:
+            pool.shutdown()
     final = manifest["stages"][str(cfg.distill.stages)]
     print(f"distill: done in {time.time() - start:.0f} s: {final['total_images']} images, "
           f"student test acc {100 * final['student_acc']:.2f}% (reference {100 * manifest['reference']['test_acc']:.2f}%)"

@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from lgd_ray.config import Config, ConfigError, config_hash, to_dict
+from lgd_ray.config import Config, ConfigError, config_hash, run_identity, to_dict
 from lgd_ray.data import check_data, load_split, num_classes, read_classlist, to_float
 from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.prior import Prior, ensure_prior, load_prior
@@ -138,11 +138,12 @@ def open_manifest(run_dir: Path, cfg: Config, resume: bool) -> dict:
     """The run's manifest: new, or (resume) the existing one if it was made by the same config."""
     existing = read_manifest(run_dir)
     if existing is None:
-        return {"config": to_dict(cfg), "config_hash": config_hash(cfg), "stages": {}, "shards": []}
+        return {"config": to_dict(cfg), "config_hash": config_hash(run_identity(cfg)), "stages": {}, "shards": []}
     if not resume:
         raise ConfigError(f"run folder {run_dir} already holds a run: pass --resume to continue it, or set out=NEW_DIR")
-    if existing["config_hash"] != config_hash(cfg):
-        diff = _differing_keys(existing["config"], to_dict(cfg))
+    if existing["config_hash"] != config_hash(run_identity(cfg)):
+        previous = {k: v for k, v in existing["config"].items() if k != "ray"}
+        diff = _differing_keys(previous, run_identity(cfg))
         raise ConfigError(f"--resume: {run_dir} was made by another config (differs in: {', '.join(diff)})")
     return existing
 
