@@ -41,6 +41,7 @@ class ActorPool:
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
         self.actors: list = []  # started on first use, after the driver has made sure prior and reference exist
+        self.inflight: dict = {}
         self.resubmitted = 0
 
     def start(self):
@@ -48,7 +49,7 @@ class ActorPool:
         options = dict(num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor, max_restarts=r.max_restarts,
                        max_task_retries=0)
         tree = to_dict(self.cfg)
-        self.actors = [SamplerActor.options(**options).remote(tree, str(self.run_dir), max(1, int(r.num_cpus_per_actor)))
+        self.actors = [SamplerActor.options(**options).remote(tree, str(self.run_dir), max(1, round(r.num_cpus_per_actor)))
                        for _ in range(r.actors)]
 
     def __call__(self, tasks: list[ChunkTask], student_state: dict | None, previous_shards) -> Iterator[dict]:
@@ -56,7 +57,8 @@ class ActorPool:
             self.start()
         # One copy of the student in the object store for all actors (numpy arrays: zero-copy reads).
         weights = None if student_state is None else ray.put({k: v.numpy() for k, v in student_state.items()})
-        pending, attempts, inflight = deque(tasks), {t: 0 for t in tasks}, {}
+        pending, attempts = deque(tasks), {t: 0 for t in tasks}
+        inflight = self.inflight = {}  # result ref -> (actor, chunk task)
         idle, alive = deque(self.actors), list(self.actors)
         while pending or inflight:
             while pending and idle:

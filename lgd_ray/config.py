@@ -102,14 +102,18 @@ class GuidanceConfig:
 
 @dataclass
 class RayConfig:
-    """Resources only: changing them never changes the output (excluded from the run's identity)."""
+    """Resources. The number of sampler actors never changes the output; the number of DDP workers does."""
 
     enabled: bool = True  # false: chunks run one after another in this process, without Ray
     address: str = ""  # "" = RAY_ADDRESS (set under `ray job submit`), else a local Ray
     actors: int = _f(2, min=1)  # sampler actors, each holding the prior and the reference model
-    num_cpus_per_actor: float = _f(1.0, min=0.0)
-    num_gpus_per_actor: float = _f(0.0, min=0.0)  # 1 per actor on a GPU cluster; fractions share a GPU
+    num_cpus_per_actor: float = _f(1.0, min=0.0)  # logical CPUs; the actor uses max(1, round(n)) torch threads
+    num_gpus_per_actor: float = _f(0.0, min=0.0)  # actors live through training: leave GPU room for train workers
     max_restarts: int = _f(2, min=0)
+    train_workers: int = _f(1, min=1)  # Ray Train workers (DDP) per classifier fit; part of the run's identity
+    train_use_gpu: bool = False
+    train_cpus_per_worker: float = _f(1.0, min=0.0)
+    train_gpus_per_worker: float = _f(0.5, min=0.0)  # used with train_use_gpu; < 1 shares GPUs with sampler actors
 
 
 @dataclass
@@ -257,9 +261,9 @@ def config_hash(tree) -> str:
 
 
 def run_identity(cfg: Config) -> dict:
-    """What decides a run's output: the config less its resources (`ray`)."""
+    """What decides a run's output: the config less its resources (the `ray` keys but train_workers)."""
     tree = to_dict(cfg)
-    tree.pop("ray")
+    tree["ray"] = {"train_workers": cfg.ray.train_workers}
     return tree
 
 

@@ -7,6 +7,7 @@ import time
 
 from lgd_ray.cli import run_cli
 from lgd_ray.config import Config, run_dir
+from lgd_ray.data import check_data
 from lgd_ray.stages import run_stages
 
 
@@ -16,7 +17,8 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     start = time.time()
     print(f"distill: {cfg.name} ({cfg.distill.method}), {cfg.distill.seed_ipc} + {cfg.distill.stages} x "
           f"{cfg.distill.ipc_per_stage} images per class -> {out}", flush=True)
-    pool = None
+    check_data(cfg.data)  # before Ray starts: a missing data set is one line, not a cluster start-up
+    pool = fitter = None
     if cfg.ray.enabled:
         import ray
 
@@ -24,9 +26,12 @@ def distill(cfg: Config, resume: bool = False) -> dict:
 
         if not ray.is_initialized():  # joins the cluster under `ray job submit` (RAY_ADDRESS), else starts a local Ray
             ray.init(address=cfg.ray.address or None)
-        pool = ActorPool(cfg, out)
+        from lgd_ray.ray_train import ray_fitter
+
+        pool, fitter = ActorPool(cfg, out), ray_fitter(cfg, out)
     try:
-        manifest = run_stages(cfg, out, resume=resume, runner=pool, log=lambda line: print(line, flush=True))
+        manifest = run_stages(cfg, out, resume=resume, runner=pool, fitter=fitter,
+                              log=lambda line: print(line, flush=True))
     finally:
         if pool is not None:
             pool.shutdown()

@@ -88,11 +88,18 @@ def check_model_name(name: str) -> str | None:
     return f"must be convnet<D> (D = 1..9), resnetap10 or resnet18, got {name!r}"
 
 
-def build_classifier(name: str, channels: int, image_size: int, num_classes: int) -> nn.Module:
-    """A freshly initialised classifier of the registry for inputs (N, channels, image_size, image_size)."""
+def build_classifier(name: str, channels: int, image_size: int, num_classes: int, seed: int | None = None) -> nn.Module:
+    """A freshly initialised classifier of the registry for inputs (N, channels, image_size, image_size).
+
+    With `seed`, the initialisation draws from its own generator state (the global one is left as it was).
+    """
     problem = check_model_name(name)
     if problem:
         raise ValueError(f"classifier {problem}")
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_classifier(name, channels, image_size, num_classes)
     if name.startswith("convnet"):
         depth = int(name[len("convnet"):])
         if image_size >> depth < 1:

@@ -13,22 +13,23 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
-from lgd_ray.config import Config, ConfigError, config_hash, run_identity, to_dict
+from lgd_ray.config import Config, ConfigError, config_hash, from_dict, run_identity, to_dict
 from lgd_ray.data import check_data, load_split, num_classes, read_classlist, to_float
 from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.prior import Prior, ensure_prior, load_prior
-from lgd_ray.reference import ensure_reference, new_classifier
+from lgd_ray.reference import ensure_reference, fit_job, new_classifier
 from lgd_ray.sampler import generate
 from lgd_ray.seeding import derive_seed
 from lgd_ray.shards import (load_tensor_set, read_manifest, read_shards, sample_key, shard_ok, shard_path,
                             stage_dir, write_manifest, write_shard)
-from lgd_ray.train import accuracy, load_classifier, pick_device, save_classifier, train_classifier
+from lgd_ray.train import Fitter, accuracy, in_process_fitter, load_classifier, pick_device, save_classifier
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class ChunkMaker:
         items = [(c, s) for c in task.classes for s in range(stage.slot0, stage.slot0 + stage.ipc)]
         scorer = guide = None
         if student_state is not None:
-            student = new_classifier(cfg, cfg.student.model, self.num_classes, "student")
+            student = new_classifier(cfg, "student", self.num_classes)
             student.load_state_dict(student_state)
             scorer = Scorer(student.to(self.device).eval().requires_grad_(False), self.reference, g.omega)
         lgd = stage.guided and cfg.distill.method == "lgd"
@@ -142,8 +143,7 @@ def open_manifest(run_dir: Path, cfg: Config, resume: bool) -> dict:
     if not resume:
         raise ConfigError(f"run folder {run_dir} already holds a run: pass --resume to continue it, or set out=NEW_DIR")
     if existing["config_hash"] != config_hash(run_identity(cfg)):
-        previous = {k: v for k, v in existing["config"].items() if k != "ray"}
-        diff = _differing_keys(previous, run_identity(cfg))
+        diff = _differing_keys(run_identity(from_dict(existing["config"])), run_identity(cfg))
         raise ConfigError(f"--resume: {run_dir} was made by another config (differs in: {', '.join(diff)})")
     return existing
 
@@ -175,8 +175,11 @@ def in_process_runner(maker_factory: Callable[[], ChunkMaker]) -> ChunkRunner:
 
 
 def run_stages(cfg: Config, run_dir: Path, resume: bool = False, runner: ChunkRunner | None = None,
-               log: Callable[[str], None] = print) -> dict:
-    """Distil: seed increment + K guided stages into `run_dir`; returns the manifest (also in manifest.json)."""
+               fitter: Fitter | None = None, log: Callable[[str], None] = print) -> dict:
+    """Distil: seed increment + K guided stages into `run_dir`; returns the manifest (also in manifest.json).
+
+    runner makes chunks (default: in this process), fitter trains classifiers (default: in this process).
+    """
     run_dir = Path(run_dir)
     device = pick_device(cfg.device)
     check_data(cfg.data)
@@ -184,7 +187,8 @@ def run_stages(cfg: Config, run_dir: Path, resume: bool = False, runner: ChunkRu
     manifest = open_manifest(run_dir, cfg, resume)
     # Set-up: prior and reference (trained and cached if absent), the real test split
     manifest["prior"] = ensure_prior(cfg, device)
-    _, ref_info = ensure_reference(cfg, n_classes, device)
+    fitter = fitter or in_process_fitter(device)
+    _, ref_info = ensure_reference(cfg, n_classes, device, fitter)
     manifest["reference"] = ref_info
     write_manifest(run_dir, manifest)
     test_set = load_split(cfg.data, "test")
@@ -198,7 +202,7 @@ def run_stages(cfg: Config, run_dir: Path, resume: bool = False, runner: ChunkRu
         rows = {r["chunk"]: r for r in manifest["shards"] if r["stage"] == stage.index}
         done = {c for c, r in rows.items() if shard_ok(run_dir, r)}
         if info.get("trained") and ckpt.exists() and len(done) == len(chunks):
-            student_state = load_classifier(new_classifier(cfg, cfg.student.model, n_classes, "student"), ckpt)[0].state_dict()
+            student_state = load_classifier(new_classifier(cfg, "student", n_classes), ckpt)[0].state_dict()
             continue
         # Generate I_i: every chunk whose shard is missing or does not match its sha256
         start = time.time()
@@ -212,19 +216,18 @@ def run_stages(cfg: Config, run_dir: Path, resume: bool = False, runner: ChunkRu
         sample_seconds = time.time() - start
         # Train theta_i on D_i, starting from theta_{i-1}
         start = time.time()
-        shards = sorted((r for r in manifest["shards"] if r["stage"] <= stage.index), key=lambda r: r["path"])
-        data = load_tensor_set(run_dir, [r["path"] for r in shards], n_classes)
-        student = new_classifier(cfg, cfg.student.model, n_classes, "student")
-        if student_state is not None:
-            student.load_state_dict(student_state)
-        train_classifier(student, data, cfg.student.train, derive_seed(cfg.seed, "student", stage.index), device,
-                         desc=f"student {stage.index}")
+        shards = sorted(r["path"] for r in manifest["shards"] if r["stage"] <= stage.index)
+        job = fit_job(cfg, "student", n_classes, partial(load_tensor_set, run_dir.resolve(), shards, n_classes),
+                      derive_seed(cfg.seed, "student", stage.index), student_state, f"{stage_dir(stage.index)}-student")
+        student_state = fitter(job)
+        student = new_classifier(cfg, "student", n_classes)
+        student.load_state_dict(student_state)
         acc = accuracy(student, test_set, device)
-        save_classifier(student, ckpt, {"stage": stage.index, "test_acc": acc, "train_images": len(data)})
-        student_state = {k: v.cpu() for k, v in student.state_dict().items()}
         stage_rows = [r for r in manifest["shards"] if r["stage"] == stage.index]
+        total = sum(r["count"] for r in manifest["shards"] if r["stage"] <= stage.index)
+        save_classifier(student, ckpt, {"stage": stage.index, "test_acc": acc, "train_images": total})
         scores = [(r["mean_S"], r["count"]) for r in stage_rows if r["mean_S"] is not None]
-        info = {"trained": True, "images": sum(r["count"] for r in stage_rows), "total_images": len(data),
+        info = {"trained": True, "images": sum(r["count"] for r in stage_rows), "total_images": total,
                 "student_acc": acc, "sample_seconds": round(sample_seconds, 2),
                 "train_seconds": round(time.time() - start, 2),
                 "mean_S": sum(s * n for s, n in scores) / sum(n for _, n in scores) if scores else None}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +14,8 @@ from tqdm.auto import tqdm
 
 from lgd_ray.config import TrainConfig
 from lgd_ray.data import TensorSet, to_float
+from lgd_ray.models import build_classifier
+from lgd_ray.seeding import derive_seed
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -110,3 +113,53 @@ def load_classifier(model: torch.nn.Module, path: Path) -> tuple[torch.nn.Module
     """Load safetensors weights into `model`; returns (model in eval mode, its info JSON)."""
     model.load_state_dict(load_file(str(path)))
     return model.eval(), json.loads(path.with_suffix(".json").read_text())
+
+
+@dataclass
+class FitJob:
+    """One classifier to train, picklable so that a Ray Train worker can run it as well as this process."""
+
+    model: str
+    channels: int
+    image_size: int
+    num_classes: int
+    init_seed: int
+    train: TrainConfig
+    load_data: Callable[[], torch.utils.data.Dataset]  # e.g. functools.partial(load_split, data_cfg, "train")
+    seed: int
+    init_state: dict | None = None  # continue from these weights (theta_{i-1})
+    name: str = "train"
+
+    def build(self) -> torch.nn.Module:
+        model = build_classifier(self.model, self.channels, self.image_size, self.num_classes, seed=self.init_seed)
+        if self.init_state is not None:
+            model.load_state_dict(self.init_state)
+        return model
+
+
+def rank_slice(data, rank: int, world: int, seed: int):
+    """This rank's equal share of `data` (a seeded split; the remainder is dropped so DDP ranks stay in step)."""
+    if world == 1:
+        return data
+    per = len(data) // world
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[rank * per:(rank + 1) * per]
+    if isinstance(data, TensorSet):
+        return TensorSet(data.images[idx], data.labels[idx], data.num_classes)
+    return torch.utils.data.Subset(data, idx.tolist())
+
+
+def fit(job: FitJob, device="cpu", rank: int = 0, world: int = 1, wrap=None,
+        on_epoch: Callable[[int, dict], None] | None = None) -> torch.nn.Module:
+    """Build, (optionally wrap, e.g. in DDP,) and train the job's classifier on this rank's share of its data."""
+    model = job.build()
+    data = rank_slice(job.load_data(), rank, world, job.seed)
+    model = wrap(model) if wrap else model
+    seed = job.seed if world == 1 else derive_seed(job.seed, "rank", rank)
+    return train_classifier(model, data, job.train, seed, device, on_epoch=on_epoch, desc=job.name)
+
+
+Fitter = Callable[[FitJob], dict]  # trains a FitJob somewhere, returns the trained state dict (CPU tensors)
+
+
+def in_process_fitter(device="cpu") -> Fitter:
+    return lambda job: {k: v.detach().cpu() for k, v in fit(job, device).state_dict().items()}
