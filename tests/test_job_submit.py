@@ -1,0 +1,41 @@
+"""`ray job submit` of the digits config against a local `ray start --head`, as on a cluster."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lgd_ray.shards import read_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit(trained, tiny_overrides, tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    port, dash = _free_port(), _free_port()
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", "--include-dashboard=true"], env=env, check=True, capture_output=True,
+                   timeout=120)
+    try:
+        out = tmp_path / "job-run"
+        entry = [sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, "distill.stages=1",
+                 "ray.actors=1", f"out={out}"]
+        r = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+                            "--runtime-env-json", '{"excludes": [".venv", "runs", ".git"]}', "--", *entry],
+                           env=env, capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        assert "succeeded" in r.stdout + r.stderr and "Connecting to existing Ray cluster" in r.stdout + r.stderr
+        manifest = read_manifest(out)
+        assert manifest["stages"]["1"]["trained"] and sum(s["count"] for s in manifest["shards"]) == 40
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
