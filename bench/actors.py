@@ -1,0 +1,57 @@
+"""Images per second of one guided stage with 1 and with 2 sampler actors on local Ray, measured side by side.
+
+    python bench/actors.py [CONFIG] [key=value ...]      (default: digits; the prior/reference come from the cache)
+
+Actors are started and warmed (one chunk each) before timing; the runs alternate 1, 2, 1, 2 ... and the median
+of each is reported with the ratio.
+"""
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from lgd_ray.actors import ActorPool
+from lgd_ray.config import load_config
+from lgd_ray.data import num_classes
+from lgd_ray.prior import ensure_prior
+from lgd_ray.reference import ensure_reference, new_classifier
+from lgd_ray.stages import ChunkTask, class_chunks
+
+REPEATS = 3
+
+
+def main(argv):
+    name, overrides = (argv[0], argv[1:]) if argv and "=" not in argv[0] else ("digits", argv)
+    cfg = load_config(name, overrides + ["distill.classes_per_chunk=1"])
+    n = num_classes(cfg.data)
+    ensure_prior(cfg)
+    ensure_reference(cfg, n)
+    student = {k: v for k, v in new_classifier(cfg, "student", n).state_dict().items()}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    tasks = [ChunkTask(1, i, c) for i, c in enumerate(class_chunks(n, 1))]
+    images = len(tasks) * cfg.distill.ipc_per_stage
+    pools, times = {}, {1: [], 2: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in (1, 2):
+            pools[k] = ActorPool(load_config(name, overrides + [f"ray.actors={k}", "distill.classes_per_chunk=1"]),
+                                 Path(tmp) / f"pool{k}")
+            list(pools[k](tasks[:k], student, lambda t: []))  # start and warm every actor
+        for _ in range(REPEATS):
+            for k in (1, 2):
+                start = time.perf_counter()
+                rows = list(pools[k](tasks, student, lambda t: []))
+                times[k].append(time.perf_counter() - start)
+                assert sum(r["count"] for r in rows) == images
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k in (1, 2):
+        print(f"{k} actor(s): {images / med[k]:.1f} images/s (median of {REPEATS}: {med[k]:.2f} s for {images} images, "
+              f"kappa {cfg.guidance.kappa}, {cfg.prior.num_steps} steps, through {cfg.guidance.through})")
+    print(f"speed-up 2 vs 1 actors: {med[1] / med[2]:.2f}x")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
