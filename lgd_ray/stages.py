@@ -10,7 +10,6 @@ stopped run redoes only what is missing.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from functools import partial

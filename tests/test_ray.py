@@ -11,7 +11,7 @@ import webdataset as wds
 
 from lgd_ray.config import load_config
 from lgd_ray.distill import distill
-from lgd_ray.shards import read_manifest, sha256_file
+from lgd_ray.shards import read_manifest
 
 
 @pytest.fixture(scope="module", autouse=True)
