@@ -53,3 +53,18 @@ def test_pixel_prior_saved_with_save_pretrained(trained, tiny_cfg):
     emb = prior.transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
     assert emb.num_embeddings == 11  # the null class row exists: classifier-free guidance works
     assert json.loads((folder / "train_info.json").read_text())["steps"] == tiny_cfg.prior.train_steps
+
+
+def test_prior_command(trained, tiny_cfg, tiny_overrides):
+    import subprocess
+    import sys
+
+    from lgd_ray.prior import prior_dir
+
+    r = subprocess.run([sys.executable, "-m", "lgd_ray.prior", "digits", *tiny_overrides], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == str(prior_dir(tiny_cfg))  # cached: not retrained
+    r = subprocess.run([sys.executable, "-m", "lgd_ray.prior", "digits", "prior.model_id=facebook/DiT-XL-2-256"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: config: 'prior.model_id' is set: that prior is loaded, not trained (unset it to train)"]
