@@ -58,6 +58,7 @@ class PriorConfig:
     batch_size: int = _f(128, min=1)
     lr: float = _f(1e-3, min_excl=0.0)
     label_dropout: float = _f(0.1, min_excl=0.0, max=1.0)  # > 0 so the null class exists for CFG
+    ema_decay: float = _f(0.999, min=0.0, max=1.0)  # the saved prior is the EMA of the weights (with warm-up)
 
 
 @dataclass

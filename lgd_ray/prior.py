@@ -26,7 +26,6 @@ from lgd_ray.seeding import derive_seed
 from lgd_ray.train import pick_device
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
-EMA_DECAY = 0.999
 
 
 @dataclass
@@ -120,7 +119,7 @@ def load_prior(model_id: str, scheduler: str = "ddim", device="cpu", dtype=torch
 
 
 PRIOR_TRAIN_KEYS = ("patch_size", "num_heads", "head_dim", "depth", "train_timesteps", "train_steps", "batch_size",
-                    "lr", "label_dropout")
+                    "lr", "label_dropout", "ema_decay")
 
 
 def prior_dir(cfg: Config) -> Path:
@@ -181,7 +180,7 @@ def train_pixel_prior(cfg: Config, train_set: TensorSet, out: Path, device="cpu"
         opt.step()
         sched.step()
         with torch.no_grad():  # EMA with warm-up, so the random init does not linger in the average
-            decay = min(EMA_DECAY, (1 + step) / (10 + step))
+            decay = min(p.ema_decay, (1 + step) / (10 + step))
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
         losses.append(loss.item())
