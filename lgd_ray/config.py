@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from lgd_ray.models import check_model_name
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -233,8 +235,6 @@ def _check_cross(cfg: Config):
     if cfg.data.name == "imagenet" and not (cfg.data.root and cfg.data.classes):
         raise ConfigError("config: 'data.root' and 'data.classes' must be set for data.name=imagenet")
     for section in ("reference", "student"):
-        from lgd_ray.models import check_model_name
-
         name = getattr(cfg, section).model
         problem = check_model_name(name)
         if problem:

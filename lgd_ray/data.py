@@ -47,9 +47,7 @@ class ImageFolderSet(torch.utils.data.Dataset):
     def __init__(self, root: Path, wnids: list[str], image_size: int):
         self.image_size = image_size
         self.num_classes = len(wnids)
-        missing = [w for w in wnids if not (root / w).is_dir()]
-        if missing:
-            raise ConfigError(f"data: {len(missing)} classes of the class list are missing under {root} (first: {missing[0]})")
+        check_classes_present(root, wnids)
         self.files = [
             (p, label)
             for label, wnid in enumerate(wnids)
@@ -70,6 +68,13 @@ class ImageFolderSet(torch.utils.data.Dataset):
             left, top = (im.width - self.image_size) // 2, (im.height - self.image_size) // 2
             im = im.crop((left, top, left + self.image_size, top + self.image_size))
             return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), torch.tensor(label)
+
+
+def check_classes_present(root: Path, wnids: list[str]):
+    """Every class of the list must have its folder under root."""
+    missing = [w for w in wnids if not (root / w).is_dir()]
+    if missing:
+        raise ConfigError(f"data: {len(missing)} classes of the class list are missing under {root} (first: {missing[0]})")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -122,9 +127,7 @@ def check_data(cfg: DataConfig):
             d = Path(cfg.root) / split
             if not d.is_dir():
                 raise ConfigError(f"data: no folder {d} (data.root must hold {cfg.train_split}/ and {cfg.test_split}/)")
-            missing = [w for w in wnids if not (d / w).is_dir()]
-            if missing:
-                raise ConfigError(f"data: {len(missing)} classes of the class list are missing under {d} (first: {missing[0]})")
+            check_classes_present(d, wnids)
 
 
 def num_classes(cfg: DataConfig) -> int:
