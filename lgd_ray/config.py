@@ -74,6 +74,8 @@ class TrainConfig:
     lr_decay: float = _f(0.2, min_excl=0.0, max=1.0)
     crop_scale: float = _f(0.5, min_excl=0.0, max=1.0)  # RandomResizedCrop scale lower bound; 1 = no crop
     flip: bool = True
+    cutmix: float = _f(0.0, min=0.0)  # CutMix Beta(cutmix, cutmix) parameter; 0 = off
+    cutmix_prob: float = _f(0.5, min=0.0, max=1.0)  # share of batches mixed when cutmix > 0
 
 
 @dataclass
@@ -84,7 +86,7 @@ class ClassifierConfig:
 
 @dataclass
 class DistillConfig:
-    method: str = _f("lgd", choices=["lgd", "dit"])
+    method: str = _f("lgd", choices=["random", "dit", "mgd3", "lgd"])  # see DESIGN.md section 2
     seed_ipc: int = _f(10, min=1)  # images per class of the unguided seed increment I_0
     ipc_per_stage: int = _f(10, min=1)
     stages: int = _f(4, min=0)  # guided increments I_1..I_K
@@ -101,6 +103,25 @@ class GuidanceConfig:
     window: list = _f([10, 45], length=2)  # sampling-step indices (counting down from num_steps-1) guided
     through: str = _f("denoiser", choices=["denoiser", "decoder"])  # gradient path of grad_{x_t} S
     norm_scale: float = _f(1.0, min_excl=0.0)  # rho_t multiplier: guidance norm = lambda*norm_scale*sqrt(1-abar)*|eps|
+    # method mgd3: x0^ <- x0^ + mode_lambda * sigma_t * (mode - x0^) at step indices >= mode_stop
+    mode_lambda: float = _f(0.1, min=0.0)
+    mode_stop: int = _f(25, min=0)
+    mode_max_images: int = _f(0, min=0)  # real images per class given to k-means (seeded subset); 0 = all
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation protocol: a fresh classifier trained on the distilled set, tested on the real test split."""
+
+    model: str = ""  # "" = the student's model; any name of the registry (convnet3, resnetap10, resnet18 ...)
+    train: TrainConfig = field(default_factory=TrainConfig)  # train.epochs is used when epochs_by_ipc is empty
+    ipc_breaks: list = _f([10, 50])  # epochs_by_ipc[i] applies to IPC <= ipc_breaks[i]; the last entry above all
+    epochs_by_ipc: list = _f([1000, 500, 300])
+    eval_every: int = _f(10, min=1)  # test every this many epochs (and after the last): "best" is over these
+    repeats: int = _f(3, min=1)  # fresh models (seeds) per evaluation, run in parallel as Ray tasks
+    ipc: int = _f(0, min=0)  # evaluate the run's first stages up to this IPC; 0 = the whole run
+    labels: str = _f("hard", choices=["hard", "soft"])  # soft: KD from the run's reference model (theta*)
+    temperature: float = _f(4.0, min_excl=0.0)  # soft labels: softmax temperature of teacher and student
 
 
 @dataclass
@@ -131,6 +152,7 @@ class Config:
     student: ClassifierConfig = field(default_factory=ClassifierConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     name: str = ""  # filled from the config file name
 
@@ -211,21 +233,36 @@ def resolve_path(name_or_path: str) -> Path:
     raise ConfigError(f"config: no config '{name_or_path}' (a name in configs/ or a .yaml path; {hint})")
 
 
-def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
-    """Load a YAML config, apply `a.b=value` overrides (values parsed as YAML), validate everything."""
+def apply_overrides(tree: dict, overrides: list[str], section: str = "") -> dict:
+    """Apply `a.b=value` overrides (values parsed as YAML) to a config tree; with `section`, a key whose first part
+    is not a top-level key means `section.key` (`repeats=5`, `train.epochs=10` -> evaluate.*)."""
+    top = {_key(f) for f in dataclasses.fields(Config)}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"config: override '{item}' must look like key=value")
+        key, raw = (part.strip() for part in item.split("=", 1))
+        if section and key.split(".")[0] not in top:
+            key = f"{section}.{key}"
+        _set_dotted(tree, key, yaml.safe_load(raw) if raw else "")
+    return tree
+
+
+def build_config(tree: dict) -> Config:
+    """A validated Config from a tree (every key checked, then the checks across keys)."""
+    cfg = _build(Config, tree)
+    _check_cross(cfg)
+    return cfg
+
+
+def load_config(name_or_path: str, overrides: list[str] = (), section: str = "") -> Config:
+    """Load a YAML config, apply overrides (see apply_overrides), validate everything."""
     path = resolve_path(name_or_path)
     tree = yaml.safe_load(path.read_text()) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"config: {path} must hold a mapping")
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"config: override '{item}' must look like key=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    apply_overrides(tree, overrides, section)
     tree.setdefault("name", path.stem)
-    cfg = _build(Config, tree)
-    _check_cross(cfg)
-    return cfg
+    return build_config(tree)
 
 
 def _check_cross(cfg: Config):
@@ -234,11 +271,15 @@ def _check_cross(cfg: Config):
         raise ConfigError(f"config: 'guidance.window' must be [lo, hi] with 0 <= lo <= hi, got {cfg.guidance.window}")
     if cfg.data.name == "imagenet" and not (cfg.data.root and cfg.data.classes):
         raise ConfigError("config: 'data.root' and 'data.classes' must be set for data.name=imagenet")
-    for section in ("reference", "student"):
-        name = getattr(cfg, section).model
+    for key, name in (("reference.model", cfg.reference.model), ("student.model", cfg.student.model),
+                      ("evaluate.model", cfg.evaluate.model or cfg.student.model)):
         problem = check_model_name(name)
         if problem:
-            raise ConfigError(f"config: '{section}.model' {problem}")
+            raise ConfigError(f"config: '{key}' {problem}")
+    e = cfg.evaluate
+    if e.epochs_by_ipc and len(e.epochs_by_ipc) != len(e.ipc_breaks) + 1:
+        raise ConfigError(f"config: 'evaluate.epochs_by_ipc' needs len(ipc_breaks) + 1 = {len(e.ipc_breaks) + 1} "
+                          f"entries, got {e.epochs_by_ipc}")
 
 
 def to_dict(cfg) -> dict:
@@ -262,8 +303,9 @@ def config_hash(tree) -> str:
 
 
 def run_identity(cfg: Config) -> dict:
-    """What decides a run's output: the config less its resources (the `ray` keys but train_workers)."""
+    """What decides a run's output: the config less its resources (the `ray` keys but train_workers) and evaluation."""
     tree = to_dict(cfg)
+    del tree["evaluate"]
     tree["ray"] = {"train_workers": cfg.ray.train_workers}
     return tree
 

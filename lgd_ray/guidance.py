@@ -78,8 +78,9 @@ class Guide:
     def active(self, step_index: int) -> bool:
         return (self.lambda_ > 0 or self.gamma > 0) and self.window[0] <= step_index <= self.window[1]
 
-    def eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float):
-        """The guided noise prediction eps~ (detached)."""
+    def eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float,
+            slots: list[int] | None = None):
+        """The guided noise prediction eps~ (detached); slots are not used (the interface of ModeGuide)."""
         abar = prior.scheduler.alphas_cumprod[int(t)].to(x_t)
         sigma, alpha = (1 - abar).sqrt(), abar.sqrt()
         use_memory = self.gamma > 0 and any(len(self.memory.get(c, ())) for c in labels.unique().tolist())

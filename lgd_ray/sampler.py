@@ -11,13 +11,17 @@ import torch
 
 from lgd_ray.data import to_float, to_uint8
 from lgd_ray.guidance import Guide, Scorer, classifier_input
+from lgd_ray.modes import ModeGuide
 from lgd_ray.prior import Prior
 from lgd_ray.seeding import generator
 
 
 def sample(prior: Prior, labels: torch.Tensor, gens: list[torch.Generator], num_steps: int, cfg_scale: float,
-           guide: Guide | None = None) -> torch.Tensor:
-    """Final latents (or pixels) for `labels`, one generator per trajectory (initial noise, then DDPM noise)."""
+           guide: Guide | ModeGuide | None = None, slots: list[int] | None = None) -> torch.Tensor:
+    """Final latents (or pixels) for `labels`, one generator per trajectory (initial noise, then DDPM noise).
+
+    slots: each trajectory's slot (what a ModeGuide needs to pick its mode).
+    """
     device, dtype = prior.device, prior.transformer.dtype
     x = torch.cat([torch.randn((1, *prior.latent_shape), generator=g) for g in gens]).to(device, dtype)
     labels = labels.to(device)
@@ -26,7 +30,7 @@ def sample(prior: Prior, labels: torch.Tensor, gens: list[torch.Generator], num_
     for i, t in enumerate(sched.timesteps):
         step_index = len(sched.timesteps) - 1 - i  # counts down: the noisiest step is num_steps - 1
         if guide is not None and guide.active(step_index):
-            eps = guide.eps(prior, x, t, labels, cfg_scale)
+            eps = guide.eps(prior, x, t, labels, cfg_scale, slots)
         else:
             with torch.no_grad():
                 eps = prior.eps(x, t, labels, cfg_scale)
@@ -50,7 +54,7 @@ class Generated:
 
 def generate(prior: Prior, items: list[tuple[int, int]], *, run_seed: int, stage: int, num_steps: int,
              cfg_scale: float, batch_size: int, image_size: int, kappa: int = 1, scorer: Scorer | None = None,
-             guide: Guide | None = None) -> list[Generated]:
+             guide: Guide | ModeGuide | None = None) -> list[Generated]:
     """Sample kappa candidates for each (class, slot), keep the one with the highest S (learnability rank selection).
 
     Candidates run in batches of `batch_size` trajectories; with no scorer kappa must be 1 and scores are None.
@@ -63,7 +67,7 @@ def generate(prior: Prior, items: list[tuple[int, int]], *, run_seed: int, stage
         batch = trajectories[i:i + batch_size]
         labels = torch.tensor([c for c, _, _ in batch])
         gens = [generator(run_seed, "noise", stage, c, s, k) for c, s, k in batch]
-        z = sample(prior, labels, gens, num_steps, cfg_scale, guide)
+        z = sample(prior, labels, gens, num_steps, cfg_scale, guide, [s for _, s, _ in batch])
         with torch.no_grad():
             x = classifier_input(prior.decode(z), image_size).float()
             x = to_uint8(x).cpu()  # score what is stored: the quantised image

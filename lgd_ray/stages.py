@@ -23,9 +23,11 @@ from lgd_ray.config import Config, ConfigError, config_hash, from_dict, run_iden
 from lgd_ray.data import check_data, load_split, num_classes, read_classlist, to_float
 from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.prior import Prior, ensure_prior, load_prior
+from lgd_ray.report import write_report
 from lgd_ray.reference import ensure_reference, fit_job, new_classifier
 from lgd_ray.sampler import generate
-from lgd_ray.seeding import derive_seed
+from lgd_ray.modes import ModeGuide, class_modes
+from lgd_ray.seeding import derive_seed, generator
 from lgd_ray.shards import (load_tensor_set, read_manifest, read_shards, sample_key, shard_ok, shard_path,
                             stage_dir, write_manifest, write_shard)
 from lgd_ray.train import Fitter, accuracy, in_process_fitter, load_classifier, pick_device, save_classifier
@@ -70,6 +72,24 @@ def prior_class_map(cfg: Config, prior: Prior) -> torch.Tensor | None:
     return torch.tensor([imagenet.index(w) for w in read_classlist(cfg.data.classes)])
 
 
+def pick_real(labels: torch.Tensor, items: list[tuple[int, int]], run_seed: int) -> list[int]:
+    """Method `random`: for each (class, slot) the index of a real image; one seeded order per class, so slots
+    (numbered across the run) never repeat an image."""
+    out, orders = [], {}
+    for c, s in items:
+        if c not in orders:
+            idx = (labels == c).nonzero().squeeze(1)
+            orders[c] = idx[torch.randperm(len(idx), generator=generator(run_seed, "random", c))]
+        if s >= len(orders[c]):
+            raise ConfigError(f"distill: class {c} has {len(orders[c])} real images, fewer than its {s + 1} slots")
+        out.append(int(orders[c][s]))
+    return out
+
+
+def total_ipc(cfg: Config) -> int:
+    return cfg.distill.seed_ipc + cfg.distill.stages * cfg.distill.ipc_per_stage
+
+
 class ChunkMaker:
     """Holds the prior and the reference model; makes one chunk's shard at a time (what a sampler actor runs)."""
 
@@ -77,47 +97,101 @@ class ChunkMaker:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = device or pick_device(cfg.device)
         self.num_classes = num_classes(cfg.data)
-        self.prior = load_prior(ensure_prior(cfg, self.device), cfg.prior.scheduler, self.device)
-        self.prior.class_map = prior_class_map(cfg, self.prior)
+        self.method = cfg.distill.method
+        self.prior = None
+        if self.method != "random":
+            self.prior = load_prior(ensure_prior(cfg, self.device), cfg.prior.scheduler, self.device)
+            self.prior.class_map = prior_class_map(cfg, self.prior)
         reference, _ = ensure_reference(cfg, self.num_classes, self.device)
         self.reference = reference.to(self.device).requires_grad_(False)
+        self._train_set = None
+        self._modes: dict[int, torch.Tensor] = {}  # mgd3: per class, kept for the actor's lifetime
+
+    @property
+    def train_set(self):
+        if self._train_set is None:
+            self._train_set = load_split(self.cfg.data, "train")
+        return self._train_set
 
     def make(self, task: ChunkTask, student_state: dict | None, previous_shards: list[str]) -> dict:
-        """Generate the chunk's images (seed stage: unguided; later: as the method says), write its shard, return its row.
+        """Make the chunk's images as the method says, write its shard, return its manifest row.
 
         student_state: theta_{i-1} (None for the seed stage); previous_shards: the shards of D_{i-1} holding
         these classes (the memory of deviation guidance).
         """
-        cfg, g = self.cfg, self.cfg.guidance
+        cfg = self.cfg
         stage = stage_plan(cfg)[task.stage]
         items = [(c, s) for c in task.classes for s in range(stage.slot0, stage.slot0 + stage.ipc)]
-        scorer = guide = None
+        scorer = None
         if student_state is not None:
             student = new_classifier(cfg, "student", self.num_classes)
             student.load_state_dict(student_state)
-            scorer = Scorer(student.to(self.device).eval().requires_grad_(False), self.reference, g.omega)
-        lgd = stage.guided and cfg.distill.method == "lgd"
-        if lgd:
+            scorer = Scorer(student.to(self.device).eval().requires_grad_(False), self.reference, cfg.guidance.omega)
+        start = time.time()
+        samples = (self._real(task, items, scorer) if self.method == "random"
+                   else self._generated(task, stage, items, scorer, previous_shards))
+        row = write_shard(self.run_dir, shard_path(task.stage, task.chunk), samples)
+        scores = [x["meta"]["S"] for x in samples if x["meta"]["S"] is not None]
+        row.update(stage=task.stage, chunk=task.chunk, classes=list(task.classes), seconds=round(time.time() - start, 2),
+                   mean_S=sum(scores) / len(scores) if scores else None, S=[round(v, 4) for v in scores])
+        return row
+
+    def _real(self, task: ChunkTask, items: list[tuple[int, int]], scorer: Scorer | None) -> list[dict]:
+        """Method `random`: real train images, at the classifiers' size, scored when a student exists."""
+        picks = pick_real(self.train_set.labels, items, self.cfg.seed)
+        images = torch.stack([self.train_set[i][0] for i in picks])
+        scores = [(None, None, None)] * len(items)
+        if scorer is not None:
+            with torch.no_grad():
+                s, ce_s, ce_r = scorer(to_float(images).to(self.device), torch.tensor([c for c, _ in items], device=self.device))
+            scores = list(zip(s.tolist(), ce_s.tolist(), ce_r.tolist()))
+        return [{"key": sample_key(c, s), "image": img, "cls": c,
+                 "meta": {"stage": task.stage, "real_index": i, "S": sc[0], "ce_student": sc[1], "ce_reference": sc[2],
+                          "params": {"method": "random"}}}
+                for (c, s), i, img, sc in zip(items, picks, images, scores)]
+
+    def _generated(self, task: ChunkTask, stage: Stage, items: list[tuple[int, int]], scorer: Scorer | None,
+                   previous_shards: list[str]) -> list[dict]:
+        cfg, g = self.cfg, self.cfg.guidance
+        method = "dit" if self.method == "lgd" and not stage.guided else self.method
+        params = {"method": method, "cfg_scale": cfg.prior.cfg_scale, "num_steps": cfg.prior.num_steps}
+        guide, kappa = None, 1
+        if method == "lgd":
             guide = Guide(scorer, g.lambda_, g.gamma, tuple(g.window), g.through, g.norm_scale, cfg.data.image_size,
                           self._memory(previous_shards, task.classes) if g.gamma > 0 else {})
-        start = time.time()
+            kappa = g.kappa
+            params.update(lambda_=g.lambda_, omega=g.omega, kappa=g.kappa, gamma=g.gamma, through=g.through)
+        elif method == "mgd3":
+            guide = ModeGuide({c: self._class_modes(c) for c in task.classes}, g.mode_lambda, g.mode_stop)
+            params.update(mode_lambda=g.mode_lambda, mode_stop=g.mode_stop)
         out = generate(self.prior, items, run_seed=cfg.seed, stage=task.stage, num_steps=cfg.prior.num_steps,
                        cfg_scale=cfg.prior.cfg_scale, batch_size=cfg.distill.sample_batch,
-                       image_size=cfg.data.image_size, kappa=g.kappa if lgd else 1, scorer=scorer, guide=guide)
-        params = {"method": cfg.distill.method if stage.guided else "dit", "cfg_scale": cfg.prior.cfg_scale,
-                  "num_steps": cfg.prior.num_steps}
-        if lgd:
-            params.update(lambda_=g.lambda_, omega=g.omega, kappa=g.kappa, gamma=g.gamma, through=g.through)
-        samples = [{"key": sample_key(o.cls, o.slot), "image": o.image, "cls": o.cls,
-                    "meta": {"stage": task.stage, "seed": derive_seed(cfg.seed, "noise", task.stage, o.cls, o.slot, o.candidate),
-                             "S": o.score, "ce_student": o.ce_student, "ce_reference": o.ce_reference,
-                             "candidate": o.candidate, "candidate_S": o.candidate_scores, "params": params}}
-                   for o in out]
-        row = write_shard(self.run_dir, shard_path(task.stage, task.chunk), samples)
-        scores = [o.score for o in out if o.score is not None]
-        row.update(stage=task.stage, chunk=task.chunk, classes=list(task.classes), seconds=round(time.time() - start, 2),
-                   mean_S=sum(scores) / len(scores) if scores else None)
-        return row
+                       image_size=cfg.data.image_size, kappa=kappa, scorer=scorer, guide=guide)
+        return [{"key": sample_key(o.cls, o.slot), "image": o.image, "cls": o.cls,
+                 "meta": {"stage": task.stage, "seed": derive_seed(cfg.seed, "noise", task.stage, o.cls, o.slot, o.candidate),
+                          "S": o.score, "ce_student": o.ce_student, "ce_reference": o.ce_reference,
+                          "candidate": o.candidate, "candidate_S": o.candidate_scores, "params": params}}
+                for o in out]
+
+    @torch.no_grad()
+    def _class_modes(self, c: int) -> torch.Tensor:
+        """mgd3: the class's k-means modes in the prior's space (VAE latents, or pixels at the prior's size)."""
+        if c not in self._modes:
+            idx = (self.train_set.labels == c).nonzero().squeeze(1)
+            cap = self.cfg.guidance.mode_max_images
+            if cap and len(idx) > cap:
+                idx = idx[torch.randperm(len(idx), generator=generator(self.cfg.seed, "mgd3-subset", c))[:cap]]
+            x = to_float(torch.stack([self.train_set[int(i)][0] for i in idx]))
+            points = torch.cat([self._encode(x[i:i + 64]) for i in range(0, len(x), 64)])
+            self._modes[c] = class_modes(points.cpu().float(), total_ipc(self.cfg), derive_seed(self.cfg.seed, "mgd3", c))
+        return self._modes[c]
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the prior's space (resized to its resolution, then the VAE if it has one)."""
+        x = x.to(self.device)
+        if x.shape[-1] != self.prior.image_size:
+            x = torch.nn.functional.interpolate(x, size=self.prior.image_size, mode="bilinear", antialias=True)
+        return self.prior.encode(x)
 
     @torch.no_grad()
     def _memory(self, shards: list[str], classes: Iterable[int]) -> dict[int, torch.Tensor]:
@@ -127,10 +201,7 @@ class ChunkMaker:
         for c in classes:
             imgs = [s["image"] for s in samples if s["cls"] == c]
             if imgs:
-                x = to_float(torch.stack(imgs)).to(self.device)
-                if x.shape[-1] != self.prior.image_size:
-                    x = torch.nn.functional.interpolate(x, size=self.prior.image_size, mode="bilinear", antialias=True)
-                memory[c] = self.prior.encode(x)
+                memory[c] = self._encode(to_float(torch.stack(imgs)))
         return memory
 
 
@@ -185,7 +256,8 @@ def run_stages(cfg: Config, run_dir: Path, resume: bool = False, runner: ChunkRu
     n_classes = num_classes(cfg.data)
     manifest = open_manifest(run_dir, cfg, resume)
     # Set-up: prior and reference (trained and cached if absent), the real test split
-    manifest["prior"] = ensure_prior(cfg, device)
+    manifest["num_classes"] = n_classes
+    manifest["prior"] = ensure_prior(cfg, device) if cfg.distill.method != "random" else None
     fitter = fitter or in_process_fitter(device)
     _, ref_info = ensure_reference(cfg, n_classes, device, fitter)
     manifest["reference"] = ref_info
@@ -232,6 +304,7 @@ def run_stages(cfg: Config, run_dir: Path, resume: bool = False, runner: ChunkRu
                 "mean_S": sum(s * n for s, n in scores) / sum(n for _, n in scores) if scores else None}
         manifest["stages"][str(stage.index)] = info
         write_manifest(run_dir, manifest)
+        write_report(run_dir)
         s_text = f", mean S {info['mean_S']:.3f}" if info["mean_S"] is not None else ""
         log(f"stage {stage.index}/{len(plan) - 1}: {info['images']} new images ({info['total_images']} in all), "
             f"sample {info['sample_seconds']:.1f} s, train {info['train_seconds']:.1f} s, "

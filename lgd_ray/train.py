@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -42,6 +43,20 @@ def augment(x: torch.Tensor, gen: torch.Generator, crop_scale: float, flip: bool
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def cutmix(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, beta: float):
+    """CutMix: paste a random box of a shuffled copy of the batch; returns (x, y, y of the pasted images, share of y)."""
+    n, _, h, w = x.shape
+    rng = np.random.default_rng(int(torch.randint(1 << 62, (1,), generator=gen)))
+    cut = math.sqrt(1 - rng.beta(beta, beta))
+    bh, bw = int(h * cut), int(w * cut)
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y0, y1, x0, x1 = max(cy - bh // 2, 0), min(cy + bh // 2, h), max(cx - bw // 2, 0), min(cx + bw // 2, w)
+    perm = torch.randperm(n, generator=gen).to(x.device)
+    x = x.clone()
+    x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+    return x, y, y[perm], 1 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
 def _batches(data, batch_size: int, gen: torch.Generator, device, shuffle: bool):
     """(float images in [-1, 1], labels) on `device`; TensorSets are sliced directly, other sets go through a DataLoader."""
     if isinstance(data, TensorSet):
@@ -57,10 +72,16 @@ def _batches(data, batch_size: int, gen: torch.Generator, device, shuffle: bool)
 
 
 def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, device="cpu",
-                     on_epoch: Callable[[int, dict], None] | None = None, desc: str = "train") -> torch.nn.Module:
-    """SGD + MultiStepLR training on `data` (images uint8, labels int64); `seed` fixes order and augmentation."""
+                     on_epoch: Callable[[int, dict], None] | None = None, desc: str = "train",
+                     teacher: torch.nn.Module | None = None, temperature: float = 4.0) -> torch.nn.Module:
+    """SGD + MultiStepLR training on `data` (images uint8, labels int64); `seed` fixes order and augmentation.
+
+    With a teacher the targets are its softened predictions on the same augmented batch (KL at `temperature`).
+    """
     device = torch.device(device)
     model.to(device).train()
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     milestones = sorted({max(1, int(round(m * cfg.epochs))) for m in cfg.milestones})
@@ -69,8 +90,16 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
         total, correct, loss_sum = 0, 0, 0.0
         for x, y in _batches(data, cfg.batch_size, gen, device, shuffle=True):
             x = augment(x, gen, cfg.crop_scale, cfg.flip)
+            y_b, share = y, 1.0
+            if cfg.cutmix > 0 and torch.rand(1, generator=gen).item() < cfg.cutmix_prob:
+                x, y, y_b, share = cutmix(x, y, gen, cfg.cutmix)
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = F.softmax(teacher(x) / temperature, dim=1)
+                loss = F.kl_div(F.log_softmax(logits / temperature, 1), target, reduction="batchmean") * temperature ** 2
+            else:
+                loss = share * F.cross_entropy(logits, y) + (1 - share) * F.cross_entropy(logits, y_b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -80,6 +109,7 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
         sched.step()
         if on_epoch:
             on_epoch(epoch, {"train_loss": loss_sum / total, "train_acc": correct / total})
+            model.train()  # the callback may have tested the model
     return model.eval()
 
 

@@ -1,0 +1,234 @@
+"""`python -m lgd_ray.evaluate RUN_DIR [key=value ...]`: train fresh classifiers on a distilled set, test on real data.
+
+The protocol (DESIGN.md section 5) is the config's `evaluate` section: SGD, MultiStepLR, RandomResizedCrop + flip
+(+ CutMix), epochs by IPC, hard labels or a teacher's soft labels. `repeats` fresh models differ only by seed and
+run in parallel as Ray tasks. Both the last-epoch and the best test accuracy are reported; "best" is the maximum
+over the tests every `eval_every` epochs, so it selects on the test set (as the papers' numbers do).
+
+`python -m lgd_ray.evaluate --full CONFIG` gives the upper bar: the same model trained on the whole real train
+split with the reference model's recipe (`reference.train`).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+
+from lgd_ray.config import (Config, ConfigError, TrainConfig, apply_overrides, build_config, config_hash, from_dict,
+                            load_config, run_identity, to_dict)
+from lgd_ray.data import load_split, num_classes
+from lgd_ray.models import build_classifier
+from lgd_ray.ray_tasks import map_jobs
+from lgd_ray.report import write_report
+from lgd_ray.reference import new_classifier, reference_path
+from lgd_ray.seeding import derive_seed
+from lgd_ray.shards import load_tensor_set, read_manifest
+from lgd_ray.stages import stage_plan
+from lgd_ray.train import accuracy, load_classifier, pick_device, train_classifier
+
+
+@dataclass
+class EvalJob:
+    """One fresh classifier to train and test (picklable, for a Ray task)."""
+
+    model: str
+    channels: int
+    image_size: int
+    num_classes: int
+    train: TrainConfig
+    load_train: Callable
+    load_test: Callable
+    seed: int
+    eval_every: int
+    device: str = "auto"
+    teacher: Callable | None = None  # builds the soft-label teacher
+    temperature: float = 4.0
+    extra_tests: dict | None = None  # name -> loader of further sets to test the final model on (redundancy)
+
+
+def run_eval_job(job: EvalJob) -> dict:
+    """Train the job's classifier; returns last and best test accuracy, the test curve and the extra tests."""
+    device = pick_device(job.device)
+    train_set, test_set = job.load_train(), job.load_test()
+    model = build_classifier(job.model, job.channels, job.image_size, job.num_classes, seed=job.seed)
+    curve = []
+
+    def on_epoch(epoch, _stats):
+        if (epoch + 1) % job.eval_every == 0 or epoch + 1 == job.train.epochs:
+            curve.append((epoch + 1, accuracy(model, test_set, device)))
+
+    start = time.time()
+    teacher = job.teacher() if job.teacher else None
+    train_classifier(model, train_set, job.train, job.seed, device, on_epoch=on_epoch, desc=f"eval seed {job.seed}",
+                     teacher=teacher, temperature=job.temperature)
+    best_epoch, best = max(curve, key=lambda c: c[1])
+    extra = {name: accuracy(model, load(), device) for name, load in (job.extra_tests or {}).items()}
+    return {"seed": job.seed, "last": curve[-1][1], "best": best, "best_epoch": best_epoch, "curve": curve,
+            "train_images": len(train_set), "seconds": round(time.time() - start, 1), "extra": extra}
+
+
+def epochs_for(cfg: Config, ipc: int) -> int:
+    e = cfg.evaluate
+    if not e.epochs_by_ipc:
+        return e.train.epochs
+    for limit, epochs in zip(e.ipc_breaks, e.epochs_by_ipc):
+        if ipc <= limit:
+            return int(epochs)
+    return int(e.epochs_by_ipc[-1])
+
+
+def load_run(run_dir: Path, overrides: list[str] = ()) -> tuple[Config, dict]:
+    """(the run's config with overrides applied, its manifest); bare keys (`repeats=5`) mean `evaluate.<key>`."""
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        raise ConfigError(f"evaluate: {run_dir} holds no run (no manifest.json)")
+    return build_config(apply_overrides(manifest["config"], overrides, "evaluate")), manifest
+
+
+def increments(manifest: dict) -> list[tuple[int, int, list[str]]]:
+    """(stage, images per class of the stage, its shard paths) of every trained stage, in stage order."""
+    cfg = from_dict(manifest["config"])
+    out = []
+    for stage in stage_plan(cfg):
+        info = manifest["stages"].get(str(stage.index))
+        if not info or not info.get("trained"):
+            break
+        out.append((stage.index, stage.ipc, sorted(r["path"] for r in manifest["shards"] if r["stage"] == stage.index)))
+    if not out:
+        raise ConfigError("evaluate: the run has no finished stage yet")
+    return out
+
+
+def prefix_shards(manifest: dict, ipc: int) -> tuple[int, list[str]]:
+    """(IPC, shards) of the first stages holding `ipc` images per class (0: all finished stages)."""
+    total, shards = 0, []
+    for _, stage_ipc, paths in increments(manifest):
+        if ipc and total + stage_ipc > ipc:
+            break
+        total, shards = total + stage_ipc, shards + paths
+    if ipc and total != ipc:
+        raise ConfigError(f"evaluate: 'ipc' {ipc} is not a stage boundary of the run (finished stages reach "
+                          f"{', '.join(str(t) for t in _boundaries(manifest))})")
+    return total, shards
+
+
+def _boundaries(manifest: dict) -> list[int]:
+    out, total = [], 0
+    for _, ipc, _ in increments(manifest):
+        total += ipc
+        out.append(total)
+    return out
+
+
+def _teacher(cfg_tree: dict, n: int):
+    cfg = from_dict(cfg_tree)
+    path = reference_path(cfg)
+    if not path.exists():
+        raise ConfigError(f"evaluate: labels=soft needs the run's reference model at {path}")
+    return load_classifier(new_classifier(cfg, "reference", n), path)[0]
+
+
+def eval_jobs(cfg: Config, load_train: Callable, ipc: int, tag: str, train: TrainConfig | None = None) -> list[EvalJob]:
+    """The `repeats` jobs of one evaluation; seeds from (run seed, tag, model, ipc, repeat)."""
+    e, n = cfg.evaluate, num_classes(cfg.data)
+    model = e.model or cfg.student.model
+    train = train or replace(e.train, epochs=epochs_for(cfg, ipc))
+    teacher = partial(_teacher, to_dict(cfg), n) if e.labels == "soft" else None
+    load_test = partial(load_split, cfg.data, "test")
+    return [EvalJob(model, cfg.data.channels, cfg.data.image_size, n, train, load_train, load_test, derive_seed(cfg.seed, tag, model, ipc, r), e.eval_every,
+                    cfg.device, teacher, e.temperature)
+            for r in range(e.repeats)]
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean and (sample) std of last and best accuracy over repeats, in percent."""
+    out = {}
+    for key in ("last", "best"):
+        values = [100 * r[key] for r in rows]
+        out[f"{key}_mean"] = statistics.fmean(values)
+        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def write_results(folder: Path, name: str, result: dict):
+    """result as JSON and its repeats (+ mean and std rows) as CSV, under folder/name.{json,csv}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=1))
+    with open(folder / f"{name}.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "model", "ipc", "labels", "config_hash", "seed", "last_acc", "best_acc", "best_epoch"])
+        head = [result["method"], result["model"], result["ipc"], result["labels"], result["config_hash"]]
+        for r in result["repeats"]:
+            w.writerow(head + [r["seed"], f"{100 * r['last']:.2f}", f"{100 * r['best']:.2f}", r["best_epoch"]])
+        w.writerow(head + ["mean", f"{result['last_mean']:.2f}", f"{result['best_mean']:.2f}", ""])
+        w.writerow(head + ["std", f"{result['last_std']:.2f}", f"{result['best_std']:.2f}", ""])
+
+
+def _result(cfg: Config, method: str, ipc: int, jobs: list[EvalJob], rows: list[dict], start: float) -> dict:
+    return {"method": method, "model": jobs[0].model, "ipc": ipc, "labels": cfg.evaluate.labels,
+            "config_hash": config_hash(run_identity(cfg)), "epochs": jobs[0].train.epochs,
+            **summarise(rows), "repeats": rows, "evaluate": to_dict(cfg.evaluate), "seconds": round(time.time() - start, 1)}
+
+
+def _print(result: dict, out: Path):
+    print(f"evaluate: {result['method']}, {result['model']}, IPC {result['ipc']}, {result['labels']} labels, "
+          f"{len(result['repeats'])} repeats x {result['epochs']} epochs: last {result['last_mean']:.2f} ± "
+          f"{result['last_std']:.2f}%, best {result['best_mean']:.2f} ± {result['best_std']:.2f}% -> {out}", flush=True)
+
+
+def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
+    """Evaluate a run's distilled set (or its first stages, evaluate.ipc); writes run_dir/eval/<name>.{json,csv}."""
+    run_dir = Path(run_dir)
+    cfg, manifest = load_run(run_dir, overrides)
+    start = time.time()
+    ipc, shards = prefix_shards(manifest, cfg.evaluate.ipc)
+    load_train = partial(load_tensor_set, run_dir.resolve(), shards, num_classes(cfg.data))
+    jobs = eval_jobs(cfg, load_train, ipc, "eval")
+    result = _result(cfg, cfg.distill.method, ipc, jobs, map_jobs(cfg, run_eval_job, jobs, "evaluate"), start)
+    name = f"{result['model']}-ipc{ipc}-{result['labels']}"
+    write_results(run_dir / "eval", name, result)
+    _print(result, run_dir / "eval" / f"{name}.json")
+    write_report(run_dir)
+    return result
+
+
+def evaluate_full(cfg: Config) -> dict:
+    """The upper bar: the evaluation model trained on the whole real train split with `reference.train`."""
+    start = time.time()
+    out = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.name}-full"
+    jobs = eval_jobs(cfg, partial(load_split, cfg.data, "train"), 0, "full", cfg.reference.train)
+    result = _result(cfg, "full", 0, jobs, map_jobs(cfg, run_eval_job, jobs, "evaluate full"), start)
+    result["ipc"] = "full"
+    name = f"{result['model']}-full-{result['labels']}"
+    write_results(out / "eval", name, result)
+    _print(result, out / "eval" / f"{name}.json")
+    return result
+
+
+def main(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="python -m lgd_ray.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("target", help="a run folder (or, with --full, a config name)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="evaluate keys (repeats=5, model=resnetap10, ipc=10, labels=soft) or dotted config keys")
+    parser.add_argument("--full", action="store_true", help="train on the whole real train split (the upper bar)")
+    args = parser.parse_args(argv)
+    try:
+        if args.full:
+            evaluate_full(load_config(args.target, args.overrides, "evaluate"))
+        else:
+            evaluate_run(Path(args.target), args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,34 @@
+"""Independent jobs (evaluation repeats, redundancy rows) run in parallel as Ray tasks, or one by one without Ray."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from lgd_ray.config import Config
+
+
+def _run_with_threads(fn: Callable, item, num_threads: int):
+    torch.set_num_threads(num_threads)
+    return fn(item)
+
+
+def map_jobs(cfg: Config, fn: Callable, items: Sequence, desc: str) -> list:
+    """[fn(item) for item in items]: as Ray tasks with a Train worker's resources if cfg.ray.enabled, in order."""
+    if not cfg.ray.enabled:
+        return [fn(item) for item in tqdm(items, desc=desc, disable=None)]
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address or None)
+    r = cfg.ray
+    task = ray.remote(num_cpus=r.train_cpus_per_worker, num_gpus=r.train_gpus_per_worker if r.train_use_gpu else 0,
+                      max_retries=r.max_restarts)(_run_with_threads)
+    refs = [task.remote(fn, item, max(1, round(r.train_cpus_per_worker))) for item in items]
+    pending = list(refs)
+    with tqdm(total=len(refs), desc=desc, disable=None) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.update(len(done))
+    return ray.get(refs)

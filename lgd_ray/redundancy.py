@@ -1,0 +1,106 @@
+"""`python -m lgd_ray.redundancy RUN_DIR [key=value ...]`: how much the increments of a run teach the same thing.
+
+Row i: a fresh classifier (the evaluate protocol, epochs by the increment's IPC) trained on increment I_i only;
+column j: its accuracy on the images of I_j. The mean off-diagonal accuracy is the redundancy (the LGD paper's
+analysis: high when later increments repeat what earlier ones hold). Rows run in parallel as Ray tasks.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+from lgd_ray.config import ConfigError
+from lgd_ray.data import num_classes
+from lgd_ray.evaluate import eval_jobs, increments, load_run, run_eval_job
+from lgd_ray.ray_tasks import map_jobs
+from lgd_ray.report import write_report
+from lgd_ray.shards import load_tensor_set
+
+
+def redundancy_of(matrix: torch.Tensor) -> float:
+    """Mean off-diagonal entry of a square matrix."""
+    n = len(matrix)
+    if n < 2:
+        raise ValueError("redundancy needs at least two increments")
+    return ((matrix.sum() - matrix.diagonal().sum()) / (n * n - n)).item()
+
+
+def heatmap(matrix: torch.Tensor, stages: list[int], title: str, path: Path):
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(stages), 1 + 0.7 * len(stages)))
+    im = ax.imshow(100 * matrix.numpy(), vmin=0, vmax=100, cmap="viridis")
+    for i in range(len(stages)):
+        for j in range(len(stages)):
+            v = 100 * matrix[i, j].item()
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=8)
+    ax.set_xticks(range(len(stages)), [f"I_{s}" for s in stages])
+    ax.set_yticks(range(len(stages)), [f"I_{s}" for s in stages])
+    ax.set_xlabel("tested on the images of")
+    ax.set_ylabel("trained on")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def redundancy(run_dir: Path, overrides: list[str] = ()) -> dict:
+    """Compute the run's increment matrix; writes run_dir/redundancy/{matrix.csv, matrix.png, redundancy.json}."""
+    run_dir = Path(run_dir)
+    cfg, manifest = load_run(run_dir, overrides)
+    parts = increments(manifest)
+    if len(parts) < 2:
+        raise ConfigError("redundancy: the run needs at least two finished stages")
+    n = num_classes(cfg.data)
+    loaders = {f"I_{s}": partial(load_tensor_set, run_dir.resolve(), paths, n) for s, _, paths in parts}
+    jobs = []
+    for stage, ipc, _ in parts:
+        job = eval_jobs(replace(cfg, evaluate=replace(cfg.evaluate, repeats=1)), loaders[f"I_{stage}"], ipc,
+                        f"redundancy-{stage}")[0]
+        jobs.append(replace(job, extra_tests=loaders))
+    rows = map_jobs(cfg, run_eval_job, jobs, "redundancy")
+    stages = [s for s, _, _ in parts]
+    matrix = torch.tensor([[r["extra"][f"I_{s}"] for s in stages] for r in rows])
+    out = run_dir / "redundancy"
+    out.mkdir(exist_ok=True)
+    with open(out / "matrix.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trained_on"] + [f"I_{s}" for s in stages] + ["real_test"])
+        for s, r, row in zip(stages, rows, matrix):
+            w.writerow([f"I_{s}"] + [f"{100 * v:.2f}" for v in row.tolist()] + [f"{100 * r['last']:.2f}"])
+    value = redundancy_of(matrix)
+    result = {"method": cfg.distill.method, "model": jobs[0].model, "epochs": [j.train.epochs for j in jobs],
+              "stages": stages, "matrix": matrix.tolist(), "redundancy": value,
+              "real_test": [r["last"] for r in rows], "seeds": [j.seed for j in jobs]}
+    (out / "redundancy.json").write_text(json.dumps(result, indent=1))
+    heatmap(matrix, stages, f"{cfg.distill.method}: redundancy {100 * value:.1f}%", out / "matrix.png")
+    print(f"redundancy: {cfg.distill.method}, {len(stages)} increments, mean off-diagonal accuracy "
+          f"{100 * value:.2f}% -> {out}", flush=True)
+    write_report(run_dir)
+    return result
+
+
+def main(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="python -m lgd_ray.redundancy", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="evaluate keys (model=..., eval_every=...)")
+    args = parser.parse_args(argv)
+    try:
+        redundancy(Path(args.run_dir), args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

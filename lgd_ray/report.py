@@ -1,0 +1,138 @@
+"""A run folder's report: image grids per stage, student accuracy per stage, histograms of S, report.md.
+
+Written by the stage loop after every stage; `evaluate` and `redundancy` add their tables when they finish.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from torchvision.utils import make_grid
+
+from lgd_ray.shards import read_manifest, read_shards
+
+GRID_CLASSES = 10  # rows of an image grid: the first classes
+GRID_IMAGES = 10  # columns: the first images of the stage per class
+
+
+def stage_grid(run_dir: Path, manifest: dict, stage: int, path: Path):
+    """PNG grid of a stage's images: one row per class (the first GRID_CLASSES), GRID_IMAGES columns."""
+    rows = [r for r in manifest["shards"] if r["stage"] == stage and min(r["classes"]) < GRID_CLASSES]
+    samples = sorted(read_shards(run_dir, sorted(r["path"] for r in rows)), key=lambda s: (s["cls"], s["key"]))
+    by_class: dict[int, list] = {}
+    for s in samples:
+        if s["cls"] < GRID_CLASSES:
+            by_class.setdefault(s["cls"], []).append(s["image"])
+    cols = min(GRID_IMAGES, max(len(v) for v in by_class.values()))
+    blank = torch.zeros_like(samples[0]["image"])
+    tiles = [(by_class[c] + [blank] * cols)[:cols] for c in sorted(by_class)]
+    grid = make_grid(torch.stack([t for row in tiles for t in row]), nrow=cols, padding=1, pad_value=255)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * cols, 0.6 * len(tiles) + 0.6))
+    ax.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=255)
+    ax.set_yticks([(i + 0.5) * (grid.shape[1] / len(tiles)) for i in range(len(tiles))], [str(c) for c in sorted(by_class)])
+    ax.set_xticks([])
+    ax.set_title(f"stage {stage}: rows = classes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def accuracy_plot(manifest: dict, path: Path):
+    stages = sorted(manifest["stages"].items(), key=lambda kv: int(kv[0]))
+    ipc = [info["total_images"] / manifest.get("num_classes", 1) for _, info in stages]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ipc, [100 * info["student_acc"] for _, info in stages], "o-", label="student theta_i")
+    if manifest.get("reference"):
+        ax.axhline(100 * manifest["reference"]["test_acc"], color="grey", ls="--", label="reference theta* (full data)")
+    ax.set_xlabel("images per class (D_i)")
+    ax.set_ylabel("real test accuracy (%)")
+    ax.set_title(f"{manifest['config']['distill']['method']}: incremental student")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def scores_plot(manifest: dict, path: Path) -> bool:
+    """Histogram of S of the chosen images per stage; False when no stage has scores."""
+    per_stage = {}
+    for r in manifest["shards"]:
+        if r.get("S"):
+            per_stage.setdefault(r["stage"], []).extend(r["S"])
+    if not per_stage:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for stage in sorted(per_stage):
+        ax.hist(per_stage[stage], bins=30, histtype="step", label=f"stage {stage}")
+    ax.set_xlabel("learnability S = CE(student) - omega CE(reference)")
+    ax.set_ylabel("images")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _eval_table(run_dir: Path) -> list[str]:
+    results = sorted((json.loads(p.read_text()) for p in (run_dir / "eval").glob("*.json")),
+                     key=lambda r: (r["model"], r["labels"], str(r["ipc"])))
+    if not results:
+        return []
+    lines = ["## Evaluation (fresh models on the distilled set, real test split)", "",
+             "| model | IPC | labels | epochs | repeats | last-epoch acc (%) | best acc (%) |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['model']} | {r['ipc']} | {r['labels']} | {r['epochs']} | {len(r['repeats'])} | "
+                     f"{r['last_mean']:.2f} ± {r['last_std']:.2f} | {r['best_mean']:.2f} ± {r['best_std']:.2f} |")
+    return lines + ["", "Best = the highest of the tests every `evaluate.eval_every` epochs (selected on the test set).", ""]
+
+
+def _redundancy_section(run_dir: Path) -> list[str]:
+    path = run_dir / "redundancy" / "redundancy.json"
+    if not path.exists():
+        return []
+    r = json.loads(path.read_text())
+    epochs = ", ".join(str(e) for e in r["epochs"])
+    return ["## Redundancy", "", (f"Train on increment i, test on the images of increment j ({r['model']}, "
+            f"epochs per row {epochs}). Mean off-diagonal accuracy (the redundancy): **{100 * r['redundancy']:.2f}%**."), "",
+            "![redundancy](redundancy/matrix.png)", "", "[matrix as CSV](redundancy/matrix.csv)", ""]
+
+
+def write_report(run_dir: Path):
+    """(Re)write run_dir/report.md and its figures under run_dir/report/ from the manifest and the results."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    if not manifest or not manifest["stages"]:
+        return
+    figs = run_dir / "report"
+    figs.mkdir(exist_ok=True)
+    cfg = manifest["config"]
+    d = cfg["distill"]
+    lines = [f"# {cfg['name']}: {d['method']}", "",
+             f"Data {cfg['data']['name']}, {d['seed_ipc']} + {d['stages']} x {d['ipc_per_stage']} images per class; "
+             f"config hash `{manifest['config_hash']}` (the whole config is in manifest.json).", ""]
+    if manifest.get("reference"):
+        lines += [f"Reference theta* ({cfg['reference']['model']}, full real train split): "
+                  f"{100 * manifest['reference']['test_acc']:.2f}% test accuracy.", ""]
+    lines += ["## Stages", "", "| stage | new images | images | student test acc (%) | mean S | sampling (s) | training (s) |",
+              "|---|---|---|---|---|---|---|"]
+    for key, info in sorted(manifest["stages"].items(), key=lambda kv: int(kv[0])):
+        s = f"{info['mean_S']:.3f}" if info.get("mean_S") is not None else "–"
+        lines.append(f"| {key} | {info['images']} | {info['total_images']} | {100 * info['student_acc']:.2f} | {s} | "
+                     f"{info['sample_seconds']} | {info['train_seconds']} |")
+    lines += ["", "![student accuracy](report/accuracy.png)", ""]
+    accuracy_plot(manifest, figs / "accuracy.png")
+    if scores_plot(manifest, figs / "scores.png"):
+        lines += ["![S per stage](report/scores.png)", ""]
+    lines += ["## Images", ""]
+    for key in sorted(manifest["stages"], key=int):
+        grid = figs / f"stage{key}.png"
+        if not grid.exists():  # a finished stage's images do not change
+            stage_grid(run_dir, manifest, int(key), grid)
+        lines += [f"![stage {key}](report/stage{key}.png)", ""]
+    lines += _eval_table(run_dir) + _redundancy_section(run_dir)
+    (run_dir / "report.md").write_text("\n".join(lines))

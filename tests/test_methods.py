@@ -1,0 +1,68 @@
+"""The comparison methods in the same frame: random real images and MGD3 mode guidance."""
+import pytest
+import torch
+
+from lgd_ray.config import load_config
+from lgd_ray.data import to_float
+from lgd_ray.modes import ModeGuide, class_modes
+from lgd_ray.sampler import generate
+from lgd_ray.shards import read_shards
+from lgd_ray.stages import pick_real, run_stages
+
+
+def test_pick_real_is_seeded_and_distinct():
+    labels = torch.tensor([0, 1, 0, 0, 1, 0, 1, 1, 0, 0])
+    items = [(c, s) for c in (0, 1) for s in range(4)]
+    a, b, other = pick_real(labels, items, 7), pick_real(labels, items, 7), pick_real(labels, items, 8)
+    assert a == b and a != other
+    assert all(labels[i] == c for i, (c, _) in zip(a, items))
+    assert len(set(a[:4])) == 4 and len(set(a[4:])) == 4
+    # slots are numbered across the run: stage 2's slots continue the same order, never repeating an image
+    assert pick_real(labels, [(0, 4), (0, 5)], 7) == [i for i in pick_real(labels, [(0, s) for s in range(6)], 7)[4:]]
+
+
+def test_random_method_run(trained, tiny_overrides, tmp_path):
+    _, _, train_set, _ = trained
+    cfg = load_config("digits", tiny_overrides + [f"out={tmp_path}", "distill.method=random", "distill.stages=1"])
+    manifest = run_stages(cfg, tmp_path, log=lambda _: None)
+    samples = read_shards(tmp_path, sorted(r["path"] for r in manifest["shards"]))
+    assert len(samples) == 40
+    for c in range(10):
+        mine = [s for s in samples if s["cls"] == c]
+        idx = [s["meta"]["real_index"] for s in mine]
+        assert len(mine) == 4 and len(set(idx)) == 4
+        assert all(torch.equal(s["image"], train_set.images[s["meta"]["real_index"]]) for s in mine)
+        assert all(train_set.labels[i] == c for i in idx)
+    assert manifest["prior"] is None and manifest["stages"]["1"]["mean_S"] is not None
+    again = tmp_path / "again"
+    manifest2 = run_stages(load_config("digits", tiny_overrides + [f"out={again}", "distill.method=random", "distill.stages=1"]),
+                           again, log=lambda _: None)
+    assert [r["sha256"] for r in manifest2["shards"]] == [r["sha256"] for r in manifest["shards"]]
+
+
+def test_class_modes_kmeans():
+    torch.manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = torch.cat([centres[i] + 0.1 * torch.randn(20 + 10 * i, 2) for i in range(3)])
+    modes = class_modes(points, 3, seed=1)
+    assert modes.shape == (3, 2)
+    # largest cluster first, each mode on its cluster's centre
+    assert torch.allclose(modes, centres.flip(0), atol=0.1)
+    assert torch.equal(modes, class_modes(points, 3, seed=1))
+    with pytest.raises(ValueError, match="at least"):
+        class_modes(points[:2], 3, seed=0)
+
+
+def test_mode_guidance_moves_samples_to_their_mode(trained, tiny_cfg):
+    prior, _, train_set, _ = trained
+    items = [(c, s) for c in range(10) for s in range(2)]
+    modes = {c: class_modes(to_float(train_set.images[train_set.labels == c]), 2, seed=c) for c in range(10)}
+
+    def dist(guide):
+        out = generate(prior, items, run_seed=0, stage=0, num_steps=tiny_cfg.prior.num_steps,
+                       cfg_scale=tiny_cfg.prior.cfg_scale, batch_size=64, image_size=8, guide=guide)
+        return torch.stack([(to_float(o.image) - modes[o.cls][o.slot]).flatten().norm() for o in out])
+
+    plain, guided = dist(None), dist(ModeGuide(modes, 0.3, stop=3))
+    assert (guided < plain).all() and guided.mean() < 0.95 * plain.mean()
+    assert torch.equal(dist(ModeGuide(modes, 0.0, stop=0)), plain)  # lambda_m 0: the unguided sampler
