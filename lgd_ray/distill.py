@@ -42,13 +42,33 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     return manifest
 
 
+def dry_run(cfg: Config, tflops: float, utilisation: float) -> dict:
+    """Print the run's plan and cost (lgd_ray.plan) without loading any model; returns the plan."""
+    from lgd_ray.config import ConfigError
+    from lgd_ray.plan import format_plan, make_plan
+
+    try:
+        check_data(cfg.data)
+        data = f"data: {cfg.data.name} found" + (f" at {cfg.data.root}" if cfg.data.root else "")
+    except ConfigError as e:
+        data = f"data: NOT FOUND on this machine ({e})"
+    plan = make_plan(cfg)
+    print(f"{data}\nout: {run_dir(cfg)}\n{format_plan(cfg, plan, tflops, utilisation)}", flush=True)
+    return plan
+
+
 def _flags(parser: argparse.ArgumentParser):
     parser.add_argument("--resume", action="store_true", help="continue the run in the config's run folder")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and its cost; load no model")
+    parser.add_argument("--gpu-tflops", type=float, default=495.0,
+                        help="dry-run: peak TFLOPS per GPU (default: H100 SXM dense TF32; the prior runs in float32)")
+    parser.add_argument("--utilisation", type=float, default=0.3, help="dry-run: share of the peak reached")
 
 
 def main(argv: list[str]):
     run_cli("lgd_ray.distill", "Distil a labelled image set with learnability-guided diffusion.", argv,
-            lambda cfg, args: distill(cfg, args.resume), _flags)
+            lambda cfg, args: dry_run(cfg, args.gpu_tflops, args.utilisation) if args.dry_run
+            else distill(cfg, args.resume), _flags)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,20 @@ def test_output_does_not_depend_on_pool_size(two_actor_run, tiny_overrides, tmp_
     assert one["stages"]["1"]["student_acc"] == two["stages"]["1"]["student_acc"]
 
 
+def test_evaluation_repeats_as_ray_tasks(two_actor_run):
+    from lgd_ray.evaluate import evaluate_run
+
+    out, manifest = two_actor_run
+    keys = ["repeats=2", "epochs_by_ipc=[]", "train.epochs=6", "eval_every=3"]
+    on_ray = evaluate_run(out, keys)
+    local = evaluate_run(out, keys + ["ray.enabled=false"])
+    assert [r["seed"] for r in on_ray["repeats"]] == [r["seed"] for r in local["repeats"]]
+    assert all(len(r["curve"]) == 2 for r in on_ray["repeats"])
+    # a task runs 1 torch thread, this process 2: float sums may differ, the accuracies barely
+    assert all(abs(a["last"] - b["last"]) < 0.03 for a, b in zip(on_ray["repeats"], local["repeats"]))
+    assert on_ray["config_hash"] == manifest["config_hash"]
+
+
 def test_ray_train_ddp_two_workers(trained, tiny_cfg, tmp_path):
     from functools import partial
 

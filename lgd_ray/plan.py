@@ -1,0 +1,154 @@
+"""`distill --dry-run`: the run's plan and cost, without loading any weights.
+
+Per-step FLOPs are counted by torch's FlopCounterMode on the models built on the meta device (shapes only), so
+they follow the configured architectures: the DiT (DiT-XL/2-256's known shape, or the config.json of a local folder or
+another hub id), the VAE decoder, the student and reference classifiers.
+FLOPs here are 2 x multiply-adds (DiT-XL/2's "118.6 Gflops" in the DiT paper are multiply-adds: 237 GFLOPs here).
+Backward passes are counted as 2 x the forward.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lgd_ray.config import Config
+from lgd_ray.data import num_classes
+from lgd_ray.models import build_classifier
+
+# facebook/DiT-XL-2-256's architecture (its transformer/ and vae/ config.json), so planning needs no network
+DIT_XL_2_256 = {
+    "transformer": {"num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "out_channels": 8,
+                    "num_layers": 28, "sample_size": 32, "patch_size": 2, "num_embeds_ada_norm": 1000},
+    "vae": {"block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 2, "latent_channels": 4},
+}
+
+
+def _flops(fn) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def _pipeline_configs(cfg: Config) -> tuple[dict, dict | None, str]:
+    """(transformer config, vae config or None, where they came from) without loading weights."""
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    model_id = cfg.prior.model_id
+    if model_id == "facebook/DiT-XL-2-256":
+        return DIT_XL_2_256["transformer"], DIT_XL_2_256["vae"], "DiT-XL/2-256 with its VAE"
+    if not model_id:
+        p = cfg.prior
+        return ({"num_attention_heads": p.num_heads, "attention_head_dim": p.head_dim, "in_channels": cfg.data.channels,
+                 "out_channels": cfg.data.channels, "num_layers": p.depth, "sample_size": cfg.data.image_size,
+                 "patch_size": p.patch_size, "num_embeds_ada_norm": num_classes(cfg.data), "norm_num_groups": 1},
+                None, "the project's pixel DiT (prior.* keys)")
+    try:
+        transformer = dict(DiTTransformer2DModel.load_config(model_id, subfolder="transformer"))
+        vae = None
+        folder = Path(model_id)
+        has_vae = (folder / "vae").is_dir() if folder.is_dir() else True
+        if has_vae:
+            vae = dict(AutoencoderKL.load_config(model_id, subfolder="vae"))
+        return transformer, vae, f"config.json of {model_id}"
+    except (OSError, ValueError) as e:
+        raise ValueError(f"dry-run: cannot read the configs of {model_id!r}: {str(e).splitlines()[0]}") from e
+
+
+@dataclass
+class StepCosts:
+    """GFLOPs of the pieces of sampling and training, per image."""
+
+    dit_forward: float  # one DiT forward (one of the CFG pair)
+    decoder: float  # VAE decoder forward (0 for a pixel DiT)
+    student: float  # classifier forward at the classifiers' input size
+    reference: float
+    source: str
+
+
+def step_costs(cfg: Config) -> StepCosts:
+    """Per-image forward GFLOPs of every model the run uses, counted on the meta device."""
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    t_cfg, v_cfg, source = _pipeline_configs(cfg)
+    n, size, ch = num_classes(cfg.data), cfg.data.image_size, cfg.data.channels
+    keep = lambda c, cls: {k: v for k, v in c.items() if k in inspect.signature(cls.__init__).parameters}
+    with torch.device("meta"):
+        dit = DiTTransformer2DModel(**keep(t_cfg, DiTTransformer2DModel))
+        s, c = dit.config.sample_size, dit.config.in_channels
+        x, t, y = torch.randn(1, c, s, s), torch.tensor([500]), torch.tensor([0])
+        dit_f = _flops(lambda: dit(x, timestep=t, class_labels=y))
+        dec_f = 0.0
+        if v_cfg is not None:
+            vae = AutoencoderKL(**keep(v_cfg, AutoencoderKL))
+            dec_f = _flops(lambda: vae.decode(torch.randn(1, vae.config.latent_channels, s, s)))
+        img = torch.randn(1, ch, size, size)
+        stu = build_classifier(cfg.student.model, ch, size, n)
+        ref = build_classifier(cfg.reference.model, ch, size, n)
+        stu_f, ref_f = _flops(lambda: stu(img)), _flops(lambda: ref(img))
+    return StepCosts(dit_f / 1e9, dec_f / 1e9, stu_f / 1e9, ref_f / 1e9, source)
+
+
+def make_plan(cfg: Config) -> dict:
+    """Work and FLOPs of every stage: images, candidate trajectories, guided and unguided denoiser steps, training."""
+    from lgd_ray.stages import class_chunks, stage_plan
+
+    costs = step_costs(cfg)
+    n = num_classes(cfg.data)
+    g, steps = cfg.guidance, cfg.prior.num_steps
+    lo, hi = g.window
+    window = max(0, min(hi, steps - 1) - lo + 1)
+    cfg_mult = 2 if cfg.prior.cfg_scale > 1 else 1
+    plain = cfg_mult * costs.dit_forward
+    score = costs.decoder + costs.student + costs.reference  # final decode + S of every candidate
+    # a guided step: the CFG pair forward with its graph (denoiser path) + backward, decoder and both classifiers
+    # forward and backward on x0^
+    head = 3 * (costs.decoder + costs.student + costs.reference)
+    guided = (3 * plain if g.through == "denoiser" else plain) + head
+    stages, total_images = [], 0
+    for st in stage_plan(cfg):
+        images = n * st.ipc
+        total_images += images
+        method = cfg.distill.method
+        lgd = method == "lgd" and st.guided and (g.lambda_ > 0 or g.gamma > 0)
+        kappa = g.kappa if method == "lgd" and st.guided else 1
+        trajectories = 0 if method == "random" else images * kappa
+        g_steps = trajectories * window if lgd else 0
+        u_steps = trajectories * steps - g_steps
+        sample_f = (u_steps * plain + g_steps * guided + trajectories * score) * 1e9
+        train_f = 3 * costs.student * 1e9 * total_images * cfg.student.train.epochs
+        stages.append({"stage": st.index, "ipc": st.ipc, "images": images, "trajectories": trajectories,
+                       "guided_steps": g_steps, "unguided_steps": u_steps, "sample_flops": sample_f,
+                       "train_images": total_images, "train_flops": train_f})
+    return {"classes": n, "chunks": len(class_chunks(n, cfg.distill.classes_per_chunk)), "stages": stages,
+            "window_steps": window, "costs": costs.__dict__, "guided_step_gflops": guided, "unguided_step_gflops": plain,
+            "total_flops": sum(s["sample_flops"] + s["train_flops"] for s in stages)}
+
+
+def format_plan(cfg: Config, plan: dict, tflops: float, utilisation: float) -> str:
+    """The plan as text, with GPU-hours at `tflops` peak and `utilisation`."""
+    c, r = plan["costs"], cfg.ray
+    rate = tflops * 1e12 * utilisation
+    lines = [f"plan: {cfg.name}, method {cfg.distill.method}, {plan['classes']} classes in {plan['chunks']} chunks "
+             f"of <= {cfg.distill.classes_per_chunk}; {r.actors} sampler actors x ({r.num_cpus_per_actor} CPU, "
+             f"{r.num_gpus_per_actor} GPU); student fits on {r.train_workers} Ray Train worker(s) "
+             f"({'GPU ' + str(r.train_gpus_per_worker) if r.train_use_gpu else 'CPU'})",
+             f"per image GFLOPs ({c['source']}): DiT forward {c['dit_forward']:.1f}, VAE decoder {c['decoder']:.1f}, "
+             f"student {c['student']:.2f}, reference {c['reference']:.2f}",
+             f"per trajectory step: unguided {plan['unguided_step_gflops']:.1f} GFLOPs (CFG x{2 if cfg.prior.cfg_scale > 1 else 1}), "
+             f"guided ({cfg.guidance.through}) {plan['guided_step_gflops']:.1f} GFLOPs; window {plan['window_steps']} of "
+             f"{cfg.prior.num_steps} steps", "",
+             "stage  IPC   images  trajectories  guided steps  unguided steps  sample PFLOPs  train PFLOPs  GPU-h"]
+    for s in plan["stages"]:
+        hours = (s["sample_flops"] + s["train_flops"]) / rate / 3600
+        lines.append(f"{s['stage']:>5}  {s['ipc']:>3}  {s['images']:>7}  {s['trajectories']:>12}  {s['guided_steps']:>12}  "
+                     f"{s['unguided_steps']:>14}  {s['sample_flops'] / 1e15:>13.1f}  {s['train_flops'] / 1e15:>12.1f}  {hours:>5.1f}")
+    total_h = plan["total_flops"] / rate / 3600
+    lines += ["", f"total: {plan['total_flops'] / 1e15:.1f} PFLOPs = {total_h:.1f} GPU-hours at {tflops:.0f} TFLOPS peak x "
+              f"{utilisation:.0%} utilisation (reference training and evaluation not included); wall time with "
+              f"perfect scaling: " + ", ".join(f"{total_h / g:.1f} h on {g} GPUs" for g in (8, 32, 128))]
+    return "\n".join(lines)

@@ -1,0 +1,36 @@
+"""`distill --dry-run`: the plan and its FLOP count, with no model loaded (works for imagenet1k on a CPU machine)."""
+import subprocess
+import sys
+
+import pytest
+
+from lgd_ray.config import load_config
+from lgd_ray.plan import make_plan
+
+
+def test_imagenet1k_plan_counts():
+    cfg = load_config("imagenet1k")
+    plan = make_plan(cfg)
+    assert plan["classes"] == 1000 and plan["chunks"] == 100 and plan["window_steps"] == 36
+    # DiT-XL/2 at 256 px: 118.6 G multiply-adds per forward (the DiT paper's "Gflops") = 237 GFLOPs
+    assert plan["costs"]["dit_forward"] == pytest.approx(2 * 118.6, rel=0.01)
+    seed, guided = plan["stages"][0], plan["stages"][1]
+    assert seed["trajectories"] == 10_000 and seed["guided_steps"] == 0 and seed["unguided_steps"] == 10_000 * 50
+    assert guided["trajectories"] == 30_000 and guided["guided_steps"] == 30_000 * 36
+    assert guided["unguided_steps"] == 30_000 * 14 and guided["sample_flops"] > 5 * seed["sample_flops"]
+    assert [s["train_images"] for s in plan["stages"]] == [10_000, 20_000, 30_000, 40_000, 50_000]
+    dit = make_plan(load_config("imagenet1k", ["distill.method=dit"]))
+    assert all(s["guided_steps"] == 0 and s["trajectories"] == 10_000 for s in dit["stages"])
+
+
+def test_plan_reads_a_local_pipeline_folder(latent_pipeline_dir):
+    cfg = load_config("imagenette", [f"prior.model_id={latent_pipeline_dir}"])
+    costs = make_plan(cfg)["costs"]
+    assert 0 < costs["dit_forward"] < 1 and costs["decoder"] > 0  # the toy DiT and its tiny VAE, not DiT-XL/2
+
+
+def test_dry_run_command_prints_the_plan():
+    r = subprocess.run([sys.executable, "-m", "lgd_ray.distill", "imagenet1k", "--dry-run"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "1000 classes in 100 chunks" in r.stdout and "GPU-hours" in r.stdout and "NOT FOUND" in r.stdout
