@@ -13,5 +13,5 @@ for m in $METHODS; do
   $PY -m lgd_ray.evaluate $out ipc=$SEED_IPC      # the seed increment only
   $PY -m lgd_ray.evaluate $out                    # the whole run
 done
-$PY -m lgd_ray.evaluate --full $DATA out=runs/results-$DATA-full
+$PY -m lgd_ray.evaluate --full $DATA out=runs/results-$DATA-full repeats=${FULL_REPEATS:-3}
 for m in dit lgd; do $PY -m lgd_ray.redundancy runs/results-$DATA-$m eval_every=1000; done

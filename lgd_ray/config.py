@@ -125,6 +125,22 @@ class EvalConfig:
 
 
 @dataclass
+class SweepConfig:
+    """`python -m lgd_ray.sweep`: Ray Tune over omega and lambda, each trial a small distillation (in-process)."""
+
+    omega: list = _f([0.5, 1.0])  # grid values; search=random samples uniformly between min and max
+    lambda_: list = _f([0.02, 0.05])
+    search: str = _f("grid", choices=["grid", "random"])
+    num_samples: int = _f(1, min=1)  # grid: repeats of the whole grid; random: trials
+    stages: int = _f(2, min=1)  # guided stages per trial (the student's test accuracy is reported after each)
+    grace_period: int = _f(1, min=1)  # ASHA: stages every trial runs before it may be stopped
+    reduction_factor: int = _f(2, min=2)
+    max_concurrent: int = _f(2, min=1)
+    cpus_per_trial: float = _f(1.0, min=0.0)
+    gpus_per_trial: float = _f(0.0, min=0.0)
+
+
+@dataclass
 class RayConfig:
     """Resources. The number of sampler actors never changes the output; the number of DDP workers does."""
 
@@ -153,6 +169,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     name: str = ""  # filled from the config file name
 
@@ -303,9 +320,10 @@ def config_hash(tree) -> str:
 
 
 def run_identity(cfg: Config) -> dict:
-    """What decides a run's output: the config less its resources (the `ray` keys but train_workers) and evaluation."""
+    """What decides a run's output: the config less its resources (the `ray` keys but train_workers), evaluation
+    and sweep."""
     tree = to_dict(cfg)
-    del tree["evaluate"]
+    del tree["evaluate"], tree["sweep"]
     tree["ray"] = {"train_workers": cfg.ray.train_workers}
     return tree
 

@@ -1,6 +1,7 @@
 """A run folder's report: image grids per stage, student accuracy per stage, histograms of S, report.md.
 
 Written by the stage loop after every stage; `evaluate` and `redundancy` add their tables when they finish.
+`python -m lgd_ray.report RUN_DIR ...` prints one markdown table of the results of several runs.
 """
 from __future__ import annotations
 
@@ -136,3 +137,33 @@ def write_report(run_dir: Path):
         lines += [f"![stage {key}](report/stage{key}.png)", ""]
     lines += _eval_table(run_dir) + _redundancy_section(run_dir)
     (run_dir / "report.md").write_text("\n".join(lines))
+
+
+def compare(paths: list[Path]) -> str:
+    """A markdown table of every evaluation and redundancy result under the given run folders, one row each."""
+    rows, red = [], []
+    for run in paths:
+        for p in sorted(Path(run).glob("eval/*.json")):
+            r = json.loads(p.read_text())
+            rows.append((r["method"], str(r["ipc"]), r["model"], r["labels"], r["epochs"], len(r["repeats"]),
+                         f"{r['last_mean']:.2f} ± {r['last_std']:.2f}", f"{r['best_mean']:.2f} ± {r['best_std']:.2f}",
+                         f"{r['seconds']:.0f}", str(run)))
+        path = Path(run) / "redundancy" / "redundancy.json"
+        if path.exists():
+            r = json.loads(path.read_text())
+            red.append(f"| {r['method']} | {len(r['stages'])} | {100 * r['redundancy']:.2f} | "
+                       f"{100 * sum(r['real_test']) / len(r['real_test']):.2f} | {run} |")
+    order = {"full": 0, "random": 1, "dit": 2, "mgd3": 3, "dds": 4, "lgd": 5}
+    rows.sort(key=lambda r: (r[2], r[3], int(r[1]) if r[1].isdigit() else 10**9, order.get(r[0], 9), r[0]))
+    lines = ["| method | IPC | model | labels | epochs | repeats | last-epoch acc (%) | best acc (%) | eval s | run |",
+             "|---|---|---|---|---|---|---|---|---|---|"] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    if red:
+        lines += ["", "| method | increments | redundancy: mean off-diagonal acc (%) | mean real test acc of a row (%) | run |",
+                  "|---|---|---|---|---|"] + red
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(compare([Path(p) for p in sys.argv[1:]]))

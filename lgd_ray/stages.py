@@ -245,10 +245,12 @@ def in_process_runner(maker_factory: Callable[[], ChunkMaker]) -> ChunkRunner:
 
 
 def run_stages(cfg: Config, run_dir: Path, resume: bool = False, runner: ChunkRunner | None = None,
-               fitter: Fitter | None = None, log: Callable[[str], None] = print) -> dict:
+               fitter: Fitter | None = None, log: Callable[[str], None] = print,
+               on_stage: Callable[[int, dict], None] | None = None) -> dict:
     """Distil: seed increment + K guided stages into `run_dir`; returns the manifest (also in manifest.json).
 
-    runner makes chunks (default: in this process), fitter trains classifiers (default: in this process).
+    runner makes chunks (default: in this process), fitter trains classifiers (default: in this process);
+    on_stage(index, info) is called after each stage is trained (e.g. to report to Ray Tune).
     """
     run_dir = Path(run_dir)
     device = pick_device(cfg.device)
@@ -309,4 +311,6 @@ def run_stages(cfg: Config, run_dir: Path, resume: bool = False, runner: ChunkRu
         log(f"stage {stage.index}/{len(plan) - 1}: {info['images']} new images ({info['total_images']} in all), "
             f"sample {info['sample_seconds']:.1f} s, train {info['train_seconds']:.1f} s, "
             f"student test acc {100 * acc:.2f}%{s_text}")
+        if on_stage:
+            on_stage(stage.index, info)
     return manifest

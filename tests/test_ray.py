@@ -69,6 +69,23 @@ def test_evaluation_repeats_as_ray_tasks(two_actor_run):
     assert on_ray["config_hash"] == manifest["config_hash"]
 
 
+def test_sweep_tiny_grid(trained, tiny_overrides, tmp_path):
+    import yaml
+
+    from lgd_ray.sweep import sweep
+
+    cfg = load_config("digits", tiny_overrides + [f"out={tmp_path}", "sweep.omega=[0.5,1.0]", "sweep.lambda=[0.05]",
+                                                  "sweep.stages=2", "sweep.grace_period=1", "sweep.max_concurrent=2"])
+    result = sweep(cfg)
+    rows = result["rows"]
+    assert sorted(r["omega"] for r in rows) == [0.5, 1.0] and all(r["lambda"] == 0.05 for r in rows)
+    assert rows[0]["stages_run"] == 2 and len(rows[0]["acc_per_stage"]) == 3  # seed stage + 2 guided stages
+    assert (tmp_path / "results.csv").read_text().count("\n") == 3
+    best = load_config(str(result["best_config"]))  # distill accepts the best setting unchanged
+    assert best.guidance.omega == rows[0]["omega"] and best.guidance.lambda_ == 0.05
+    assert best.distill.stages == cfg.distill.stages and yaml.safe_load(result["best_config"].read_text())["seed"] == 0
+
+
 def test_ray_train_ddp_two_workers(trained, tiny_cfg, tmp_path):
     from functools import partial
 
