@@ -5,7 +5,7 @@
 set -euo pipefail
 DATA=${DATA:-fashion-mnist}
 PY=${PY:-.venv/bin/python}
-METHODS=${METHODS:-"random dit mgd3 lgd"}
+METHODS=${METHODS:-"random dit mgd3 dds lgd"}
 SEED_IPC=$($PY -c "from lgd_ray.config import load_config; print(load_config('$DATA').distill.seed_ipc)")
 for m in $METHODS; do
   out=runs/results-$DATA-$m

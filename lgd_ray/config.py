@@ -86,7 +86,7 @@ class ClassifierConfig:
 
 @dataclass
 class DistillConfig:
-    method: str = _f("lgd", choices=["random", "dit", "mgd3", "lgd"])  # see DESIGN.md section 2
+    method: str = _f("lgd", choices=["random", "dit", "mgd3", "dds", "lgd"])  # see DESIGN.md section 2
     seed_ipc: int = _f(10, min=1)  # images per class of the unguided seed increment I_0
     ipc_per_stage: int = _f(10, min=1)
     stages: int = _f(4, min=0)  # guided increments I_1..I_K
@@ -107,6 +107,18 @@ class GuidanceConfig:
     mode_lambda: float = _f(0.1, min=0.0)
     mode_stop: int = _f(25, min=0)
     mode_max_images: int = _f(0, min=0)  # real images per class given to k-means (seeded subset); 0 = all
+
+
+@dataclass
+class DDSConfig:
+    """Method dds: real patches chosen with the prior (lgd_ray/dds.py), one increment of all IPC."""
+
+    timesteps: list = _f([100, 300, 500])  # noise levels (training-timestep scale) whose errors are averaged
+    crop: float = _f(0.5, min_excl=0.0, max=1.0)  # crop side as a share of the prior's image size
+    candidates: int = _f(4, min=1)  # candidate crops per real image
+    max_images: int = _f(500, min=0)  # real images per class examined (seeded subset); 0 = all
+    features: str = _f("reference", choices=["reference", "pixels"])  # what k-means clusters
+    batch_size: int = _f(128, min=1)
 
 
 @dataclass
@@ -168,6 +180,7 @@ class Config:
     student: ClassifierConfig = field(default_factory=ClassifierConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    dds: DDSConfig = field(default_factory=DDSConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     ray: RayConfig = field(default_factory=RayConfig)

@@ -63,19 +63,22 @@ class Prior:
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """Noise prediction, classifier-free guided when cfg_scale > 1; learned-sigma channels dropped."""
-        c = x_t.shape[1]
         if self.class_map is not None:
             labels = self.class_map.to(labels.device)[labels]
+        if cfg_scale <= 1:
+            return self._predict(x_t, t, labels)
+        null = torch.full_like(labels, self.null_class)
+        cond, uncond = self._predict(torch.cat([x_t, x_t]), t, torch.cat([labels, null])).chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
+
+    def eps_null(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The unconditional noise prediction (the null class)."""
+        return self._predict(x_t, t, torch.full((len(x_t),), self.null_class, device=x_t.device))
+
+    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x_in = self.scheduler.scale_model_input(x_t, t)
-        if cfg_scale > 1:
-            x_in = torch.cat([x_in, x_in])
-            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
         timesteps = t.reshape(1).to(x_in.device).expand(x_in.shape[0])
-        out = self.transformer(x_in, timestep=timesteps, class_labels=labels).sample[:, :c]
-        if cfg_scale > 1:
-            cond, uncond = out.chunk(2)
-            out = uncond + cfg_scale * (cond - uncond)
-        return out
+        return self.transformer(x_in, timestep=timesteps, class_labels=labels).sample[:, :x_t.shape[1]]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (or pixels) -> images in [-1, 1] (not clamped)."""

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lgd_ray.config import Config, ConfigError, config_hash, from_dict, run_identity, to_dict
+from lgd_ray.dds import class_candidates, penultimate, select
 from lgd_ray.data import check_data, load_split, num_classes, read_classlist, to_float
 from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.prior import Prior, ensure_prior, load_prior
@@ -52,7 +53,10 @@ class ChunkTask:
 
 
 def stage_plan(cfg: Config) -> list[Stage]:
+    """The stages: seed increment + K increments; method dds selects all IPC at once (one increment)."""
     d = cfg.distill
+    if d.method == "dds":
+        return [Stage(0, d.seed_ipc + d.stages * d.ipc_per_stage, 0)]
     return [Stage(0, d.seed_ipc, 0)] + [Stage(i, d.ipc_per_stage, d.seed_ipc + (i - 1) * d.ipc_per_stage)
                                         for i in range(1, d.stages + 1)]
 
@@ -128,8 +132,12 @@ class ChunkMaker:
             student.load_state_dict(student_state)
             scorer = Scorer(student.to(self.device).eval().requires_grad_(False), self.reference, cfg.guidance.omega)
         start = time.time()
-        samples = (self._real(task, items, scorer) if self.method == "random"
-                   else self._generated(task, stage, items, scorer, previous_shards))
+        if self.method == "random":
+            samples = self._real(task, items, scorer)
+        elif self.method == "dds":
+            samples = self._selected(task)
+        else:
+            samples = self._generated(task, stage, items, scorer, previous_shards)
         row = write_shard(self.run_dir, shard_path(task.stage, task.chunk), samples)
         scores = [x["meta"]["S"] for x in samples if x["meta"]["S"] is not None]
         row.update(stage=task.stage, chunk=task.chunk, classes=list(task.classes), seconds=round(time.time() - start, 2),
@@ -173,25 +181,53 @@ class ChunkMaker:
                           "candidate": o.candidate, "candidate_S": o.candidate_scores, "params": params}}
                 for o in out]
 
+    def _selected(self, task: ChunkTask) -> list[dict]:
+        """Method dds: per class, relevance-ranked crops of real images, diversified by k-means (lgd_ray/dds.py)."""
+        cfg, d = self.cfg, self.cfg.dds
+        window = max(1, round(d.crop * self.prior.image_size))
+        params = {"method": "dds", "timesteps": d.timesteps, "crop": d.crop, "candidates": d.candidates,
+                  "features": d.features}
+        samples = []
+        for c in task.classes:
+            idx = self._class_indices(c, d.max_images, "dds-subset")
+            x = self._at_prior_size(to_float(torch.stack([self.train_set[i][0] for i in idx])))
+            cands = class_candidates(self.prior, x, c, idx, cfg.seed, d.timesteps, window, d.candidates,
+                                     d.batch_size, cfg.data.image_size)
+            crops = to_float(torch.stack([k.image for k in cands]))
+            feats = (penultimate(self.reference, crops.to(self.device)).cpu() if d.features == "reference"
+                     else crops.flatten(1))
+            chosen = select(cands, feats, total_ipc(cfg), derive_seed(cfg.seed, "dds-kmeans", c))
+            samples += [{"key": sample_key(c, slot), "image": k.image, "cls": c,
+                         "meta": {"stage": 0, "real_index": k.source, "box": list(k.box), "relevance": k.score,
+                                  "S": None, "params": params}}
+                        for slot, k in enumerate(chosen)]
+        return samples
+
+    def _class_indices(self, c: int, cap: int, tag: str) -> list[int]:
+        """Indices of the class's real train images; a seeded subset of `cap` of them when cap > 0."""
+        idx = (self.train_set.labels == c).nonzero().squeeze(1)
+        if cap and len(idx) > cap:
+            idx = idx[torch.randperm(len(idx), generator=generator(self.cfg.seed, tag, c))[:cap]]
+        return idx.tolist()
+
     @torch.no_grad()
     def _class_modes(self, c: int) -> torch.Tensor:
         """mgd3: the class's k-means modes in the prior's space (VAE latents, or pixels at the prior's size)."""
         if c not in self._modes:
-            idx = (self.train_set.labels == c).nonzero().squeeze(1)
-            cap = self.cfg.guidance.mode_max_images
-            if cap and len(idx) > cap:
-                idx = idx[torch.randperm(len(idx), generator=generator(self.cfg.seed, "mgd3-subset", c))[:cap]]
-            x = to_float(torch.stack([self.train_set[int(i)][0] for i in idx]))
+            idx = self._class_indices(c, self.cfg.guidance.mode_max_images, "mgd3-subset")
+            x = to_float(torch.stack([self.train_set[i][0] for i in idx]))
             points = torch.cat([self._encode(x[i:i + 64]) for i in range(0, len(x), 64)])
             self._modes[c] = class_modes(points.cpu().float(), total_ipc(self.cfg), derive_seed(self.cfg.seed, "mgd3", c))
         return self._modes[c]
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> the prior's space (resized to its resolution, then the VAE if it has one)."""
-        x = x.to(self.device)
+    def _at_prior_size(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.prior.image_size:
             x = torch.nn.functional.interpolate(x, size=self.prior.image_size, mode="bilinear", antialias=True)
-        return self.prior.encode(x)
+        return x
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the prior's space (resized to its resolution, then the VAE if it has one)."""
+        return self.prior.encode(self._at_prior_size(x.to(self.device)))
 
     @torch.no_grad()
     def _memory(self, shards: list[str], classes: Iterable[int]) -> dict[int, torch.Tensor]:

@@ -1,0 +1,64 @@
+"""Method dds: the label's help in explaining the noise localises the class; k-means picks IPC distinct crops."""
+import pytest
+import torch
+
+from lgd_ray.config import load_config
+from lgd_ray.data import TensorSet, to_float, to_uint8
+from lgd_ray.dds import Candidate, relevance_maps, select, top_windows
+from lgd_ray.prior import load_prior, train_pixel_prior
+from lgd_ray.seeding import generator
+from lgd_ray.shards import read_shards
+from lgd_ray.stages import run_stages
+
+
+def _left_half_set(n: int, seed: int) -> TensorSet:
+    """8x8 images whose left half shows the class (4 patterns) and whose right half is noise for every class."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    x = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+    stripes = torch.tensor([1.0, -1.0]).repeat(4)
+    patterns = [torch.ones(8, 4), -torch.ones(8, 4), stripes[:4].expand(8, 4), stripes[:8, None].expand(8, 4)]
+    for i, c in enumerate(labels.tolist()):
+        x[i, 0, :, :4] = patterns[c]
+    return TensorSet(to_uint8(x), labels, 4)
+
+
+def test_relevance_peaks_where_the_class_is(tmp_path):
+    cfg = load_config("digits", ["prior.train_steps=400", "prior.depth=2", "prior.num_heads=2", "prior.head_dim=32",
+                                 "prior.batch_size=64", f"cache={tmp_path}"])
+    train_pixel_prior(cfg, _left_half_set(512, 0), tmp_path / "prior", "cpu")
+    prior = load_prior(str(tmp_path / "prior"), "ddim")
+    test = _left_half_set(32, 1)
+    maps = relevance_maps(prior, to_float(test.images), test.labels, [100, 300, 500],
+                          [generator(0, "dds", i) for i in range(32)])
+    left, right = maps[:, :, :4].mean(dim=(1, 2)), maps[:, :, 4:].mean(dim=(1, 2))
+    assert (left > right).float().mean() >= 0.9 and left.mean() > 5 * right.abs().mean()
+    wins = top_windows(maps, 4, 2)
+    assert sum(w[0][2] == 0 for w in wins) >= 0.9 * len(wins)  # the best 4x4 window lies in the left half
+    assert all(len(w) == 2 and w[0][0] >= w[1][0] for w in wins)
+
+
+def test_select_keeps_one_per_cluster():
+    torch.manual_seed(0)
+    feats = torch.cat([torch.randn(6, 3) * 0.05 + 5 * torch.eye(3)[i] for i in range(3)])
+    cands = [Candidate(torch.full((1, 2, 2), i, dtype=torch.uint8), float(i % 6), i, (0, 0, 2)) for i in range(18)]
+    chosen = select(cands, feats, 3, seed=0)
+    assert sorted(c.source for c in chosen) == [5, 11, 17]  # the best-scored member of each cluster
+    assert [c.source for c in select(cands, feats, 3, seed=0)] == [c.source for c in chosen]
+    with pytest.raises(ValueError, match="at least"):
+        select(cands[:2], feats[:2], 3, seed=0)
+
+
+def test_dds_run_gives_ipc_distinct_images_per_class(trained, tiny_overrides, tmp_path):
+    _, _, train_set, _ = trained
+    keys = tiny_overrides + ["distill.method=dds", "dds.max_images=30", "dds.candidates=2", "dds.timesteps=[200,500]"]
+    manifest = run_stages(load_config("digits", keys + [f"out={tmp_path / 'a'}"]), tmp_path / "a", log=lambda _: None)
+    assert list(manifest["stages"]) == ["0"]  # one increment of all 2 + 2 x 2 = 6 IPC
+    samples = read_shards(tmp_path / "a", sorted(r["path"] for r in manifest["shards"]))
+    for c in range(10):
+        mine = [s for s in samples if s["cls"] == c]
+        assert len(mine) == 6 and len({bytes(s["image"].numpy()) for s in mine}) == 6
+        assert all(train_set.labels[s["meta"]["real_index"]] == c for s in mine)
+        assert all(s["image"].shape == (1, 8, 8) for s in mine)
+    again = run_stages(load_config("digits", keys + [f"out={tmp_path / 'b'}"]), tmp_path / "b", log=lambda _: None)
+    assert [r["sha256"] for r in again["shards"]] == [r["sha256"] for r in manifest["shards"]]
