@@ -3,7 +3,7 @@
 Stage I, localise: noise a real image at a few timesteps t (seeded) and predict the noise with the true label
 and with the null label. Per position, relevance = mean over t of (error without label - error with label): how
 much knowing the class helps to explain that part of the image. Candidate crops are the windows with the highest
-mean relevance (at most `candidates` per image, on a half-window grid).
+mean relevance (at most `candidates` per image, on a quarter-window grid).
 Stage II, diversify: per class, embed the candidates (the reference model's penultimate features, or pixels),
 k-means with k = IPC, and from each cluster keep the candidate with the highest relevance, resized to the
 classifiers' input size.
@@ -39,7 +39,7 @@ def relevance_maps(prior: Prior, images: torch.Tensor, labels: torch.Tensor, tim
 
 def top_windows(maps: torch.Tensor, size: int, count: int) -> list[list[tuple[float, int, int]]]:
     """Per map, the `count` windows of `size` x `size` with the highest mean: (score, top, left), best first."""
-    stride = max(1, size // 2)
+    stride = max(1, size // 4)
     pooled = F.avg_pool2d(maps[:, None], size, stride=stride)[:, 0]
     out = []
     for p in pooled:
