@@ -35,7 +35,7 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     finally:
         if pool is not None:
             pool.shutdown()
-    final = manifest["stages"][str(cfg.distill.stages)]
+    final = manifest["stages"][max(manifest["stages"], key=int)]
     print(f"distill: done in {time.time() - start:.0f} s: {final['total_images']} images, "
           f"student test acc {100 * final['student_acc']:.2f}% (reference {100 * manifest['reference']['test_acc']:.2f}%)"
           f" -> {out}", flush=True)
