@@ -29,13 +29,13 @@ def trial_config(base: dict, omega: float, lambda_: float, out: str) -> Config:
     return build_config(tree)
 
 
-def _trial(params: dict):
+def _trial(params: dict, base: dict, root: str):
     from ray import tune
 
     from lgd_ray.stages import run_stages
 
-    cfg = trial_config(params["base"], params["omega"], params["lambda"],
-                       str(Path(params["root"]) / f"omega{params['omega']:g}-lambda{params['lambda']:g}"))
+    cfg = trial_config(base, params["omega"], params["lambda"],
+                       str(Path(root) / f"omega{params['omega']:g}-lambda{params['lambda']:g}"))
     run_stages(cfg, Path(cfg.out), resume=True, log=lambda _: None,
                on_stage=lambda i, info: tune.report({"stage": i, "student_acc": info["student_acc"],
                                                      "mean_S": info["mean_S"]}))
@@ -60,13 +60,13 @@ def sweep(cfg: Config) -> dict:
         space = {"omega": tune.grid_search(s.omega), "lambda": tune.grid_search(s.lambda_)}
     else:
         space = {"omega": tune.uniform(min(s.omega), max(s.omega)), "lambda": tune.uniform(min(s.lambda_), max(s.lambda_))}
-    space.update(base=base, root=str(root))
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address or None)
     scheduler = ASHAScheduler(time_attr="stage", max_t=s.stages, grace_period=s.grace_period,
                               reduction_factor=s.reduction_factor)
     tuner = tune.Tuner(
-        tune.with_resources(_trial, {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}),
+        tune.with_resources(tune.with_parameters(_trial, base=base, root=str(root)),
+                            {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}),
         param_space=space,
         tune_config=tune.TuneConfig(metric="student_acc", mode="max", scheduler=scheduler, num_samples=s.num_samples,
                                     max_concurrent_trials=s.max_concurrent),
