@@ -17,9 +17,13 @@ def run_cli(prog: str, description: str, argv: list[str], work: Callable[[Config
     if add_flags:
         add_flags(parser)
     args = parser.parse_args(argv)
+    one_line_errors(lambda: work(load_config(args.config, args.overrides), args))
+
+
+def one_line_errors(work: Callable[[], object]):
+    """Run `work`; a ConfigError exits 2 with its one-line message instead of a traceback."""
     try:
-        cfg = load_config(args.config, args.overrides)
-        work(cfg, args)
+        work()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 
+from lgd_ray.cli import one_line_errors
 from lgd_ray.config import (Config, ConfigError, TrainConfig, apply_overrides, build_config, config_hash, from_dict,
                             load_config, run_identity, to_dict)
 from lgd_ray.data import load_split, num_classes
@@ -220,14 +221,8 @@ def main(argv: list[str]):
                         help="evaluate keys (repeats=5, model=resnetap10, ipc=10, labels=soft) or dotted config keys")
     parser.add_argument("--full", action="store_true", help="train on the whole real train split (the upper bar)")
     args = parser.parse_args(argv)
-    try:
-        if args.full:
-            evaluate_full(load_config(args.target, args.overrides, "evaluate"))
-        else:
-            evaluate_run(Path(args.target), args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    one_line_errors(lambda: evaluate_full(load_config(args.target, args.overrides, "evaluate")) if args.full
+                    else evaluate_run(Path(args.target), args.overrides))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from lgd_ray.cli import one_line_errors
 from lgd_ray.config import ConfigError
 from lgd_ray.data import num_classes
 from lgd_ray.evaluate import eval_jobs, increments, load_run, run_eval_job
@@ -95,11 +96,7 @@ def main(argv: list[str]):
     parser.add_argument("run_dir")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="evaluate keys (model=..., eval_every=...)")
     args = parser.parse_args(argv)
-    try:
-        redundancy(Path(args.run_dir), args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    one_line_errors(lambda: redundancy(Path(args.run_dir), args.overrides))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ weak trials early. Writes the results table (CSV) and the best setting as a comp
 """
 from __future__ import annotations
 
+import copy
 import csv
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from lgd_ray.reference import ensure_reference
 
 def trial_config(base: dict, omega: float, lambda_: float, out: str) -> Config:
     """The base config with this trial's omega and lambda, its stage count and run folder, without Ray."""
-    tree = apply_overrides(yaml.safe_load(yaml.safe_dump(base)), [
+    tree = apply_overrides(copy.deepcopy(base), [
         f"guidance.omega={omega}", f"guidance.lambda={lambda_}", f"distill.stages={base['sweep']['stages']}",
         "ray.enabled=false", f"out={out}"])
     return build_config(tree)

@@ -90,7 +90,7 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
         total, correct, loss_sum = 0, 0, 0.0
         for x, y in _batches(data, cfg.batch_size, gen, device, shuffle=True):
             x = augment(x, gen, cfg.crop_scale, cfg.flip)
-            y_b, share = y, 1.0
+            y_b = None
             if cfg.cutmix > 0 and torch.rand(1, generator=gen).item() < cfg.cutmix_prob:
                 x, y, y_b, share = cutmix(x, y, gen, cfg.cutmix)
             logits = model(x)
@@ -98,8 +98,10 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
                 with torch.no_grad():
                     target = F.softmax(teacher(x) / temperature, dim=1)
                 loss = F.kl_div(F.log_softmax(logits / temperature, 1), target, reduction="batchmean") * temperature ** 2
-            else:
+            elif y_b is not None:
                 loss = share * F.cross_entropy(logits, y) + (1 - share) * F.cross_entropy(logits, y_b)
+            else:
+                loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
