@@ -1,11 +1,13 @@
-# `make demo` distils scikit-learn's digits on the CPU; `make test` runs the test suite.
-# Both create or update the virtual environment .venv in the repository first.
+# `make demo` distils scikit-learn's digits on the CPU; `make test` runs the test suite; `make bench` runs the
+# six benchmarks of BENCHMARKS.md one after the other and writes their output to bench/results.txt.
+# Each creates or updates the virtual environment .venv in the repository first.
+SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # pip on this platform takes these torch/torchvision builds from the local disk (see README).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test venv
+.PHONY: demo test bench venv
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -19,3 +21,8 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+BENCHES := sampler_vs_pipeline batched_guidance guided_cost actors train_loader cost_model
+bench: venv
+	rm -f bench/results.txt
+	set -o pipefail; for b in $(BENCHES); do $(PY) bench/$$b.py 2>&1 | tee -a bench/results.txt || exit 1; done

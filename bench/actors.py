@@ -1,14 +1,12 @@
-"""Images per second of one guided stage with 1 and with 2 sampler actors on local Ray, measured side by side.
+"""Measure 4: images per second of one guided stage with 1 and with 2 sampler actors on local Ray, side by side.
 
     python bench/actors.py [CONFIG] [key=value ...]      (default: digits; the prior/reference come from the cache)
 
 Actors are started and warmed (one chunk each) before timing; the runs alternate 1, 2, 1, 2 ... and the median
-of each is reported with the ratio.
+of each is reported with the ratio (goal >= 1.7x).
 """
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import ray
@@ -19,6 +17,7 @@ from lgd_ray.data import num_classes
 from lgd_ray.prior import ensure_prior
 from lgd_ray.reference import ensure_reference, new_classifier
 from lgd_ray.stages import ChunkTask, class_chunks
+from parts import interleaved, machine, verdict
 
 REPEATS = 3
 
@@ -33,23 +32,23 @@ def main(argv):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tasks = [ChunkTask(1, i, c) for i, c in enumerate(class_chunks(n, 1))]
     images = len(tasks) * cfg.distill.ipc_per_stage
-    pools, times = {}, {1: [], 2: []}
+    pools = {}
+
+    def run(k):
+        rows = list(pools[k](tasks, student, lambda t: []))
+        assert sum(r["count"] for r in rows) == images
+
     with tempfile.TemporaryDirectory() as tmp:
         for k in (1, 2):
             pools[k] = ActorPool(load_config(name, overrides + [f"ray.actors={k}", "distill.classes_per_chunk=1"]),
                                  Path(tmp) / f"pool{k}")
             list(pools[k](tasks[:k], student, lambda t: []))  # start and warm every actor
-        for _ in range(REPEATS):
-            for k in (1, 2):
-                start = time.perf_counter()
-                rows = list(pools[k](tasks, student, lambda t: []))
-                times[k].append(time.perf_counter() - start)
-                assert sum(r["count"] for r in rows) == images
-    med = {k: statistics.median(v) for k, v in times.items()}
+        med = interleaved({1: lambda: run(1), 2: lambda: run(2)}, repeats=REPEATS, warmup=0)
+    print(f"# measure 4: 1 vs 2 sampler actors on local Ray, 1 CPU each ({machine()})")
     for k in (1, 2):
         print(f"{k} actor(s): {images / med[k]:.1f} images/s (median of {REPEATS}: {med[k]:.2f} s for {images} images, "
               f"kappa {cfg.guidance.kappa}, {cfg.prior.num_steps} steps, through {cfg.guidance.through})")
-    print(f"speed-up 2 vs 1 actors: {med[1] / med[2]:.2f}x")
+    print(f"speed-up 2 vs 1 actors: {verdict(med[1] / med[2], 1.7)}")
     ray.shutdown()
 
 

@@ -4,7 +4,8 @@ Per-step FLOPs are counted by torch's FlopCounterMode on the models built on the
 they follow the configured architectures: the DiT (DiT-XL/2-256's known shape, or the config.json of a local folder or
 another hub id), the VAE decoder, the student and reference classifiers.
 FLOPs here are 2 x multiply-adds (DiT-XL/2's "118.6 Gflops" in the DiT paper are multiply-adds: 237 GFLOPs here).
-Backward passes are counted as 2 x the forward.
+Backward passes are counted too, not assumed: through a frozen model to its input (guidance) a backward costs about
+one forward (attention score matmuls twice), a training step about three.
 """
 from __future__ import annotations
 
@@ -61,17 +62,30 @@ def _pipeline_configs(cfg: Config) -> tuple[dict, dict | None, str]:
 
 @dataclass
 class StepCosts:
-    """GFLOPs of the pieces of sampling and training, per image."""
+    """GFLOPs of the pieces of sampling and training, per image; `*_grad`: forward + backward to the input."""
 
     dit_forward: float  # one DiT forward (one of the CFG pair)
+    dit_grad: float
     decoder: float  # VAE decoder forward (0 for a pixel DiT)
+    decoder_grad: float
     student: float  # classifier forward at the classifiers' input size
+    student_grad: float
     reference: float
+    reference_grad: float
+    student_train: float  # forward + backward of a training step (weight gradients)
     source: str
 
 
+def forward_backward_flops(model: torch.nn.Module, call, x: torch.Tensor) -> tuple[float, float]:
+    """(forward, forward + backward to x with the weights frozen) GFLOPs of call(model, x)."""
+    model.requires_grad_(False)
+    fwd = _flops(lambda: call(model, x))
+    x = x.detach().requires_grad_(True)
+    return fwd / 1e9, _flops(lambda: call(model, x).sum().backward()) / 1e9
+
+
 def step_costs(cfg: Config) -> StepCosts:
-    """Per-image forward GFLOPs of every model the run uses, counted on the meta device."""
+    """Per-image GFLOPs of every model the run uses, counted on the meta device."""
     from diffusers import AutoencoderKL, DiTTransformer2DModel
 
     t_cfg, v_cfg, source = _pipeline_configs(cfg)
@@ -80,17 +94,20 @@ def step_costs(cfg: Config) -> StepCosts:
     with torch.device("meta"):
         dit = DiTTransformer2DModel(**keep(t_cfg, DiTTransformer2DModel))
         s, c = dit.config.sample_size, dit.config.in_channels
-        x, t, y = torch.randn(1, c, s, s), torch.tensor([500]), torch.tensor([0])
-        dit_f = _flops(lambda: dit(x, timestep=t, class_labels=y))
-        dec_f = 0.0
+        t, y = torch.tensor([500]), torch.tensor([0])
+        dit_f = forward_backward_flops(dit, lambda m, x: m(x, timestep=t, class_labels=y).sample, torch.randn(1, c, s, s))
+        dec_f = (0.0, 0.0)
         if v_cfg is not None:
             vae = AutoencoderKL(**keep(v_cfg, AutoencoderKL))
-            dec_f = _flops(lambda: vae.decode(torch.randn(1, vae.config.latent_channels, s, s)))
+            dec_f = forward_backward_flops(vae, lambda m, z: m.decode(z).sample, torch.randn(1, vae.config.latent_channels, s, s))
         img = torch.randn(1, ch, size, size)
         stu = build_classifier(cfg.student.model, ch, size, n)
         ref = build_classifier(cfg.reference.model, ch, size, n)
-        stu_f, ref_f = _flops(lambda: stu(img)), _flops(lambda: ref(img))
-    return StepCosts(dit_f / 1e9, dec_f / 1e9, stu_f / 1e9, ref_f / 1e9, source)
+        run = lambda m, x: m(x)
+        stu_f, ref_f = forward_backward_flops(stu, run, img), forward_backward_flops(ref, run, img)
+        stu.requires_grad_(True)
+        train_f = _flops(lambda: stu(img).sum().backward()) / 1e9
+    return StepCosts(*dit_f, *dec_f, *stu_f, *ref_f, train_f, source)
 
 
 def make_plan(cfg: Config) -> dict:
@@ -105,10 +122,10 @@ def make_plan(cfg: Config) -> dict:
     cfg_mult = 2 if cfg.prior.cfg_scale > 1 else 1
     plain = cfg_mult * costs.dit_forward
     score = costs.decoder + costs.student + costs.reference  # final decode + S of every candidate
-    # a guided step: the CFG pair forward with its graph (denoiser path) + backward, decoder and both classifiers
-    # forward and backward on x0^
-    head = 3 * (costs.decoder + costs.student + costs.reference)
-    guided = (3 * plain if g.through == "denoiser" else plain) + head
+    # a guided step: decoder and both classifiers forward and backward on x0^, and the CFG pair forward, with its
+    # backward too on the denoiser path
+    head = costs.decoder_grad + costs.student_grad + costs.reference_grad
+    guided = (cfg_mult * costs.dit_grad if g.through == "denoiser" else plain) + head
     stages, total_images = [], 0
     for st in stage_plan(cfg):
         images = n * st.ipc
@@ -120,7 +137,7 @@ def make_plan(cfg: Config) -> dict:
         g_steps = trajectories * window if lgd else 0
         u_steps = trajectories * steps - g_steps
         sample_f = (u_steps * plain + g_steps * guided + trajectories * score) * 1e9
-        train_f = 3 * costs.student * 1e9 * total_images * cfg.student.train.epochs
+        train_f = costs.student_train * 1e9 * total_images * cfg.student.train.epochs
         stages.append({"stage": st.index, "ipc": st.ipc, "images": images, "trajectories": trajectories,
                        "guided_steps": g_steps, "unguided_steps": u_steps, "sample_flops": sample_f,
                        "train_images": total_images, "train_flops": train_f})
@@ -137,8 +154,10 @@ def format_plan(cfg: Config, plan: dict, tflops: float, utilisation: float) -> s
              f"of <= {cfg.distill.classes_per_chunk}; {r.actors} sampler actors x ({r.num_cpus_per_actor} CPU, "
              f"{r.num_gpus_per_actor} GPU); student fits on {r.train_workers} Ray Train worker(s) "
              f"({'GPU ' + str(r.train_gpus_per_worker) if r.train_use_gpu else 'CPU'})",
-             f"per image GFLOPs ({c['source']}): DiT forward {c['dit_forward']:.1f}, VAE decoder {c['decoder']:.1f}, "
-             f"student {c['student']:.2f}, reference {c['reference']:.2f}",
+             f"per image GFLOPs ({c['source']}), forward / with backward to the input: DiT {c['dit_forward']:.1f} / "
+             f"{c['dit_grad']:.1f}, VAE decoder {c['decoder']:.1f} / {c['decoder_grad']:.1f}, student {c['student']:.2f} / "
+             f"{c['student_grad']:.2f}, reference {c['reference']:.2f} / {c['reference_grad']:.2f}; "
+             f"a student training step {c['student_train']:.2f}",
              f"per trajectory step: unguided {plan['unguided_step_gflops']:.1f} GFLOPs (CFG x{2 if cfg.prior.cfg_scale > 1 else 1}), "
              f"guided ({cfg.guidance.through}) {plan['guided_step_gflops']:.1f} GFLOPs; window {plan['window_steps']} of "
              f"{cfg.prior.num_steps} steps", "",

@@ -121,6 +121,16 @@ def load_prior(model_id: str, scheduler: str = "ddim", device="cpu", dtype=torch
     return Prior(transformer, sched, vae).to(device)
 
 
+def random_pipeline(transformer: dict, vae: dict | None = None, seed: int = 0) -> DiTPipeline:
+    """A DiTPipeline with random weights of the given shapes (kwargs of DiTTransformer2DModel and AutoencoderKL) and a
+    DDIM scheduler with linear betas: a stand-in of a real checkpoint's shapes for tests and benchmarks."""
+    torch.manual_seed(seed)
+    dit = DiTTransformer2DModel(**transformer).eval()
+    vae_model = AutoencoderKL(**vae).eval() if vae else None
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    return DiTPipeline(transformer=dit, vae=vae_model, scheduler=scheduler)
+
+
 PRIOR_TRAIN_KEYS = ("patch_size", "num_heads", "head_dim", "depth", "train_timesteps", "train_steps", "batch_size",
                     "lr", "label_dropout", "ema_decay")
 

@@ -60,10 +60,11 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, beta: float):
 def _batches(data, batch_size: int, gen: torch.Generator, device, shuffle: bool):
     """(float images in [-1, 1], labels) on `device`; TensorSets are sliced directly, other sets go through a DataLoader."""
     if isinstance(data, TensorSet):
+        images, labels = data.images.to(device), data.labels.to(device)  # no copy when already there
         order = torch.randperm(len(data), generator=gen) if shuffle else torch.arange(len(data))
         for i in range(0, len(data), batch_size):
-            idx = order[i:i + batch_size]
-            yield to_float(data.images[idx].to(device)), data.labels[idx].to(device)
+            idx = order[i:i + batch_size].to(device)
+            yield to_float(images[idx]), labels[idx]
         return
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen,
                                          num_workers=min(8, torch.get_num_threads()), persistent_workers=False)
@@ -82,12 +83,14 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
     model.to(device).train()
     if teacher is not None:
         teacher = teacher.to(device).eval().requires_grad_(False)
+    if isinstance(data, TensorSet):  # the whole set moves to the device once, not batch by batch
+        data = TensorSet(data.images.to(device), data.labels.to(device), data.num_classes)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     milestones = sorted({max(1, int(round(m * cfg.epochs))) for m in cfg.milestones})
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.lr_decay)
     for epoch in tqdm(range(cfg.epochs), desc=desc, leave=False, disable=None):
-        total, correct, loss_sum = 0, 0, 0.0
+        total, correct, loss_sum = 0, torch.zeros((), device=device), torch.zeros((), device=device)
         for x, y in _batches(data, cfg.batch_size, gen, device, shuffle=True):
             x = augment(x, gen, cfg.crop_scale, cfg.flip)
             y_b = None
@@ -105,12 +108,12 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            loss_sum += loss.item() * len(y)
+            total += len(y)  # the sums stay on the device: no synchronisation per batch
+            correct += (logits.argmax(1) == y).sum()
+            loss_sum += loss.detach() * len(y)
         sched.step()
         if on_epoch:
-            on_epoch(epoch, {"train_loss": loss_sum / total, "train_acc": correct / total})
+            on_epoch(epoch, {"train_loss": loss_sum.item() / total, "train_acc": correct.item() / total})
             model.train()  # the callback may have tested the model
     return model.eval()
 

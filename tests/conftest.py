@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+from diffusers import DiTPipeline
 
 from lgd_ray.config import load_config
+from lgd_ray.prior import random_pipeline
 
 torch.set_num_threads(2)
 
@@ -48,15 +49,12 @@ def trained(tiny_cfg):
 
 def tiny_latent_pipeline(num_classes: int = 1000, learned_sigma: bool = True) -> DiTPipeline:
     """A DiT-XL/2-shaped pipeline at toy size: 1000-class latent DiT (learned sigma), tiny AutoencoderKL, DDIM."""
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8 if learned_sigma else 4,
-        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes, norm_num_groups=1)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4,
-                        norm_num_groups=4, sample_size=16)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
-    return DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+    return random_pipeline(
+        dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8 if learned_sigma else 4,
+             num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes, norm_num_groups=1),
+        dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+             up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4,
+             norm_num_groups=4, sample_size=16))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """`distill --dry-run`: the plan and its FLOP count, with no model loaded (works for imagenet1k on a CPU machine)."""
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,9 @@ def test_imagenet1k_plan_counts():
     assert plan["classes"] == 1000 and plan["chunks"] == 100 and plan["window_steps"] == 36
     # DiT-XL/2 at 256 px: 118.6 G multiply-adds per forward (the DiT paper's "Gflops") = 237 GFLOPs
     assert plan["costs"]["dit_forward"] == pytest.approx(2 * 118.6, rel=0.01)
+    # backward to the input through frozen weights: about one more forward; a training step about three forwards
+    assert plan["costs"]["decoder_grad"] == pytest.approx(2 * plan["costs"]["decoder"], rel=0.01)
+    assert 2.8 < plan["costs"]["student_train"] / plan["costs"]["student"] < 3.0
     seed, guided = plan["stages"][0], plan["stages"][1]
     assert seed["trajectories"] == 10_000 and seed["guided_steps"] == 0 and seed["unguided_steps"] == 10_000 * 50
     assert guided["trajectories"] == 30_000 and guided["guided_steps"] == 30_000 * 36
@@ -21,6 +26,21 @@ def test_imagenet1k_plan_counts():
     assert [s["train_images"] for s in plan["stages"]] == [10_000, 20_000, 30_000, 40_000, 50_000]
     dit = make_plan(load_config("imagenet1k", ["distill.method=dit"]))
     assert all(s["guided_steps"] == 0 and s["trajectories"] == 10_000 for s in dit["stages"])
+
+
+def test_plan_agrees_with_the_cost_model_on_paper():
+    """bench/cost_model.py counts the same run by hand from published numbers; the dry-run must agree."""
+    spec = importlib.util.spec_from_file_location("cost_model", Path(__file__).parents[1] / "bench" / "cost_model.py")
+    paper_plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper_plan)
+    paper, dry = paper_plan.paper_plan(), make_plan(load_config("imagenet1k"))
+    assert paper["decoder"] == pytest.approx(dry["costs"]["decoder"] * 1e9, rel=1e-3)
+    assert paper["dit_grad"] == pytest.approx(dry["costs"]["dit_grad"] * 1e9, rel=1e-3)
+    assert paper["guided"] == pytest.approx(dry["guided_step_gflops"] * 1e9, rel=1e-3)
+    for p, d in zip(paper["stages"], dry["stages"], strict=True):
+        assert p["sample"] == pytest.approx(d["sample_flops"], rel=1e-3)
+        assert p["train"] == pytest.approx(d["train_flops"], rel=1e-3)
+    assert paper["total"] == pytest.approx(dry["total_flops"], rel=1e-3)
 
 
 def test_plan_reads_a_local_pipeline_folder(latent_pipeline_dir):
