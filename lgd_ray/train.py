@@ -20,9 +20,12 @@ from lgd_ray.seeding import derive_seed
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The configured device ("auto": CUDA when there is one); on CUDA, float32 matmuls may use TF32 tensor cores
+    (as cuDNN's convolutions already do), the rate `distill --dry-run` assumes."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return device
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, crop_scale: float, flip: bool) -> torch.Tensor:
