@@ -24,7 +24,7 @@ def main(argv):
     print(f"{cfg.name}: reference test accuracy {100 * info['test_acc']:.1f}%; real mean pixel "
           f"{to_float(load_split(cfg.data, 'train').images[:2000]).mean():.2f}")
     for scheduler in ("ddim", "ddpm"):
-        prior = load_prior(ensure_prior(cfg), scheduler)
+        prior = load_prior(ensure_prior(cfg), scheduler, dtype=cfg.prior.dtype)
         for cfg_scale in (1.0, 2.0, 4.0):
             start = time.time()
             out = generate(prior, items, run_seed=123, stage=0, num_steps=cfg.prior.num_steps, cfg_scale=cfg_scale,

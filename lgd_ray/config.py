@@ -50,6 +50,7 @@ class PriorConfig:
     scheduler: str = _f("ddim", choices=["ddim", "ddpm"])
     num_steps: int = _f(50, min=1)
     cfg_scale: float = _f(4.0, min=1.0)  # classifier-free guidance; 1 = off
+    dtype: str = _f("float32", choices=["float32", "bfloat16", "float16"])  # DiT and VAE weights; sampler state is fp32
     # The project's pixel DiT (used when model_id is ""), trained by `python -m lgd_ray.prior`:
     patch_size: int = _f(2, min=1)
     num_heads: int = _f(4, min=1)

@@ -25,7 +25,7 @@ from lgd_ray.seeding import generator
 def relevance_maps(prior: Prior, images: torch.Tensor, labels: torch.Tensor, timesteps: list[int],
                    gens: list[torch.Generator]) -> torch.Tensor:
     """(N, H, W) relevance at the images' resolution; images in [-1, 1] at the prior's resolution."""
-    z = prior.encode(images.to(prior.device, prior.transformer.dtype))
+    z = prior.encode(images.to(prior.device))
     maps = torch.zeros(len(z), *z.shape[-2:], device=z.device)
     for t in timesteps:
         noise = torch.cat([torch.randn((1, *z.shape[1:]), generator=g) for g in gens]).to(z)

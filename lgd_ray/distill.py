@@ -42,8 +42,15 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     return manifest
 
 
-def dry_run(cfg: Config, tflops: float, utilisation: float) -> dict:
-    """Print the run's plan and cost (lgd_ray.plan) without loading any model; returns the plan."""
+PEAK_TFLOPS = {"float32": 495.0, "bfloat16": 989.0, "float16": 989.0}  # H100 SXM dense: TF32, BF16, FP16
+
+
+def dry_run(cfg: Config, tflops: float | None, utilisation: float) -> dict:
+    """Print the run's plan and cost (lgd_ray.plan) without loading any model; returns the plan.
+
+    tflops: peak per GPU; None = an H100 SXM's dense peak for the prior's dtype (TF32 for float32).
+    """
+    tflops = tflops or PEAK_TFLOPS[cfg.prior.dtype]
     from lgd_ray.config import ConfigError
     from lgd_ray.plan import format_plan, make_plan
 
@@ -60,8 +67,9 @@ def dry_run(cfg: Config, tflops: float, utilisation: float) -> dict:
 def _flags(parser: argparse.ArgumentParser):
     parser.add_argument("--resume", action="store_true", help="continue the run in the config's run folder")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its cost; load no model")
-    parser.add_argument("--gpu-tflops", type=float, default=495.0,
-                        help="dry-run: peak TFLOPS per GPU (default: H100 SXM dense TF32; the prior runs in float32)")
+    parser.add_argument("--gpu-tflops", type=float, default=None,
+                        help="dry-run: peak TFLOPS per GPU (default: H100 SXM dense, 495 TF32 for a float32 prior, "
+                             "989 for bfloat16 / float16)")
     parser.add_argument("--utilisation", type=float, default=0.3, help="dry-run: share of the peak reached")
 
 

@@ -26,11 +26,16 @@ from lgd_ray.seeding import derive_seed
 from lgd_ray.train import pick_device
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class Prior:
-    """A class-conditional DiT with its scheduler and (for latent DiTs) its VAE."""
+    """A class-conditional DiT with its scheduler and (for latent DiTs) its VAE.
+
+    The models may hold bfloat16 or float16 weights: their inputs are cast to that dtype and their outputs back to the
+    caller's (float32), so the sampler's state and the guidance arithmetic stay in float32.
+    """
 
     transformer: DiTTransformer2DModel
     scheduler: DDIMScheduler | DDPMScheduler
@@ -76,21 +81,21 @@ class Prior:
         return self._predict(x_t, t, torch.full((len(x_t),), self.null_class, device=x_t.device))
 
     def _predict(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x_in = self.scheduler.scale_model_input(x_t, t)
+        x_in = self.scheduler.scale_model_input(x_t, t).to(self.transformer.dtype)
         timesteps = t.reshape(1).to(x_in.device).expand(x_in.shape[0])
-        return self.transformer(x_in, timestep=timesteps, class_labels=labels).sample[:, :x_t.shape[1]]
+        return self.transformer(x_in, timestep=timesteps, class_labels=labels).sample[:, :x_t.shape[1]].to(x_t.dtype)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (or pixels) -> images in [-1, 1] (not clamped)."""
         if self.vae is None:
             return z
-        return self.vae.decode(z / self.vae.config.scaling_factor).sample
+        return self.vae.decode((z / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.to(z.dtype)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] at the prior's resolution -> latents (the VAE posterior mean), or the images."""
         if self.vae is None:
             return images
-        return self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
+        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean.to(images.dtype) * self.vae.config.scaling_factor
 
     @property
     def image_size(self) -> int:
@@ -98,12 +103,13 @@ class Prior:
         return s if self.vae is None else s * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def load_prior(model_id: str, scheduler: str = "ddim", device="cpu", dtype=torch.float32) -> Prior:
+def load_prior(model_id: str, scheduler: str = "ddim", device="cpu", dtype: str = "float32") -> Prior:
     """Load a DiT pipeline's parts from a hub id (`facebook/DiT-XL-2-256`) or a local folder saved by save_pretrained.
 
     The VAE is loaded when model_index.json lists one; the scheduler's config is reused with the class named by
-    `scheduler` (ddim | ddpm).
+    `scheduler` (ddim | ddpm); the weights are cast to `dtype` (float32 | bfloat16 | float16).
     """
+    dtype = DTYPES[dtype]
     try:
         index = DiffusionPipeline.load_config(model_id)
     except (OSError, EnvironmentError) as e:

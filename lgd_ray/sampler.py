@@ -22,9 +22,8 @@ def sample(prior: Prior, labels: torch.Tensor, gens: list[torch.Generator], num_
 
     slots: each trajectory's slot (what a ModeGuide needs to pick its mode).
     """
-    device, dtype = prior.device, prior.transformer.dtype
-    x = torch.cat([torch.randn((1, *prior.latent_shape), generator=g) for g in gens]).to(device, dtype)
-    labels = labels.to(device)
+    x = torch.cat([torch.randn((1, *prior.latent_shape), generator=g) for g in gens]).to(prior.device)
+    labels = labels.to(prior.device)
     sched = prior.scheduler
     sched.set_timesteps(num_steps)
     for i, t in enumerate(sched.timesteps):

@@ -104,7 +104,7 @@ class ChunkMaker:
         self.method = cfg.distill.method
         self.prior = None
         if self.method != "random":
-            self.prior = load_prior(ensure_prior(cfg, self.device), cfg.prior.scheduler, self.device)
+            self.prior = load_prior(ensure_prior(cfg, self.device), cfg.prior.scheduler, self.device, cfg.prior.dtype)
             self.prior.class_map = prior_class_map(cfg, self.prior)
         reference, _ = ensure_reference(cfg, self.num_classes, self.device)
         self.reference = reference.to(self.device).requires_grad_(False)
