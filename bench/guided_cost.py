@@ -26,7 +26,7 @@ def step_flops(prior, scorer) -> dict[str, float]:
     """FLOPs of a guided step over an unguided one (CFG pair), per path, from the models' counted FLOPs."""
     x = torch.randn(1, *prior.latent_shape)
     t, y = torch.tensor(500), torch.tensor([0])
-    dit, dit_grad = forward_backward_flops(prior.transformer, lambda m, z: prior._predict(z, t, y), x)
+    dit, dit_grad = forward_backward_flops(prior.transformer, lambda m, z: prior.eps(z, t, y, 1.0), x)
     head = 0.0
     img = torch.randn(1, 3 if prior.vae is not None else prior.latent_shape[0], prior.image_size, prior.image_size)
     if prior.vae is not None:

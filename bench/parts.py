@@ -5,16 +5,20 @@ training or download.
 """
 from __future__ import annotations
 
+import atexit
 import platform
+import shutil
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from lgd_ray.guidance import Scorer
 from lgd_ray.models import build_classifier
-from lgd_ray.prior import Prior, random_pipeline
+from lgd_ray.prior import Prior, load_prior, random_pipeline
 
 # A small 1000-class latent DiT (learned sigma, like DiT-XL/2) with a small VAE: 4x16x16 latents -> 64 px images.
 LATENT_DIT = dict(num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=4,
@@ -32,19 +36,20 @@ def machine() -> str:
     return f"{platform.node()}: {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
 
 
-def as_prior(pipe) -> Prior:
-    """The sampler's view of a pipeline, frozen as `load_prior` leaves it (its own scheduler instance)."""
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    vae = pipe.vae.requires_grad_(False) if pipe.vae is not None else None
-    return Prior(pipe.transformer.requires_grad_(False), scheduler, vae)
+def saved_prior(transformer: dict, vae: dict | None = None) -> tuple[Path, Prior]:
+    """A random-weight pipeline saved to a temporary folder and loaded back through `load_prior`, as a real one is."""
+    folder = Path(tempfile.mkdtemp(prefix="lgd-bench-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    random_pipeline(transformer, vae).save_pretrained(folder)
+    return folder, load_prior(str(folder))
 
 
 def latent_prior() -> Prior:
-    return as_prior(random_pipeline(LATENT_DIT, LATENT_VAE))
+    return saved_prior(LATENT_DIT, LATENT_VAE)[1]
 
 
 def pixel_prior() -> Prior:
-    return as_prior(random_pipeline(PIXEL_DIT))
+    return saved_prior(PIXEL_DIT)[1]
 
 
 def scorer_for(prior: Prior, model: str = "convnet3", size: int | None = None, omega: float = 1.0) -> Scorer:

@@ -9,9 +9,10 @@ import sys
 
 import torch
 
+from diffusers import DiTPipeline
+
 from lgd_ray.sampler import sample
-from lgd_ray.prior import random_pipeline
-from parts import LATENT_DIT, LATENT_VAE, as_prior, interleaved, machine, verdict
+from parts import LATENT_DIT, LATENT_VAE, interleaved, machine, saved_prior, verdict
 
 CFG = 4.0
 
@@ -19,9 +20,9 @@ CFG = 4.0
 def main(argv):
     batch = int(argv[0]) if argv else 16
     steps = int(argv[1]) if len(argv) > 1 else 25
-    pipe = random_pipeline(LATENT_DIT, LATENT_VAE)
+    folder, prior = saved_prior(LATENT_DIT, LATENT_VAE)
+    pipe = DiTPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    prior = as_prior(pipe)
     labels = [(97 * i) % 1000 for i in range(batch)]
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]
 

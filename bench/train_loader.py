@@ -20,7 +20,7 @@ from torchvision import datasets, transforms
 from lgd_ray.config import load_config
 from lgd_ray.data import TensorSet, load_split
 from lgd_ray.models import build_classifier
-from lgd_ray.train import _batches, augment, train_classifier
+from lgd_ray.train import augment, batches, train_classifier
 from parts import interleaved, machine, verdict
 
 WORKERS = 2
@@ -74,7 +74,7 @@ def main(argv):
         loader = peer_loader(Path(tmp), d.image_size, d.channels, t)
         gen = torch.Generator().manual_seed(0)
         data_only = interleaved({
-            "in-memory": lambda: [augment(x, gen, t.crop_scale, t.flip) for x, _ in _batches(data, t.batch_size, gen, "cpu", True)],
+            "in-memory": lambda: [augment(x, gen, t.crop_scale, t.flip) for x, _ in batches(data, t.batch_size, gen, "cpu", True)],
             "PNG files": lambda: list(loader)}, repeats=3)
         train = interleaved({
             "in-memory": lambda: train_classifier(model(), data, t, seed=0),

@@ -60,7 +60,7 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, beta: float):
     return x, y, y[perm], 1 - (y1 - y0) * (x1 - x0) / (h * w)
 
 
-def _batches(data, batch_size: int, gen: torch.Generator, device, shuffle: bool):
+def batches(data, batch_size: int, gen: torch.Generator, device, shuffle: bool):
     """(float images in [-1, 1], labels) on `device`; TensorSets are sliced directly, other sets go through a DataLoader."""
     if isinstance(data, TensorSet):
         images, labels = data.images.to(device), data.labels.to(device)  # no copy when already there
@@ -94,7 +94,7 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.lr_decay)
     for epoch in tqdm(range(cfg.epochs), desc=desc, leave=False, disable=None):
         total, correct, loss_sum = 0, torch.zeros((), device=device), torch.zeros((), device=device)
-        for x, y in _batches(data, cfg.batch_size, gen, device, shuffle=True):
+        for x, y in batches(data, cfg.batch_size, gen, device, shuffle=True):
             x = augment(x, gen, cfg.crop_scale, cfg.flip)
             y_b = None
             if cfg.cutmix > 0 and torch.rand(1, generator=gen).item() < cfg.cutmix_prob:
@@ -126,7 +126,7 @@ def predict(model: torch.nn.Module, data, batch_size: int = 512, device="cpu") -
     """(logits, labels) of the whole set."""
     model.to(device).eval()
     outs, ys = [], []
-    for x, y in _batches(data, batch_size, torch.Generator(), torch.device(device), shuffle=False):
+    for x, y in batches(data, batch_size, torch.Generator(), torch.device(device), shuffle=False):
         outs.append(model(x).float().cpu())
         ys.append(y.cpu())
     return torch.cat(outs), torch.cat(ys)
