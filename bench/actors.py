@@ -16,7 +16,7 @@ from lgd_ray.config import load_config
 from lgd_ray.data import num_classes
 from lgd_ray.prior import ensure_prior
 from lgd_ray.reference import ensure_reference, new_classifier
-from lgd_ray.stages import ChunkTask, class_chunks
+from lgd_ray.methods import ChunkTask, class_chunks
 from parts import interleaved, machine, verdict
 
 REPEATS = 3

@@ -17,7 +17,7 @@ from lgd_ray.prior import load_prior, prior_id
 from lgd_ray.reference import ensure_reference, new_classifier
 from lgd_ray.sampler import generate
 from lgd_ray.shards import read_manifest, stage_dir
-from lgd_ray.stages import stage_plan
+from lgd_ray.methods import stage_plan
 from lgd_ray.train import load_classifier
 
 LAMBDAS = (0.02, 0.05, 0.1, 0.2)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from collections import deque
 from typing import Iterator
-from pathlib import Path
 
 import ray
 import torch
 
-from lgd_ray.config import Config, from_dict, to_dict
-from lgd_ray.stages import ChunkMaker, ChunkTask
+from lgd_ray.config import Config, ConfigError, from_dict, to_dict
+from lgd_ray.methods import ChunkMaker, ChunkTask
+from lgd_ray.storage import Location, as_location
 
 MAX_ATTEMPTS = 4  # per chunk, across actor deaths
 
@@ -22,14 +22,22 @@ MAX_ATTEMPTS = 4  # per chunk, across actor deaths
 class SamplerActor:
     """Holds the DiT prior (+ VAE) and the reference model; makes chunks with the stage's student weights."""
 
-    def __init__(self, cfg_tree: dict, run_dir: str, num_threads: int):
+    def __init__(self, cfg_tree: dict, run_dir: Location, num_threads: int):
         torch.set_num_threads(num_threads)
-        self.maker = ChunkMaker(from_dict(cfg_tree), Path(run_dir))
+        self.maker, self.error = None, None
+        try:
+            self.maker = ChunkMaker(from_dict(cfg_tree), run_dir)
+        except ConfigError as e:  # a missing prior or reference: said by the first call, in one line, not retried
+            self.error = e
 
     def make(self, task: ChunkTask, weights: dict | None, previous_shards: list[str]) -> dict:
+        if self.error is not None:
+            raise self.error
         # weights: {name: numpy array} from the object store (read-only, zero-copy); torch needs writable memory
         state = None if weights is None else {k: torch.from_numpy(v.copy()) for k, v in weights.items()}
-        return self.maker.make(task, state, previous_shards)
+        row = self.maker.make(task, state, previous_shards)
+        row["node"] = ray.get_runtime_context().get_node_id()
+        return row
 
     def ping(self) -> bool:
         return True
@@ -38,8 +46,8 @@ class SamplerActor:
 class ActorPool:
     """A fixed pool of SamplerActors with dynamic chunk dispatch; call it as a stage loop ChunkRunner."""
 
-    def __init__(self, cfg: Config, run_dir: Path):
-        self.cfg, self.run_dir = cfg, run_dir
+    def __init__(self, cfg: Config, run_dir: Location):
+        self.cfg, self.run_dir = cfg, as_location(run_dir)
         self.actors: list = []  # started on first use, after the driver has made sure prior and reference exist
         self.inflight: dict = {}
         self.resubmitted = 0
@@ -49,7 +57,7 @@ class ActorPool:
         options = dict(num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor, max_restarts=r.max_restarts,
                        max_task_retries=0)
         tree = to_dict(self.cfg)
-        self.actors = [SamplerActor.options(**options).remote(tree, str(self.run_dir), max(1, round(r.num_cpus_per_actor)))
+        self.actors = [SamplerActor.options(**options).remote(tree, self.run_dir, max(1, round(r.num_cpus_per_actor)))
                        for _ in range(r.actors)]
 
     def __call__(self, tasks: list[ChunkTask], student_state: dict | None, previous_shards) -> Iterator[dict]:
@@ -69,6 +77,10 @@ class ActorPool:
             actor, task = inflight.pop(ready)
             try:
                 row = ray.get(ready)
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, ConfigError):
+                    raise e.cause from None
+                raise
             except ray.exceptions.RayActorError as e:
                 if attempts[task] >= MAX_ATTEMPTS:
                     raise RuntimeError(f"chunk {task} failed {attempts[task]} times; last error: {e}") from e

@@ -33,7 +33,8 @@ def _f(default, **meta):
 @dataclass
 class DataConfig:
     name: str = _f("digits", choices=["digits", "fashion-mnist", "imagenet"])
-    root: str = ""  # fashion-mnist: folder of idx(.gz) files; imagenet: ImageFolder root with train/ and val/
+    root: str = ""  # fashion-mnist: folder of idx(.gz) files; imagenet: ImageFolder root with train/ and val/ (path or URI)
+    prepared: str = ""  # imagenet: folder (path or URI) of uint8 shards made by `python -m lgd_ray.prepare`; "" = JPEGs
     classes: str = ""  # imagenet only: imagenette | imagewoof | imagenet1k | path to a wnid list
     image_size: int = _f(8, min=4)  # the classifiers' input size; generated images are resized to it
     train_split: str = "train"  # imagenet: sub-folder of root
@@ -46,7 +47,7 @@ class DataConfig:
 
 @dataclass
 class PriorConfig:
-    model_id: str = ""  # hub id or local folder of a diffusers DiT pipeline; "" = the project's pixel DiT
+    model_id: str = ""  # hub id, local folder or store URI of a diffusers DiT pipeline; "" = the project's pixel DiT
     scheduler: str = _f("ddim", choices=["ddim", "ddpm"])
     num_steps: int = _f(50, min=1)
     cfg_scale: float = _f(4.0, min=1.0)  # classifier-free guidance; 1 = off
@@ -172,8 +173,9 @@ class RayConfig:
 @dataclass
 class Config:
     seed: int = _f(0, min=0)
-    out: str = ""  # run folder; "" = runs/<config name>-<config hash>
-    cache: str = "runs/cache"  # where trained priors and reference models are kept, keyed by their config
+    out: str = ""  # run folder, a path or a URI (s3://, gs://, ...); "" = runs/<config name>-<config hash>
+    cache: str = "runs/cache"  # trained priors and reference models, keyed by their config (a path or a URI)
+    local_cache: str = "~/.cache/lgd_ray"  # node-local folder: each node's copy of a prior that lives in a store
     device: str = _f("auto", choices=["auto", "cpu", "cuda"])
     data: DataConfig = field(default_factory=DataConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
@@ -300,8 +302,8 @@ def _check_cross(cfg: Config):
     lo, hi = cfg.guidance.window
     if not 0 <= lo <= hi:
         raise ConfigError(f"config: 'guidance.window' must be [lo, hi] with 0 <= lo <= hi, got {cfg.guidance.window}")
-    if cfg.data.name == "imagenet" and not (cfg.data.root and cfg.data.classes):
-        raise ConfigError("config: 'data.root' and 'data.classes' must be set for data.name=imagenet")
+    if cfg.data.name == "imagenet" and not ((cfg.data.root or cfg.data.prepared) and cfg.data.classes):
+        raise ConfigError("config: 'data.classes' and 'data.root' (or 'data.prepared') must be set for data.name=imagenet")
     for key, name in (("reference.model", cfg.reference.model), ("student.model", cfg.student.model),
                       ("evaluate.model", cfg.evaluate.model or cfg.student.model)):
         problem = check_model_name(name)
@@ -334,13 +336,16 @@ def config_hash(tree) -> str:
 
 
 def run_identity(cfg: Config) -> dict:
-    """What decides a run's output: the config less its resources (the `ray` keys but train_workers), evaluation
-    and sweep."""
+    """What decides a run's output: the config less its resources (the `ray` keys but train_workers, local_cache),
+    evaluation and sweep."""
     tree = to_dict(cfg)
-    del tree["evaluate"], tree["sweep"]
+    del tree["evaluate"], tree["sweep"], tree["local_cache"]
     tree["ray"] = {"train_workers": cfg.ray.train_workers}
     return tree
 
 
-def run_dir(cfg: Config) -> Path:
-    return Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.name}-{config_hash(run_identity(cfg))}"
+def run_dir(cfg: Config):
+    """The run folder as a storage Location: `out`, or runs/<config name>-<config hash> under the working folder."""
+    from lgd_ray.storage import Location
+
+    return Location(cfg.out or f"runs/{cfg.name}-{config_hash(run_identity(cfg))}").resolve()

@@ -9,6 +9,7 @@ from lgd_ray.cli import run_cli
 from lgd_ray.config import Config, run_dir
 from lgd_ray.data import check_data
 from lgd_ray.stages import run_stages
+from lgd_ray.storage import as_location, check_writable
 
 
 def distill(cfg: Config, resume: bool = False) -> dict:
@@ -18,6 +19,8 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     print(f"distill: {cfg.name} ({cfg.distill.method}), {cfg.distill.seed_ipc} + {cfg.distill.stages} x "
           f"{cfg.distill.ipc_per_stage} images per class -> {out}", flush=True)
     check_data(cfg.data)  # before Ray starts: a missing data set is one line, not a cluster start-up
+    for where in (out, as_location(cfg.cache)):
+        check_writable(where)  # an unreachable endpoint, a missing bucket, no credentials: one line, in seconds
     pool = fitter = None
     if cfg.ray.enabled:
         import ray
@@ -26,7 +29,10 @@ def distill(cfg: Config, resume: bool = False) -> dict:
 
         if not ray.is_initialized():  # joins the cluster under `ray job submit` (RAY_ADDRESS), else starts a local Ray
             ray.init(address=cfg.ray.address or None)
+        from lgd_ray.cluster import check_cluster_storage
         from lgd_ray.ray_train import ray_fitter
+
+        check_cluster_storage(cfg, out, as_location(cfg.cache))
 
         pool, fitter = ActorPool(cfg, out), ray_fitter(cfg, out)
     try:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 from typing import Callable
 
 
@@ -31,8 +31,9 @@ from lgd_ray.ray_tasks import map_jobs
 from lgd_ray.report import write_report
 from lgd_ray.reference import new_classifier, reference_path
 from lgd_ray.seeding import derive_seed
-from lgd_ray.shards import load_tensor_set, read_manifest
-from lgd_ray.stages import stage_plan
+from lgd_ray.methods import stage_plan
+from lgd_ray.shards import load_tensor_set, paths, read_manifest, stage_rows
+from lgd_ray.storage import Location, as_location
 from lgd_ray.train import accuracy, load_classifier, pick_device, train_classifier
 
 
@@ -86,7 +87,7 @@ def epochs_for(cfg: Config, ipc: int) -> int:
     return int(e.epochs_by_ipc[-1])
 
 
-def load_run(run_dir: Path, overrides: list[str] = ()) -> tuple[Config, dict]:
+def load_run(run_dir: Location, overrides: list[str] = ()) -> tuple[Config, dict]:
     """(the run's config with overrides applied, its manifest); bare keys (`repeats=5`) mean `evaluate.<key>`."""
     manifest = read_manifest(run_dir)
     if manifest is None:
@@ -102,7 +103,7 @@ def increments(manifest: dict) -> list[tuple[int, int, list[str]]]:
         info = manifest["stages"].get(str(stage.index))
         if not info or not info.get("trained"):
             break
-        out.append((stage.index, stage.ipc, sorted(r["path"] for r in manifest["shards"] if r["stage"] == stage.index)))
+        out.append((stage.index, stage.ipc, paths(stage_rows(manifest, stage.index))))
     if not out:
         raise ConfigError("evaluate: the run has no finished stage yet")
     return out
@@ -111,10 +112,10 @@ def increments(manifest: dict) -> list[tuple[int, int, list[str]]]:
 def prefix_shards(manifest: dict, ipc: int) -> tuple[int, list[str]]:
     """(IPC, shards) of the first stages holding `ipc` images per class (0: all finished stages)."""
     total, shards = 0, []
-    for _, stage_ipc, paths in increments(manifest):
+    for _, stage_ipc, stage_paths in increments(manifest):
         if ipc and total + stage_ipc > ipc:
             break
-        total, shards = total + stage_ipc, shards + paths
+        total, shards = total + stage_ipc, shards + stage_paths
     if ipc and total != ipc:
         raise ConfigError(f"evaluate: 'ipc' {ipc} is not a stage boundary of the run (finished stages reach "
                           f"{', '.join(str(t) for t in _boundaries(manifest))})")
@@ -159,18 +160,18 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def write_results(folder: Path, name: str, result: dict):
+def write_results(folder: Location, name: str, result: dict):
     """result as JSON and its repeats (+ mean and std rows) as CSV, under folder/name.{json,csv}."""
-    folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps(result, indent=1))
-    with open(folder / f"{name}.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "model", "ipc", "labels", "config_hash", "seed", "last_acc", "best_acc", "best_epoch"])
-        head = [result["method"], result["model"], result["ipc"], result["labels"], result["config_hash"]]
-        for r in result["repeats"]:
-            w.writerow(head + [r["seed"], f"{100 * r['last']:.2f}", f"{100 * r['best']:.2f}", r["best_epoch"]])
-        w.writerow(head + ["mean", f"{result['last_mean']:.2f}", f"{result['best_mean']:.2f}", ""])
-        w.writerow(head + ["std", f"{result['last_std']:.2f}", f"{result['best_std']:.2f}", ""])
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(["method", "model", "ipc", "labels", "config_hash", "seed", "last_acc", "best_acc", "best_epoch"])
+    head = [result["method"], result["model"], result["ipc"], result["labels"], result["config_hash"]]
+    for r in result["repeats"]:
+        w.writerow(head + [r["seed"], f"{100 * r['last']:.2f}", f"{100 * r['best']:.2f}", r["best_epoch"]])
+    w.writerow(head + ["mean", f"{result['last_mean']:.2f}", f"{result['best_mean']:.2f}", ""])
+    w.writerow(head + ["std", f"{result['last_std']:.2f}", f"{result['best_std']:.2f}", ""])
+    (folder / f"{name}.csv").write_text(f.getvalue())
 
 
 def _result(cfg: Config, method: str, ipc: int, jobs: list[EvalJob], rows: list[dict], start: float) -> dict:
@@ -179,19 +180,19 @@ def _result(cfg: Config, method: str, ipc: int, jobs: list[EvalJob], rows: list[
             **summarise(rows), "repeats": rows, "evaluate": to_dict(cfg.evaluate), "seconds": round(time.time() - start, 1)}
 
 
-def _print(result: dict, out: Path):
+def _print(result: dict, out: Location):
     print(f"evaluate: {result['method']}, {result['model']}, IPC {result['ipc']}, {result['labels']} labels, "
           f"{len(result['repeats'])} repeats x {result['epochs']} epochs: last {result['last_mean']:.2f} ± "
           f"{result['last_std']:.2f}%, best {result['best_mean']:.2f} ± {result['best_std']:.2f}% -> {out}", flush=True)
 
 
-def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
+def evaluate_run(run_dir: Location, overrides: list[str] = ()) -> dict:
     """Evaluate a run's distilled set (or its first stages, evaluate.ipc); writes run_dir/eval/<name>.{json,csv}."""
-    run_dir = Path(run_dir)
+    run_dir = as_location(run_dir)
     cfg, manifest = load_run(run_dir, overrides)
     start = time.time()
     ipc, shards = prefix_shards(manifest, cfg.evaluate.ipc)
-    load_train = partial(load_tensor_set, run_dir.resolve(), shards, num_classes(cfg.data))
+    load_train = partial(load_tensor_set, run_dir, shards, num_classes(cfg.data))
     jobs = eval_jobs(cfg, load_train, ipc, "eval")
     result = _result(cfg, cfg.distill.method, ipc, jobs, map_jobs(cfg, run_eval_job, jobs, "evaluate"), start)
     name = f"{result['model']}-ipc{ipc}-{result['labels']}"
@@ -204,7 +205,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] = ()) -> dict:
 def evaluate_full(cfg: Config) -> dict:
     """The upper bar: the evaluation model trained on the whole real train split with `reference.train`."""
     start = time.time()
-    out = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.name}-full"
+    out = as_location(cfg.out or f"runs/{cfg.name}-full")
     jobs = eval_jobs(cfg, partial(load_split, cfg.data, "train"), 0, "full", cfg.reference.train)
     result = _result(cfg, "full", 0, jobs, map_jobs(cfg, run_eval_job, jobs, "evaluate full"), start)
     result["ipc"] = "full"
@@ -222,7 +223,7 @@ def main(argv: list[str]):
     parser.add_argument("--full", action="store_true", help="train on the whole real train split (the upper bar)")
     args = parser.parse_args(argv)
     one_line_errors(lambda: evaluate_full(load_config(args.target, args.overrides, "evaluate")) if args.full
-                    else evaluate_run(Path(args.target), args.overrides))
+                    else evaluate_run(args.target, args.overrides))
 
 
 if __name__ == "__main__":

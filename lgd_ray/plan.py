@@ -10,6 +10,7 @@ one forward (attention score matmuls twice), a training step about three.
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,13 @@ def _pipeline_configs(cfg: Config) -> tuple[dict, dict | None, str]:
                  "out_channels": cfg.data.channels, "num_layers": p.depth, "sample_size": cfg.data.image_size,
                  "patch_size": p.patch_size, "num_embeds_ada_norm": num_classes(cfg.data), "norm_num_groups": 1},
                 None, "the project's pixel DiT (prior.* keys)")
+    if "://" in model_id:  # a store copy: read the two config.json objects, nothing else
+        from lgd_ray.storage import Location
+
+        store = Location(model_id)
+        vae_cfg = store / "vae" / "config.json"
+        return (json.loads((store / "transformer" / "config.json").read_text()),
+                json.loads(vae_cfg.read_text()) if vae_cfg.exists() else None, f"config.json of {model_id}")
     try:
         transformer = dict(DiTTransformer2DModel.load_config(model_id, subfolder="transformer"))
         vae = None
@@ -112,7 +120,7 @@ def step_costs(cfg: Config) -> StepCosts:
 
 def make_plan(cfg: Config) -> dict:
     """Work and FLOPs of every stage: images, candidate trajectories, guided and unguided denoiser steps, training."""
-    from lgd_ray.stages import class_chunks, stage_plan
+    from lgd_ray.methods import class_chunks, stage_plan
 
     costs = step_costs(cfg)
     n = num_classes(cfg.data)
@@ -130,11 +138,8 @@ def make_plan(cfg: Config) -> dict:
     for st in stage_plan(cfg):
         images = n * st.ipc
         total_images += images
-        method = cfg.distill.method
-        lgd = method == "lgd" and st.guided and (g.lambda_ > 0 or g.gamma > 0)
-        kappa = g.kappa if method == "lgd" and st.guided else 1
-        trajectories = 0 if method == "random" else images * kappa
-        g_steps = trajectories * window if lgd else 0
+        trajectories = 0 if st.method == "random" else images * st.kappa
+        g_steps = trajectories * window if st.gradient else 0
         u_steps = trajectories * steps - g_steps
         sample_f = (u_steps * plain + g_steps * guided + trajectories * score) * 1e9
         train_f = costs.student_train * 1e9 * total_images * cfg.student.train.epochs

@@ -1,15 +1,18 @@
-"""The diffusion prior: a diffusers DiT pipeline (transformer, optional VAE, scheduler) loaded from a hub id or a
-folder, and the project's own pixel-space class-conditional DiT for small data sets.
+"""The diffusion prior: a diffusers DiT pipeline (transformer, optional VAE, scheduler) loaded from a hub id, a
+folder or a store URI, and the project's own pixel-space class-conditional DiT for small data sets.
 
 `python -m lgd_ray.prior CONFIG [key=value ...]` trains the pixel DiT of a config and saves it with
-`save_pretrained`, so it loads through `load_prior` exactly as `facebook/DiT-XL-2-256` does.
+`save_pretrained` (to `cache`, a folder or a URI), so it loads through `load_prior` exactly as
+`facebook/DiT-XL-2-256` does. `python -m lgd_ray.prior stage HUB_ID URI` copies a hub pipeline to a store once.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +22,15 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, DiTPipeline, DiTTransformer2DModel
 from tqdm.auto import tqdm
 
-from lgd_ray.cli import run_cli
+from lgd_ray.cli import one_line_errors, run_cli
 from lgd_ray.config import Config, ConfigError, config_hash
 from lgd_ray.data import TensorSet, check_data, load_split, to_float
 from lgd_ray.seeding import derive_seed
+from lgd_ray.storage import Location, as_location, local_copy
 from lgd_ray.train import pick_device
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+PIPELINE_MARKER = "model_index.json"  # save_pretrained writes it; a pipeline folder is complete when it is there
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -103,13 +108,17 @@ class Prior:
         return s if self.vae is None else s * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def load_prior(model_id: str, scheduler: str = "ddim", device="cpu", dtype: str = "float32") -> Prior:
-    """Load a DiT pipeline's parts from a hub id (`facebook/DiT-XL-2-256`) or a local folder saved by save_pretrained.
+def load_prior(model_id: str, scheduler: str = "ddim", device="cpu", dtype: str = "float32",
+               local_cache: str = "~/.cache/lgd_ray") -> Prior:
+    """Load a DiT pipeline's parts from a hub id (`facebook/DiT-XL-2-256`), a local folder saved by save_pretrained, or
+    a store URI (copied once per node into `local_cache`; the hub is not contacted).
 
     The VAE is loaded when model_index.json lists one; the scheduler's config is reused with the class named by
     `scheduler` (ddim | ddpm); the weights are cast to `dtype` (float32 | bfloat16 | float16).
     """
     dtype = DTYPES[dtype]
+    if "://" in model_id:
+        model_id = str(local_copy(Location(model_id), local_cache, PIPELINE_MARKER))
     try:
         index = DiffusionPipeline.load_config(model_id)
     except (OSError, EnvironmentError) as e:
@@ -141,16 +150,28 @@ PRIOR_TRAIN_KEYS = ("patch_size", "num_heads", "head_dim", "depth", "train_times
                     "lr", "label_dropout", "ema_decay")
 
 
-def prior_dir(cfg: Config) -> Path:
+def prior_dir(cfg: Config) -> Location:
     """Where the project's pixel DiT for this config lives: keyed by the data set and the training keys."""
     key = {"data": dataclasses.asdict(cfg.data), "seed": cfg.seed,
            "prior": {k: getattr(cfg.prior, k) for k in PRIOR_TRAIN_KEYS}}
-    return Path(cfg.cache) / f"prior-{cfg.data.name}-{config_hash(key)}"
+    return Location(cfg.cache).resolve() / f"prior-{cfg.data.name}-{config_hash(key)}"
 
 
 def prior_id(cfg: Config) -> str:
     """The model id the sampler loads: prior.model_id, or the folder of the project's own pixel DiT."""
     return cfg.prior.model_id or str(prior_dir(cfg))
+
+
+def require_prior(cfg: Config) -> str:
+    """The prior's model id for a process that only loads it (a sampler actor): a project prior or a store copy that
+    is not there is one line naming it and the command that makes it (hub ids and local folders go to diffusers)."""
+    model_id = prior_id(cfg)
+    if (not cfg.prior.model_id or "://" in model_id) and not (Location(model_id) / PIPELINE_MARKER).exists():
+        make = (f"python -m lgd_ray.prior {cfg.name or 'CONFIG'}" if not cfg.prior.model_id
+                else f"python -m lgd_ray.prior stage HUB_ID {model_id}")
+        raise ConfigError(f"prior: no DiT pipeline at {model_id} (no {PIPELINE_MARKER}); make it first: `{make}` "
+                          "(`distill` does it in the driver)")
+    return model_id
 
 
 def build_pixel_dit(cfg: Config, n_classes: int) -> DiTTransformer2DModel:
@@ -163,7 +184,7 @@ def build_pixel_dit(cfg: Config, n_classes: int) -> DiTTransformer2DModel:
         patch_size=p.patch_size, num_embeds_ada_norm=n_classes, norm_num_groups=1)
 
 
-def train_pixel_prior(cfg: Config, train_set: TensorSet, out: Path, device="cpu") -> dict:
+def train_pixel_prior(cfg: Config, train_set: TensorSet, out: Location, device="cpu") -> dict:
     """Train a pixel-space DiT with epsilon-prediction MSE and label dropout; save an EMA copy to `out`."""
     p = cfg.prior
     torch.manual_seed(derive_seed(cfg.seed, "prior"))
@@ -211,21 +232,23 @@ def train_pixel_prior(cfg: Config, train_set: TensorSet, out: Path, device="cpu"
     return info
 
 
-def save_pixel_prior(transformer: DiTTransformer2DModel, scheduler: DDPMScheduler, out: Path, info: dict):
-    """save_pretrained as a DiTPipeline without VAE, written to a temporary folder and renamed when complete."""
-    tmp = out.with_name(out.name + ".tmp")
-    DiTPipeline(transformer=transformer, vae=None, scheduler=scheduler).save_pretrained(tmp)
-    (tmp / "train_info.json").write_text(json.dumps(info, indent=1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
+def save_pixel_prior(transformer: DiTTransformer2DModel, scheduler: DDPMScheduler, out: Location, info: dict):
+    """save_pretrained as a DiTPipeline without VAE, then copied to `out` as a whole (model_index.json last)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        DiTPipeline(transformer=transformer, vae=None, scheduler=scheduler).save_pretrained(tmp)
+        (Path(tmp) / "train_info.json").write_text(json.dumps(info, indent=1))
+        as_location(out).upload_dir(Path(tmp), last=PIPELINE_MARKER)
 
 
 def ensure_prior(cfg: Config, device="cpu") -> str:
-    """The prior's model id; trains and saves the project's pixel DiT first if the config needs one and it is absent."""
+    """The prior's model id; trains and saves the project's pixel DiT first if the config needs one and it is absent.
+
+    Called by the driver only, before any actor starts (actors call `require_prior`).
+    """
     if cfg.prior.model_id:
-        return cfg.prior.model_id
+        return require_prior(cfg)
     out = prior_dir(cfg)
-    if not (out / "model_index.json").exists():
+    if not (out / PIPELINE_MARKER).exists():
         if cfg.data.name == "imagenet":
             raise ConfigError("config: 'prior.model_id' must name a DiT pipeline for imagenet (e.g. facebook/DiT-XL-2-256)")
         train_set = load_split(cfg.data, "train")
@@ -235,7 +258,28 @@ def ensure_prior(cfg: Config, device="cpu") -> str:
     return str(out)
 
 
+def stage_prior(source: str, uri: str) -> Location:
+    """Copy a diffusers pipeline (a hub id, downloaded once here, or a local folder) to a store, model_index.json last."""
+    local = Path(source)
+    if not (local / PIPELINE_MARKER).exists():
+        print(f"prior: downloading {source} from the model hub", flush=True)
+        local = Path(DiffusionPipeline.download(source))
+    target = Location(uri)
+    target.upload_dir(local, last=PIPELINE_MARKER)
+    print(f"prior: {source} -> {target}", flush=True)
+    return target
+
+
 def main(argv: list[str]):
+    if argv[:1] == ["stage"]:
+        parser = argparse.ArgumentParser(prog="python -m lgd_ray.prior stage",
+                                         description="Copy a DiT pipeline from the hub (or a folder) to a store, once.")
+        parser.add_argument("source", help="a hub id (facebook/DiT-XL-2-256) or a local folder saved by save_pretrained")
+        parser.add_argument("uri", help="where actors load it from: prior.model_id=URI")
+        args = parser.parse_args(argv[1:])
+        one_line_errors(lambda: stage_prior(args.source, args.uri))
+        return
+
     def work(cfg: Config, args):
         check_data(cfg.data)
         if cfg.prior.model_id:

@@ -17,6 +17,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors.torch import load_file, save_file
 
 from lgd_ray.config import Config
+from lgd_ray.storage import Location, as_location
 from lgd_ray.train import FitJob, Fitter, fit
 
 WEIGHTS = "model.safetensors"
@@ -46,10 +47,11 @@ def _worker_loop(config: dict):
         ray.train.report({"epoch": last}, checkpoint=checkpoint)
 
 
-def ray_fitter(cfg: Config, run_dir: Path) -> Fitter:
-    """A Fitter that trains each job with TorchTrainer (workers, GPU or CPU from cfg.ray); runs kept in run_dir/train."""
+def ray_fitter(cfg: Config, run_dir: Location) -> Fitter:
+    """A Fitter that trains each job with TorchTrainer (workers, GPU or CPU from cfg.ray); runs and checkpoints are kept
+    in run_dir/train, on the run's own store (a shared folder or an object store: every node reaches it)."""
     r = cfg.ray
-    storage = (Path(run_dir) / "train").resolve()
+    storage = as_location(run_dir) / "train"
     resources = {"CPU": r.train_cpus_per_worker, **({"GPU": r.train_gpus_per_worker} if r.train_use_gpu else {})}
 
     def fit_on_ray(job: FitJob) -> dict:
@@ -60,7 +62,8 @@ def ray_fitter(cfg: Config, run_dir: Path) -> Fitter:
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if r.train_use_gpu else "gloo"),
             # a fresh name per fit: a stage retrained after a crash starts from theta_{i-1}, not from a stale run
-            run_config=RunConfig(name=f"{job.name}-{uuid.uuid4().hex[:8]}", storage_path=str(storage)),
+            run_config=RunConfig(name=f"{job.name}-{uuid.uuid4().hex[:8]}", storage_path=storage.path,
+                                 storage_filesystem=None if storage.is_local else storage.fs),
         )
         result = trainer.fit()
         with result.checkpoint.as_directory() as d:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
 
 import matplotlib
 
@@ -25,8 +25,9 @@ from lgd_ray.config import ConfigError
 from lgd_ray.data import num_classes
 from lgd_ray.evaluate import eval_jobs, increments, load_run, run_eval_job
 from lgd_ray.ray_tasks import map_jobs
-from lgd_ray.report import write_report
+from lgd_ray.report import save_figure, write_report
 from lgd_ray.shards import load_tensor_set
+from lgd_ray.storage import Location, as_location
 
 
 def redundancy_of(matrix: torch.Tensor) -> float:
@@ -37,7 +38,7 @@ def redundancy_of(matrix: torch.Tensor) -> float:
     return ((matrix.sum() - matrix.diagonal().sum()) / (n * n - n)).item()
 
 
-def heatmap(matrix: torch.Tensor, stages: list[int], title: str, path: Path):
+def heatmap(matrix: torch.Tensor, stages: list[int], title: str, loc: Location):
     fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(stages), 1 + 0.7 * len(stages)))
     im = ax.imshow(100 * matrix.numpy(), vmin=0, vmax=100, cmap="viridis")
     for i in range(len(stages)):
@@ -51,19 +52,18 @@ def heatmap(matrix: torch.Tensor, stages: list[int], title: str, path: Path):
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="accuracy (%)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, loc)
 
 
-def redundancy(run_dir: Path, overrides: list[str] = ()) -> dict:
+def redundancy(run_dir: Location, overrides: list[str] = ()) -> dict:
     """Compute the run's increment matrix; writes run_dir/redundancy/{matrix.csv, matrix.png, redundancy.json}."""
-    run_dir = Path(run_dir)
+    run_dir = as_location(run_dir)
     cfg, manifest = load_run(run_dir, overrides)
     parts = increments(manifest)
     if len(parts) < 2:
         raise ConfigError("redundancy: the run needs at least two finished stages")
     n = num_classes(cfg.data)
-    loaders = {f"I_{s}": partial(load_tensor_set, run_dir.resolve(), paths, n) for s, _, paths in parts}
+    loaders = {f"I_{s}": partial(load_tensor_set, run_dir, shards, n) for s, _, shards in parts}
     jobs = []
     for stage, ipc, _ in parts:
         job = eval_jobs(replace(cfg, evaluate=replace(cfg.evaluate, repeats=1)), loaders[f"I_{stage}"], ipc,
@@ -73,12 +73,12 @@ def redundancy(run_dir: Path, overrides: list[str] = ()) -> dict:
     stages = [s for s, _, _ in parts]
     matrix = torch.tensor([[r["extra"][f"I_{s}"] for s in stages] for r in rows])
     out = run_dir / "redundancy"
-    out.mkdir(exist_ok=True)
-    with open(out / "matrix.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["trained_on"] + [f"I_{s}" for s in stages] + ["real_test"])
-        for s, r, row in zip(stages, rows, matrix):
-            w.writerow([f"I_{s}"] + [f"{100 * v:.2f}" for v in row.tolist()] + [f"{100 * r['last']:.2f}"])
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(["trained_on"] + [f"I_{s}" for s in stages] + ["real_test"])
+    for s, r, row in zip(stages, rows, matrix):
+        w.writerow([f"I_{s}"] + [f"{100 * v:.2f}" for v in row.tolist()] + [f"{100 * r['last']:.2f}"])
+    (out / "matrix.csv").write_text(f.getvalue())
     value = redundancy_of(matrix)
     result = {"method": cfg.distill.method, "model": jobs[0].model, "epochs": [j.train.epochs for j in jobs],
               "stages": stages, "matrix": matrix.tolist(), "redundancy": value,
@@ -96,7 +96,7 @@ def main(argv: list[str]):
     parser.add_argument("run_dir")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="evaluate keys (model=..., eval_every=...)")
     args = parser.parse_args(argv)
-    one_line_errors(lambda: redundancy(Path(args.run_dir), args.overrides))
+    one_line_errors(lambda: redundancy(args.run_dir, args.overrides))
 
 
 if __name__ == "__main__":

@@ -4,20 +4,22 @@ from __future__ import annotations
 import dataclasses
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 
-from lgd_ray.config import Config, config_hash
+from lgd_ray.config import Config, ConfigError, config_hash
 from lgd_ray.data import load_split
 from lgd_ray.seeding import derive_seed
+from lgd_ray.storage import Location
 from lgd_ray.train import FitJob, Fitter, accuracy, in_process_fitter, load_classifier, save_classifier
 
 
-def reference_path(cfg: Config) -> Path:
-    key = {"data": dataclasses.asdict(cfg.data), "reference": dataclasses.asdict(cfg.reference), "seed": cfg.seed,
+def reference_path(cfg: Config) -> Location:
+    data = dataclasses.asdict(cfg.data)
+    del data["prepared"]  # the same images, JPEG or prepared shards
+    key = {"data": data, "reference": dataclasses.asdict(cfg.reference), "seed": cfg.seed,
            "train_workers": cfg.ray.train_workers}
-    return Path(cfg.cache) / f"reference-{cfg.data.name}-{cfg.reference.model}-{config_hash(key)}.safetensors"
+    return Location(cfg.cache).resolve() / f"reference-{cfg.data.name}-{cfg.reference.model}-{config_hash(key)}.safetensors"
 
 
 def fit_job(cfg: Config, role: str, num_classes: int, load_data, seed: int, init_state=None, name=None) -> FitJob:
@@ -32,8 +34,19 @@ def new_classifier(cfg: Config, role: str, num_classes: int) -> torch.nn.Module:
     return fit_job(cfg, role, num_classes, None, 0).build()
 
 
+def load_reference(cfg: Config, num_classes: int) -> tuple[torch.nn.Module, dict]:
+    """(theta* in eval mode, its info) for a process that only loads it (a sampler actor, an evaluation task)."""
+    path = reference_path(cfg)
+    if not path.exists():
+        raise ConfigError(f"reference: no theta* at {path}; the driver of `python -m lgd_ray.distill "
+                          f"{cfg.name or 'CONFIG'}` trains it before any actor starts")
+    return load_classifier(new_classifier(cfg, "reference", num_classes), path)
+
+
 def ensure_reference(cfg: Config, num_classes: int, device="cpu", fitter: Fitter | None = None) -> tuple[torch.nn.Module, dict]:
-    """(theta* in eval mode, its info {test_acc, seconds, ...}); trained (by `fitter`) and saved first if not cached."""
+    """(theta* in eval mode, its info {test_acc, seconds, ...}); trained (by `fitter`) and saved first if not cached.
+
+    Called by the driver only (actors call `load_reference`)."""
     path = reference_path(cfg)
     model = new_classifier(cfg, "reference", num_classes)
     if path.exists():

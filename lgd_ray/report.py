@@ -5,8 +5,8 @@ Written by the stage loop after every stage; `evaluate` and `redundancy` add the
 """
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
 
 import matplotlib
 
@@ -15,16 +15,25 @@ import matplotlib.pyplot as plt
 import torch
 from torchvision.utils import make_grid
 
-from lgd_ray.shards import read_manifest, read_shards
+from lgd_ray.shards import paths, read_manifest, read_shards, stage_rows
+from lgd_ray.storage import Location, as_location
 
 GRID_CLASSES = 10  # rows of an image grid: the first classes
 GRID_IMAGES = 10  # columns: the first images of the stage per class
 
 
-def stage_grid(run_dir: Path, manifest: dict, stage: int, path: Path):
+def save_figure(fig, loc: Location):
+    """A matplotlib figure as PNG to a Location (one atomic write), then closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    loc.write_bytes(buf.getvalue())
+
+
+def stage_grid(run_dir: Location, manifest: dict, stage: int, loc: Location):
     """PNG grid of a stage's images: one row per class (the first GRID_CLASSES), GRID_IMAGES columns."""
-    rows = [r for r in manifest["shards"] if r["stage"] == stage and min(r["classes"]) < GRID_CLASSES]
-    samples = sorted(read_shards(run_dir, sorted(r["path"] for r in rows)), key=lambda s: (s["cls"], s["key"]))
+    rows = [r for r in stage_rows(manifest, stage) if min(r["classes"]) < GRID_CLASSES]
+    samples = sorted(read_shards(run_dir, paths(rows)), key=lambda s: (s["cls"], s["key"]))
     by_class: dict[int, list] = {}
     for s in samples:
         if s["cls"] < GRID_CLASSES:
@@ -39,11 +48,10 @@ def stage_grid(run_dir: Path, manifest: dict, stage: int, path: Path):
     ax.set_xticks([])
     ax.set_title(f"stage {stage}: rows = classes")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, loc)
 
 
-def accuracy_plot(manifest: dict, path: Path):
+def accuracy_plot(manifest: dict, loc: Location):
     stages = sorted(manifest["stages"].items(), key=lambda kv: int(kv[0]))
     ipc = [info["total_images"] / manifest.get("num_classes", 1) for _, info in stages]
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -55,11 +63,10 @@ def accuracy_plot(manifest: dict, path: Path):
     ax.set_title(f"{manifest['config']['distill']['method']}: incremental student")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, loc)
 
 
-def scores_plot(manifest: dict, path: Path) -> bool:
+def scores_plot(manifest: dict, loc: Location) -> bool:
     """Histogram of S of the chosen images per stage; False when no stage has scores."""
     per_stage = {}
     for r in manifest["shards"]:
@@ -74,13 +81,12 @@ def scores_plot(manifest: dict, path: Path) -> bool:
     ax.set_ylabel("images")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, loc)
     return True
 
 
-def _eval_table(run_dir: Path) -> list[str]:
-    results = sorted((json.loads(p.read_text()) for p in (run_dir / "eval").glob("*.json")),
+def _eval_table(run_dir: Location) -> list[str]:
+    results = sorted((json.loads(p.read_text()) for p in (run_dir / "eval").files(".json")),
                      key=lambda r: (r["model"], r["labels"], str(r["ipc"])))
     if not results:
         return []
@@ -92,7 +98,7 @@ def _eval_table(run_dir: Path) -> list[str]:
     return lines + ["", "Best = the highest of the tests every `evaluate.eval_every` epochs (selected on the test set).", ""]
 
 
-def _redundancy_section(run_dir: Path) -> list[str]:
+def _redundancy_section(run_dir: Location) -> list[str]:
     path = run_dir / "redundancy" / "redundancy.json"
     if not path.exists():
         return []
@@ -103,14 +109,13 @@ def _redundancy_section(run_dir: Path) -> list[str]:
             "![redundancy](redundancy/matrix.png)", "", "[matrix as CSV](redundancy/matrix.csv)", ""]
 
 
-def write_report(run_dir: Path):
+def write_report(run_dir: Location):
     """(Re)write run_dir/report.md and its figures under run_dir/report/ from the manifest and the results."""
-    run_dir = Path(run_dir)
+    run_dir = as_location(run_dir)
     manifest = read_manifest(run_dir)
     if not manifest or not manifest["stages"]:
         return
     figs = run_dir / "report"
-    figs.mkdir(exist_ok=True)
     cfg = manifest["config"]
     d = cfg["distill"]
     lines = [f"# {cfg['name']}: {d['method']}", "",
@@ -139,16 +144,16 @@ def write_report(run_dir: Path):
     (run_dir / "report.md").write_text("\n".join(lines))
 
 
-def compare(paths: list[Path]) -> str:
-    """A markdown table of every evaluation and redundancy result under the given run folders, one row each."""
+def compare(runs: list) -> str:
+    """A markdown table of every evaluation and redundancy result under the given run folders (paths or URIs)."""
     rows, red = [], []
-    for run in paths:
-        for p in sorted(Path(run).glob("eval/*.json")):
+    for run in map(as_location, runs):
+        for p in (run / "eval").files(".json"):
             r = json.loads(p.read_text())
             rows.append((r["method"], str(r["ipc"]), r["model"], r["labels"], r["epochs"], len(r["repeats"]),
                          f"{r['last_mean']:.2f} ± {r['last_std']:.2f}", f"{r['best_mean']:.2f} ± {r['best_std']:.2f}",
                          f"{r['seconds']:.0f}", str(run)))
-        path = Path(run) / "redundancy" / "redundancy.json"
+        path = run / "redundancy" / "redundancy.json"
         if path.exists():
             r = json.loads(path.read_text())
             red.append(f"| {r['method']} | {len(r['stages'])} | {100 * r['redundancy']:.2f} | "
@@ -166,4 +171,4 @@ def compare(paths: list[Path]) -> str:
 if __name__ == "__main__":
     import sys
 
-    print(compare([Path(p) for p in sys.argv[1:]]))
+    print(compare(sys.argv[1:]))

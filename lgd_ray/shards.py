@@ -4,16 +4,17 @@
     OUT/stage-00/shard-000000.tar
 
 Each sample: key c{class:04d}-s{slot:05d}, png (lossless), cls (label), json (stage, seed, S, losses, ...).
-Shards are written under a temporary name and renamed when complete; tar headers carry a fixed mtime, so the
-same chunk always gives the same bytes (and the same sha256).
+OUT is a `Location` (a local folder or a store URI). A shard is built in memory and written as one atomic object;
+tar headers carry a fixed mtime, so the same chunk always gives the same bytes (and the same sha256). The manifest
+is written after the shards it lists.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import os
-from pathlib import Path
+import shlex
+import sys
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ import webdataset as wds
 from PIL import Image
 
 from lgd_ray.data import TensorSet
+from lgd_ray.storage import Location, as_location
 
 MANIFEST = "manifest.json"
 
@@ -52,39 +54,41 @@ def decode_png(data: bytes) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_shard(run_dir: Path, rel_path: str, samples: list[dict]) -> dict:
-    """Write samples ({key, image, cls, meta}) as one tar; returns its manifest row (path, count, sha256, keys)."""
-    path = Path(run_dir) / rel_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with wds.TarWriter(str(tmp), mtime=0.0) as sink:
+def write_shard(run_dir: Location, rel_path: str, samples: list[dict]) -> dict:
+    """Write samples ({key, image, cls, meta}) as one tar object; returns its manifest row (path, count, sha256, keys)."""
+    run_dir = as_location(run_dir)
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, mtime=0.0) as sink:
         for s in samples:
             sink.write({"__key__": s["key"], "png": encode_png(s["image"]), "cls": int(s["cls"]), "json": s["meta"]})
-    tmp.replace(path)
-    return {"path": rel_path, "count": len(samples), "sha256": sha256_file(path), "keys": [s["key"] for s in samples]}
+    data = buf.getvalue()
+    (run_dir / rel_path).write_bytes(data)
+    return {"path": rel_path, "count": len(samples), "sha256": hashlib.sha256(data).hexdigest(),
+            "keys": [s["key"] for s in samples]}
 
 
-def read_shards(run_dir: Path, rel_paths: list[str]) -> list[dict]:
-    """Samples of the given shards, in order, read with plain webdataset: {key, image, cls, meta}."""
-    urls = [str(Path(run_dir) / p) for p in rel_paths]
-    if not urls:
-        return []
+def read_shards(run_dir: Location, rel_paths: list[str]) -> list[dict]:
+    """Samples of the given shards, in order, parsed by webdataset's tar reader: {key, image, cls, meta}."""
+    run_dir = as_location(run_dir)
     out = []
-    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        out.append({"key": s["__key__"], "image": decode_png(s["png"]), "cls": int(s["cls"]),
-                    "meta": json.loads(s["json"])})
+    for p in rel_paths:
+        loc = run_dir / p
+        with loc.open() as stream:
+            files = wds.tariterators.tar_file_expander([{"url": str(loc), "stream": stream}])
+            for s in wds.tariterators.group_by_keys(files):
+                out.append({"key": s["__key__"], "image": decode_png(s["png"]), "cls": int(s["cls"]),
+                            "meta": json.loads(s["json"])})
     return out
 
 
-def load_tensor_set(run_dir: Path, rel_paths: list[str], num_classes: int) -> TensorSet:
+def shard_urls(run_dir: Location, rel_paths: list[str]) -> list[str]:
+    """URLs that plain `webdataset.WebDataset` opens: local paths, or `pipe:` through this package for a store."""
+    if run_dir.is_local:
+        return [(run_dir / p).path for p in rel_paths]
+    return [f"pipe:{shlex.quote(sys.executable)} -m lgd_ray.storage cat {shlex.quote(str(run_dir / p))}" for p in rel_paths]
+
+
+def load_tensor_set(run_dir: Location, rel_paths: list[str], num_classes: int) -> TensorSet:
     """The samples of the given shards as an in-memory training set."""
     samples = read_shards(run_dir, rel_paths)
     if not samples:
@@ -92,21 +96,41 @@ def load_tensor_set(run_dir: Path, rel_paths: list[str], num_classes: int) -> Te
     return TensorSet(torch.stack([s["image"] for s in samples]), torch.tensor([s["cls"] for s in samples]), num_classes)
 
 
-def shard_ok(run_dir: Path, row: dict) -> bool:
+def shard_ok(run_dir: Location, row: dict) -> bool:
     """Whether the shard exists and its sha256 matches the manifest row."""
-    path = Path(run_dir) / row["path"]
-    return path.exists() and sha256_file(path) == row["sha256"]
+    run_dir = as_location(run_dir)
+    loc = run_dir / row["path"]
+    return loc.exists() and loc.sha256() == row["sha256"]
 
 
-def read_manifest(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
+def read_manifest(run_dir: Location) -> dict | None:
+    run_dir = as_location(run_dir)
+    loc = run_dir / MANIFEST
+    return json.loads(loc.read_text()) if loc.exists() else None
 
 
-def write_manifest(run_dir: Path, manifest: dict):
+def write_manifest(run_dir: Location, manifest: dict):
     """Atomic replace: a crash leaves the old manifest or the new one, never half of one."""
-    path = Path(run_dir) / MANIFEST
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(path)
+    run_dir = as_location(run_dir)
+    (run_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+# -- the manifest's shard rows, asked by name --------------------------------------------------------------------
+def stage_rows(manifest: dict, stage: int) -> list[dict]:
+    """The shard rows of one stage's increment I_stage."""
+    return [r for r in manifest["shards"] if r["stage"] == stage]
+
+
+def shards_through(manifest: dict, stage: int) -> list[dict]:
+    """The shard rows of D_stage: every increment up to and including `stage`."""
+    return [r for r in manifest["shards"] if r["stage"] <= stage]
+
+
+def record(manifest: dict, row: dict):
+    """Add a shard row, replacing an earlier row of the same path (a regenerated chunk)."""
+    manifest["shards"] = [r for r in manifest["shards"] if r["path"] != row["path"]] + [row]
+
+
+def paths(rows: list[dict]) -> list[str]:
+    """The rows' shard paths in a fixed (sorted) order."""
+    return sorted(r["path"] for r in rows)

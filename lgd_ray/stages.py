@@ -4,244 +4,32 @@
     for i = 1..K:  theta_{i-1} = train(theta_{i-2}, D_{i-1});  I_i = generate(guided by S_i);  D_i = D_{i-1} + I_i
     theta_K = train(theta_{K-1}, D_K)
 
-Work is cut into fixed class chunks (one shard each); `ChunkMaker.make` is the unit a Ray actor runs. The loop
-skips chunks whose shard is in the manifest with a matching sha256 and stages already trained, so rerunning a
-stopped run redoes only what is missing.
+Work is cut into fixed class chunks (one shard each), made by a `ChunkRunner` (in this process, or a pool of Ray
+actors). The loop skips chunks whose shard is in the manifest with a matching sha256 and stages already trained, so
+rerunning a stopped run redoes only what is missing. The run folder is a storage Location (a folder or a URI).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Callable, Iterable
 
-import torch
 from tqdm.auto import tqdm
 
 from lgd_ray.config import Config, ConfigError, config_hash, from_dict, run_identity, to_dict
-from lgd_ray.dds import class_candidates, penultimate, select
-from lgd_ray.data import check_data, load_split, num_classes, read_classlist, to_float
-from lgd_ray.guidance import Guide, Scorer
-from lgd_ray.prior import Prior, ensure_prior, load_prior
-from lgd_ray.report import write_report
+from lgd_ray.data import check_data, load_split, num_classes
+from lgd_ray.methods import ChunkMaker, ChunkTask, class_chunks, stage_plan
+from lgd_ray.prior import ensure_prior
 from lgd_ray.reference import ensure_reference, fit_job, new_classifier
-from lgd_ray.sampler import generate
-from lgd_ray.modes import ModeGuide, class_modes
-from lgd_ray.seeding import derive_seed, generator
-from lgd_ray.shards import (load_tensor_set, read_manifest, read_shards, sample_key, shard_ok, shard_path,
-                            stage_dir, write_manifest, write_shard)
+from lgd_ray.report import write_report
+from lgd_ray.seeding import derive_seed
+from lgd_ray.shards import (load_tensor_set, paths, read_manifest, record, shard_ok, shards_through, stage_dir,
+                            stage_rows, write_manifest)
+from lgd_ray.storage import Location, as_location
 from lgd_ray.train import Fitter, accuracy, in_process_fitter, load_classifier, pick_device, save_classifier
 
 
-@dataclass(frozen=True)
-class Stage:
-    index: int
-    ipc: int  # images per class generated in this stage
-    slot0: int  # first slot of this stage: slots are numbered across the whole run, so keys are unique
-
-    @property
-    def guided(self) -> bool:
-        return self.index > 0
-
-
-@dataclass(frozen=True)
-class ChunkTask:
-    stage: int
-    chunk: int
-    classes: tuple[int, ...]
-
-
-def stage_plan(cfg: Config) -> list[Stage]:
-    """The stages: seed increment + K increments; method dds selects all IPC at once (one increment)."""
-    d = cfg.distill
-    if d.method == "dds":
-        return [Stage(0, d.seed_ipc + d.stages * d.ipc_per_stage, 0)]
-    return [Stage(0, d.seed_ipc, 0)] + [Stage(i, d.ipc_per_stage, d.seed_ipc + (i - 1) * d.ipc_per_stage)
-                                        for i in range(1, d.stages + 1)]
-
-
-def class_chunks(n_classes: int, per_chunk: int) -> list[tuple[int, ...]]:
-    """Classes 0..n-1 cut into consecutive chunks of `per_chunk` (the last may be shorter): every class once."""
-    return [tuple(range(i, min(i + per_chunk, n_classes))) for i in range(0, n_classes, per_chunk)]
-
-
-def prior_class_map(cfg: Config, prior: Prior) -> torch.Tensor | None:
-    """For an ImageNet subset on a 1000-class DiT: each subset class's ImageNet-1K index; else None (identity)."""
-    if cfg.data.name != "imagenet" or prior.num_classes == num_classes(cfg.data):
-        return None
-    imagenet = read_classlist("imagenet1k")
-    if prior.num_classes != len(imagenet):
-        raise ConfigError(f"prior: the DiT has {prior.num_classes} classes; data.classes has {num_classes(cfg.data)}")
-    return torch.tensor([imagenet.index(w) for w in read_classlist(cfg.data.classes)])
-
-
-def pick_real(labels: torch.Tensor, items: list[tuple[int, int]], run_seed: int) -> list[int]:
-    """Method `random`: for each (class, slot) the index of a real image; one seeded order per class, so slots
-    (numbered across the run) never repeat an image."""
-    out, orders = [], {}
-    for c, s in items:
-        if c not in orders:
-            idx = (labels == c).nonzero().squeeze(1)
-            orders[c] = idx[torch.randperm(len(idx), generator=generator(run_seed, "random", c))]
-        if s >= len(orders[c]):
-            raise ConfigError(f"distill: class {c} has {len(orders[c])} real images, fewer than its {s + 1} slots")
-        out.append(int(orders[c][s]))
-    return out
-
-
-def total_ipc(cfg: Config) -> int:
-    return cfg.distill.seed_ipc + cfg.distill.stages * cfg.distill.ipc_per_stage
-
-
-class ChunkMaker:
-    """Holds the prior and the reference model; makes one chunk's shard at a time (what a sampler actor runs)."""
-
-    def __init__(self, cfg: Config, run_dir: Path, device=None):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = device or pick_device(cfg.device)
-        self.num_classes = num_classes(cfg.data)
-        self.method = cfg.distill.method
-        self.prior = None
-        if self.method != "random":
-            self.prior = load_prior(ensure_prior(cfg, self.device), cfg.prior.scheduler, self.device, cfg.prior.dtype)
-            self.prior.class_map = prior_class_map(cfg, self.prior)
-        reference, _ = ensure_reference(cfg, self.num_classes, self.device)
-        self.reference = reference.to(self.device).requires_grad_(False)
-        self._train_set = None
-        self._modes: dict[int, torch.Tensor] = {}  # mgd3: per class, kept for the actor's lifetime
-
-    @property
-    def train_set(self):
-        if self._train_set is None:
-            self._train_set = load_split(self.cfg.data, "train")
-        return self._train_set
-
-    def make(self, task: ChunkTask, student_state: dict | None, previous_shards: list[str]) -> dict:
-        """Make the chunk's images as the method says, write its shard, return its manifest row.
-
-        student_state: theta_{i-1} (None for the seed stage); previous_shards: the shards of D_{i-1} holding
-        these classes (the memory of deviation guidance).
-        """
-        cfg = self.cfg
-        stage = stage_plan(cfg)[task.stage]
-        items = [(c, s) for c in task.classes for s in range(stage.slot0, stage.slot0 + stage.ipc)]
-        scorer = None
-        if student_state is not None:
-            student = new_classifier(cfg, "student", self.num_classes)
-            student.load_state_dict(student_state)
-            scorer = Scorer(student.to(self.device).eval().requires_grad_(False), self.reference, cfg.guidance.omega)
-        start = time.time()
-        if self.method == "random":
-            samples = self._real(task, items, scorer)
-        elif self.method == "dds":
-            samples = self._selected(task)
-        else:
-            samples = self._generated(task, stage, items, scorer, previous_shards)
-        row = write_shard(self.run_dir, shard_path(task.stage, task.chunk), samples)
-        scores = [x["meta"]["S"] for x in samples if x["meta"]["S"] is not None]
-        row.update(stage=task.stage, chunk=task.chunk, classes=list(task.classes), seconds=round(time.time() - start, 2),
-                   mean_S=sum(scores) / len(scores) if scores else None, S=[round(v, 4) for v in scores])
-        return row
-
-    def _real(self, task: ChunkTask, items: list[tuple[int, int]], scorer: Scorer | None) -> list[dict]:
-        """Method `random`: real train images, at the classifiers' size, scored when a student exists."""
-        picks = pick_real(self.train_set.labels, items, self.cfg.seed)
-        images = torch.stack([self.train_set[i][0] for i in picks])
-        scores = [(None, None, None)] * len(items)
-        if scorer is not None:
-            with torch.no_grad():
-                s, ce_s, ce_r = scorer(to_float(images).to(self.device), torch.tensor([c for c, _ in items], device=self.device))
-            scores = list(zip(s.tolist(), ce_s.tolist(), ce_r.tolist()))
-        return [{"key": sample_key(c, s), "image": img, "cls": c,
-                 "meta": {"stage": task.stage, "real_index": i, "S": sc[0], "ce_student": sc[1], "ce_reference": sc[2],
-                          "params": {"method": "random"}}}
-                for (c, s), i, img, sc in zip(items, picks, images, scores)]
-
-    def _generated(self, task: ChunkTask, stage: Stage, items: list[tuple[int, int]], scorer: Scorer | None,
-                   previous_shards: list[str]) -> list[dict]:
-        cfg, g = self.cfg, self.cfg.guidance
-        method = "dit" if self.method == "lgd" and not stage.guided else self.method
-        params = {"method": method, "cfg_scale": cfg.prior.cfg_scale, "num_steps": cfg.prior.num_steps}
-        guide, kappa = None, 1
-        if method == "lgd":
-            guide = Guide(scorer, g.lambda_, g.gamma, tuple(g.window), g.through, g.norm_scale, cfg.data.image_size,
-                          self._memory(previous_shards, task.classes) if g.gamma > 0 else {})
-            kappa = g.kappa
-            params.update(lambda_=g.lambda_, omega=g.omega, kappa=g.kappa, gamma=g.gamma, through=g.through)
-        elif method == "mgd3":
-            guide = ModeGuide({c: self._class_modes(c) for c in task.classes}, g.mode_lambda, g.mode_stop)
-            params.update(mode_lambda=g.mode_lambda, mode_stop=g.mode_stop)
-        out = generate(self.prior, items, run_seed=cfg.seed, stage=task.stage, num_steps=cfg.prior.num_steps,
-                       cfg_scale=cfg.prior.cfg_scale, batch_size=cfg.distill.sample_batch,
-                       image_size=cfg.data.image_size, kappa=kappa, scorer=scorer, guide=guide)
-        return [{"key": sample_key(o.cls, o.slot), "image": o.image, "cls": o.cls,
-                 "meta": {"stage": task.stage, "seed": derive_seed(cfg.seed, "noise", task.stage, o.cls, o.slot, o.candidate),
-                          "S": o.score, "ce_student": o.ce_student, "ce_reference": o.ce_reference,
-                          "candidate": o.candidate, "candidate_S": o.candidate_scores, "params": params}}
-                for o in out]
-
-    def _selected(self, task: ChunkTask) -> list[dict]:
-        """Method dds: per class, relevance-ranked crops of real images, diversified by k-means (lgd_ray/dds.py)."""
-        cfg, d = self.cfg, self.cfg.dds
-        window = max(1, round(d.crop * self.prior.image_size))
-        params = {"method": "dds", "timesteps": d.timesteps, "crop": d.crop, "candidates": d.candidates,
-                  "features": d.features}
-        samples = []
-        for c in task.classes:
-            idx = self._class_indices(c, d.max_images, "dds-subset")
-            x = self._at_prior_size(to_float(torch.stack([self.train_set[i][0] for i in idx])))
-            cands = class_candidates(self.prior, x, c, idx, cfg.seed, d.timesteps, window, d.candidates,
-                                     d.batch_size, cfg.data.image_size)
-            crops = to_float(torch.stack([k.image for k in cands]))
-            feats = (penultimate(self.reference, crops.to(self.device)).cpu() if d.features == "reference"
-                     else crops.flatten(1))
-            chosen = select(cands, feats, total_ipc(cfg), derive_seed(cfg.seed, "dds-kmeans", c))
-            samples += [{"key": sample_key(c, slot), "image": k.image, "cls": c,
-                         "meta": {"stage": 0, "real_index": k.source, "box": list(k.box), "relevance": k.score,
-                                  "S": None, "params": params}}
-                        for slot, k in enumerate(chosen)]
-        return samples
-
-    def _class_indices(self, c: int, cap: int, tag: str) -> list[int]:
-        """Indices of the class's real train images; a seeded subset of `cap` of them when cap > 0."""
-        idx = (self.train_set.labels == c).nonzero().squeeze(1)
-        if cap and len(idx) > cap:
-            idx = idx[torch.randperm(len(idx), generator=generator(self.cfg.seed, tag, c))[:cap]]
-        return idx.tolist()
-
-    @torch.no_grad()
-    def _class_modes(self, c: int) -> torch.Tensor:
-        """mgd3: the class's k-means modes in the prior's space (VAE latents, or pixels at the prior's size)."""
-        if c not in self._modes:
-            idx = self._class_indices(c, self.cfg.guidance.mode_max_images, "mgd3-subset")
-            x = to_float(torch.stack([self.train_set[i][0] for i in idx]))
-            points = torch.cat([self._encode(x[i:i + 64]) for i in range(0, len(x), 64)])
-            self._modes[c] = class_modes(points.cpu().float(), total_ipc(self.cfg), derive_seed(self.cfg.seed, "mgd3", c))
-        return self._modes[c]
-
-    def _at_prior_size(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.prior.image_size:
-            x = torch.nn.functional.interpolate(x, size=self.prior.image_size, mode="bilinear", antialias=True)
-        return x
-
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> the prior's space (resized to its resolution, then the VAE if it has one)."""
-        return self.prior.encode(self._at_prior_size(x.to(self.device)))
-
-    @torch.no_grad()
-    def _memory(self, shards: list[str], classes: Iterable[int]) -> dict[int, torch.Tensor]:
-        """Latents of the already chosen images of these classes (encoded at the prior's resolution)."""
-        memory = {}
-        samples = read_shards(self.run_dir, shards)
-        for c in classes:
-            imgs = [s["image"] for s in samples if s["cls"] == c]
-            if imgs:
-                memory[c] = self._encode(to_float(torch.stack(imgs)))
-        return memory
-
-
-def open_manifest(run_dir: Path, cfg: Config, resume: bool) -> dict:
+def open_manifest(run_dir: Location, cfg: Config, resume: bool) -> dict:
     """The run's manifest: new, or (resume) the existing one if it was made by the same config."""
     existing = read_manifest(run_dir)
     if existing is None:
@@ -280,7 +68,7 @@ def in_process_runner(maker_factory: Callable[[], ChunkMaker]) -> ChunkRunner:
     return run
 
 
-def run_stages(cfg: Config, run_dir: Path, resume: bool = False, runner: ChunkRunner | None = None,
+def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: ChunkRunner | None = None,
                fitter: Fitter | None = None, log: Callable[[str], None] = print,
                on_stage: Callable[[int, dict], None] | None = None) -> dict:
     """Distil: seed increment + K guided stages into `run_dir`; returns the manifest (also in manifest.json).
@@ -288,19 +76,19 @@ def run_stages(cfg: Config, run_dir: Path, resume: bool = False, runner: ChunkRu
     runner makes chunks (default: in this process), fitter trains classifiers (default: in this process);
     on_stage(index, info) is called after each stage is trained (e.g. to report to Ray Tune).
     """
-    run_dir = Path(run_dir)
+    run_dir = as_location(run_dir)
     device = pick_device(cfg.device)
     check_data(cfg.data)
     n_classes = num_classes(cfg.data)
     manifest = open_manifest(run_dir, cfg, resume)
-    # Set-up: prior and reference (trained and cached if absent), the real test split
+    # Set-up, here in the driver before any chunk is made: prior and reference (trained and stored if absent)
     manifest["num_classes"] = n_classes
     manifest["prior"] = ensure_prior(cfg, device) if cfg.distill.method != "random" else None
     fitter = fitter or in_process_fitter(device)
     _, ref_info = ensure_reference(cfg, n_classes, device, fitter)
     manifest["reference"] = ref_info
     write_manifest(run_dir, manifest)
-    test_set = load_split(cfg.data, "test")
+    test_set = load_split(cfg.data, "test")  # read once for every stage's test
     runner = runner or in_process_runner(lambda: ChunkMaker(cfg, run_dir, device))
     chunks = class_chunks(n_classes, cfg.distill.classes_per_chunk)
     student_state = None
@@ -308,35 +96,34 @@ def run_stages(cfg: Config, run_dir: Path, resume: bool = False, runner: ChunkRu
     for stage in tqdm(plan, desc="stages", disable=None):
         info = manifest["stages"].get(str(stage.index), {})
         ckpt = run_dir / stage_dir(stage.index) / "student.safetensors"
-        rows = {r["chunk"]: r for r in manifest["shards"] if r["stage"] == stage.index}
-        done = {c for c, r in rows.items() if shard_ok(run_dir, r)}
+        done = {r["chunk"] for r in stage_rows(manifest, stage.index) if shard_ok(run_dir, r)}
         if info.get("trained") and ckpt.exists() and len(done) == len(chunks):
             student_state = load_classifier(new_classifier(cfg, "student", n_classes), ckpt)[0].state_dict()
             continue
         # Generate I_i: every chunk whose shard is missing or does not match its sha256
         start = time.time()
         todo = [ChunkTask(stage.index, i, c) for i, c in enumerate(chunks) if i not in done]
-        earlier = [r for r in manifest["shards"] if r["stage"] < stage.index]
-        previous = lambda t: [r["path"] for r in earlier if set(r["classes"]) & set(t.classes)]
+        earlier = shards_through(manifest, stage.index - 1)
+        previous = lambda t: paths(r for r in earlier if set(r["classes"]) & set(t.classes))
         for row in tqdm(runner(todo, student_state, previous), total=len(todo), desc=f"stage {stage.index} chunks",
                         leave=False, disable=None):
-            manifest["shards"] = [r for r in manifest["shards"] if r["path"] != row["path"]] + [row]
+            record(manifest, row)
             write_manifest(run_dir, manifest)
         sample_seconds = time.time() - start
         # Train theta_i on D_i, starting from theta_{i-1}
         start = time.time()
-        shards = sorted(r["path"] for r in manifest["shards"] if r["stage"] <= stage.index)
-        job = fit_job(cfg, "student", n_classes, partial(load_tensor_set, run_dir.resolve(), shards, n_classes),
+        d_i = shards_through(manifest, stage.index)
+        job = fit_job(cfg, "student", n_classes, partial(load_tensor_set, run_dir, paths(d_i), n_classes),
                       derive_seed(cfg.seed, "student", stage.index), student_state, f"{stage_dir(stage.index)}-student")
         student_state = fitter(job)
         student = new_classifier(cfg, "student", n_classes)
         student.load_state_dict(student_state)
         acc = accuracy(student, test_set, device)
-        stage_rows = [r for r in manifest["shards"] if r["stage"] == stage.index]
-        total = sum(r["count"] for r in manifest["shards"] if r["stage"] <= stage.index)
+        new = stage_rows(manifest, stage.index)
+        total = sum(r["count"] for r in d_i)
         save_classifier(student, ckpt, {"stage": stage.index, "test_acc": acc, "train_images": total})
-        scores = [(r["mean_S"], r["count"]) for r in stage_rows if r["mean_S"] is not None]
-        info = {"trained": True, "images": sum(r["count"] for r in stage_rows), "total_images": total,
+        scores = [(r["mean_S"], r["count"]) for r in new if r["mean_S"] is not None]
+        info = {"trained": True, "images": sum(r["count"] for r in new), "total_images": total,
                 "student_acc": acc, "sample_seconds": round(sample_seconds, 2),
                 "train_seconds": round(time.time() - start, 2),
                 "mean_S": sum(s * n for s, n in scores) / sum(n for _, n in scores) if scores else None}

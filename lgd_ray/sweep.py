@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import sys
-from pathlib import Path
 
 import yaml
 
@@ -20,6 +20,7 @@ from lgd_ray.config import Config, apply_overrides, build_config, config_hash, r
 from lgd_ray.data import num_classes
 from lgd_ray.prior import ensure_prior
 from lgd_ray.reference import ensure_reference
+from lgd_ray.storage import Location, as_location
 
 
 def trial_config(base: dict, omega: float, lambda_: float, out: str) -> Config:
@@ -36,8 +37,8 @@ def _trial(params: dict, base: dict, root: str):
     from lgd_ray.stages import run_stages
 
     cfg = trial_config(base, params["omega"], params["lambda"],
-                       str(Path(root) / f"omega{params['omega']:g}-lambda{params['lambda']:g}"))
-    run_stages(cfg, Path(cfg.out), resume=True, log=lambda _: None,
+                       str(Location(root) / f"omega{params['omega']:g}-lambda{params['lambda']:g}"))
+    run_stages(cfg, Location(cfg.out), resume=True, log=lambda _: None,
                on_stage=lambda i, info: tune.report({"stage": i, "student_acc": info["student_acc"],
                                                      "mean_S": info["mean_S"]}))
 
@@ -49,11 +50,12 @@ def sweep(cfg: Config) -> dict:
     from ray.tune.schedulers import ASHAScheduler
 
     s = cfg.sweep
-    root = (Path(cfg.out) if cfg.out else Path("runs") / f"sweep-{cfg.name}-{config_hash(run_identity(cfg))}").resolve()
+    root = as_location(cfg.out or f"runs/sweep-{cfg.name}-{config_hash(run_identity(cfg))}")
     base = to_dict(cfg)
-    base["cache"] = str(Path(cfg.cache).resolve())  # trials run in their own working folders
-    if cfg.data.root:
-        base["data"]["root"] = str(Path(cfg.data.root).resolve()) if "://" not in cfg.data.root else cfg.data.root
+    base["cache"] = str(as_location(cfg.cache))  # trials run in their own working folders
+    for key in ("root", "prepared"):
+        if base["data"][key]:
+            base["data"][key] = str(as_location(base["data"][key]))
     # the prior and the reference are made once here, not by concurrent trials
     ensure_prior(cfg)
     ensure_reference(cfg, num_classes(cfg.data))
@@ -71,7 +73,8 @@ def sweep(cfg: Config) -> dict:
         param_space=space,
         tune_config=tune.TuneConfig(metric="student_acc", mode="max", scheduler=scheduler, num_samples=s.num_samples,
                                     max_concurrent_trials=s.max_concurrent),
-        run_config=tune.RunConfig(name="tune", storage_path=str(root), verbose=1))
+        run_config=tune.RunConfig(name="tune", storage_path=root.path, verbose=1,
+                                  storage_filesystem=None if root.is_local else root.fs))
     results = tuner.fit()
     rows = []
     for r in results:
@@ -83,11 +86,11 @@ def sweep(cfg: Config) -> dict:
                      "acc_per_stage": [round(float(a), 4) for a in hist["student_acc"]]})
     rows.sort(key=lambda r: (-r["stages_run"], -r["student_acc"]))
     best = rows[0]  # among the trials that ran every stage, the highest final accuracy
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(best))
-        w.writeheader()
-        w.writerows(rows)
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=list(best))
+    w.writeheader()
+    w.writerows(rows)
+    (root / "results.csv").write_text(f.getvalue())
     best_cfg = build_config(apply_overrides(to_dict(cfg), [f"guidance.omega={best['omega']}",
                                                            f"guidance.lambda={best['lambda']}"]))
     path = root / "best.yaml"

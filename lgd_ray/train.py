@@ -4,19 +4,19 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+import safetensors.torch
 from tqdm.auto import tqdm
 
 from lgd_ray.config import TrainConfig
-from lgd_ray.data import TensorSet, to_float
+from lgd_ray.data import PreparedSplit, TensorSet, to_float
 from lgd_ray.models import build_classifier
 from lgd_ray.seeding import derive_seed
+from lgd_ray.storage import Location, as_location
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -138,19 +138,23 @@ def accuracy(model: torch.nn.Module, data, device="cpu") -> float:
     return (logits.argmax(1) == labels).float().mean().item()
 
 
-def save_classifier(model: torch.nn.Module, path: Path, info: dict):
-    """Weights as safetensors (written to a temporary name, then renamed) and `info` as JSON beside them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    path.with_suffix(".json").write_text(json.dumps(info, indent=1))
-    tmp.replace(path)
+def info_location(weights: Location) -> Location:
+    """The JSON beside a weights file: x.safetensors -> x.json."""
+    return Location(as_location(weights).uri.replace(".safetensors", ".json"))
 
 
-def load_classifier(model: torch.nn.Module, path: Path) -> tuple[torch.nn.Module, dict]:
+def save_classifier(model: torch.nn.Module, loc: Location, info: dict):
+    """`info` as JSON, then the weights as safetensors (each one atomic write): weights present means both are."""
+    loc = as_location(loc)
+    info_location(loc).write_text(json.dumps(info, indent=1))
+    loc.write_bytes(safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
+
+
+def load_classifier(model: torch.nn.Module, loc: Location) -> tuple[torch.nn.Module, dict]:
     """Load safetensors weights into `model`; returns (model in eval mode, its info JSON)."""
-    model.load_state_dict(load_file(str(path)))
-    return model.eval(), json.loads(path.with_suffix(".json").read_text())
+    loc = as_location(loc)
+    model.load_state_dict(safetensors.torch.load(loc.read_bytes()))
+    return model.eval(), json.loads(info_location(loc).read_text())
 
 
 @dataclass
@@ -176,7 +180,12 @@ class FitJob:
 
 
 def rank_slice(data, rank: int, world: int, seed: int):
-    """This rank's equal share of `data` (a seeded split; the remainder is dropped so DDP ranks stay in step)."""
+    """This rank's equal share of `data` (a seeded split; the remainder is dropped so DDP ranks stay in step).
+
+    Prepared shards are already in a seeded random order: a rank reads only the shards of its contiguous share.
+    """
+    if isinstance(data, PreparedSplit):
+        return data.share(rank, world)
     if world == 1:
         return data
     per = len(data) // world

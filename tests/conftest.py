@@ -1,5 +1,10 @@
-"""Shared fixtures: a tiny digits configuration whose prior and reference are trained once per session."""
+"""Shared fixtures: a tiny digits configuration whose prior and reference are trained once per session, and a real
+S3-compatible server (moto's server mode, as Ray's own tests use) on a free loopback port."""
 from __future__ import annotations
+
+import logging
+import os
+import uuid
 
 import pytest
 import torch
@@ -7,8 +12,54 @@ from diffusers import DiTPipeline
 
 from lgd_ray.config import load_config
 from lgd_ray.prior import random_pipeline
+from lgd_ray.storage import Location
 
 torch.set_num_threads(2)
+# The test S3 server takes any key; these dummies (set before any Ray process starts, so Ray workers inherit them)
+# keep the AWS SDK from probing the EC2 metadata service for credentials.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "lgd-ray-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "lgd-ray-test")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """host:port of an S3-compatible server (moto) running in this process for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+
+
+def new_bucket(endpoint: str) -> str:
+    """Create a fresh bucket on the test server; returns its name."""
+    import boto3
+
+    name = f"lgd-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+def s3_uri(endpoint: str, bucket: str, path: str = "") -> str:
+    return f"s3://{bucket}/{path}?endpoint_override={endpoint}&scheme=http"
+
+
+@pytest.fixture
+def s3_root(s3_endpoint) -> Location:
+    """An empty prefix of a fresh bucket on the test S3 server."""
+    return Location(s3_uri(s3_endpoint, new_bucket(s3_endpoint), "root"))
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path, s3_endpoint) -> Location:
+    """The same test on a local folder and on the S3 server (as Ray's test_persistence parametrises its storage)."""
+    if request.param == "local":
+        return Location(str(tmp_path / "store"))
+    return Location(s3_uri(s3_endpoint, new_bucket(s3_endpoint), "store"))
 
 TINY = [
     "prior.train_steps=300", "prior.depth=2", "prior.num_heads=2", "prior.head_dim=32", "prior.num_steps=10",
@@ -62,3 +113,21 @@ def latent_pipeline_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-dit-256")
     tiny_latent_pipeline().save_pretrained(path)
     return path
+
+
+def s3_cache_of(cfg, endpoint: str) -> Location:
+    """A cache on the S3 server holding a copy of the local cache's prior and reference of `cfg` (staged as a user
+    stages a hub DiT: `python -m lgd_ray.prior stage`), so runs on S3 use the very same models as local runs."""
+    from dataclasses import replace
+
+    from lgd_ray.prior import prior_dir, stage_prior
+    from lgd_ray.reference import reference_path
+    from lgd_ray.train import info_location
+
+    cache = Location(s3_uri(endpoint, new_bucket(endpoint), "cache"))
+    remote = replace(cfg, cache=str(cache))
+    stage_prior(prior_dir(cfg).path, str(prior_dir(remote)))
+    for src, dst in ((reference_path(cfg), reference_path(remote)),
+                     (info_location(reference_path(cfg)), info_location(reference_path(remote)))):
+        dst.write_bytes(src.read_bytes())
+    return cache

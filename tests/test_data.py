@@ -8,6 +8,7 @@ from PIL import Image
 
 from lgd_ray.config import ConfigError, DataConfig
 from lgd_ray.data import check_data, load_split, read_classlist, read_idx
+from lgd_ray.storage import Location
 
 
 def _write_idx(path, arr):
@@ -21,10 +22,10 @@ def test_idx_reader_plain_and_gz(tmp_path):
     arr = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
     for name in ("a-idx3-ubyte", "a-idx3-ubyte.gz"):
         _write_idx(tmp_path / name, arr)
-        assert np.array_equal(read_idx(tmp_path / name), arr)
+        assert np.array_equal(read_idx(Location(str(tmp_path / name))), arr)
     (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)
     with pytest.raises(ValueError, match="not an idx file"):
-        read_idx(tmp_path / "bad")
+        read_idx(Location(str(tmp_path / "bad")))
 
 
 def test_fashion_mnist_from_idx_files(tmp_path):
@@ -37,7 +38,7 @@ def test_fashion_mnist_from_idx_files(tmp_path):
     train, test = load_split(cfg, "train"), load_split(cfg, "test")
     assert train.images.shape == (12, 1, 28, 28) and train.images.dtype == torch.uint8
     assert len(test) == 7 and test.labels.dtype == torch.int64
-    assert np.array_equal(train.images[:, 0].numpy(), read_idx(tmp_path / "train-images-idx3-ubyte.gz"))
+    assert np.array_equal(train.images[:, 0].numpy(), read_idx(Location(str(tmp_path / "train-images-idx3-ubyte.gz"))))
 
 
 def test_digits_split_is_explicit_and_disjoint():

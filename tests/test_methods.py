@@ -7,7 +7,8 @@ from lgd_ray.data import to_float
 from lgd_ray.modes import ModeGuide, class_modes
 from lgd_ray.sampler import generate
 from lgd_ray.shards import read_shards
-from lgd_ray.stages import pick_real, run_stages
+from lgd_ray.methods import pick_real
+from lgd_ray.stages import run_stages
 
 
 def test_pick_real_is_seeded_and_distinct():

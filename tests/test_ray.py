@@ -1,17 +1,23 @@
-"""The Ray layer on a real local Ray: actor pool, pool-size independence, actor death, driver death + resume."""
+"""The Ray layer on a real local Ray: actor pool, pool-size independence, actor death, driver death + resume; the same
+run with out= and cache= on a real S3 server (moto, loopback): equal images, resume from the store, every reader, and a
+bad store or a missing model said in one line."""
 import os
 import signal
 import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import pytest
 import ray
 import webdataset as wds
 
-from lgd_ray.config import load_config
+from conftest import new_bucket, s3_cache_of, s3_uri
+from lgd_ray.config import ConfigError, load_config
 from lgd_ray.distill import distill
-from lgd_ray.shards import read_manifest
+from lgd_ray.shards import read_manifest, shard_urls
+from lgd_ray.storage import Location
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,7 +42,27 @@ def _hashes(manifest):
 @pytest.fixture(scope="module")
 def two_actor_run(trained, tiny_overrides, tmp_path_factory):
     out = tmp_path_factory.mktemp("ray2")
-    return out, distill(_cfg(tiny_overrides, out, "ray.actors=2"))
+    start = time.time()
+    manifest = distill(_cfg(tiny_overrides, out, "ray.actors=2"))
+    print(f"\ndigits run, 2 actors, local Ray, local folder: {time.time() - start:.1f} s")
+    return out, manifest
+
+
+@pytest.fixture(scope="module")
+def s3_run(trained, tiny_cfg, tiny_overrides, s3_endpoint):
+    """The same run as two_actor_run with out= and cache= on the S3 server (the cache a staged copy of the local one)."""
+    cache = s3_cache_of(tiny_cfg, s3_endpoint)
+    out = Location(s3_uri(s3_endpoint, new_bucket(s3_endpoint), "run"))
+    start = time.time()
+    manifest = distill(_cfg(tiny_overrides, out, "ray.actors=2", f"cache={cache}"))
+    print(f"\ndigits run, 2 actors, local Ray, S3 server: {time.time() - start:.1f} s")
+    return out, manifest
+
+
+def _pngs(run: Location, manifest) -> dict:
+    """PNG bytes per sample key, read with plain webdataset (no decoding)."""
+    urls = shard_urls(run, sorted(r["path"] for r in manifest["shards"]))
+    return {s["__key__"]: s["png"] for s in wds.WebDataset(urls, shardshuffle=False)}
 
 
 def test_two_actors_give_every_sample_once(two_actor_run):
@@ -132,30 +158,93 @@ def test_killed_actor_loses_nothing(two_actor_run, tiny_overrides, tmp_path):
     assert len(keys) == len(set(keys)) == 40
 
 
+def test_s3_run_gives_the_images_of_the_local_run(two_actor_run, s3_run):
+    (local, lm), (remote, rm) = two_actor_run, s3_run
+    local = Location(str(local))
+    assert _hashes(rm) == _hashes(lm) and len(rm["shards"]) == 20
+    local_png, remote_png = _pngs(local, lm), _pngs(remote, rm)
+    assert len(remote_png) == 40 and remote_png == local_png  # PNG bytes per key
+    assert rm["stages"]["1"]["student_acc"] == lm["stages"]["1"]["student_acc"]
+    assert (remote / "stage-01" / "student.safetensors").exists() and (remote / "report.md").exists()
+    assert (remote / "train").iterdir()  # Ray Train's runs and checkpoints on the store
+    assert not Path("s3:").exists()  # no local folder named after the URI
+
+
+def test_readers_on_the_s3_run(s3_run):
+    from lgd_ray.evaluate import evaluate_run
+    from lgd_ray.redundancy import redundancy
+    from lgd_ray.report import compare
+
+    remote, manifest = s3_run
+    loc = remote / manifest["shards"][0]["path"]
+    rows = ray.data.read_webdataset([(remote / r["path"]).path for r in manifest["shards"]], filesystem=loc.fs).take_all()
+    assert sorted(r["__key__"] for r in rows) == sorted(k for r in manifest["shards"] for k in r["keys"])
+    keys = ["repeats=1", "epochs_by_ipc=[]", "train.epochs=3", "eval_every=3"]
+    result = evaluate_run(str(remote), keys)
+    name = f"{result['model']}-ipc{result['ipc']}-hard"
+    assert (remote / "eval" / f"{name}.json").exists() and (remote / "eval" / f"{name}.csv").exists()
+    red = redundancy(str(remote), keys)
+    assert len(red["matrix"]) == 2 and (remote / "redundancy" / "matrix.png").exists()
+    report = (remote / "report.md").read_text()
+    assert "## Evaluation" in report and "## Redundancy" in report and (remote / "report" / "stage1.png").exists()
+    assert f"{result['last_mean']:.2f}" in compare([str(remote)])
+
+
+def test_actors_only_load_and_say_what_is_missing(tiny_overrides, s3_endpoint):
+    from lgd_ray.actors import ActorPool
+    from lgd_ray.methods import ChunkTask
+
+    bucket = new_bucket(s3_endpoint)
+    for method, missing in (("dit", r"prior: no DiT pipeline at s3://.*make it first: `python -m lgd_ray\.prior digits`"),
+                            ("random", r"reference: no theta\* at s3://.*`python -m lgd_ray\.distill digits`")):
+        cfg = load_config("digits", tiny_overrides + [f"cache={s3_uri(s3_endpoint, bucket, 'empty')}",
+                                                      f"distill.method={method}", "ray.actors=1"])
+        pool = ActorPool(cfg, Location(s3_uri(s3_endpoint, bucket, "run")))
+        try:
+            with pytest.raises(ConfigError, match=missing) as e:
+                list(pool([ChunkTask(0, 0, (0,))], None, lambda t: []))
+            assert "\n" not in str(e.value)
+        finally:
+            pool.shutdown()
+    assert not Location(s3_uri(s3_endpoint, bucket, "empty")).iterdir()  # nothing was trained by an actor
+
+
+def test_cli_refuses_a_missing_bucket_in_one_line(tiny_overrides, s3_endpoint):
+    out = f"s3://no-such-bucket/run?endpoint_override={s3_endpoint}&scheme=http"
+    r = subprocess.run([sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, f"out={out}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "error: storage: cannot write s3://no-such-bucket/run/" in r.stderr and "bucket does not exist" in r.stderr
+
+
 @pytest.mark.slow
-def test_killed_driver_resumes(trained, tiny_overrides, tmp_path, two_actor_run):
+def test_killed_driver_resumes_from_the_store(two_actor_run, tiny_overrides, s3_endpoint):
     _, undisturbed = two_actor_run
-    out = tmp_path / "run"
-    args = [sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, *ONE_STAGE, f"out={out}", "ray.actors=1"]
+    out = Location(s3_uri(s3_endpoint, new_bucket(s3_endpoint), "run"))
+    args = [sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, *ONE_STAGE, f"out={out}",
+            "ray.actors=1"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 240
         while time.time() < deadline:  # wait until stage 0 is trained and a chunk of stage 1 is written
-            m = read_manifest(out) if (out / "manifest.json").exists() else None
+            m = read_manifest(out)
             if m and "0" in m["stages"] and any(r["stage"] == 1 for r in m["shards"]):
                 break
-            time.sleep(0.2)
+            time.sleep(0.5)
         else:
             pytest.fail("the driver made no progress")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     before = read_manifest(out)
-    kept = {r["path"]: (out / r["path"]).stat().st_mtime_ns for r in before["shards"]}
     assert "1" not in before["stages"]
+    victim = out / before["shards"][0]["path"]  # a stage-0 shard, truncated on the store
+    victim.write_bytes(victim.read_bytes()[:700])
+    mtime = lambda loc: loc.fs.get_file_info(loc.path).mtime
+    kept = {r["path"]: mtime(out / r["path"]) for r in before["shards"][1:]}
     r = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     after = read_manifest(out)
-    assert _hashes(after) == _hashes(undisturbed)
-    assert all((out / p).stat().st_mtime_ns == t for p, t in kept.items())  # completed chunks were not redone
-    assert "stage 0/1" not in r.stdout and "stage 1/1" in r.stdout  # stage 0 was loaded, not retrained
+    assert _hashes(after) == _hashes(undisturbed) and victim.sha256() == before["shards"][0]["sha256"]
+    assert all(mtime(out / p) == t for p, t in kept.items())  # intact chunks were not redone
+    assert "stage 0/1" in r.stdout and "stage 1/1" in r.stdout  # stage 0 retrained: one of its shards was damaged

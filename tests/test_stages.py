@@ -8,8 +8,10 @@ from safetensors.torch import load_file
 
 from lgd_ray.config import ConfigError, load_config
 from lgd_ray.reference import new_classifier
-from lgd_ray.shards import read_manifest, sha256_file
-from lgd_ray.stages import class_chunks, run_stages, stage_plan
+from lgd_ray.shards import read_manifest
+from lgd_ray.storage import Location
+from lgd_ray.methods import class_chunks, stage_plan
+from lgd_ray.stages import run_stages
 
 
 def test_class_chunks_cover_every_class_once():
@@ -69,7 +71,7 @@ def test_resume_redoes_only_a_corrupted_shard(run):
     victim = "stage-01/shard-000001.tar"
     (out / victim).write_bytes((out / victim).read_bytes()[:500])
     again = run_stages(cfg, out, resume=True, log=lambda _: None)
-    assert sha256_file(out / victim) == rows[victim]["sha256"]  # regenerated: the same bytes as the first time
+    assert Location(str(out / victim)).sha256() == rows[victim]["sha256"]  # regenerated: the same bytes as the first time
     changed = {p for p in rows if (out / p).stat().st_mtime_ns != mtimes[p]}
     assert changed == {victim}
     assert again["stages"]["1"]["student_acc"] == manifest["stages"]["1"]["student_acc"]

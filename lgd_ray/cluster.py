@@ -1,0 +1,81 @@
+"""Before any work on a Ray cluster of several nodes: every node must reach the run's storage and data.
+
+A relative path is refused at once (under `ray job submit --working-dir` each node has its own copy of the working
+folder). Then the driver writes a marker under `out` and `cache`, and one small task pinned to each alive node reads
+both back and checks the data set: a node-local folder, a mount missing on one node or a store a node cannot reach
+fails the run in seconds with the node's address and the path.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from lgd_ray.config import Config, ConfigError
+from lgd_ray.data import check_data
+from lgd_ray.storage import Location, StorageError
+
+MARKER = ".lgd_ray-node-check"
+
+
+def alive_nodes() -> list[dict]:
+    return [n for n in ray.nodes() if n["Alive"]]
+
+
+def shared_paths(cfg: Config) -> dict[str, str]:
+    """The config's keys that every node must see the same way, with their values ("" where unset)."""
+    return {"out": cfg.out, "cache": cfg.cache, "data.root": cfg.data.root, "data.prepared": cfg.data.prepared}
+
+
+def refuse_relative(cfg: Config, n_nodes: int):
+    for key, value in shared_paths(cfg).items():
+        if key == "out" and not value:
+            value = "runs/<config>-<hash>"  # the default run folder is relative
+        if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
+            raise ConfigError(f"config: '{key}' = {value!r} is a relative path, private to each of the {n_nodes} nodes; "
+                              f"set {key}= to a store URI (s3://BUCKET/PATH, gs://...) or a folder mounted on every node")
+
+
+def _check_on_node(markers: list[tuple[Location, str]], cfg_data) -> str:
+    """Run on one node: '' if it reads every marker and finds the data, else the reason."""
+    for loc, token in markers:
+        try:
+            found = loc.read_text() if loc.exists() else None
+        except StorageError as e:
+            return str(e)
+        if found != token:
+            return f"cannot read {loc} (written by the driver): this node does not share that folder"
+    try:
+        check_data(cfg_data)
+    except ConfigError as e:
+        return str(e)
+    return ""
+
+
+def check_cluster_storage(cfg: Config, out: Location, cache: Location, timeout_s: float = 60.0):
+    """On a cluster of more than one alive node, fail fast unless every node reaches out, cache and the data."""
+    nodes = alive_nodes()
+    if len(nodes) < 2:
+        return
+    refuse_relative(cfg, len(nodes))
+    token = uuid.uuid4().hex
+    markers = [(loc / MARKER, token) for loc in (out, cache)]
+    for loc, _ in markers:
+        loc.write_text(token)
+    task = ray.remote(num_cpus=0, max_retries=0)(_check_on_node)
+    try:
+        refs = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            markers, cfg.data): n for n in nodes}
+        ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        for ref in ready:
+            problem = ray.get(ref)
+            if problem:
+                raise StorageError(f"storage: node {refs[ref]['NodeManagerAddress']} ({refs[ref]['NodeID'][:8]}): {problem}")
+        if late:
+            raise StorageError(f"storage: node {refs[late[0]]['NodeManagerAddress']} did not answer the storage check "
+                               f"within {timeout_s:.0f} s")
+    finally:
+        for loc, _ in markers:
+            loc.delete()

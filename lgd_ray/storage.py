@@ -1,0 +1,289 @@
+"""One storage layer for run folders, caches, priors and data: a local path or a URI, read and written through pyarrow.
+
+    runs/x  /mnt/fsx/runs/x  file:///mnt/fsx/runs/x            local or mounted disk
+    s3://bucket/runs/x                                           AWS S3 (credentials: environment or instance profile)
+    s3://bucket/runs/x?endpoint_override=HOST:PORT&scheme=http   an S3-compatible store (MinIO, Ceph, moto ...)
+    gs://bucket/runs/x                                           Google Cloud Storage
+    other://...                                                  any fsspec protocol (through pyarrow's FSSpecHandler)
+
+A `Location` is a URI string (picklable, so it travels to Ray actors and tasks unchanged). Writes are atomic: on a
+local disk a temporary name is renamed; on an object store each object is one complete upload (objects appear
+whole or not at all), and a folder's completion marker is written last. Credentials never appear in a URI.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+from urllib.parse import parse_qsl, urlsplit
+
+import pyarrow.fs as pafs
+
+from lgd_ray.config import ConfigError
+
+S3_QUERY_KEYS = {"endpoint_override", "scheme", "region"}  # what an s3:// URI may carry besides bucket and key
+SECRET_KEYS = {"access_key", "secret_key", "session_token"}
+
+
+class StorageError(ConfigError):
+    """A store that cannot be used as configured; the message is one line naming the URI and the fix."""
+
+
+@lru_cache(maxsize=None)
+def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
+    params = dict(parse_qsl(query))
+    if set(params) & SECRET_KEYS:
+        raise StorageError(f"storage: credentials do not belong in a URI ({scheme}://{netloc}...): use the environment "
+                           "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), an instance profile or a service account")
+    if scheme == "s3":
+        unknown = set(params) - S3_QUERY_KEYS
+        if unknown:
+            raise StorageError(f"storage: unknown option {sorted(unknown)[0]!r} in s3://{netloc}?{query} "
+                               f"(allowed: {', '.join(sorted(S3_QUERY_KEYS))})")
+        # The endpoint comes from the URI only: pyarrow ignores AWS_ENDPOINT_URL (apache/arrow#49643).
+        return pafs.S3FileSystem(endpoint_override=params.get("endpoint_override"), scheme=params.get("scheme", "https"),
+                                 region=params.get("region"), connect_timeout=5, request_timeout=120,
+                                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+    if scheme in ("gs", "gcs"):
+        return pafs.FileSystem.from_uri(f"gs://{netloc}" + (f"?{query}" if query else ""))[0]
+    import fsspec
+
+    try:
+        fs = fsspec.filesystem(scheme, **params)
+    except (ImportError, ValueError) as e:
+        raise StorageError(f"storage: no filesystem for {scheme}:// ({e})") from e
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file or folder on a local disk or in a store, named by a path or a URI (see the module docstring)."""
+
+    uri: str
+
+    def __post_init__(self):
+        if not self.uri:
+            raise StorageError("storage: empty path")
+        if self.uri.startswith("file://"):
+            object.__setattr__(self, "uri", urlsplit(self.uri).path)
+
+    # -- names -----------------------------------------------------------------------------------------------------
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.uri
+
+    @property
+    def _parts(self):
+        return urlsplit(self.uri)
+
+    @property
+    def path(self) -> str:
+        """The path inside the filesystem: an absolute local path, or bucket/key for a store."""
+        if self.is_local:
+            return str(Path(self.uri).expanduser().absolute())
+        p = self._parts
+        return (p.netloc + p.path).rstrip("/")
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        if self.is_local:
+            return pafs.LocalFileSystem()
+        p = self._parts
+        return _filesystem(p.scheme, p.netloc, p.query)
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.path).name
+
+    def __truediv__(self, rel: str) -> "Location":
+        if self.is_local:
+            return Location(str(Path(self.uri) / rel))
+        p = self._parts
+        base = f"{p.scheme}://{p.netloc}{p.path.rstrip('/')}/{rel}"
+        return Location(base + (f"?{p.query}" if p.query else ""))
+
+    def resolve(self) -> "Location":
+        """Local paths made absolute (so that Ray workers with another working folder find them)."""
+        return Location(self.path) if self.is_local else self
+
+    @property
+    def local_path(self) -> Path:
+        if not self.is_local:
+            raise StorageError(f"storage: {self} is not on a local disk")
+        return Path(self.path)
+
+    def __str__(self) -> str:
+        return self.uri
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        with self._errors("look up"):
+            return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def is_dir(self) -> bool:
+        with self._errors("look up"):
+            return self.fs.get_file_info(self.path).type == pafs.FileType.Directory
+
+    def read_bytes(self) -> bytes:
+        with self._errors("read"):
+            with self.fs.open_input_stream(self.path, compression=None) as f:
+                return f.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def open(self):
+        """A binary stream for reading (a shard, an idx file)."""
+        with self._errors("read"):
+            return self.fs.open_input_stream(self.path, compression=None)
+
+    def iterdir(self) -> list["Location"]:
+        """The entries of a folder, sorted by name ([] if the folder does not exist)."""
+        with self._errors("list"):
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted((self / PurePosixPath(i.path).name for i in infos), key=lambda loc: loc.name)
+
+    def files(self, suffix: str = "") -> list["Location"]:
+        return [c for c in self.iterdir() if c.name.endswith(suffix) and not c.is_dir()]
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        with self.open() as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    # -- writing ---------------------------------------------------------------------------------------------------
+    def write_bytes(self, data: bytes):
+        """Atomic: local files go to a temporary name and are renamed; an object is one complete upload."""
+        with self._errors("write"):
+            if self.is_local:
+                path = Path(self.path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:6]}")
+                tmp.write_bytes(data)
+                tmp.replace(path)
+            else:
+                with self.fs.open_output_stream(self.path, compression=None) as f:
+                    f.write(data)
+
+    def write_text(self, text: str):
+        self.write_bytes(text.encode())
+
+    def delete(self):
+        """Remove a file or a whole folder (no error if absent)."""
+        with self._errors("delete"):
+            info = self.fs.get_file_info(self.path)
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(self.path)
+            elif info.type == pafs.FileType.File:
+                self.fs.delete_file(self.path)
+
+    def upload_dir(self, local: Path, last: str):
+        """Copy a local folder here as a whole: on a local disk a temporary folder renamed; in a store file by file,
+        the file `last` (the completion marker) after all others."""
+        files = sorted((p for p in Path(local).rglob("*") if p.is_file()),
+                       key=lambda p: (p.relative_to(local).as_posix() == last, p.as_posix()))
+        if not files or files[-1].relative_to(local).as_posix() != last:
+            raise ValueError(f"{local} has no {last}")
+        if self.is_local:
+            target = self.local_path
+            tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(local, tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+            return
+        for p in files:
+            with self._errors("write"):
+                pafs.copy_files(str(p), (self / p.relative_to(local).as_posix()).path,
+                                source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+
+    def download_dir(self, local: Path):
+        """Copy this folder into a local folder."""
+        with self._errors("read"):
+            pafs.copy_files(self.path, str(local), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+
+    # -- errors ----------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _errors(self, action: str):
+        try:
+            yield
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise StorageError(f"storage: cannot {action} {self}: {_reason(e)}") from e
+
+
+def as_location(where) -> Location:
+    """A Location from a Location, a path or a URI string; local paths made absolute."""
+    return (where if isinstance(where, Location) else Location(str(where))).resolve()
+
+
+def _reason(e: OSError) -> str:
+    """The cause of a pyarrow I/O error in a few words, with the fix."""
+    text = str(e)
+    if "NETWORK_CONNECTION" in text or "Could not connect" in text or "Couldn't connect" in text:
+        return ("the endpoint does not answer (an S3-compatible store is named in the URI: "
+                "s3://BUCKET/PATH?endpoint_override=HOST:PORT&scheme=http)")
+    if "NO_SUCH_BUCKET" in text or "bucket does not exist" in text:
+        return "the bucket does not exist (create it first)"
+    if any(k in text for k in ("ACCESS_DENIED", "AccessDenied", "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId",
+                               "SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch", "HTTP response code 403",
+                               "credentials")):
+        return ("access denied: no or wrong credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "an instance profile, or a service account with storage access)")
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_writable(loc: Location):
+    """Write, read back and delete a small object under loc: fails in seconds with one line if the store is unusable."""
+    probe = loc / f".lgd_ray-probe-{uuid.uuid4().hex[:8]}"
+    probe.write_bytes(b"ok")
+    if probe.read_bytes() != b"ok":
+        raise StorageError(f"storage: {loc} does not read back what was written")
+    probe.delete()
+
+
+def local_copy(loc: Location, cache_root: str, marker: str) -> Path:
+    """A node-local copy of a folder (a prior), made once per node: concurrent callers wait on a file lock.
+
+    Local folders are used where they are. The copy is complete when `marker` exists in it.
+    """
+    if loc.is_local:
+        return loc.local_path
+    root = Path(cache_root).expanduser() / "store"
+    target = root / hashlib.sha256(loc.uri.encode()).hexdigest()[:16]
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / marker).exists():
+            if not (loc / marker).exists():
+                raise StorageError(f"storage: {loc} holds no {marker}")
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"storage: copying {loc} -> {target} (once on this node)", file=sys.stderr, flush=True)
+            loc.download_dir(tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+    return target
+
+
+def main(argv: list[str]):
+    """`python -m lgd_ray.storage cat URI`: an object's bytes to stdout (for `pipe:` URLs of plain webdataset)."""
+    if len(argv) != 2 or argv[0] != "cat":
+        sys.exit("usage: python -m lgd_ray.storage cat URI")
+    with Location(argv[1]).open() as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sys.stdout.buffer.write(block)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

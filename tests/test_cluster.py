@@ -1,0 +1,85 @@
+"""A real multi-node Ray on this machine (`ray.cluster_utils.Cluster`: a head with no CPUs and two worker nodes) with
+the run's storage on the S3 server: the nodes share this machine's disk, so only a store proves that nothing relies
+on a node-local path. A worker node in its own mount namespace (a tmpfs over the run folder) is a node with a
+private disk: the start-up check names it."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from conftest import new_bucket, s3_cache_of, s3_uri
+from lgd_ray.cluster import check_cluster_storage
+from lgd_ray.config import ConfigError, load_config
+from lgd_ray.distill import distill
+from lgd_ray.storage import Location, StorageError
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [c.add_node(num_cpus=3) for _ in range(2)]  # an actor (2 CPUs) and a Ray Train worker (1) per node
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c, {w.node_id for w in workers}
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_relative_paths_are_refused_before_any_work(cluster, tiny_overrides, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for key in ("out=runs/x", "cache=runs/cache"):
+        cfg = load_config("digits", tiny_overrides + [f"out={tmp_path / 'abs'}", key])
+        with pytest.raises(ConfigError, match=rf"'{key.split('=')[0]}' = 'runs/\w+' is a relative path, private to "
+                                              r"each of the 3 nodes.*store URI"):
+            distill(cfg)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "abs").exists()
+
+
+def test_digits_run_across_two_worker_nodes_on_s3(cluster, trained, tiny_cfg, tiny_overrides, s3_endpoint):
+    _, worker_ids = cluster
+    cache = s3_cache_of(tiny_cfg, s3_endpoint)
+    out = Location(s3_uri(s3_endpoint, new_bucket(s3_endpoint), "run"))
+    cfg = load_config("digits", tiny_overrides + ["distill.stages=1", "distill.classes_per_chunk=1", f"out={out}",
+                                                  f"cache={cache}", "ray.actors=2", "ray.num_cpus_per_actor=2"])
+    start = time.time()
+    manifest = distill(cfg)
+    print(f"\ndigits run on 2 worker nodes + S3: {time.time() - start:.1f} s")
+    assert {r["node"] for r in manifest["shards"]} == worker_ids  # both nodes made chunks, the head none
+    keys = [k for r in manifest["shards"] for k in r["keys"]]
+    assert len(keys) == 40 == len(set(keys)) and manifest["stages"]["1"]["trained"]
+    assert (out / "stage-01" / "student.safetensors").exists() and (out / "train").iterdir()
+    assert not (out / ".lgd_ray-node-check").exists()  # the start-up check cleans up its marker
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare(1)")
+def test_a_node_with_a_private_disk_fails_the_run_in_seconds(cluster, tiny_overrides, tmp_path):
+    c, _ = cluster
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # a third worker node whose view of `shared` is its own empty tmpfs: a folder that is not on a shared mount
+    node = subprocess.Popen(["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {shared} && exec {RAY} start "
+                             f"--address={c.address} --num-cpus=1 --block"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while len([n for n in ray.nodes() if n["Alive"]]) < 4:
+            assert time.time() < deadline and node.poll() is None, "the extra node did not join"
+            time.sleep(0.5)
+        cfg = load_config("digits", tiny_overrides + [f"out={shared / 'run'}"])
+        start = time.time()
+        with pytest.raises(StorageError, match=rf"node [\d.]+ \(\w+\): cannot read {shared}/run/\.lgd_ray-node-check"
+                                               r".*does not share that folder"):
+            check_cluster_storage(cfg, Location(str(shared / "run")), Location(cfg.cache))
+        assert time.time() - start < 30
+    finally:
+        os.killpg(node.pid, 15)
+        node.wait(timeout=60)

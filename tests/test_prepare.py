@@ -1,0 +1,94 @@
+"""`prepare`: an ImageFolder tree (JPEG and PNG, odd sizes, a class list not in directory order) into uint8 shards on
+a real S3 server through Ray Data; the readers (DDP shares, the test split, a reference fit) use them."""
+import numpy as np
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from lgd_ray.config import ConfigError, load_config
+from lgd_ray.data import PreparedSplit, decode_image, load_split
+from lgd_ray.prepare import prepare
+from lgd_ray.storage import Location
+from lgd_ray.train import rank_slice
+
+WNIDS = ["n03888257", "n01440764", "n02102040"]  # not sorted: label = position in the list
+SIZES = [(37, 23), (20, 41), (64, 64), (33, 30), (50, 17)]
+
+
+def _tree(root):
+    """train: 5 images per class, val: 2; alternating JPEG and PNG of odd sizes, every image different."""
+    rng = np.random.default_rng(0)
+    files = {}
+    for split, n in (("train", 5), ("val", 2)):
+        for label, w in enumerate(WNIDS + ["n09999999"]):  # a class on disk but not in the list is ignored
+            (root / split / w).mkdir(parents=True)
+            for j in range(n):
+                img = Image.fromarray(rng.integers(0, 256, SIZES[j][::-1] + (3,), dtype=np.uint8))
+                path = root / split / w / f"{w}_{j}.{'JPEG' if j % 2 == 0 else 'png'}"
+                img.save(path, quality=95) if j % 2 == 0 else img.save(path)
+                if label < len(WNIDS):
+                    files.setdefault(split, []).append((path, label))
+    return files
+
+
+def _cfg(root, classes, prepared, *more):
+    return load_config("imagenette", [f"data.root={root}", f"data.classes={classes}", "data.image_size=16",
+                                      f"data.prepared={prepared}", "reference.model=convnet2", *more])
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_prepare_on_s3_holds_every_image_once(local_ray, tmp_path, s3_root):
+    files = _tree(tmp_path / "data")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(WNIDS) + "\n")
+    cfg = _cfg(tmp_path / "data", classes, s3_root / "prepared")
+    index = prepare(cfg, shard_images=4)
+    assert index["classes"] == WNIDS and index["splits"]["train"]["count"] == 15 and index["splits"]["test"]["count"] == 6
+    assert [s["count"] for s in index["splits"]["train"]["shards"]] == [4, 4, 4, 3]
+    for split, source in (("train", files["train"]), ("test", files["val"])):
+        whole = PreparedSplit(s3_root / "prepared", split, index).share()
+        expected = {decode_image(p.read_bytes(), 16).numpy().tobytes(): label for p, label in source}
+        got = [(img.numpy().tobytes(), int(y)) for img, y in zip(whole.images, whole.labels)]
+        assert len(got) == len(expected) and dict(got) == expected  # every image once, label = position in the list
+        assert whole.images.shape[1:] == (3, 16, 16) and whole.images.dtype == torch.uint8
+    # the readers: load_split gives the lazy train split and the test split in memory; DDP ranks get equal shares
+    train = load_split(cfg.data, "train")
+    assert isinstance(train, PreparedSplit) and len(train) == 15 and train.labels.tolist() == whole_labels(train)
+    shares = [rank_slice(train, r, 2, seed=0) for r in range(2)]
+    assert [len(s) for s in shares] == [7, 7]
+    assert torch.equal(torch.cat([s.images for s in shares]), train.share().images[:14])
+    assert len(load_split(cfg.data, "test")) == 6
+    # a config asking for another size is refused with one line
+    with pytest.raises(ConfigError, match="prepared for 3 classes at 16 px.*32 px"):
+        load_split(_cfg(tmp_path / "data", classes, s3_root / "prepared", "data.image_size=32").data, "test")
+
+
+def whole_labels(split: PreparedSplit) -> list[int]:
+    return [int(split[i][1]) for i in range(len(split))]
+
+
+def test_prepared_split_holds_the_jpeg_paths_images_and_trains(tmp_path):
+    """Without Ray, on a local folder: the shards hold exactly the images the JPEG path decodes; a fit reads them."""
+    from functools import partial
+
+    from lgd_ray.reference import fit_job
+    from lgd_ray.train import fit
+
+    _tree(tmp_path / "data")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(WNIDS) + "\n")
+    cfg = _cfg(tmp_path / "data", classes, tmp_path / "prepared", "ray.enabled=false", "reference.train.epochs=2")
+    prepare(cfg, shard_images=6)
+    jpeg = load_config("imagenette", [f"data.root={tmp_path / 'data'}", f"data.classes={classes}", "data.image_size=16"])
+    a = load_split(cfg.data, "train").share()
+    b = load_split(jpeg.data, "train")
+    assert sorted(x.numpy().tobytes() for x in a.images) == sorted(b[i][0].numpy().tobytes() for i in range(len(b)))
+    model = fit(fit_job(cfg, "reference", 3, partial(load_split, cfg.data, "train"), seed=0))
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 3)
