@@ -55,7 +55,8 @@ def _check_on_node(markers: list[tuple[Location, str]], cfg_data) -> str:
 
 
 def check_cluster_storage(cfg: Config, out: Location, cache: Location, timeout_s: float = 60.0):
-    """On a cluster of more than one alive node, fail fast unless every node reaches out, cache and the data."""
+    """On a cluster of several alive nodes, fail fast unless every node reaches out, cache and the data (relative
+    paths are refused before anything is written)."""
     nodes = alive_nodes()
     if len(nodes) < 2:
         return

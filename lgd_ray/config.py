@@ -14,13 +14,10 @@ from pathlib import Path
 
 import yaml
 
+from lgd_ray.errors import ConfigError
 from lgd_ray.models import check_model_name
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A bad configuration; the message is one line naming the key and what is allowed."""
 
 
 def _f(default, **meta):

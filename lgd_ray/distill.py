@@ -19,8 +19,10 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     print(f"distill: {cfg.name} ({cfg.distill.method}), {cfg.distill.seed_ipc} + {cfg.distill.stages} x "
           f"{cfg.distill.ipc_per_stage} images per class -> {out}", flush=True)
     check_data(cfg.data)  # before Ray starts: a missing data set is one line, not a cluster start-up
-    for where in (out, as_location(cfg.cache)):
-        check_writable(where)  # an unreachable endpoint, a missing bucket, no credentials: one line, in seconds
+    cache = as_location(cfg.cache)
+    for where in (out, cache):
+        if not where.is_local:
+            check_writable(where)  # an unreachable endpoint, a missing bucket, refused credentials: one line, in seconds
     pool = fitter = None
     if cfg.ray.enabled:
         import ray
@@ -32,8 +34,7 @@ def distill(cfg: Config, resume: bool = False) -> dict:
         from lgd_ray.cluster import check_cluster_storage
         from lgd_ray.ray_train import ray_fitter
 
-        check_cluster_storage(cfg, out, as_location(cfg.cache))
-
+        check_cluster_storage(cfg, out, cache)  # relative paths, node-local folders, nodes without the data
         pool, fitter = ActorPool(cfg, out), ray_fitter(cfg, out)
     try:
         manifest = run_stages(cfg, out, resume=resume, runner=pool, fitter=fitter,

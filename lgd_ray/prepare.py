@@ -71,7 +71,7 @@ def prepare(cfg: Config, shard_images: int = 1000) -> dict:
         if not ray.is_initialized():
             ray.init(address=cfg.ray.address or None)
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        rows = ds.map(make_shard, num_cpus=1, max_retries=3).take_all()  # one decoding thread per task
+        rows = ds.map(make_shard, num_cpus=1).take_all()  # a task per shard, one decoding thread each
     else:
         rows = [make_shard(i) for i in tqdm(items, desc="prepare", disable=None)]
     root = as_location(d.prepared)

@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow.fs as pafs
 
-from lgd_ray.config import ConfigError
+from lgd_ray.errors import ConfigError
 
 S3_QUERY_KEYS = {"endpoint_override", "scheme", "region"}  # what an s3:// URI may carry besides bucket and key
 SECRET_KEYS = {"access_key", "secret_key", "session_token"}

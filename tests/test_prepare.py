@@ -9,7 +9,6 @@ from PIL import Image
 from lgd_ray.config import ConfigError, load_config
 from lgd_ray.data import PreparedSplit, decode_image, load_split
 from lgd_ray.prepare import prepare
-from lgd_ray.storage import Location
 from lgd_ray.train import rank_slice
 
 WNIDS = ["n03888257", "n01440764", "n02102040"]  # not sorted: label = position in the list

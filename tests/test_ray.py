@@ -50,12 +50,13 @@ def two_actor_run(trained, tiny_overrides, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def s3_run(trained, tiny_cfg, tiny_overrides, s3_endpoint):
-    """The same run as two_actor_run with out= and cache= on the S3 server (the cache a staged copy of the local one)."""
+    """The run of two_actor_run with one actor instead of two, and out= and cache= on the S3 server (the cache a staged
+    copy of the local one): neither the store nor the number of actors may change a byte."""
     cache = s3_cache_of(tiny_cfg, s3_endpoint)
     out = Location(s3_uri(s3_endpoint, new_bucket(s3_endpoint), "run"))
     start = time.time()
-    manifest = distill(_cfg(tiny_overrides, out, "ray.actors=2", f"cache={cache}"))
-    print(f"\ndigits run, 2 actors, local Ray, S3 server: {time.time() - start:.1f} s")
+    manifest = distill(_cfg(tiny_overrides, out, "ray.actors=1", f"cache={cache}"))
+    print(f"\ndigits run, 1 actor, local Ray, S3 server: {time.time() - start:.1f} s")
     return out, manifest
 
 
@@ -72,13 +73,6 @@ def test_two_actors_give_every_sample_once(two_actor_run):
     assert len(keys) == 10 * 4 == len(set(keys))
     rows = ray.data.read_webdataset(paths).take_all()
     assert sorted(r["__key__"] for r in rows) == sorted(keys)
-
-
-def test_output_does_not_depend_on_pool_size(two_actor_run, tiny_overrides, tmp_path):
-    _, two = two_actor_run
-    one = distill(_cfg(tiny_overrides, tmp_path, "ray.actors=1"))
-    assert _hashes(one) == _hashes(two)
-    assert one["stages"]["1"]["student_acc"] == two["stages"]["1"]["student_acc"]
 
 
 def test_evaluation_repeats_as_ray_tasks(two_actor_run):
@@ -158,7 +152,7 @@ def test_killed_actor_loses_nothing(two_actor_run, tiny_overrides, tmp_path):
     assert len(keys) == len(set(keys)) == 40
 
 
-def test_s3_run_gives_the_images_of_the_local_run(two_actor_run, s3_run):
+def test_s3_run_with_one_actor_gives_the_images_of_the_local_run_with_two(two_actor_run, s3_run):
     (local, lm), (remote, rm) = two_actor_run, s3_run
     local = Location(str(local))
     assert _hashes(rm) == _hashes(lm) and len(rm["shards"]) == 20
@@ -221,8 +215,9 @@ def test_cli_refuses_a_missing_bucket_in_one_line(tiny_overrides, s3_endpoint):
 def test_killed_driver_resumes_from_the_store(two_actor_run, tiny_overrides, s3_endpoint):
     _, undisturbed = two_actor_run
     out = Location(s3_uri(s3_endpoint, new_bucket(s3_endpoint), "run"))
+    # the driver joins this module's Ray (as `ray job submit` joins a cluster) instead of starting its own
     args = [sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, *ONE_STAGE, f"out={out}",
-            "ray.actors=1"]
+            "ray.actors=1", f"ray.address={ray.get_runtime_context().gcs_address}"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 240
