@@ -35,11 +35,6 @@ class Stage:
     kappa: int  # candidates per slot (rank selection by S keeps the best)
     gradient: bool  # the sampler follows grad S (and the deviation gradient) inside the guidance window
 
-    @property
-    def has_student(self) -> bool:
-        """Whether theta_{i-1} exists when the stage is made (every stage but the seed increment)."""
-        return self.index > 0
-
 
 @dataclass(frozen=True)
 class ChunkTask:
@@ -101,9 +96,8 @@ class ChunkMaker:
         self.cfg, self.run_dir = cfg, run_dir
         self.device = device or pick_device(cfg.device)
         self.num_classes = num_classes(cfg.data)
-        self.method = cfg.distill.method
         self.prior = None
-        if self.method != "random":
+        if cfg.distill.method != "random":
             self.prior = load_prior(require_prior(cfg), cfg.prior.scheduler, self.device, cfg.prior.dtype, cfg.local_cache)
             self.prior.class_map = prior_class_map(cfg, self.prior)
         reference, _ = load_reference(cfg, self.num_classes)
