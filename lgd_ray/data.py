@@ -12,6 +12,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ FASHION_MNIST_FILES = {
 DIGITS_TRAIN = 1347  # digits has no official split: the first 1347 images (sklearn order) train, the last 450 test
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
 PREPARED_INDEX = "index.json"  # written last by `prepare`: its presence means every shard is there
+Choose = Callable[[int], list[int]]  # class_images: given a class's n images, the positions (0..n-1) to read
 
 
 @dataclass
@@ -44,6 +46,11 @@ class TensorSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.images[i], self.labels[i]
+
+    def class_images(self, c: int, size: int, choose: Choose) -> tuple[list[int], torch.Tensor]:
+        """Class c's images chosen by `choose` (positions among them, in index order) at `size` px: (indices, uint8)."""
+        idx = _class_members(self.labels, c, choose)
+        return idx, resize_uint8(self.images[idx], size)
 
 
 def decode_image(data: bytes, size: int) -> torch.Tensor:
@@ -84,6 +91,11 @@ class ImageFolderSet(torch.utils.data.Dataset):
         loc, label = self.files[i]
         return decode_image(loc.read_bytes(), self.image_size), torch.tensor(label)
 
+    def class_images(self, c: int, size: int, choose: Choose) -> tuple[list[int], torch.Tensor]:
+        """Class c's images chosen by `choose`, decoded from their files at `size` px: (indices, uint8)."""
+        idx = _class_members(self.labels, c, choose)
+        return idx, torch.stack([decode_image(self.files[i][0].read_bytes(), size) for i in idx])
+
 
 class PreparedSplit(torch.utils.data.Dataset):
     """A split prepared by `python -m lgd_ray.prepare`: uint8 shards (N, C, H, W) in a seeded random order.
@@ -94,6 +106,7 @@ class PreparedSplit(torch.utils.data.Dataset):
 
     def __init__(self, root: Location, split: str, index: dict):
         self.root, self.split = root, split
+        self.by_class = index.get("by_class", {})  # str(size) -> the class-sorted copy of train at that size
         self.shards = index["splits"][split]["shards"]
         self.num_classes = len(index["classes"])
         self.offsets = np.cumsum([0] + [s["count"] for s in self.shards])
@@ -126,6 +139,35 @@ class PreparedSplit(torch.utils.data.Dataset):
                 parts.append((images[a - self.offsets[k]:b - self.offsets[k]], labels[a - self.offsets[k]:b - self.offsets[k]]))
         return TensorSet(torch.from_numpy(np.concatenate([p[0] for p in parts])),
                          torch.from_numpy(np.concatenate([p[1] for p in parts]).astype(np.int64)), self.num_classes)
+
+    def require_by_class(self, size: int):
+        """A missing class-sorted copy at `size` px is one line naming the command that makes it."""
+        if self.split != "train" or str(size) not in self.by_class:
+            have = ", ".join(f"{s} px" for s in self.by_class) or "none"
+            raise ConfigError(f"data: {self.root} has no class-sorted copy of train at {size} px (has: {have}); make it: "
+                              f"`python -m lgd_ray.prepare CONFIG data.prepared={self.root} --by-class {size}`")
+
+    def class_images(self, c: int, size: int, choose: Choose) -> tuple[list[int], torch.Tensor]:
+        """Class c's images chosen by `choose`, read from the class's one object in the copy at `size` px (made by
+        `prepare --by-class SIZE`): (indices in this split, uint8)."""
+        self.require_by_class(size)
+        with np.load(io.BytesIO((by_class_dir(self.root, size) / by_class_name(c)).read_bytes())) as z:
+            pos = choose(len(z["index"]))
+            return z["index"][pos].tolist(), torch.from_numpy(z["images"][pos])
+
+
+def by_class_dir(prepared: Location, size: int) -> Location:
+    """The class-sorted copy of a prepared train split at `size` px: one object per class (images, train indices)."""
+    return prepared / f"by-class-{size}px"
+
+
+def by_class_name(c: int) -> str:
+    return f"c{c:05d}.npz"
+
+
+def _class_members(labels: torch.Tensor, c: int, choose: Choose) -> list[int]:
+    idx = (labels == c).nonzero().squeeze(1)
+    return idx[choose(len(idx))].tolist()
 
 
 def open_prepared(cfg: DataConfig, split: str) -> PreparedSplit:
@@ -235,11 +277,16 @@ def load_split(cfg: DataConfig, split: str) -> torch.utils.data.Dataset:
 
 
 def _tensor_set(images: np.ndarray, labels: np.ndarray, n_classes: int, size: int) -> TensorSet:
-    x = torch.from_numpy(np.array(images, copy=True))
-    if x.shape[-1] != size:
-        x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
-        x = x.round().clamp(0, 255).to(torch.uint8)
+    x = resize_uint8(torch.from_numpy(np.array(images, copy=True)), size)
     return TensorSet(x, torch.from_numpy(labels.astype(np.int64)), n_classes)
+
+
+def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> (N, C, size, size), bilinear with antialiasing; unchanged when already that size."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

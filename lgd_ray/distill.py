@@ -8,6 +8,7 @@ import time
 from lgd_ray.cli import run_cli
 from lgd_ray.config import Config, run_dir
 from lgd_ray.data import check_data
+from lgd_ray.methods import check_real_images
 from lgd_ray.stages import run_stages
 from lgd_ray.storage import as_location, check_writable
 
@@ -19,6 +20,7 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     print(f"distill: {cfg.name} ({cfg.distill.method}), {cfg.distill.seed_ipc} + {cfg.distill.stages} x "
           f"{cfg.distill.ipc_per_stage} images per class -> {out}", flush=True)
     check_data(cfg.data)  # before Ray starts: a missing data set is one line, not a cluster start-up
+    check_real_images(cfg)  # prepared data: the class-sorted copies the method reads
     cache = as_location(cfg.cache)
     for where in (out, cache):
         if not where.is_local:

@@ -14,10 +14,10 @@ import torch
 
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.dds import class_candidates, penultimate, select
-from lgd_ray.data import load_split, num_classes, read_classlist, to_float
+from lgd_ray.data import load_split, num_classes, open_prepared, read_classlist, to_float
 from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.modes import ModeGuide, class_modes
-from lgd_ray.prior import Prior, load_prior, require_prior
+from lgd_ray.prior import Prior, load_prior, pipeline_image_size, prior_id, require_prior
 from lgd_ray.reference import load_reference, new_classifier
 from lgd_ray.sampler import generate
 from lgd_ray.seeding import derive_seed, generator
@@ -70,18 +70,38 @@ def prior_class_map(cfg: Config, prior: Prior) -> torch.Tensor | None:
     return torch.tensor([imagenet.index(w) for w in read_classlist(cfg.data.classes)])
 
 
-def pick_real(labels: torch.Tensor, items: list[tuple[int, int]], run_seed: int) -> list[int]:
-    """Method `random`: for each (class, slot) the index of a real image; one seeded order per class, so slots
-    (numbered across the run) never repeat an image."""
-    out, orders = [], {}
-    for c, s in items:
-        if c not in orders:
-            idx = (labels == c).nonzero().squeeze(1)
-            orders[c] = idx[torch.randperm(len(idx), generator=generator(run_seed, "random", c))]
-        if s >= len(orders[c]):
-            raise ConfigError(f"distill: class {c} has {len(orders[c])} real images, fewer than its {s + 1} slots")
-        out.append(int(orders[c][s]))
-    return out
+def real_positions(n: int, c: int, slots: list[int], run_seed: int) -> list[int]:
+    """Method `random`: for each slot of class c, a position among the class's n real images; one seeded order per
+    class, so slots (numbered across the run) never repeat an image."""
+    if max(slots) >= n:
+        raise ConfigError(f"distill: class {c} has {n} real images, fewer than its {max(slots) + 1} slots")
+    return torch.randperm(n, generator=generator(run_seed, "random", c))[slots].tolist()
+
+
+def subset_positions(n: int, cap: int, run_seed: int, tag: str, c: int) -> list[int]:
+    """All n positions, or a seeded subset of `cap` of them when 0 < cap < n."""
+    if not cap or n <= cap:
+        return list(range(n))
+    return torch.randperm(n, generator=generator(run_seed, tag, c))[:cap].tolist()
+
+
+def real_image_sizes(cfg: Config) -> list[int]:
+    """The sizes at which the method reads real images class by class: random at data.image_size; dds and mgd3 at
+    the prior's resolution (when the prior is a folder or store URI the caller can read; a hub id says nothing)."""
+    if cfg.distill.method == "random":
+        return [cfg.data.image_size]
+    if cfg.distill.method in ("dds", "mgd3"):
+        size = pipeline_image_size(prior_id(cfg)) if cfg.prior.model_id else cfg.data.image_size
+        return [size] if size else []
+    return []
+
+
+def check_real_images(cfg: Config):
+    """Driver, before any actor starts: prepared data holds the class-sorted copies the method reads."""
+    if cfg.data.prepared:
+        split = open_prepared(cfg.data, "train")
+        for size in real_image_sizes(cfg):
+            split.require_by_class(size)
 
 
 def total_ipc(cfg: Config) -> int:
@@ -140,8 +160,14 @@ class ChunkMaker:
 
     def _real(self, task: ChunkTask, items: list[tuple[int, int]], scorer: Scorer | None) -> list[dict]:
         """Method `random`: real train images, at the classifiers' size, scored when a student exists."""
-        picks = pick_real(self.train_set.labels, items, self.cfg.seed)
-        images = torch.stack([self.train_set[i][0] for i in picks])
+        picks, parts = [], []
+        for c in task.classes:  # items are class-major: one read per class
+            slots = [s for k, s in items if k == c]
+            idx, images = self.train_set.class_images(c, self.cfg.data.image_size,
+                                                      lambda n, c=c, slots=slots: real_positions(n, c, slots, self.cfg.seed))
+            picks += idx
+            parts.append(images)
+        images = torch.cat(parts)
         scores = [(None, None, None)] * len(items)
         if scorer is not None:
             with torch.no_grad():
@@ -181,8 +207,8 @@ class ChunkMaker:
                   "features": d.features}
         samples = []
         for c in task.classes:
-            idx = self._class_indices(c, d.max_images, "dds-subset")
-            x = self._at_prior_size(to_float(torch.stack([self.train_set[i][0] for i in idx])))
+            idx, x = self._class_real(c, d.max_images, "dds-subset")
+            x = to_float(x)
             cands = class_candidates(self.prior, x, c, idx, cfg.seed, d.timesteps, window, d.candidates,
                                      d.batch_size, cfg.data.image_size)
             crops = to_float(torch.stack([k.image for k in cands]))
@@ -195,31 +221,26 @@ class ChunkMaker:
                         for slot, k in enumerate(chosen)]
         return samples
 
-    def _class_indices(self, c: int, cap: int, tag: str) -> list[int]:
-        """Indices of the class's real train images; a seeded subset of `cap` of them when cap > 0."""
-        idx = (self.train_set.labels == c).nonzero().squeeze(1)
-        if cap and len(idx) > cap:
-            idx = idx[torch.randperm(len(idx), generator=generator(self.cfg.seed, tag, c))[:cap]]
-        return idx.tolist()
+    def _class_real(self, c: int, cap: int, tag: str) -> tuple[list[int], torch.Tensor]:
+        """The class's real train images at the prior's resolution (all, or a seeded subset of `cap`): indices, uint8."""
+        return self.train_set.class_images(c, self.prior.image_size,
+                                           lambda n: subset_positions(n, cap, self.cfg.seed, tag, c))
 
     @torch.no_grad()
     def _class_modes(self, c: int) -> torch.Tensor:
         """mgd3: the class's k-means modes in the prior's space (VAE latents, or pixels at the prior's size)."""
         if c not in self._modes:
-            idx = self._class_indices(c, self.cfg.guidance.mode_max_images, "mgd3-subset")
-            x = to_float(torch.stack([self.train_set[i][0] for i in idx]))
+            x = to_float(self._class_real(c, self.cfg.guidance.mode_max_images, "mgd3-subset")[1])
             points = torch.cat([self._encode(x[i:i + 64]) for i in range(0, len(x), 64)])
             self._modes[c] = class_modes(points.cpu().float(), total_ipc(self.cfg), derive_seed(self.cfg.seed, "mgd3", c))
         return self._modes[c]
 
-    def _at_prior_size(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.prior.image_size:
-            x = torch.nn.functional.interpolate(x, size=self.prior.image_size, mode="bilinear", antialias=True)
-        return x
-
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> the prior's space (resized to its resolution, then the VAE if it has one)."""
-        return self.prior.encode(self._at_prior_size(x.to(self.device)))
+        x = x.to(self.device)
+        if x.shape[-1] != self.prior.image_size:
+            x = torch.nn.functional.interpolate(x, size=self.prior.image_size, mode="bilinear", antialias=True)
+        return self.prior.encode(x)
 
     @torch.no_grad()
     def _memory(self, shards: list[str], classes: Iterable[int]) -> dict[int, torch.Tensor]:

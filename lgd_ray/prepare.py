@@ -5,6 +5,7 @@ Under `data.prepared` (a folder or a store URI):
     train/shard-000000.npz   images uint8 (N, 3, S, S) and labels int64 (N,), the split's files in a seeded random order
     train/labels.npy         every label of the split, in shard order
     test/...                 the same for the test split (data.test_split)
+    by-class-<P>px/c00000.npz one object per class: its train images at P px and their train indices (--by-class P)
     index.json               classes, image size, per split the shards (path, count, sha256); written last
 
 Decoding runs as a Ray Data pipeline across the cluster, one task per shard (read the files, decode, resize, write one
@@ -26,58 +27,103 @@ from tqdm.auto import tqdm
 
 from lgd_ray.cli import run_cli
 from lgd_ray.config import Config, ConfigError
-from lgd_ray.data import PREPARED_INDEX, decode_image, image_files, read_classlist
+from lgd_ray.data import PREPARED_INDEX, by_class_dir, by_class_name, decode_image, image_files, read_classlist
 from lgd_ray.seeding import generator
 from lgd_ray.storage import Location, as_location
 
 
-def plan_shards(cfg: Config, split: str, shard_images: int) -> list[dict]:
-    """The shards of one split: the ImageFolder's files in a seeded random order, cut into runs of shard_images."""
+def split_order(cfg: Config, split: str) -> list[tuple[str, int]]:
+    """(file, label) of one split of the ImageFolder tree, in the split's seeded random order (the shards' order)."""
     folder = cfg.data.train_split if split == "train" else cfg.data.test_split
     files = image_files(as_location(cfg.data.root) / folder, read_classlist(cfg.data.classes))
     if not files:
         raise ConfigError(f"prepare: no image files under {as_location(cfg.data.root) / folder}")
     order = torch.randperm(len(files), generator=generator(cfg.seed, "prepare", split)).tolist()
+    return [(str(files[i][0]), files[i][1]) for i in order]
+
+
+def plan_shards(cfg: Config, split: str, files: list[tuple[str, int]], shard_images: int) -> list[dict]:
+    """The shards of one split: its files (in the split's order) cut into runs of shard_images."""
     out_dir = as_location(cfg.data.prepared) / split
     return [{"split": split, "shard": k, "target": str(out_dir / f"shard-{k:06d}.npz"), "size": cfg.data.image_size,
-             "files": [str(files[i][0]) for i in chunk], "labels": [files[i][1] for i in chunk]}
-            for k, chunk in enumerate(order[i:i + shard_images] for i in range(0, len(order), shard_images))]
+             "files": [f for f, _ in files[i:i + shard_images]], "labels": [y for _, y in files[i:i + shard_images]]}
+            for k, i in enumerate(range(0, len(files), shard_images))]
+
+
+def plan_by_class(cfg: Config, files: list[tuple[str, int]], size: int, per_class: int) -> list[dict]:
+    """The class-sorted copy of train (its files in train order) at `size` px: one object per class holding its images
+    (the first `per_class` in train order, 0 = all) and their indices in the train split."""
+    out_dir = by_class_dir(as_location(cfg.data.prepared), size)
+    members = [[] for _ in read_classlist(cfg.data.classes)]
+    for i, (_, y) in enumerate(files):
+        members[y].append(i)
+    items = []
+    for c, index in enumerate(members):
+        index = index[:per_class or None]
+        items.append({"split": f"by-class-{size}", "shard": c, "target": str(out_dir / by_class_name(c)), "size": size,
+                      "files": [files[i][0] for i in index], "labels": [c] * len(index), "index": index})
+    return items
 
 
 def make_shard(item: dict) -> dict:
     """Decode and resize one shard's files, write it as one object; returns its index row."""
     images = np.stack([decode_image(Location(f).read_bytes(), item["size"]).numpy() for f in item["files"]])
     buf = io.BytesIO()
-    np.savez(buf, images=images, labels=np.asarray(item["labels"], dtype=np.int64))
+    arrays = {"images": images, "labels": np.asarray(item["labels"], dtype=np.int64)}
+    if "index" in item:
+        arrays["index"] = np.asarray(item["index"], dtype=np.int64)
+    np.savez(buf, **arrays)
     data = buf.getvalue()
     Location(item["target"]).write_bytes(data)
     return {"split": item["split"], "shard": item["shard"], "path": Location(item["target"]).name,
             "count": len(images), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def prepare(cfg: Config, shard_images: int = 1000) -> dict:
-    """Prepare both splits of the config's ImageFolder data set; returns the index (also written to index.json)."""
+def _made_for(index: dict, cfg: Config) -> bool:
+    """Whether an existing index holds the shards this config would make (same source, classes, size and seed)."""
+    return (index.get("source"), index.get("classes"), index.get("image_size"), index.get("seed")) == (
+        str(as_location(cfg.data.root)), read_classlist(cfg.data.classes), cfg.data.image_size, cfg.seed)
+
+
+def prepare(cfg: Config, shard_images: int = 1000, by_class: tuple[int, ...] = (), per_class: int = 0) -> dict:
+    """Prepare both splits of the config's ImageFolder data set, and the class-sorted copies of train at the sizes
+    `by_class` (what methods random, dds and mgd3 read); returns the index (also written to index.json).
+
+    Parts an existing index already holds for the same source, classes, size and seed are kept, not made again.
+    """
     d = cfg.data
     if d.name != "imagenet" or not d.root or not d.prepared:
         raise ConfigError("prepare: needs data.name=imagenet with data.root (the ImageFolder tree) and data.prepared "
                           "(where the shards go)")
     start = time.time()
-    items = plan_shards(cfg, "train", shard_images) + plan_shards(cfg, "test", shard_images)
+    root = as_location(d.prepared)
+    old = json.loads((root / PREPARED_INDEX).read_text()) if (root / PREPARED_INDEX).exists() else {}
+    keep = _made_for(old, cfg)
+    have = old.get("by_class", {}) if keep else {}
+    sizes = [s for s in by_class if have.get(str(s), {}).get("per_class") != per_class]
+    train = split_order(cfg, "train") if sizes or not keep else []
+    items = [] if keep else plan_shards(cfg, "train", train, shard_images) + plan_shards(
+        cfg, "test", split_order(cfg, "test"), shard_images)
+    for size in sizes:
+        items += plan_by_class(cfg, train, size, per_class)
     n_images = sum(len(i["files"]) for i in items)
-    print(f"prepare: {n_images} images of {d.root} in {len(items)} shards at {d.image_size} px -> {d.prepared}", flush=True)
+    print(f"prepare: {n_images} images of {d.root} in {len(items)} objects at {d.image_size} px"
+          + (f" and class-sorted at {', '.join(map(str, by_class))} px" if by_class else "") + f" -> {d.prepared}"
+          + (" (the splits are already there)" if keep else ""), flush=True)
+    if not items:
+        return old
     if cfg.ray.enabled:
         import ray
 
         if not ray.is_initialized():
             ray.init(address=cfg.ray.address or None)
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        rows = ds.map(make_shard, num_cpus=1).take_all()  # a task per shard, one decoding thread each
+        rows = ds.map(make_shard, num_cpus=1).take_all()  # a task per object, one decoding thread each
     else:
         rows = [make_shard(i) for i in tqdm(items, desc="prepare", disable=None)]
-    root = as_location(d.prepared)
-    index = {"classes": read_classlist(d.classes), "image_size": d.image_size, "source": str(as_location(d.root)),
-             "seed": cfg.seed, "splits": {}}
-    for split in ("train", "test"):
+    index = old if keep else {"classes": read_classlist(d.classes), "image_size": d.image_size,
+                              "source": str(as_location(d.root)), "seed": cfg.seed, "splits": {}}
+    for split in () if keep else ("train", "test"):
         mine = sorted((r for r in rows if r["split"] == split), key=lambda r: r["shard"])
         labels = np.concatenate([np.asarray(i["labels"], dtype=np.int64)
                                  for i in sorted((i for i in items if i["split"] == split), key=lambda i: i["shard"])])
@@ -86,6 +132,12 @@ def prepare(cfg: Config, shard_images: int = 1000) -> dict:
         (root / split / "labels.npy").write_bytes(buf.getvalue())
         index["splits"][split] = {"count": int(len(labels)), "shards": [
             {k: r[k] for k in ("path", "count", "sha256")} for r in mine]}
+    index["by_class"] = dict(have)
+    for size in by_class:
+        mine = sorted((r for r in rows if r["split"] == f"by-class-{size}"), key=lambda r: r["shard"])
+        if mine:
+            index["by_class"][str(size)] = {"per_class": per_class, "count": sum(r["count"] for r in mine), "shards": [
+                {k: r[k] for k in ("path", "count", "sha256")} for r in mine]}
     seconds = time.time() - start
     index["seconds"] = round(seconds, 1)
     (root / PREPARED_INDEX).write_text(json.dumps(index, indent=1))  # last: its presence means the shards are complete
@@ -96,9 +148,13 @@ def prepare(cfg: Config, shard_images: int = 1000) -> dict:
 def main(argv: list[str]):
     def flags(parser: argparse.ArgumentParser):
         parser.add_argument("--shard-images", type=int, default=1000, help="images per shard (default 1000)")
+        parser.add_argument("--by-class", type=int, nargs="*", default=[], metavar="SIZE",
+                            help="also write a class-sorted copy of train at each SIZE px: method random reads it at "
+                                 "data.image_size, dds and mgd3 at the prior's resolution (256 for DiT-XL/2-256)")
+        parser.add_argument("--per-class", type=int, default=0, help="images per class in those copies (0 = all)")
 
     run_cli("lgd_ray.prepare", "Decode an ImageFolder data set once into uint8 shards (Ray Data).", argv,
-            lambda cfg, args: prepare(cfg, args.shard_images), flags)
+            lambda cfg, args: prepare(cfg, args.shard_images, tuple(args.by_class), args.per_class), flags)
 
 
 if __name__ == "__main__":

@@ -104,8 +104,23 @@ class Prior:
 
     @property
     def image_size(self) -> int:
-        s = self.transformer.config.sample_size
-        return s if self.vae is None else s * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return image_size_of(self.transformer.config, self.vae.config if self.vae is not None else None)
+
+
+def image_size_of(transformer_config, vae_config=None) -> int:
+    """A DiT pipeline's image resolution: the transformer's sample size, times the VAE's downsampling if it has one."""
+    s = transformer_config["sample_size"]
+    return s if vae_config is None else s * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def pipeline_image_size(model_id: str) -> int | None:
+    """The image resolution of a pipeline folder or store URI, from its config files; None for a hub id."""
+    root = Location(model_id)
+    if not (root / "transformer" / "config.json").exists():
+        return None
+    vae = root / "vae" / "config.json"
+    return image_size_of(json.loads((root / "transformer" / "config.json").read_text()),
+                         json.loads(vae.read_text()) if vae.exists() else None)
 
 
 def load_prior(model_id: str, scheduler: str = "ddim", device="cpu", dtype: str = "float32",

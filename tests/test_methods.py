@@ -2,24 +2,23 @@
 import pytest
 import torch
 
-from lgd_ray.config import load_config
+from lgd_ray.config import ConfigError, load_config
 from lgd_ray.data import to_float
 from lgd_ray.modes import ModeGuide, class_modes
 from lgd_ray.sampler import generate
 from lgd_ray.shards import read_shards
-from lgd_ray.methods import pick_real
+from lgd_ray.methods import real_positions
 from lgd_ray.stages import run_stages
 
 
-def test_pick_real_is_seeded_and_distinct():
-    labels = torch.tensor([0, 1, 0, 0, 1, 0, 1, 1, 0, 0])
-    items = [(c, s) for c in (0, 1) for s in range(4)]
-    a, b, other = pick_real(labels, items, 7), pick_real(labels, items, 7), pick_real(labels, items, 8)
-    assert a == b and a != other
-    assert all(labels[i] == c for i, (c, _) in zip(a, items))
-    assert len(set(a[:4])) == 4 and len(set(a[4:])) == 4
+def test_real_positions_are_seeded_and_distinct():
+    a, b, other = real_positions(6, 0, [0, 1, 2, 3], 7), real_positions(6, 0, [0, 1, 2, 3], 7), real_positions(6, 0, [0, 1, 2, 3], 8)
+    assert a == b and a != other and len(set(a)) == 4 and all(0 <= p < 6 for p in a)
+    assert real_positions(6, 1, [0, 1, 2, 3], 7) != a  # one order per class
     # slots are numbered across the run: stage 2's slots continue the same order, never repeating an image
-    assert pick_real(labels, [(0, 4), (0, 5)], 7) == [i for i in pick_real(labels, [(0, s) for s in range(6)], 7)[4:]]
+    assert real_positions(6, 0, [4, 5], 7) == real_positions(6, 0, list(range(6)), 7)[4:]
+    with pytest.raises(ConfigError, match="class 0 has 6 real images, fewer than its 7 slots"):
+        real_positions(6, 0, [6], 7)
 
 
 def test_random_method_run(trained, tiny_overrides, tmp_path):

@@ -91,3 +91,56 @@ def test_prepared_split_holds_the_jpeg_paths_images_and_trains(tmp_path):
     assert sorted(x.numpy().tobytes() for x in a.images) == sorted(b[i][0].numpy().tobytes() for i in range(len(b)))
     model = fit(fit_job(cfg, "reference", 3, partial(load_split, cfg.data, "train"), seed=0))
     assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 3)
+
+
+def test_class_sorted_copies_feed_random_dds_and_mgd3(tmp_path, s3_root):
+    """`prepare --by-class`: one object per class at the classifiers' and the prior's size, added to prepared splits
+    without remaking them; methods random, dds and mgd3 read them (a missing copy is one line before any work)."""
+    from lgd_ray.methods import check_real_images
+    from lgd_ray.prior import random_pipeline
+    from lgd_ray.shards import read_shards
+    from lgd_ray.stages import run_stages
+
+    files = _tree(tmp_path / "data")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(WNIDS) + "\n")
+    prior = tmp_path / "pixel-dit-32"  # a 3-class pixel DiT at 32 px: the prior's resolution is twice image_size
+    random_pipeline(dict(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=3, num_layers=1,
+                         sample_size=32, patch_size=4, num_embeds_ada_norm=3, norm_num_groups=1)).save_pretrained(prior)
+    run = ["ray.enabled=false", "reference.train.epochs=1", "student.model=convnet2", "student.train.epochs=1",
+           f"prior.model_id={prior}",
+           "prior.num_steps=4", "distill.seed_ipc=1", "distill.ipc_per_stage=1", "distill.stages=1",
+           "distill.sample_batch=4", "dds.candidates=2", "dds.timesteps=[300]", "guidance.mode_stop=2",
+           f"cache={s3_root / 'cache'}"]
+    cfg = _cfg(tmp_path / "data", classes, s3_root / "prepared", *run)
+    first = prepare(cfg, shard_images=4)
+    with pytest.raises(ConfigError, match=r"no class-sorted copy of train at 16 px \(has: none\).*--by-class 16"):
+        check_real_images(_cfg(tmp_path / "data", classes, s3_root / "prepared", *run, "distill.method=random"))
+    index = prepare(cfg, shard_images=4, by_class=(16, 32))
+    assert index["splits"] == first["splits"]  # the splits were kept, only the copies made
+    assert {k: v["count"] for k, v in index["by_class"].items()} == {"16": 15, "32": 15}
+    train = load_split(cfg.data, "train")
+    for c in range(len(WNIDS)):
+        idx, images = train.class_images(c, 32, lambda n: list(range(n)))
+        expected = sorted(decode_image(p.read_bytes(), 32).numpy().tobytes() for p, y in files["train"] if y == c)
+        assert sorted(x.numpy().tobytes() for x in images) == expected and images.shape[1:] == (3, 32, 32)
+        assert all(int(train.labels[i]) == c for i in idx)
+        idx, images = train.class_images(c, 16, lambda n: [n - 1, 0])
+        assert all(torch.equal(x, train[i][0]) for i, x in zip(idx, images))  # indices point into the train split
+    assert prepare(cfg, shard_images=4, by_class=(32,), per_class=2)["by_class"]["32"]["count"] == 6
+    for method in ("dds", "mgd3"):
+        check_real_images(_cfg(tmp_path / "data", classes, s3_root / "prepared", *run, f"distill.method={method}"))
+    with pytest.raises(ConfigError, match="at 8 px"):  # a prior at 8 px needs its own copy
+        random_pipeline(dict(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=3, num_layers=1,
+                             sample_size=8, patch_size=4, num_embeds_ada_norm=3, norm_num_groups=1)).save_pretrained(
+            tmp_path / "dit-8")
+        check_real_images(_cfg(tmp_path / "data", classes, s3_root / "prepared", *run, "distill.method=dds",
+                               f"prior.model_id={tmp_path / 'dit-8'}"))
+    for method in ("random", "dds", "mgd3"):
+        out = s3_root / f"run-{method}"
+        mcfg = _cfg(tmp_path / "data", classes, s3_root / "prepared", *run, f"distill.method={method}", f"out={out}")
+        manifest = run_stages(mcfg, out, log=lambda _: None)
+        samples = read_shards(out, [r["path"] for r in manifest["shards"]])
+        assert len(samples) == 2 * len(WNIDS) and all(s["image"].shape == (3, 16, 16) for s in samples)
+        if method != "mgd3":
+            assert all(int(train.labels[s["meta"]["real_index"]]) == s["cls"] for s in samples)
