@@ -1,10 +1,17 @@
-"""The Ray layer of generation: a pool of SamplerActors, each a ChunkMaker loaded once for the whole run.
+"""The Ray layer of generation: a pool of SamplerActors, each a ChunkMaker, for one stage's chunks at a time.
 
-Chunks are handed out as actors free up. A chunk whose actor died is resubmitted (the actor itself restarts, up
-to max_restarts); output does not depend on which actor ran a chunk, so a resubmitted chunk writes the same bytes.
+The actors hold their resources only while a stage samples: they start when the stage's chunks are handed out (the
+prior comes from the node's local copy after the first stage) and are killed when the last chunk is in, so the
+student fit that follows gets every CPU and GPU, and sampling and training never wait on each other.
+
+Chunks go to whichever actor is free; everything is awaited with one `ray.wait` (chunk results and actor start-ups),
+so a dead or restarting actor never blocks the others. Output does not depend on which actor ran a chunk, so a chunk
+is simply run again: after its actor died (on another actor; the dead one restarts up to max_restarts times or is
+replaced), or after its code raised (up to chunk_retries times, with back-off; then the run fails with that error).
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Iterator
 
@@ -13,21 +20,20 @@ import torch
 
 from lgd_ray.config import Config, ConfigError, from_dict, to_dict
 from lgd_ray.methods import ChunkMaker, ChunkTask
+from lgd_ray.resources import actor_resources, shortage
 from lgd_ray.storage import Location, as_location
-
-MAX_ATTEMPTS = 4  # per chunk, across actor deaths
 
 
 @ray.remote
 class SamplerActor:
     """Holds the DiT prior (+ VAE) and the reference model; makes chunks with the stage's student weights."""
 
-    def __init__(self, cfg_tree: dict, run_dir: Location, num_threads: int):
+    def __init__(self, maker: type, cfg_tree: dict, run_dir: Location, num_threads: int):
         torch.set_num_threads(num_threads)
         self.maker, self.error = None, None
         try:
-            self.maker = ChunkMaker(from_dict(cfg_tree), run_dir)
-        except ConfigError as e:  # a missing prior or reference: said by the first call, in one line, not retried
+            self.maker = maker(from_dict(cfg_tree), run_dir)
+        except ConfigError as e:  # a missing prior or reference, a GPU torch cannot see: said by the first call
             self.error = e
 
     def make(self, task: ChunkTask, weights: dict | None, previous_shards: list[str]) -> dict:
@@ -44,66 +50,97 @@ class SamplerActor:
 
 
 class ActorPool:
-    """A fixed pool of SamplerActors with dynamic chunk dispatch; call it as a stage loop ChunkRunner."""
+    """SamplerActors with dynamic chunk dispatch, started and released per stage; call it as a stage loop ChunkRunner.
 
-    def __init__(self, cfg: Config, run_dir: Location):
-        self.cfg, self.run_dir = cfg, as_location(run_dir)
-        self.actors: list = []  # started on first use, after the driver has made sure prior and reference exist
-        self.inflight: dict = {}
-        self.resubmitted = 0
+    maker: the ChunkMaker class the actors hold (a subclass may add behaviour, e.g. faults in tests).
+    """
 
-    def start(self):
+    def __init__(self, cfg: Config, run_dir: Location, maker: type = ChunkMaker):
+        self.cfg, self.run_dir, self.maker = cfg, as_location(run_dir), maker
+        self.actors: list = []
+        self.inflight: dict = {}  # chunk result ref -> (actor, chunk task)
+        self.resubmitted = 0  # chunks run again because their actor died
+        self.retried = 0  # chunks run again because their code raised
+
+    def _launch(self, starting: dict):
         r = self.cfg.ray
-        options = dict(num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor, max_restarts=r.max_restarts,
-                       max_task_retries=0)
-        tree = to_dict(self.cfg)
-        self.actors = [SamplerActor.options(**options).remote(tree, self.run_dir, max(1, round(r.num_cpus_per_actor)))
-                       for _ in range(r.actors)]
+        resources = actor_resources(self.cfg)
+        actor = SamplerActor.options(
+            num_cpus=resources.pop("CPU"), num_gpus=resources.pop("GPU", 0), resources=resources or None,
+            max_restarts=r.max_restarts, max_task_retries=0,  # a chunk goes to the next free actor, not back to this one
+        ).remote(self.maker, to_dict(self.cfg), self.run_dir, max(1, round(r.num_cpus_per_actor)))
+        self.actors.append(actor)
+        starting[actor.ping.remote()] = actor
 
     def __call__(self, tasks: list[ChunkTask], student_state: dict | None, previous_shards) -> Iterator[dict]:
-        if not self.actors:
-            self.start()
+        r = self.cfg.ray
         # One copy of the student in the object store for all actors (numpy arrays: zero-copy reads).
         weights = None if student_state is None else ray.put({k: v.numpy() for k, v in student_state.items()})
-        pending, attempts = deque(tasks), {t: 0 for t in tasks}
-        inflight = self.inflight = {}  # result ref -> (actor, chunk task)
-        idle, alive = deque(self.actors), list(self.actors)
-        while pending or inflight:
-            while pending and idle:
-                actor, task = idle.popleft(), pending.popleft()
-                attempts[task] += 1
-                inflight[actor.make.remote(task, weights, previous_shards(task))] = (actor, task)
-            (ready,), _ = ray.wait(list(inflight), num_returns=1)
-            actor, task = inflight.pop(ready)
-            try:
-                row = ray.get(ready)
-            except ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, ConfigError):
-                    raise e.cause from None
-                raise
-            except ray.exceptions.RayActorError as e:
-                if attempts[task] >= MAX_ATTEMPTS:
-                    raise RuntimeError(f"chunk {task} failed {attempts[task]} times; last error: {e}") from e
-                self.resubmitted += 1
-                pending.appendleft(task)
-                if isinstance(e, ray.exceptions.ActorDiedError) and not _restarts(actor):
-                    alive.remove(actor)  # gone for good: no restarts left
-                    if not alive:
-                        raise RuntimeError("every sampler actor died") from e
+        pending, later = deque(tasks), []  # later: (not before, task) of chunks waiting out a back-off
+        failures, deaths = {t: 0 for t in tasks}, {t: 0 for t in tasks}
+        starting, idle = {}, deque()  # ping ref -> actor that is starting or restarting; actors ready for a chunk
+        inflight = self.inflight = {}
+        replacements = r.actors * (r.max_restarts + 1)  # actors that died for good may be replaced this often
+        for _ in range(min(r.actors, len(tasks))):
+            self._launch(starting)
+        waiting_since = time.time()  # while no actor is ready: bounded by schedule_timeout_s
+        try:
+            while pending or later or inflight:
+                now = time.time()
+                pending.extend(t for due, t in later if due <= now)
+                later = [(due, t) for due, t in later if due > now]
+                while pending and idle:
+                    actor, task = idle.popleft(), pending.popleft()
+                    inflight[actor.make.remote(task, weights, previous_shards(task))] = (actor, task)
+                if not inflight and not idle and now - waiting_since > r.schedule_timeout_s:
+                    raise shortage(f"{r.actors} sampler actors", actor_resources(self.cfg), r.schedule_timeout_s)
+                ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=1.0)
+                if not ready:
+                    continue
+                ref = ready[0]
+                if ref in starting:
+                    actor = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        idle.append(actor)
+                    except ray.exceptions.RayActorError as e:  # gone (no restarts left, or its node is): replace it
+                        ray.kill(actor, no_restart=True)
+                        self.actors.remove(actor)
+                        if replacements <= 0:
+                            raise RuntimeError(f"sampler actors keep dying; last: {e}") from e
+                        replacements -= 1
+                        self._launch(starting)
+                    continue
+                actor, task = inflight.pop(ref)
+                try:
+                    row = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.cause, ConfigError):
+                        raise e.cause from None
+                    failures[task] += 1
+                    if failures[task] > r.chunk_retries:
+                        raise  # the chunk's own error, with its remote traceback
+                    self.retried += 1
+                    later.append((time.time() + min(30.0, 2.0 ** (failures[task] - 1)), task))
+                    idle.append(actor)
+                    continue
+                except ray.exceptions.RayActorError as e:
+                    deaths[task] += 1
+                    if deaths[task] > r.max_restarts + 1:
+                        raise RuntimeError(f"chunk {task} lost its actor {deaths[task]} times; last: {e}") from e
+                    self.resubmitted += 1
+                    pending.appendleft(task)
+                    starting[actor.ping.remote()] = actor  # back in the pool once restarted, replaced if dead
+                    waiting_since = time.time()
                     continue
                 idle.append(actor)
-                continue
-            idle.append(actor)
-            yield row
+                waiting_since = time.time()
+                yield row
+        finally:
+            self.shutdown()
 
     def shutdown(self):
+        """Kill the actors (no restart): their CPUs and GPUs go back to the cluster."""
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-
-
-def _restarts(actor) -> bool:
-    """Whether a dead-looking actor comes back (it answers a ping after its restart)."""
-    try:
-        return ray.get(actor.ping.remote(), timeout=120)
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        return False
+        self.actors = []

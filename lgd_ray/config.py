@@ -153,18 +153,24 @@ class SweepConfig:
 
 @dataclass
 class RayConfig:
-    """Resources. The number of sampler actors never changes the output; the number of DDP workers does."""
+    """Resources. Sampler actors hold their resources only while a stage samples; they are released before each
+    classifier fit, so sampling and training never wait on each other. The number of actors never changes the output;
+    the number of DDP workers does (float arithmetic), though the recipe (global batch, learning rate) stays the same."""
 
     enabled: bool = True  # false: chunks run one after another in this process, without Ray
     address: str = ""  # "" = RAY_ADDRESS (set under `ray job submit`), else a local Ray
     actors: int = _f(2, min=1)  # sampler actors, each holding the prior and the reference model
     num_cpus_per_actor: float = _f(1.0, min=0.0)  # logical CPUs; the actor uses max(1, round(n)) torch threads
-    num_gpus_per_actor: float = _f(0.0, min=0.0)  # actors live through training: leave GPU room for train workers
-    max_restarts: int = _f(2, min=0)
-    train_workers: int = _f(1, min=1)  # Ray Train workers (DDP) per classifier fit; part of the run's identity
+    num_gpus_per_actor: float = _f(0.0, min=0.0)  # > 0: the actor runs on CUDA (and fails fast if torch sees none)
+    max_restarts: int = _f(2, min=0)  # per actor, and the failures a Ray Train fit recovers from (from its checkpoint)
+    chunk_retries: int = _f(2, min=0)  # a chunk whose code raised is retried this often, with back-off, then fails
+    schedule_timeout_s: float = _f(600.0, min_excl=0.0)  # longest wait for resources (e.g. autoscaling), then one line
+    accelerator_type: str = ""  # e.g. H100: actors and train workers only on nodes of that type ("" = any)
+    train_workers: int = _f(1, min=1)  # Ray Train workers (DDP) per fit; each takes batch_size / train_workers a step
     train_use_gpu: bool = False
     train_cpus_per_worker: float = _f(1.0, min=0.0)
-    train_gpus_per_worker: float = _f(0.5, min=0.0)  # used with train_use_gpu; < 1 shares GPUs with sampler actors
+    train_gpus_per_worker: float = _f(1.0, min=0.0)  # used with train_use_gpu; NCCL needs one whole GPU per worker
+    checkpoint_every: int = _f(10, min=1)  # epochs between a Ray Train fit's checkpoints (resumed after a failure)
 
 
 @dataclass
@@ -306,6 +312,16 @@ def _check_cross(cfg: Config):
         problem = check_model_name(name)
         if problem:
             raise ConfigError(f"config: '{key}' {problem}")
+    r = cfg.ray
+    if r.train_use_gpu and r.train_workers > 1 and r.train_gpus_per_worker != int(r.train_gpus_per_worker):
+        raise ConfigError(f"config: 'ray.train_gpus_per_worker' is {r.train_gpus_per_worker} with {r.train_workers} "
+                          "NCCL workers: NCCL refuses two ranks on one GPU; use whole GPUs (1)")
+    if r.enabled:
+        for key in ("reference", "student"):
+            batch = getattr(cfg, key).train.batch_size
+            if batch % r.train_workers:
+                raise ConfigError(f"config: '{key}.train.batch_size' {batch} is not a multiple of ray.train_workers "
+                                  f"{r.train_workers}: each DDP worker takes an equal part of the global batch")
     e = cfg.evaluate
     if e.epochs_by_ipc and len(e.epochs_by_ipc) != len(e.ipc_breaks) + 1:
         raise ConfigError(f"config: 'evaluate.epochs_by_ipc' needs len(ipc_breaks) + 1 = {len(e.ipc_breaks) + 1} "

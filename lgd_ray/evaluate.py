@@ -34,7 +34,7 @@ from lgd_ray.seeding import derive_seed
 from lgd_ray.methods import stage_plan
 from lgd_ray.shards import load_tensor_set, paths, read_manifest, stage_rows
 from lgd_ray.storage import Location, as_location
-from lgd_ray.train import accuracy, load_classifier, pick_device, train_classifier
+from lgd_ray.train import accuracy, load_classifier, process_device, train_classifier
 
 
 @dataclass
@@ -58,12 +58,12 @@ class EvalJob:
 
 def run_eval_job(job: EvalJob) -> dict:
     """Train the job's classifier; returns last and best test accuracy, the test curve and the extra tests."""
-    device = pick_device(job.device)
+    device = process_device(job.device)
     train_set, test_set = job.load_train(), job.load_test()
     model = build_classifier(job.model, job.channels, job.image_size, job.num_classes, seed=job.seed)
     curve = []
 
-    def on_epoch(epoch, _stats):
+    def on_epoch(epoch, _stats, _state):
         if (epoch + 1) % job.eval_every == 0 or epoch + 1 == job.train.epochs:
             curve.append((epoch + 1, accuracy(model, test_set, device)))
 

@@ -23,7 +23,7 @@ from lgd_ray.sampler import generate
 from lgd_ray.seeding import derive_seed, generator
 from lgd_ray.shards import read_shards, sample_key, shard_path, write_shard
 from lgd_ray.storage import Location
-from lgd_ray.train import pick_device
+from lgd_ray.train import process_device
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class ChunkMaker:
     def __init__(self, cfg: Config, run_dir: Location, device=None):
         """Loads what the driver made (prior, reference); a missing one is one line naming it, never trained here."""
         self.cfg, self.run_dir = cfg, run_dir
-        self.device = device or pick_device(cfg.device)
+        self.device = device or process_device(cfg.device)
         self.num_classes = num_classes(cfg.data)
         self.prior = None
         if cfg.distill.method != "random":

@@ -15,15 +15,20 @@ def _run_with_threads(fn: Callable, item, num_threads: int):
 
 
 def map_jobs(cfg: Config, fn: Callable, items: Sequence, desc: str) -> list:
-    """[fn(item) for item in items]: as Ray tasks with a Train worker's resources if cfg.ray.enabled, in order."""
+    """[fn(item) for item in items]: as Ray tasks with a Train worker's resources if cfg.ray.enabled, in order
+    (a task lost with its node is run again, up to ray.max_restarts times)."""
     if not cfg.ray.enabled:
         return [fn(item) for item in tqdm(items, desc=desc, disable=None)]
     import ray
 
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address or None)
+    from lgd_ray.resources import train_resources, wait_for_resources
+
     r = cfg.ray
-    task = ray.remote(num_cpus=r.train_cpus_per_worker, num_gpus=r.train_gpus_per_worker if r.train_use_gpu else 0,
+    resources = train_resources(cfg)
+    wait_for_resources([resources], r.schedule_timeout_s, f"{desc}: a task")  # never a silent hang
+    task = ray.remote(num_cpus=resources.pop("CPU"), num_gpus=resources.pop("GPU", 0), resources=resources or None,
                       max_retries=r.max_restarts)(_run_with_threads)
     refs = [task.remote(fn, item, max(1, round(r.train_cpus_per_worker))) for item in items]
     pending = list(refs)

@@ -26,7 +26,7 @@ from lgd_ray.seeding import derive_seed
 from lgd_ray.shards import (load_tensor_set, paths, read_manifest, record, shard_ok, shards_through, stage_dir,
                             stage_rows, write_manifest)
 from lgd_ray.storage import Location, as_location
-from lgd_ray.train import Fitter, accuracy, in_process_fitter, load_classifier, pick_device, save_classifier
+from lgd_ray.train import Fitter, accuracy, in_process_fitter, load_classifier, process_device, save_classifier
 
 
 def open_manifest(run_dir: Location, cfg: Config, resume: bool) -> dict:
@@ -77,7 +77,7 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
     on_stage(index, info) is called after each stage is trained (e.g. to report to Ray Tune).
     """
     run_dir = as_location(run_dir)
-    device = pick_device(cfg.device)
+    device = process_device(cfg.device)  # a sweep trial: the GPU Tune gave it, or the CPU
     check_data(cfg.data)
     n_classes = num_classes(cfg.data)
     manifest = open_manifest(run_dir, cfg, resume)

@@ -49,6 +49,8 @@ def sweep(cfg: Config) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from lgd_ray.ray_train import ray_fitter
+
     s = cfg.sweep
     root = as_location(cfg.out or f"runs/sweep-{cfg.name}-{config_hash(run_identity(cfg))}")
     base = to_dict(cfg)
@@ -56,15 +58,16 @@ def sweep(cfg: Config) -> dict:
     for key in ("root", "prepared"):
         if base["data"][key]:
             base["data"][key] = str(as_location(base["data"][key]))
-    # the prior and the reference are made once here, not by concurrent trials
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address or None)
+    # the prior and the reference are made once, before the trials (which only load them from the cache): theta*
+    # with Ray Train as in `distill` (GPU workers when configured), not on this process's CPU
     ensure_prior(cfg)
-    ensure_reference(cfg, num_classes(cfg.data))
+    ensure_reference(cfg, num_classes(cfg.data), fitter=ray_fitter(cfg, root))
     if s.search == "grid":
         space = {"omega": tune.grid_search(s.omega), "lambda": tune.grid_search(s.lambda_)}
     else:
         space = {"omega": tune.uniform(min(s.omega), max(s.omega)), "lambda": tune.uniform(min(s.lambda_), max(s.lambda_))}
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or None)
     scheduler = ASHAScheduler(time_attr="stage", max_t=s.stages, grace_period=s.grace_period,
                               reduction_factor=s.reduction_factor)
     tuner = tune.Tuner(

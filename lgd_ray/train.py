@@ -1,8 +1,11 @@
 """Classifier training and testing in plain PyTorch; in-memory tensors are batched without a DataLoader."""
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -12,7 +15,7 @@ import torch.nn.functional as F
 import safetensors.torch
 from tqdm.auto import tqdm
 
-from lgd_ray.config import TrainConfig
+from lgd_ray.config import ConfigError, TrainConfig
 from lgd_ray.data import PreparedSplit, TensorSet, to_float
 from lgd_ray.models import build_classifier
 from lgd_ray.seeding import derive_seed
@@ -26,6 +29,26 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     return device
+
+
+def process_device(name: str = "auto") -> torch.device:
+    """This process's device. In a process Ray started (actor, task, Train worker): CUDA when Ray gave it GPUs, and
+    then torch must see one (else one line naming torch's CUDA build), the CPU when it gave none (the GPUs are hidden
+    from it). Elsewhere (the driver, a run without Ray): `name`, the config's `device` key."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return pick_device(name)
+    gpus = ray.get_gpu_ids()
+    if not gpus:
+        if not torch.cuda.is_initialized():
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""  # Ray leaves them visible to a process given none
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device: Ray gave this process GPU {', '.join(map(str, gpus))} on node "
+                          f"{ray.util.get_node_ip_address()}, but torch {torch.__version__} (CUDA "
+                          f"{torch.version.cuda or 'none: a CPU build'}) sees no GPU; install a torch CUDA build that the "
+                          "node's driver supports")
+    return pick_device("cuda")
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, crop_scale: float, flip: bool) -> torch.Tensor:
@@ -77,9 +100,14 @@ def batches(data, batch_size: int, gen: torch.Generator, device, shuffle: bool):
 
 def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, device="cpu",
                      on_epoch: Callable[[int, dict], None] | None = None, desc: str = "train",
-                     teacher: torch.nn.Module | None = None, temperature: float = 4.0) -> torch.nn.Module:
+                     teacher: torch.nn.Module | None = None, temperature: float = 4.0, batch_size: int = 0,
+                     resume: dict | None = None) -> torch.nn.Module:
     """SGD + MultiStepLR training on `data` (images uint8, labels int64); `seed` fixes order and augmentation.
 
+    Each epoch draws from its own generator, seeded from (seed, epoch), so a fit resumed from `resume` (a `train_state`
+    after some epoch) continues exactly as the uninterrupted fit would. batch_size: this process's batch (a DDP rank's
+    part of cfg.batch_size); 0 = cfg.batch_size. on_epoch(epoch, metrics, state): state() is what resumes the fit
+    after that epoch (weights, optimizer, scheduler as CPU tensors), for a checkpoint.
     With a teacher the targets are its softened predictions on the same augmented batch (KL at `temperature`).
     """
     device = torch.device(device)
@@ -88,13 +116,25 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
         teacher = teacher.to(device).eval().requires_grad_(False)
     if isinstance(data, TensorSet):  # the whole set moves to the device once, not batch by batch
         data = TensorSet(data.images.to(device), data.labels.to(device), data.num_classes)
-    gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     milestones = sorted({max(1, int(round(m * cfg.epochs))) for m in cfg.milestones})
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.lr_decay)
-    for epoch in tqdm(range(cfg.epochs), desc=desc, leave=False, disable=None):
+    first = 0
+    if resume is not None:
+        (model.module if hasattr(model, "module") else model).load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        first = resume["epoch"] + 1
+    module = model.module if hasattr(model, "module") else model
+
+    def state(epoch: int) -> dict:
+        return {"epoch": epoch, "model": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+                "optimizer": _to_cpu(copy.deepcopy(opt.state_dict())), "scheduler": sched.state_dict()}
+
+    for epoch in tqdm(range(first, cfg.epochs), desc=desc, leave=False, disable=None, initial=first, total=cfg.epochs):
+        gen = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
         total, correct, loss_sum = 0, torch.zeros((), device=device), torch.zeros((), device=device)
-        for x, y in batches(data, cfg.batch_size, gen, device, shuffle=True):
+        for x, y in batches(data, batch_size or cfg.batch_size, gen, device, shuffle=True):
             x = augment(x, gen, cfg.crop_scale, cfg.flip)
             y_b = None
             if cfg.cutmix > 0 and torch.rand(1, generator=gen).item() < cfg.cutmix_prob:
@@ -116,9 +156,20 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
             loss_sum += loss.detach() * len(y)
         sched.step()
         if on_epoch:
-            on_epoch(epoch, {"train_loss": loss_sum.item() / total, "train_acc": correct.item() / total})
+            on_epoch(epoch, {"train_loss": loss_sum.item() / total, "train_acc": correct.item() / total},
+                     lambda epoch=epoch: state(epoch))
             model.train()  # the callback may have tested the model
     return model.eval()
+
+
+def _to_cpu(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_to_cpu(v) for v in tree]
+    return tree
 
 
 @torch.inference_mode()
@@ -196,13 +247,20 @@ def rank_slice(data, rank: int, world: int, seed: int):
 
 
 def fit(job: FitJob, device="cpu", rank: int = 0, world: int = 1, wrap=None,
-        on_epoch: Callable[[int, dict], None] | None = None) -> torch.nn.Module:
-    """Build, (optionally wrap, e.g. in DDP,) and train the job's classifier on this rank's share of its data."""
+        on_epoch: Callable[[int, dict], None] | None = None, resume: dict | None = None) -> torch.nn.Module:
+    """Build, (optionally wrap, e.g. in DDP,) and train the job's classifier on this rank's share of its data.
+
+    With `world` ranks each takes batch_size / world images a step: DDP averages their gradients, so a step sees the
+    config's global batch at the config's learning rate, whatever the number of workers.
+    """
+    if job.train.batch_size % world:
+        raise ValueError(f"batch_size {job.train.batch_size} is not a multiple of the {world} workers")
     model = job.build()
     data = rank_slice(job.load_data(), rank, world, job.seed)
     model = wrap(model) if wrap else model
     seed = job.seed if world == 1 else derive_seed(job.seed, "rank", rank)
-    return train_classifier(model, data, job.train, seed, device, on_epoch=on_epoch, desc=job.name)
+    return train_classifier(model, data, job.train, seed, device, on_epoch=on_epoch, desc=job.name,
+                            batch_size=job.train.batch_size // world, resume=resume)
 
 
 Fitter = Callable[[FitJob], dict]  # trains a FitJob somewhere, returns the trained state dict (CPU tensors)

@@ -22,7 +22,7 @@ def test_training_on_real_digits_and_safetensors_round_trip(tmp_path):
     model = build_classifier("convnet2", 1, 8, 10)
     seen = []
     train_classifier(model, train, TrainConfig(epochs=4, crop_scale=0.8, flip=False), seed=1,
-                     on_epoch=lambda e, m: seen.append(m))
+                     on_epoch=lambda e, m, _: seen.append(m))
     acc = accuracy(model, test)
     assert acc > 0.85 and len(seen) == 4 and seen[-1]["train_loss"] < seen[0]["train_loss"]
     save_classifier(model, tmp_path / "m.safetensors", {"test_acc": acc})
@@ -30,3 +30,15 @@ def test_training_on_real_digits_and_safetensors_round_trip(tmp_path):
     assert info["test_acc"] == acc and accuracy(fresh, test) == acc
     x = to_float(test.images[:5])
     assert torch.equal(fresh(x), model(x))
+
+
+def test_a_fit_resumed_from_its_state_ends_where_the_whole_fit_ends():
+    """Per-epoch generators + optimizer and scheduler state: resuming after epoch 1 gives the same weights (CPU)."""
+    train = load_split(DataConfig(name="digits", image_size=8), "train")
+    recipe = TrainConfig(epochs=4, batch_size=64, milestones=[0.5], cutmix=1.0, cutmix_prob=0.5)
+    whole, saved = build_classifier("convnet2", 1, 8, 10, seed=0), {}
+    train_classifier(whole, train, recipe, seed=3, on_epoch=lambda e, m, state: saved.setdefault(e, state()))
+    resumed = build_classifier("convnet2", 1, 8, 10, seed=5)  # other initial weights: the state replaces them
+    train_classifier(resumed, train, recipe, seed=3, resume=saved[1])
+    assert saved[1]["epoch"] == 1 and saved[1]["scheduler"]["last_epoch"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))

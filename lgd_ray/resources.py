@@ -1,0 +1,55 @@
+"""What the run asks of a Ray cluster, and a bounded wait for it: never a silent hang on resources no node can give."""
+from __future__ import annotations
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+
+from lgd_ray.config import Config, ConfigError
+
+
+class ResourceError(ConfigError):
+    """The cluster did not give what the config asks within ray.schedule_timeout_s (one line)."""
+
+
+def actor_resources(cfg: Config) -> dict:
+    """What one sampler actor asks for."""
+    r = cfg.ray
+    return {"CPU": r.num_cpus_per_actor, **({"GPU": r.num_gpus_per_actor} if r.num_gpus_per_actor else {}),
+            **accelerator(cfg)}
+
+
+def train_resources(cfg: Config) -> dict:
+    """What one Ray Train worker asks for."""
+    r = cfg.ray
+    return {"CPU": r.train_cpus_per_worker, **({"GPU": r.train_gpus_per_worker} if r.train_use_gpu else {}),
+            **accelerator(cfg)}
+
+
+def accelerator(cfg: Config) -> dict:
+    """The custom resource Ray gives nodes of an accelerator type (a tiny share of it pins a process to them)."""
+    return {f"accelerator_type:{cfg.ray.accelerator_type}": 0.001} if cfg.ray.accelerator_type else {}
+
+
+def describe(resources: dict) -> str:
+    """{"CPU": 4, "GPU": 1, "memory": ...} -> "4 CPU, 1 GPU" (Ray's bookkeeping keys left out)."""
+    keys = [k for k in resources if not k.startswith(("node:", "object_store_memory", "memory"))
+            and not (k.startswith("accelerator_type:") and resources[k] >= 1)]
+    return ", ".join(f"{resources[k]:g} {k}" for k in sorted(keys, key=lambda k: (k != "CPU", k != "GPU", k))) or "nothing"
+
+
+def shortage(what: str, asked: dict, timeout_s: float) -> ResourceError:
+    """The one line: what was asked, for how long, what the cluster has in all and free now."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    return ResourceError(f"ray: {what} ({describe(asked)} each) could not be placed within {timeout_s:g} s "
+                         f"(ray.schedule_timeout_s); the cluster's {len(nodes)} nodes have {describe(ray.cluster_resources())} "
+                         f"in all, {describe(ray.available_resources())} free now")
+
+
+def wait_for_resources(bundles: list[dict], timeout_s: float, what: str):
+    """Block until the cluster can hold all bundles at once (as Ray Train's worker group will), at most timeout_s."""
+    pg = placement_group([{k: v for k, v in b.items() if v} for b in bundles], strategy="PACK")
+    try:
+        if not pg.wait(timeout_seconds=timeout_s):
+            raise shortage(what, bundles[0], timeout_s)
+    finally:
+        remove_placement_group(pg)

@@ -1,0 +1,200 @@
+"""A run that survives a real cluster: a multi-node Ray on this machine (`ray.cluster_utils.Cluster`, a head with no
+CPUs, small worker nodes, logical GPUs), nodes removed without warning and added back, chunks that raise, requests
+no node can hold. Images are compared with the same run made in one process (CPU: bit for bit)."""
+import threading
+import time
+from functools import partial
+
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+
+from lgd_ray.actors import ActorPool
+from lgd_ray.config import ConfigError, load_config
+from lgd_ray.data import load_split
+from lgd_ray.methods import ChunkMaker, ChunkTask, class_chunks
+from lgd_ray.ray_train import ray_fitter
+from lgd_ray.reference import fit_job
+from lgd_ray.resources import ResourceError, train_resources
+from lgd_ray.stages import run_stages
+
+# Node death is noticed in about a second (Ray's own fault-tolerance tests set these the same way).
+FAST_HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 250, "health_check_failure_threshold": 4}
+RUN = ["distill.stages=1", "distill.classes_per_chunk=1", "ray.actors=2", "ray.num_cpus_per_actor=1",
+       "ray.train_cpus_per_worker=1", "ray.checkpoint_every=5", "ray.schedule_timeout_s=120"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH})
+    for _ in range(2):  # small nodes: one actor or one Ray Train worker each
+        c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def single_process_run(trained, tiny_overrides, tmp_path_factory):
+    """The run in this process without Ray, one torch thread as each actor and Train worker uses: the images to match."""
+    out = tmp_path_factory.mktemp("one-process")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        manifest = run_stages(load_config("digits", tiny_overrides + RUN + ["ray.enabled=false", f"out={out}"]), out,
+                              log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    return _hashes(manifest)
+
+
+def _hashes(manifest):
+    return {r["path"]: r["sha256"] for r in manifest["shards"]}
+
+
+def _keys_once(manifest):
+    keys = [k for r in manifest["shards"] for k in r["keys"]]
+    return len(keys) == len(set(keys)) == 40
+
+
+def _on_cluster(cfg, out, runner=None, fitter=None):
+    pool = runner or ActorPool(cfg, out)
+    return run_stages(cfg, out, runner=pool, fitter=fitter or ray_fitter(cfg, out), log=lambda _: None)
+
+
+def _worker_node(c: Cluster, node_id: str):
+    return next(n for n in c.worker_nodes if n.node_id == node_id)
+
+
+def _replace(c: Cluster, node_id: str) -> float:
+    """Remove a worker node without warning (its processes die) and add a fresh one; returns when it was removed."""
+    c.remove_node(_worker_node(c, node_id), allow_graceful=False)
+    lost = time.time()
+    c.add_node(num_cpus=1)
+    return lost
+
+
+def test_small_nodes_finish_with_the_single_process_images(cluster, single_process_run, tiny_overrides, tmp_path):
+    """Two 1-CPU nodes: two actors fill them while sampling, then make room for the Train worker (no deadlock)."""
+    cfg = load_config("digits", tiny_overrides + RUN + [f"out={tmp_path}"])
+    start = time.time()
+    manifest = _on_cluster(cfg, tmp_path)
+    print(f"\ndigits run on 2 one-CPU worker nodes: {time.time() - start:.1f} s")
+    assert _hashes(manifest) == single_process_run and _keys_once(manifest)
+    assert len({r["node"] for r in manifest["shards"]}) == 2
+    assert not [a for a in list_actors(filters=[("class_name", "=", "SamplerActor"), ("state", "=", "ALIVE")])]
+
+
+def test_node_lost_while_sampling_and_while_training(cluster, single_process_run, tiny_overrides, tmp_path):
+    """A node removed under a busy actor, then one under the student's Train worker; capacity comes back each time.
+    The run finishes by itself, every key once, the same images."""
+    cfg = load_config("digits", tiny_overrides + RUN + [f"out={tmp_path}", "ray.max_restarts=2"])
+    pool, fitter = ActorPool(cfg, tmp_path), ray_fitter(cfg, tmp_path)
+    events = {}
+
+    def runner(tasks, state, previous):
+        for row in pool(tasks, state, previous):
+            if "lost" in events and "continued" not in events:
+                events["continued"] = time.time()
+            if row["stage"] == 1 and "lost" not in events:
+                busy = [a for ref, (a, _) in pool.inflight.items() if not ray.wait([ref], timeout=0)[0]]
+                if busy:
+                    node = list_actors(filters=[("actor_id", "=", busy[0]._actor_id.hex())])[0].node_id
+                    events["lost"] = _replace(cluster, node)
+            yield row
+
+    def kill_a_train_worker():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if workers:
+                time.sleep(4)  # a few epochs in: past a checkpoint
+                events["train_lost"] = _replace(cluster, workers[0].node_id)
+                return
+            time.sleep(0.2)
+
+    def fit(job):
+        if job.name.startswith("stage-01") and "train_lost" not in events:
+            killer = threading.Thread(target=kill_a_train_worker)
+            killer.start()
+            try:
+                return fitter(job)
+            finally:
+                killer.join()
+        return fitter(job)
+
+    manifest = _on_cluster(cfg, tmp_path, runner, fit)
+    assert "lost" in events and "train_lost" in events and pool.resubmitted >= 1
+    print(f"\nnode lost while sampling: the next chunk came in {events['continued'] - events['lost']:.1f} s later")
+    assert _hashes(manifest) == single_process_run and _keys_once(manifest)
+    assert manifest["stages"]["1"]["trained"]
+
+
+def test_a_chunk_that_raises_is_retried_and_one_that_always_raises_ends_the_run(cluster, trained, tiny_overrides,
+                                                                                tmp_path):
+    class FlakyMaker(ChunkMaker):  # defined here, so that Ray ships it by value to the actors
+        def make(self, task, student_state, previous_shards):
+            mark = self.run_dir / f"tried-{task.chunk}"
+            if self.cfg.name == "always" or not mark.exists():
+                mark.write_text("1")
+                raise OSError(f"injected fault in chunk {task.chunk}")
+            return super().make(task, student_state, previous_shards)
+
+    tasks = [ChunkTask(0, i, c) for i, c in enumerate(class_chunks(10, 5))]
+    cfg = load_config("digits", tiny_overrides + RUN + ["ray.chunk_retries=2"])
+    pool = ActorPool(cfg, tmp_path / "flaky", FlakyMaker)
+    rows = list(pool(tasks, None, lambda t: []))
+    assert sorted(r["chunk"] for r in rows) == [0, 1] and pool.retried == 2
+    cfg.name = "always"
+    pool = ActorPool(cfg, tmp_path / "always", FlakyMaker)
+    start = time.time()
+    with pytest.raises(OSError, match="injected fault in chunk"):
+        list(pool(tasks, None, lambda t: []))
+    assert 2 <= pool.retried <= 4  # each chunk is tried 3 times; the first to use up its 2 retries ends the run
+    assert time.time() - start < 60  # back-off 1 s + 2 s, bounded
+
+
+def test_requests_no_node_can_hold_fail_in_the_configured_time(cluster, trained, tiny_overrides, tmp_path):
+    cfg = load_config("digits", tiny_overrides + RUN + ["ray.num_cpus_per_actor=4", "ray.schedule_timeout_s=3"])
+    start = time.time()
+    with pytest.raises(ResourceError, match=r"ray: 2 sampler actors \(4 CPU each\) could not be placed within 3 s "
+                                            r"\(ray\.schedule_timeout_s\); the cluster's 3 nodes have 2 CPU in all"):
+        list(ActorPool(cfg, tmp_path)([ChunkTask(0, 0, (0,))], None, lambda t: []))
+    assert time.time() - start < 30
+    cfg = load_config("digits", tiny_overrides + RUN + ["ray.train_workers=2", "ray.train_cpus_per_worker=2",
+                                                        "ray.schedule_timeout_s=3"])
+    with pytest.raises(ResourceError, match=r"2 Ray Train workers \(2 CPU each\) could not be placed within 3 s"):
+        ray_fitter(cfg, tmp_path)(fit_job(cfg, "student", 10, partial(load_split, cfg.data, "train"), seed=0))
+
+
+def test_gpu_placement_and_a_gpu_torch_cannot_see(cluster, trained, tiny_overrides, tmp_path):
+    """Logical GPUs: two 1-GPU nodes of type H100. Each actor gets a whole GPU on its own node; there, torch (a CPU
+    build on this machine) sees none: the run stops with one line naming torch's CUDA build."""
+    nodes = [cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:H100": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    try:
+        cfg = load_config("digits", tiny_overrides + RUN + ["ray.num_gpus_per_actor=1", "ray.accelerator_type=H100"])
+        with pytest.raises(ConfigError, match=r"device: Ray gave this process GPU 0 on node .*, but torch .* sees no "
+                                              r"GPU; install a torch CUDA build") as e:
+            list(ActorPool(cfg, tmp_path)([ChunkTask(0, i, (i,)) for i in range(2)], None, lambda t: []))
+        assert "\n" not in str(e.value)
+        actors = list_actors(filters=[("class_name", "=", "SamplerActor")], detail=True, limit=1000)
+        mine = [a for a in actors if a.required_resources.get("GPU") == 1]
+        assert len(mine) == 2 and {a.node_id for a in mine} == {n.node_id for n in nodes}
+    finally:
+        for n in nodes:
+            cluster.remove_node(n)
+
+
+def test_config_checks_for_gpu_clusters(tiny_overrides):
+    with pytest.raises(ConfigError, match=r"'ray.train_gpus_per_worker' is 0.5 with 2 NCCL workers: NCCL refuses two "
+                                          r"ranks on one GPU"):
+        load_config("digits", ["ray.train_use_gpu=true", "ray.train_workers=2", "ray.train_gpus_per_worker=0.5"])
+    with pytest.raises(ConfigError, match=r"'student.train.batch_size' 30 is not a multiple of ray.train_workers 4"):
+        load_config("digits", ["ray.train_workers=4", "student.train.batch_size=30", "reference.train.batch_size=64"])
+    cfg = load_config("imagenet1k", ["ray.accelerator_type=H100"])
+    assert train_resources(cfg) == {"CPU": 4, "GPU": 1, "accelerator_type:H100": 0.001}
