@@ -67,7 +67,8 @@ def _worker_loop(config: dict):
     device = process_device()  # fails fast when Ray gave GPUs that torch cannot see
     device = ray.train.torch.get_device() if device.type == "cuda" else device  # this rank's GPU among the node's
     fit(job, device, rank, world, wrap=ray.train.torch.prepare_model, on_epoch=on_epoch, resume=resume)
-    _report({"epoch": last, **latest[0]}, latest[1]() if rank == 0 and latest[1] else None)
+    done = {"epoch": last, "resumed_after": resume["epoch"] if resume else -1, **latest[0]}
+    _report(done, latest[1]() if rank == 0 and latest[1] else None)
 
 
 def ray_fitter(cfg: Config, run_dir: Location) -> Fitter:
@@ -94,6 +95,9 @@ def ray_fitter(cfg: Config, run_dir: Location) -> Fitter:
                                                               controller_failure_limit=r.max_restarts)),
         )
         result = trainer.fit()
+        if result.metrics.get("resumed_after", -1) >= 0:
+            print(f"{job.name}: recovered from a failure (resumed after epoch {result.metrics['resumed_after']})",
+                  flush=True)
         with result.checkpoint.as_directory() as d:
             return load_file(str(Path(d) / WEIGHTS))
 

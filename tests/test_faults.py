@@ -1,6 +1,7 @@
 """A run that survives a real cluster: a multi-node Ray on this machine (`ray.cluster_utils.Cluster`, a head with no
 CPUs, small worker nodes, logical GPUs), nodes removed without warning and added back, chunks that raise, requests
 no node can hold. Images are compared with the same run made in one process (CPU: bit for bit)."""
+import json
 import threading
 import time
 from functools import partial
@@ -66,16 +67,10 @@ def _on_cluster(cfg, out, runner=None, fitter=None):
     return run_stages(cfg, out, runner=pool, fitter=fitter or ray_fitter(cfg, out), log=lambda _: None)
 
 
-def _worker_node(c: Cluster, node_id: str):
-    return next(n for n in c.worker_nodes if n.node_id == node_id)
-
-
-def _replace(c: Cluster, node_id: str) -> float:
-    """Remove a worker node without warning (its processes die) and add a fresh one; returns when it was removed."""
-    c.remove_node(_worker_node(c, node_id), allow_graceful=False)
-    lost = time.time()
-    c.add_node(num_cpus=1)
-    return lost
+def _remove(c: Cluster, node_id: str) -> float:
+    """Remove a worker node without warning (its processes die); returns when."""
+    c.remove_node(next(n for n in c.worker_nodes if n.node_id == node_id), allow_graceful=False)
+    return time.time()
 
 
 def test_small_nodes_finish_with_the_single_process_images(cluster, single_process_run, tiny_overrides, tmp_path):
@@ -89,7 +84,7 @@ def test_small_nodes_finish_with_the_single_process_images(cluster, single_proce
     assert not [a for a in list_actors(filters=[("class_name", "=", "SamplerActor"), ("state", "=", "ALIVE")])]
 
 
-def test_node_lost_while_sampling_and_while_training(cluster, single_process_run, tiny_overrides, tmp_path):
+def test_node_lost_while_sampling_and_while_training(cluster, single_process_run, tiny_overrides, tmp_path, capsys):
     """A node removed under a busy actor, then one under the student's Train worker; capacity comes back each time.
     The run finishes by itself, every key once, the same images."""
     cfg = load_config("digits", tiny_overrides + RUN + [f"out={tmp_path}", "ray.max_restarts=2"])
@@ -104,31 +99,35 @@ def test_node_lost_while_sampling_and_while_training(cluster, single_process_run
                 busy = [a for ref, (a, _) in pool.inflight.items() if not ray.wait([ref], timeout=0)[0]]
                 if busy:
                     node = list_actors(filters=[("actor_id", "=", busy[0]._actor_id.hex())])[0].node_id
-                    events["lost"] = _replace(cluster, node)
+                    events["lost"] = _remove(cluster, node)
+                    cluster.add_node(num_cpus=1)  # capacity comes back (Cluster.add_node: from this thread only)
             yield row
 
-    def kill_a_train_worker():
+    def kill_a_train_worker(name):
         deadline = time.time() + 120
-        while time.time() < deadline:
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-            if workers:
-                time.sleep(4)  # a few epochs in: past a checkpoint
-                events["train_lost"] = _replace(cluster, workers[0].node_id)
+        while time.time() < deadline:  # once Ray Train has registered a checkpoint, remove the node of its worker
+            snapshots = list((tmp_path / "train").glob(f"{name}-*/checkpoint_manager_snapshot.json"))
+            if snapshots and json.loads(snapshots[0].read_text() or "{}").get("checkpoint_results"):
+                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                events["train_lost"] = _remove(cluster, workers[0].node_id)
                 return
-            time.sleep(0.2)
+            time.sleep(0.05)
 
     def fit(job):
         if job.name.startswith("stage-01") and "train_lost" not in events:
-            killer = threading.Thread(target=kill_a_train_worker)
+            killer = threading.Thread(target=kill_a_train_worker, args=(job.name,))
             killer.start()
             try:
-                return fitter(job)
+                return fitter(job)  # the worker group restarts on the other node, from the last checkpoint
             finally:
                 killer.join()
+                cluster.add_node(num_cpus=1)
         return fitter(job)
 
     manifest = _on_cluster(cfg, tmp_path, runner, fit)
     assert "lost" in events and "train_lost" in events and pool.resubmitted >= 1
+    out = capsys.readouterr().out
+    assert "stage-01-student" in out.split("recovered from a failure")[0].splitlines()[-1]
     print(f"\nnode lost while sampling: the next chunk came in {events['continued'] - events['lost']:.1f} s later")
     assert _hashes(manifest) == single_process_run and _keys_once(manifest)
     assert manifest["stages"]["1"]["trained"]
