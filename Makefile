@@ -1,5 +1,5 @@
 # `make demo` distils scikit-learn's digits on the CPU; `make test` runs the test suite; `make bench` runs the
-# seven benchmarks of BENCHMARKS.md one after the other and writes their output to bench/results.txt.
+# eight benchmarks of BENCHMARKS.md one after the other and writes their output to bench/results.txt.
 # Each creates or updates the virtual environment .venv in the repository first.
 SHELL := /bin/bash
 VENV ?= .venv
@@ -22,7 +22,7 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
-BENCHES := sampler_vs_pipeline batched_guidance guided_cost actors train_loader cost_model data_path
+BENCHES := sampler_vs_pipeline batched_guidance guided_cost actors train_loader cost_model data_path cluster
 bench: venv
 	rm -f bench/results.txt
 	set -o pipefail; for b in $(BENCHES); do $(PY) bench/$$b.py 2>&1 | tee -a bench/results.txt || exit 1; done

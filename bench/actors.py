@@ -2,8 +2,9 @@
 
     python bench/actors.py [CONFIG] [key=value ...]      (default: digits; the prior/reference come from the cache)
 
-Actors are started and warmed (one chunk each) before timing; the runs alternate 1, 2, 1, 2 ... and the median
-of each is reported with the ratio (goal >= 1.7x).
+Each timed call starts its actors and kills them at the end, as every stage of a run does (the prior and reference
+are loaded from the cache each time); one untimed call per pool first warms the caches. The runs alternate 1, 2,
+1, 2 ... and the median of each is reported with the ratio (goal >= 1.7x).
 """
 import sys
 import tempfile
@@ -42,7 +43,7 @@ def main(argv):
         for k in (1, 2):
             pools[k] = ActorPool(load_config(name, overrides + [f"ray.actors={k}", "distill.classes_per_chunk=1"]),
                                  Path(tmp) / f"pool{k}")
-            list(pools[k](tasks[:k], student, lambda t: []))  # start and warm every actor
+            list(pools[k](tasks[:k], student, lambda t: []))  # warm the caches (files, imports)
         med = interleaved({1: lambda: run(1), 2: lambda: run(2)}, repeats=REPEATS, warmup=0)
     print(f"# measure 4: 1 vs 2 sampler actors on local Ray, 1 CPU each ({machine()})")
     for k in (1, 2):

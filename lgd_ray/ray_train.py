@@ -14,7 +14,7 @@ from pathlib import Path
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors.torch import load_file, save_file
 
@@ -92,7 +92,9 @@ def ray_fitter(cfg: Config, run_dir: Location) -> Fitter:
             run_config=RunConfig(name=f"{job.name}-{uuid.uuid4().hex[:8]}", storage_path=storage.path,
                                  storage_filesystem=None if storage.is_local else storage.fs,
                                  failure_config=FailureConfig(max_failures=r.max_restarts,
-                                                              controller_failure_limit=r.max_restarts)),
+                                                              controller_failure_limit=r.max_restarts),
+                                 # Ray Train's INFO lines go to its log files; warnings and errors reach the console
+                                 logging_config=LoggingConfig(log_level="WARNING")),
         )
         result = trainer.fit()
         if result.metrics.get("resumed_after", -1) >= 0:

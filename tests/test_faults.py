@@ -12,14 +12,17 @@ import torch
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
+from conftest import new_bucket, s3_cache_of, s3_uri
 from lgd_ray.actors import ActorPool
 from lgd_ray.config import ConfigError, load_config
 from lgd_ray.data import load_split
+from lgd_ray.distill import distill
 from lgd_ray.methods import ChunkMaker, ChunkTask, class_chunks
 from lgd_ray.ray_train import ray_fitter
 from lgd_ray.reference import fit_job
 from lgd_ray.resources import ResourceError, train_resources
 from lgd_ray.stages import run_stages
+from lgd_ray.storage import Location
 
 # Node death is noticed in about a second (Ray's own fault-tolerance tests set these the same way).
 FAST_HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 250, "health_check_failure_threshold": 4}
@@ -73,14 +76,18 @@ def _remove(c: Cluster, node_id: str) -> float:
     return time.time()
 
 
-def test_small_nodes_finish_with_the_single_process_images(cluster, single_process_run, tiny_overrides, tmp_path):
-    """Two 1-CPU nodes: two actors fill them while sampling, then make room for the Train worker (no deadlock)."""
-    cfg = load_config("digits", tiny_overrides + RUN + [f"out={tmp_path}"])
+def test_small_nodes_on_s3_finish_with_the_single_process_images(cluster, single_process_run, tiny_cfg,
+                                                                  tiny_overrides, s3_endpoint):
+    """Two 1-CPU nodes, the run and cache on the S3 server: two actors fill the nodes while sampling, then make room
+    for the Train worker (no deadlock); both nodes make chunks, the head none."""
+    out = Location(s3_uri(s3_endpoint, new_bucket(s3_endpoint), "run"))
+    cfg = load_config("digits", tiny_overrides + RUN + [f"out={out}", f"cache={s3_cache_of(tiny_cfg, s3_endpoint)}"])
     start = time.time()
-    manifest = _on_cluster(cfg, tmp_path)
-    print(f"\ndigits run on 2 one-CPU worker nodes: {time.time() - start:.1f} s")
+    manifest = distill(cfg)
+    print(f"\ndigits run on 2 one-CPU worker nodes + S3: {time.time() - start:.1f} s")
     assert _hashes(manifest) == single_process_run and _keys_once(manifest)
-    assert len({r["node"] for r in manifest["shards"]}) == 2
+    assert {r["node"] for r in manifest["shards"]} == {n.node_id for n in cluster.worker_nodes}
+    assert (out / "stage-01" / "student.safetensors").exists() and (out / "train").iterdir()
     assert not [a for a in list_actors(filters=[("class_name", "=", "SamplerActor"), ("state", "=", "ALIVE")])]
 
 
@@ -182,8 +189,9 @@ def test_gpu_placement_and_a_gpu_torch_cannot_see(cluster, trained, tiny_overrid
             list(ActorPool(cfg, tmp_path)([ChunkTask(0, i, (i,)) for i in range(2)], None, lambda t: []))
         assert "\n" not in str(e.value)
         actors = list_actors(filters=[("class_name", "=", "SamplerActor")], detail=True, limit=1000)
-        mine = [a for a in actors if a.required_resources.get("GPU") == 1]
-        assert len(mine) == 2 and {a.node_id for a in mine} == {n.node_id for n in nodes}
+        placed = [a.node_id for a in actors if a.required_resources.get("GPU") == 1 and a.node_id]
+        # the first error ends the call and kills both actors: the second may not have been placed yet
+        assert placed and len(set(placed)) == len(placed) and set(placed) <= {n.node_id for n in nodes}
     finally:
         for n in nodes:
             cluster.remove_node(n)
