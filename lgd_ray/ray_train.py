@@ -7,6 +7,7 @@ checkpoint (weights, optimizer, scheduler); a fit that loses a worker (a node) i
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 import uuid
 from pathlib import Path
@@ -16,6 +17,7 @@ import ray.train.torch
 import torch
 from ray.train import Checkpoint, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.execution import context as train_context
 from safetensors.torch import load_file, save_file
 
 from lgd_ray.config import Config
@@ -50,6 +52,8 @@ def _report(metrics: dict, state: dict | None):
 def _worker_loop(config: dict):
     job: FitJob = config["job"]
     torch.set_num_threads(config["threads"])
+    # Ray Train logs each report at INFO under its module's file name, which LoggingConfig does not reach
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     resume, checkpoint = None, ray.train.get_checkpoint()
