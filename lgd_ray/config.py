@@ -102,6 +102,7 @@ class GuidanceConfig:
     window: list = _f([10, 45], length=2)  # sampling-step indices (counting down from num_steps-1) guided
     through: str = _f("denoiser", choices=["denoiser", "decoder"])  # gradient path of grad_{x_t} S
     norm_scale: float = _f(1.0, min_excl=0.0)  # rho_t multiplier: guidance norm = lambda*norm_scale*sqrt(1-abar)*|eps|
+    batch: int = _f(0, min=0)  # trajectories per guided backward (memory of a guided step); 0 = the sample batch
     # method mgd3: x0^ <- x0^ + mode_lambda * sigma_t * (mode - x0^) at step indices >= mode_stop
     mode_lambda: float = _f(0.1, min=0.0)
     mode_stop: int = _f(25, min=0)
@@ -312,6 +313,10 @@ def _check_cross(cfg: Config):
         problem = check_model_name(name)
         if problem:
             raise ConfigError(f"config: '{key}' {problem}")
+    g = cfg.guidance
+    if cfg.prior.dtype == "float16" and cfg.distill.method == "lgd" and (g.lambda_ > 0 or g.gamma > 0):
+        raise ConfigError("config: 'prior.dtype' float16 with guided lgd: its gradients underflow without loss "
+                          "scaling (guidance silently off); use bfloat16")
     r = cfg.ray
     if r.train_use_gpu and r.train_workers > 1 and r.train_gpus_per_worker != int(r.train_gpus_per_worker):
         raise ConfigError(f"config: 'ray.train_gpus_per_worker' is {r.train_gpus_per_worker} with {r.train_workers} "

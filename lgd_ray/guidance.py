@@ -74,13 +74,19 @@ class Guide:
     norm_scale: float
     image_size: int
     memory: dict[int, torch.Tensor] = field(default_factory=dict)
+    batch: int = 0  # trajectories per backward (guidance.batch): bounds the memory of a guided step; 0 = all at once
 
     def active(self, step_index: int) -> bool:
         return (self.lambda_ > 0 or self.gamma > 0) and self.window[0] <= step_index <= self.window[1]
 
     def eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float,
             slots: list[int] | None = None):
-        """The guided noise prediction eps~ (detached); slots are not used (the interface of ModeGuide)."""
+        """The guided noise prediction eps~ (detached), `batch` trajectories at a time (every term is per image, so
+        the chunks give the result of the whole batch); slots are not used (the interface of ModeGuide)."""
+        n = self.batch or len(x_t)
+        return torch.cat([self._eps(prior, x_t[i:i + n], t, labels[i:i + n], cfg_scale) for i in range(0, len(x_t), n)])
+
+    def _eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float):
         abar = prior.scheduler.alphas_cumprod[int(t)].to(x_t)
         sigma, alpha = (1 - abar).sqrt(), abar.sqrt()
         use_memory = self.gamma > 0 and any(len(self.memory.get(c, ())) for c in labels.unique().tolist())

@@ -185,7 +185,7 @@ class ChunkMaker:
         guide = None
         if stage.method == "lgd":
             guide = Guide(scorer, g.lambda_, g.gamma, tuple(g.window), g.through, g.norm_scale, cfg.data.image_size,
-                          self._memory(previous_shards, task.classes) if g.gamma > 0 else {})
+                          self._memory(previous_shards, task.classes) if g.gamma > 0 else {}, g.batch)
             params.update(lambda_=g.lambda_, omega=g.omega, kappa=g.kappa, gamma=g.gamma, through=g.through)
         elif stage.method == "mgd3":
             guide = ModeGuide({c: self._class_modes(c) for c in task.classes}, g.mode_lambda, g.mode_stop)

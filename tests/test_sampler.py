@@ -110,3 +110,23 @@ def test_bfloat16_prior_samples_and_guides_like_float32(setup, tiny_cfg):
     assert diff.mean() < 8, diff.mean()  # grey levels of 255 (1.0 here): the same images up to bfloat16 rounding
     guided = _generate(half, cfg, scorer=scorer, guide=_guide(scorer, lam=0.1))
     assert _mean_s(guided) > _mean_s(plain_half) + 0.05
+
+
+def test_guidance_micro_batches_give_the_whole_batch_images(setup):
+    """guidance.batch: the guided backward runs 7 trajectories at a time; every term is per image, so the images are
+    those of the whole batch (up to the batch-size-dependent order of CPU sums, as above)."""
+    prior, scorer, cfg = setup
+    whole = _generate(prior, cfg, scorer=scorer, guide=_guide(scorer, lam=0.2, gamma=0.5), batch_size=30)
+    chunked = _generate(prior, cfg, scorer=scorer, guide=Guide(scorer, 0.2, 0.5, (0, 9), "denoiser", 1.0, 8, {}, 7),
+                        batch_size=30)
+    d = torch.stack([(a.image.int() - b.image.int()).abs() for a, b in zip(whole, chunked)])
+    assert d.max() <= 3 and d.float().mean() < 0.1
+    assert max(abs(a.score - b.score) for a, b in zip(whole, chunked)) < 1e-2
+
+
+def test_float16_is_refused_for_guided_lgd():
+    from lgd_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="float16 with guided lgd: its gradients underflow without loss scaling"):
+        load_config("digits", ["prior.dtype=float16"])
+    assert load_config("digits", ["prior.dtype=float16", "distill.method=dit"]).prior.dtype == "float16"
