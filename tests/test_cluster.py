@@ -62,7 +62,7 @@ def test_a_node_with_a_private_disk_fails_the_run_in_seconds(cluster, tiny_overr
         with pytest.raises(StorageError, match=rf"node [\d.]+ \(\w+\): cannot read {shared}/run/\.lgd_ray-node-check"
                                                r".*does not share that folder"):
             check_cluster_storage(cfg, Location(str(shared / "run")), Location(cfg.cache))
-        assert time.time() - start < 30
+        assert time.time() - start < 75  # 21 s alone; 60 s once with a prior training beside it on the 2 cores
     finally:
         os.killpg(node.pid, 15)
         node.wait(timeout=60)
