@@ -28,7 +28,7 @@ def main(argv):
 
     def ours():
         with torch.inference_mode():
-            z = sample(prior, torch.tensor(labels), gens(), steps, CFG)
+            z, _ = sample(prior, torch.tensor(labels), gens(), steps, CFG)
             return (prior.decode(z) / 2 + 0.5).clamp(0, 1)
 
     def diffusers_pipeline():

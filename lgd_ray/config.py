@@ -103,6 +103,9 @@ class GuidanceConfig:
     through: str = _f("denoiser", choices=["denoiser", "decoder"])  # gradient path of grad_{x_t} S
     norm_scale: float = _f(1.0, min_excl=0.0)  # rho_t multiplier: guidance norm = lambda*norm_scale*sqrt(1-abar)*|eps|
     batch: int = _f(0, min=0)  # trajectories per guided backward (memory of a guided step); 0 = the sample batch
+    every: int = _f(1, min=1)  # follow the gradient at every this-many-th step of the window (1 = all: the paper's)
+    select_after: int = _f(0, min=0)  # early rejection: the kappa candidates run this many steps, only the best by S
+    #                                   of x0^ runs on; 0 = all candidates run to the end (the paper's)
     # method mgd3: x0^ <- x0^ + mode_lambda * sigma_t * (mode - x0^) at step indices >= mode_stop
     mode_lambda: float = _f(0.1, min=0.0)
     mode_stop: int = _f(25, min=0)

@@ -58,6 +58,12 @@ def nearest_cosine(x0: torch.Tensor, labels: torch.Tensor, memory: dict[int, tor
     return sims
 
 
+def guided_steps(window: tuple[int, int], every: int, num_steps: int) -> list[int]:
+    """The step indices (counting down from num_steps - 1) that follow the gradient: the window's, every `every`-th
+    from its noisy end (guidance.every; 1 = all of them)."""
+    return [s for s in range(window[1], window[0] - 1, -every) if s < num_steps]
+
+
 def _unit(g: torch.Tensor) -> torch.Tensor:
     return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1))
 
@@ -75,9 +81,12 @@ class Guide:
     image_size: int
     memory: dict[int, torch.Tensor] = field(default_factory=dict)
     batch: int = 0  # trajectories per backward (guidance.batch): bounds the memory of a guided step; 0 = all at once
+    every: int = 1  # guidance.every: follow the gradient at every this-many-th step of the window
 
     def active(self, step_index: int) -> bool:
-        return (self.lambda_ > 0 or self.gamma > 0) and self.window[0] <= step_index <= self.window[1]
+        hi = self.window[1]
+        return ((self.lambda_ > 0 or self.gamma > 0) and self.window[0] <= step_index <= hi
+                and (hi - step_index) % self.every == 0)
 
     def eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float,
             slots: list[int] | None = None):

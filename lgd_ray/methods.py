@@ -185,14 +185,16 @@ class ChunkMaker:
         guide = None
         if stage.method == "lgd":
             guide = Guide(scorer, g.lambda_, g.gamma, tuple(g.window), g.through, g.norm_scale, cfg.data.image_size,
-                          self._memory(previous_shards, task.classes) if g.gamma > 0 else {}, g.batch)
-            params.update(lambda_=g.lambda_, omega=g.omega, kappa=g.kappa, gamma=g.gamma, through=g.through)
+                          self._memory(previous_shards, task.classes) if g.gamma > 0 else {}, g.batch, g.every)
+            params.update(lambda_=g.lambda_, omega=g.omega, kappa=g.kappa, gamma=g.gamma, through=g.through,
+                          every=g.every, select_after=g.select_after)
         elif stage.method == "mgd3":
             guide = ModeGuide({c: self._class_modes(c) for c in task.classes}, g.mode_lambda, g.mode_stop)
             params.update(mode_lambda=g.mode_lambda, mode_stop=g.mode_stop)
         out = generate(self.prior, items, run_seed=cfg.seed, stage=task.stage, num_steps=cfg.prior.num_steps,
                        cfg_scale=cfg.prior.cfg_scale, batch_size=cfg.distill.sample_batch,
-                       image_size=cfg.data.image_size, kappa=stage.kappa, scorer=scorer, guide=guide)
+                       image_size=cfg.data.image_size, kappa=stage.kappa, scorer=scorer, guide=guide,
+                       select_after=g.select_after if stage.method == "lgd" else 0)
         return [{"key": sample_key(o.cls, o.slot), "image": o.image, "cls": o.cls,
                  "meta": {"stage": task.stage, "seed": derive_seed(cfg.seed, "noise", task.stage, o.cls, o.slot, o.candidate),
                           "S": o.score, "ce_student": o.ce_student, "ce_reference": o.ce_reference,

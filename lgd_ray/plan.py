@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lgd_ray.config import Config
 from lgd_ray.data import num_classes
+from lgd_ray.guidance import guided_steps
 from lgd_ray.models import build_classifier
 
 # facebook/DiT-XL-2-256's architecture (its transformer/ and vae/ config.json), so planning needs no network
@@ -125,11 +126,10 @@ def make_plan(cfg: Config) -> dict:
     costs = step_costs(cfg)
     n = num_classes(cfg.data)
     g, steps = cfg.guidance, cfg.prior.num_steps
-    lo, hi = g.window
-    window = max(0, min(hi, steps - 1) - lo + 1)
+    guided_at = guided_steps(tuple(g.window), g.every, steps)
     cfg_mult = 2 if cfg.prior.cfg_scale > 1 else 1
     plain = cfg_mult * costs.dit_forward
-    score = costs.decoder + costs.student + costs.reference  # final decode + S of every candidate
+    score = costs.decoder + costs.student + costs.reference  # decode + S of a candidate (final, or its x0^ at selection)
     # a guided step: decoder and both classifiers forward and backward on x0^, and the CFG pair forward, with its
     # backward too on the denoiser path
     head = costs.decoder_grad + costs.student_grad + costs.reference_grad
@@ -139,15 +139,21 @@ def make_plan(cfg: Config) -> dict:
         images = n * st.ipc
         total_images += images
         trajectories = 0 if st.method == "random" else images * st.kappa
-        g_steps = trajectories * window if st.gradient else 0
-        u_steps = trajectories * steps - g_steps
-        sample_f = (u_steps * plain + g_steps * guided + trajectories * score) * 1e9
+        # early rejection: all candidates run the first select_after steps (indices >= pause), the kept one the rest
+        early = st.kappa > 1 and 0 < g.select_after < steps
+        pause = steps - g.select_after if early else 0
+        survivors = images if early else trajectories
+        gradient = guided_at if st.gradient else []
+        g_steps = trajectories * sum(i >= pause for i in gradient) + survivors * sum(i < pause for i in gradient)
+        all_steps = trajectories * (steps - pause) + survivors * pause
+        scored = trajectories + (survivors if early else 0)
+        sample_f = ((all_steps - g_steps) * plain + g_steps * guided + scored * score) * 1e9
         train_f = costs.student_train * 1e9 * total_images * cfg.student.train.epochs
         stages.append({"stage": st.index, "ipc": st.ipc, "images": images, "trajectories": trajectories,
-                       "guided_steps": g_steps, "unguided_steps": u_steps, "sample_flops": sample_f,
+                       "guided_steps": g_steps, "unguided_steps": all_steps - g_steps, "sample_flops": sample_f,
                        "train_images": total_images, "train_flops": train_f})
     return {"classes": n, "chunks": len(class_chunks(n, cfg.distill.classes_per_chunk)), "stages": stages,
-            "window_steps": window, "costs": costs.__dict__, "guided_step_gflops": guided, "unguided_step_gflops": plain,
+            "window_steps": len(guided_at), "costs": costs.__dict__, "guided_step_gflops": guided, "unguided_step_gflops": plain,
             "total_flops": sum(s["sample_flops"] + s["train_flops"] for s in stages)}
 
 
@@ -164,8 +170,10 @@ def format_plan(cfg: Config, plan: dict, tflops: float, utilisation: float) -> s
              f"{c['student_grad']:.2f}, reference {c['reference']:.2f} / {c['reference_grad']:.2f}; "
              f"a student training step {c['student_train']:.2f}",
              f"per trajectory step: unguided {plan['unguided_step_gflops']:.1f} GFLOPs (CFG x{2 if cfg.prior.cfg_scale > 1 else 1}), "
-             f"guided ({cfg.guidance.through}) {plan['guided_step_gflops']:.1f} GFLOPs; window {plan['window_steps']} of "
-             f"{cfg.prior.num_steps} steps", "",
+             f"guided ({cfg.guidance.through}) {plan['guided_step_gflops']:.1f} GFLOPs; {plan['window_steps']} guided of "
+             f"{cfg.prior.num_steps} steps (window {cfg.guidance.window}, every {cfg.guidance.every}); "
+             + (f"candidates cut to the best after {cfg.guidance.select_after} steps"
+                if 0 < cfg.guidance.select_after < cfg.prior.num_steps else "all candidates run to the end"), "",
              "stage  IPC   images  trajectories  guided steps  unguided steps  sample PFLOPs  train PFLOPs  GPU-h"]
     for s in plan["stages"]:
         hours = (s["sample_flops"] + s["train_flops"]) / rate / 3600

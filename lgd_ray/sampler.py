@@ -17,24 +17,33 @@ from lgd_ray.seeding import generator
 
 
 def sample(prior: Prior, labels: torch.Tensor, gens: list[torch.Generator], num_steps: int, cfg_scale: float,
-           guide: Guide | ModeGuide | None = None, slots: list[int] | None = None) -> torch.Tensor:
-    """Final latents (or pixels) for `labels`, one generator per trajectory (initial noise, then DDPM noise).
+           guide: Guide | ModeGuide | None = None, slots: list[int] | None = None, x: torch.Tensor | None = None,
+           first: int | None = None, last: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the step indices first..last (counting down; default: all, from num_steps - 1) for `labels`, one generator
+    per trajectory (initial noise when x is None, then DDPM noise); returns (x after step `last`, the scheduler's x0^
+    of that step). A run cut in two (first..r, then r-1..0 from the returned x) equals the uncut run.
 
     slots: each trajectory's slot (what a ModeGuide needs to pick its mode).
     """
-    x = torch.cat([torch.randn((1, *prior.latent_shape), generator=g) for g in gens]).to(prior.device)
-    labels = labels.to(prior.device)
+    if x is None:
+        x = torch.cat([torch.randn((1, *prior.latent_shape), generator=g) for g in gens])
+    x, labels = x.to(prior.device), labels.to(prior.device)
+    first = num_steps - 1 if first is None else first
     sched = prior.scheduler
     sched.set_timesteps(num_steps)
+    x0 = x
     for i, t in enumerate(sched.timesteps):
         step_index = len(sched.timesteps) - 1 - i  # counts down: the noisiest step is num_steps - 1
+        if not last <= step_index <= first:
+            continue
         if guide is not None and guide.active(step_index):
             eps = guide.eps(prior, x, t, labels, cfg_scale, slots)
         else:
             with torch.no_grad():
                 eps = prior.eps(x, t, labels, cfg_scale)
-        x = sched.step(eps, t, x, generator=gens).prev_sample
-    return x
+        out = sched.step(eps, t, x, generator=gens)
+        x, x0 = out.prev_sample, out.pred_original_sample
+    return x, x0
 
 
 @dataclass
@@ -53,34 +62,71 @@ class Generated:
 
 def generate(prior: Prior, items: list[tuple[int, int]], *, run_seed: int, stage: int, num_steps: int,
              cfg_scale: float, batch_size: int, image_size: int, kappa: int = 1, scorer: Scorer | None = None,
-             guide: Guide | ModeGuide | None = None) -> list[Generated]:
+             guide: Guide | ModeGuide | None = None, select_after: int = 0) -> list[Generated]:
     """Sample kappa candidates for each (class, slot), keep the one with the highest S (learnability rank selection).
 
     Candidates run in batches of `batch_size` trajectories; with no scorer kappa must be 1 and scores are None.
+    select_after (early rejection, guidance.select_after): with 0 < select_after < num_steps, the candidates run that
+    many steps, the one whose x0^ has the highest S is kept and only it runs the rest (candidate_scores are then the
+    candidates' S at that point); 0 = every candidate runs to the end and the final images are ranked (the paper's).
     """
     if kappa > 1 and scorer is None:
         raise ValueError("rank selection (kappa > 1) needs a scorer")
     trajectories = [(c, s, k) for c, s in items for k in range(kappa)]
-    images, scores = [], []
-    for i in range(0, len(trajectories), batch_size):
-        batch = trajectories[i:i + batch_size]
-        labels = torch.tensor([c for c, _, _ in batch])
-        gens = [generator(run_seed, "noise", stage, c, s, k) for c, s, k in batch]
-        z = sample(prior, labels, gens, num_steps, cfg_scale, guide, [s for _, s, _ in batch])
+    gens = [generator(run_seed, "noise", stage, c, s, k) for c, s, k in trajectories]
+    early = kappa > 1 and 0 < select_after < num_steps
+    run = lambda rows, **kw: _batched(prior, [trajectories[r] for r in rows], [gens[r] for r in rows], batch_size,
+                                      num_steps, cfg_scale, guide, **kw)
+    rows = list(range(len(trajectories)))
+    chosen = [j * kappa for j in range(len(items))]
+    early_scores = None
+    if early:
+        pause = num_steps - select_after  # the first step index the survivors run alone
+        x, x0 = run(rows, last=pause)
         with torch.no_grad():
-            x = classifier_input(prior.decode(z), image_size).float()
-            x = to_uint8(x).cpu()  # score what is stored: the quantised image
+            labels = torch.tensor([c for c, _, _ in trajectories], device=prior.device)
+            early_scores = torch.cat([scorer(classifier_input(prior.decode(x0[i:i + batch_size]), image_size),
+                                             labels[i:i + batch_size])[0] for i in range(0, len(rows), batch_size)])
+        early_scores = early_scores.view(len(items), kappa).cpu()
+        chosen = [j * kappa + int(early_scores[j].argmax()) for j in range(len(items))]
+        x, _ = run(chosen, x=x[chosen], first=pause - 1)
+        rows = chosen
+    else:
+        x, _ = run(rows)
+    images, scores = [], []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            z = x[i:i + batch_size].to(prior.device)
+            labels = torch.tensor([trajectories[r][0] for r in rows[i:i + batch_size]], device=prior.device)
+            img = to_uint8(classifier_input(prior.decode(z), image_size).float()).cpu()  # score what is stored
             if scorer is not None:
-                s, ce_s, ce_r = scorer(to_float(x).to(prior.device), labels.to(prior.device))
+                s, ce_s, ce_r = scorer(to_float(img).to(prior.device), labels)
                 scores += list(zip(s.tolist(), ce_s.tolist(), ce_r.tolist()))
-        images.append(x)
+            images.append(img)
     images = torch.cat(images)
     out = []
     for j, (c, s) in enumerate(items):
-        rows = range(j * kappa, (j + 1) * kappa)
         if scorer is None:
-            out.append(Generated(c, s, images[rows[0]], None, None, None, 0, []))
-            continue
-        best = max(rows, key=lambda r: scores[r][0])
-        out.append(Generated(c, s, images[best], *scores[best], best - rows[0], [scores[r][0] for r in rows]))
+            out.append(Generated(c, s, images[j], None, None, None, 0, []))
+        elif early:
+            k = chosen[j] - j * kappa
+            out.append(Generated(c, s, images[j], *scores[j], k, early_scores[j].tolist()))
+        else:
+            cand = range(j * kappa, (j + 1) * kappa)
+            best = max(cand, key=lambda r: scores[r][0])
+            out.append(Generated(c, s, images[best], *scores[best], best - cand[0], [scores[r][0] for r in cand]))
     return out
+
+
+def _batched(prior: Prior, trajectories: list[tuple[int, int, int]], gens: list[torch.Generator], batch_size: int,
+             num_steps: int, cfg_scale: float, guide, x: torch.Tensor | None = None, first: int | None = None,
+             last: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample` over (class, slot, candidate) trajectories in batches of batch_size; (x, x0^) of all, on the CPU."""
+    xs, x0s = [], []
+    for i in range(0, len(trajectories), batch_size):
+        batch = trajectories[i:i + batch_size]
+        xb, x0b = sample(prior, torch.tensor([c for c, _, _ in batch]), gens[i:i + batch_size], num_steps, cfg_scale,
+                         guide, [s for _, s, _ in batch], None if x is None else x[i:i + batch_size], first, last)
+        xs.append(xb.cpu())
+        x0s.append(x0b.cpu())
+    return torch.cat(xs), torch.cat(x0s)

@@ -28,6 +28,21 @@ def test_imagenet1k_plan_counts():
     assert all(s["guided_steps"] == 0 and s["trajectories"] == 10_000 for s in dit["stages"])
 
 
+def test_plan_counts_every_kth_guidance_and_early_rejection():
+    """every 2: indices 45, 43, .., 11 of [10, 45] (18); select_after 15: the 3 candidates run indices 49..35 (6 of
+    them guided), the kept one 34..0 (12 guided); candidates are scored at the cut and the kept one at the end."""
+    base = make_plan(load_config("imagenet1k"))
+    plan = make_plan(load_config("imagenet1k", ["guidance.every=2", "guidance.select_after=15"]))
+    assert plan["window_steps"] == 18
+    st = plan["stages"][1]
+    assert st["trajectories"] == 30_000 and st["guided_steps"] == 30_000 * 6 + 10_000 * 12
+    assert st["guided_steps"] + st["unguided_steps"] == 30_000 * 15 + 10_000 * 35
+    assert plan["stages"][0] == base["stages"][0]  # the unguided seed stage (kappa 1) is unchanged
+    assert plan["total_flops"] < 0.5 * base["total_flops"]
+    same = make_plan(load_config("imagenet1k", ["guidance.every=1", "guidance.select_after=50"]))
+    assert same["total_flops"] == base["total_flops"]
+
+
 def test_plan_agrees_with_the_cost_model_on_paper():
     """bench/cost_model.py counts the same run by hand from published numbers; the dry-run must agree."""
     spec = importlib.util.spec_from_file_location("cost_model", Path(__file__).parents[1] / "bench" / "cost_model.py")

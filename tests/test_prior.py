@@ -15,7 +15,7 @@ def test_folder_loads_like_a_hub_id_and_samples(latent_pipeline_dir):
     assert prior.vae is not None and prior.num_classes == 1000 and prior.null_class == 1000
     assert prior.transformer.config.out_channels == 2 * prior.latent_shape[0]  # learned sigma
     assert prior.image_size == 16 and not prior.transformer.training
-    z = sample(prior, torch.tensor([1, 999]), [generator(0, i) for i in range(2)], num_steps=4, cfg_scale=4.0)
+    z, _ = sample(prior, torch.tensor([1, 999]), [generator(0, i) for i in range(2)], num_steps=4, cfg_scale=4.0)
     with torch.no_grad():
         images = prior.decode(z)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
@@ -36,7 +36,7 @@ def test_matches_diffusers_dit_pipeline(latent_pipeline_dir):
     gens = [generator(7, "noise", 0, c, 0, 0) for c in labels]
     ref = pipe(class_labels=labels, guidance_scale=4.0, generator=gens, num_inference_steps=steps, output_type="pt").images
     gens = [generator(7, "noise", 0, c, 0, 0) for c in labels]
-    z = sample(prior, torch.tensor(labels), gens, steps, 4.0)
+    z, _ = sample(prior, torch.tensor(labels), gens, steps, 4.0)
     with torch.no_grad():
         ours = (prior.decode(z) / 2 + 0.5).clamp(0, 1)
     assert (ours - ref).abs().max().item() < 1e-4
@@ -80,7 +80,7 @@ def test_latent_prior_in_bfloat16(latent_pipeline_dir):
     assert half.vae.dtype == torch.bfloat16
     labels = torch.tensor([3, 999])
     with torch.no_grad():
-        a, b = (p.decode(sample(p, labels, [generator(0, i) for i in range(2)], 4, 4.0)) for p in (full, half))
+        a, b = (p.decode(sample(p, labels, [generator(0, i) for i in range(2)], 4, 4.0)[0]) for p in (full, half))
     assert b.dtype == torch.float32 and (a - b).norm() / a.norm() < 0.05  # 0.013 here
     nets = [build_classifier("convnet2", 3, 16, 1000, seed=s).requires_grad_(False) for s in (0, 1)]
     guide = Guide(Scorer(*nets, omega=1.0), 0.1, 0.0, (0, 3), "decoder", 1.0, 16)

@@ -130,3 +130,61 @@ def test_float16_is_refused_for_guided_lgd():
     with pytest.raises(ConfigError, match="float16 with guided lgd: its gradients underflow without loss scaling"):
         load_config("digits", ["prior.dtype=float16"])
     assert load_config("digits", ["prior.dtype=float16", "distill.method=dit"]).prior.dtype == "float16"
+
+
+def test_every_and_select_after_at_their_neutral_values_are_the_exact_path(setup):
+    """guidance.every = 1 and select_after = num_steps reproduce the paper's path bit for bit."""
+    prior, scorer, cfg = setup
+    exact = _generate(prior, cfg, scorer=scorer, kappa=3, guide=_guide(scorer, lam=0.2))
+    neutral = _generate(prior, cfg, scorer=scorer, kappa=3, select_after=cfg.prior.num_steps,
+                        guide=Guide(scorer, 0.2, 0.0, (0, 9), "denoiser", 1.0, 8, {}, 0, 1))
+    assert all(torch.equal(a.image, b.image) and a.score == b.score and a.candidate_scores == b.candidate_scores
+               for a, b in zip(exact, neutral))
+
+
+def test_every_k_guides_every_kth_step_of_the_window():
+    from lgd_ray.guidance import guided_steps
+
+    assert guided_steps((0, 9), 2, 10) == [9, 7, 5, 3, 1] and guided_steps((10, 45), 1, 50) == list(range(45, 9, -1))
+    assert guided_steps((10, 45), 3, 40) == [39, 36, 33, 30, 27, 24, 21, 18, 15, 12]
+    guide = Guide(None, 0.1, 0.0, (10, 45), "denoiser", 1.0, 8, every=3)
+    assert [i for i in range(50) if guide.active(i)] == sorted(guided_steps((10, 45), 3, 50))
+
+
+def test_a_run_cut_in_two_equals_the_uncut_run(setup):
+    """sample(first.., last=r) then sample(x, first=r-1): the same latents as one pass (guided steps included)."""
+    from lgd_ray.sampler import sample
+    from lgd_ray.seeding import generator
+
+    prior, scorer, cfg = setup
+    labels, n = torch.tensor([0, 3, 7]), cfg.prior.num_steps
+    gens = lambda: [generator(0, "cut", i) for i in range(3)]
+    guide = _guide(scorer, lam=0.2)
+    whole, _ = sample(prior, labels, gens(), n, cfg.prior.cfg_scale, guide)
+    g = gens()
+    half, _ = sample(prior, labels, g, n, cfg.prior.cfg_scale, guide, last=4)
+    rest, _ = sample(prior, labels, g, n, cfg.prior.cfg_scale, guide, x=half, first=3)
+    assert torch.equal(whole, rest)
+
+
+def test_early_rejection_finishes_only_the_best_candidate_at_the_cut(setup):
+    """select_after = 4: candidate_scores are the candidates' S of x0^ after 4 steps; the kept one is their argmax and
+    its image is the one that candidate reaches alone (same noise, same steps)."""
+    from lgd_ray.sampler import sample
+    from lgd_ray.seeding import generator
+
+    prior, scorer, cfg = setup
+    items = ITEMS[::4]
+    guide = _guide(scorer, lam=0.2)
+    out = _generate(prior, cfg, items, scorer=scorer, kappa=3, guide=guide, select_after=4)
+    exact = _generate(prior, cfg, items, scorer=scorer, kappa=3, guide=guide)
+    assert any(a.candidate_scores != b.candidate_scores for a, b in zip(out, exact))
+    for o in out:
+        assert len(o.candidate_scores) == 3 and o.candidate == max(range(3), key=lambda k: o.candidate_scores[k])
+    o = out[1]
+    z, _ = sample(prior, torch.tensor([o.cls]), [generator(0, "noise", 1, o.cls, o.slot, o.candidate)],
+                  cfg.prior.num_steps, cfg.prior.cfg_scale, guide)
+    from lgd_ray.data import to_uint8
+    from lgd_ray.guidance import classifier_input
+    alone = to_uint8(classifier_input(prior.decode(z), 8))[0]
+    assert (alone.int() - o.image.int()).abs().max() <= 3
