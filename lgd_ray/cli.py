@@ -16,7 +16,7 @@ def run_cli(prog: str, description: str, argv: list[str], work: Callable[[Config
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. guidance.omega=0.5")
     if add_flags:
         add_flags(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after the flags
     one_line_errors(lambda: work(load_config(args.config, args.overrides), args))
 
 

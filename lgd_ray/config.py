@@ -170,6 +170,7 @@ class RayConfig:
     chunk_retries: int = _f(2, min=0)  # a chunk whose code raised is retried this often, with back-off, then fails
     schedule_timeout_s: float = _f(600.0, min_excl=0.0)  # longest wait for resources (e.g. autoscaling), then one line
     accelerator_type: str = ""  # e.g. H100: actors and train workers only on nodes of that type ("" = any)
+    gpu_memory_gb: float = _f(0.0, min=0.0)  # memory of one GPU; 0 = by accelerator_type (H100 if unset)
     train_workers: int = _f(1, min=1)  # Ray Train workers (DDP) per fit; each takes batch_size / train_workers a step
     train_use_gpu: bool = False
     train_cpus_per_worker: float = _f(1.0, min=0.0)

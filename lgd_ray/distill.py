@@ -8,6 +8,7 @@ import time
 from lgd_ray.cli import run_cli
 from lgd_ray.config import Config, run_dir
 from lgd_ray.data import check_data
+from lgd_ray.memory import actor_memory, check_fits, format_memory
 from lgd_ray.methods import check_real_images
 from lgd_ray.stages import run_stages
 from lgd_ray.storage import as_location, check_writable
@@ -21,6 +22,7 @@ def distill(cfg: Config, resume: bool = False) -> dict:
           f"{cfg.distill.ipc_per_stage} images per class -> {out}", flush=True)
     check_data(cfg.data)  # before Ray starts: a missing data set is one line, not a cluster start-up
     check_real_images(cfg)  # prepared data: the class-sorted copies the method reads
+    check_fits(cfg)  # GPU actors: the sampler's memory (meta-device count) fits the actor's GPU share
     cache = as_location(cfg.cache)
     for where in (out, cache):
         if not where.is_local:
@@ -69,7 +71,11 @@ def dry_run(cfg: Config, tflops: float | None, utilisation: float) -> dict:
     except ConfigError as e:
         data = f"data: NOT FOUND on this machine ({e})"
     plan = make_plan(cfg)
+    mem = actor_memory(cfg) if cfg.distill.method != "random" else None
     print(f"{data}\nout: {run_dir(cfg)}\n{format_plan(cfg, plan, tflops, utilisation)}", flush=True)
+    if mem is not None:
+        print(format_memory(cfg, mem), flush=True)
+        check_fits(cfg, mem)  # a config that cannot fit: one line naming the key to change, exit status 1
     return plan
 
 

@@ -64,6 +64,12 @@ def guided_steps(window: tuple[int, int], every: int, num_steps: int) -> list[in
     return [s for s in range(window[1], window[0] - 1, -every) if s < num_steps]
 
 
+def free_cached_memory(device: torch.device):
+    """Return the CUDA allocator's cached blocks (no-op elsewhere)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _unit(g: torch.Tensor) -> torch.Tensor:
     return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1))
 
@@ -91,9 +97,21 @@ class Guide:
     def eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float,
             slots: list[int] | None = None):
         """The guided noise prediction eps~ (detached), `batch` trajectories at a time (every term is per image, so
-        the chunks give the result of the whole batch); slots are not used (the interface of ModeGuide)."""
-        n = self.batch or len(x_t)
-        return torch.cat([self._eps(prior, x_t[i:i + n], t, labels[i:i + n], cfg_scale) for i in range(0, len(x_t), n)])
+        the chunks give the result of the whole batch). Out of GPU memory, the step is run again at half the batch
+        (kept for the later steps), down to one trajectory. slots are not used (the interface of ModeGuide)."""
+        while True:
+            n = self.batch or len(x_t)
+            try:
+                return torch.cat([self._eps(prior, x_t[i:i + n], t, labels[i:i + n], cfg_scale)
+                                  for i in range(0, len(x_t), n)])
+            except torch.OutOfMemoryError:
+                if n == 1:
+                    raise
+            # outside the except block: its traceback no longer holds the failed attempt's tensors
+            self.batch = n // 2
+            free_cached_memory(x_t.device)
+            print(f"guidance: out of memory at {n} trajectories per guided backward; now {self.batch} "
+                  "(set guidance.batch to start there)", flush=True)
 
     def _eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float):
         abar = prior.scheduler.alphas_cumprod[int(t)].to(x_t)

@@ -15,7 +15,7 @@ import torch
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.dds import class_candidates, penultimate, select
 from lgd_ray.data import load_split, num_classes, open_prepared, read_classlist, to_float
-from lgd_ray.guidance import Guide, Scorer
+from lgd_ray.guidance import Guide, Scorer, free_cached_memory
 from lgd_ray.modes import ModeGuide, class_modes
 from lgd_ray.prior import Prior, load_prior, pipeline_image_size, prior_id, require_prior
 from lgd_ray.reference import load_reference, new_classifier
@@ -124,6 +124,7 @@ class ChunkMaker:
         self.reference = reference.to(self.device).requires_grad_(False)
         self._train_set = None
         self._modes: dict[int, torch.Tensor] = {}  # mgd3: per class, kept for the actor's lifetime
+        self.guidance_batch = cfg.guidance.batch  # halved on a CUDA out-of-memory error, for the actor's lifetime
 
     @property
     def train_set(self):
@@ -152,10 +153,13 @@ class ChunkMaker:
             samples = self._selected(task)
         else:
             samples = self._generated(task, stage, items, scorer, previous_shards)
+        free_cached_memory(self.device)  # the next chunk (or the fit after the stage) starts from a clean allocator
         row = write_shard(self.run_dir, shard_path(task.stage, task.chunk), samples)
         scores = [x["meta"]["S"] for x in samples if x["meta"]["S"] is not None]
         row.update(stage=task.stage, chunk=task.chunk, classes=list(task.classes), seconds=round(time.time() - start, 2),
                    mean_S=sum(scores) / len(scores) if scores else None, S=[round(v, 4) for v in scores])
+        if stage.gradient:
+            row["guidance_batch"] = self.guidance_batch  # after any halving on out-of-memory
         return row
 
     def _real(self, task: ChunkTask, items: list[tuple[int, int]], scorer: Scorer | None) -> list[dict]:
@@ -185,7 +189,8 @@ class ChunkMaker:
         guide = None
         if stage.method == "lgd":
             guide = Guide(scorer, g.lambda_, g.gamma, tuple(g.window), g.through, g.norm_scale, cfg.data.image_size,
-                          self._memory(previous_shards, task.classes) if g.gamma > 0 else {}, g.batch, g.every)
+                          self._memory(previous_shards, task.classes) if g.gamma > 0 else {}, self.guidance_batch,
+                          g.every)
             params.update(lambda_=g.lambda_, omega=g.omega, kappa=g.kappa, gamma=g.gamma, through=g.through,
                           every=g.every, select_after=g.select_after)
         elif stage.method == "mgd3":
@@ -195,6 +200,8 @@ class ChunkMaker:
                        cfg_scale=cfg.prior.cfg_scale, batch_size=cfg.distill.sample_batch,
                        image_size=cfg.data.image_size, kappa=stage.kappa, scorer=scorer, guide=guide,
                        select_after=g.select_after if stage.method == "lgd" else 0)
+        if isinstance(guide, Guide):
+            self.guidance_batch = guide.batch
         return [{"key": sample_key(o.cls, o.slot), "image": o.image, "cls": o.cls,
                  "meta": {"stage": task.stage, "seed": derive_seed(cfg.seed, "noise", task.stage, o.cls, o.slot, o.candidate),
                           "S": o.score, "ce_student": o.ce_student, "ce_reference": o.ce_reference,

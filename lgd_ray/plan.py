@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -93,30 +93,56 @@ def forward_backward_flops(model: torch.nn.Module, call, x: torch.Tensor) -> tup
     return fwd / 1e9, _flops(lambda: call(model, x).sum().backward()) / 1e9
 
 
-def step_costs(cfg: Config) -> StepCosts:
-    """Per-image GFLOPs of every model the run uses, counted on the meta device."""
+@dataclass
+class MetaModels:
+    """The run's models with shapes only (meta device): the DiT and VAE in the prior's dtype, the classifiers."""
+
+    dit: torch.nn.Module
+    vae: torch.nn.Module | None
+    student: torch.nn.Module
+    reference: torch.nn.Module
+    source: str
+
+
+def meta_models(cfg: Config) -> MetaModels:
+    """Build every model the sampler actors hold on the meta device, from the configs alone (no weights read)."""
     from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    from lgd_ray.prior import DTYPES
 
     t_cfg, v_cfg, source = _pipeline_configs(cfg)
     n, size, ch = num_classes(cfg.data), cfg.data.image_size, cfg.data.channels
     keep = lambda c, cls: {k: v for k, v in c.items() if k in inspect.signature(cls.__init__).parameters}
+    dtype = DTYPES[cfg.prior.dtype]
     with torch.device("meta"):
-        dit = DiTTransformer2DModel(**keep(t_cfg, DiTTransformer2DModel))
-        s, c = dit.config.sample_size, dit.config.in_channels
-        t, y = torch.tensor([500]), torch.tensor([0])
-        dit_f = forward_backward_flops(dit, lambda m, x: m(x, timestep=t, class_labels=y).sample, torch.randn(1, c, s, s))
-        dec_f = (0.0, 0.0)
+        # torch's Module.to: diffusers' own warns about fp32 modules, which these configs do not have
+        dit = torch.nn.Module.to(DiTTransformer2DModel(**keep(t_cfg, DiTTransformer2DModel)), dtype)
+        dit.eval().requires_grad_(False)
+        vae = None
         if v_cfg is not None:
-            vae = AutoencoderKL(**keep(v_cfg, AutoencoderKL))
-            dec_f = forward_backward_flops(vae, lambda m, z: m.decode(z).sample, torch.randn(1, vae.config.latent_channels, s, s))
-        img = torch.randn(1, ch, size, size)
-        stu = build_classifier(cfg.student.model, ch, size, n)
-        ref = build_classifier(cfg.reference.model, ch, size, n)
+            vae = torch.nn.Module.to(AutoencoderKL(**keep(v_cfg, AutoencoderKL)), dtype).eval().requires_grad_(False)
+        student = build_classifier(cfg.student.model, ch, size, n).eval()
+        reference = build_classifier(cfg.reference.model, ch, size, n).eval()
+    return MetaModels(dit, vae, student, reference, source)
+
+
+def step_costs(cfg: Config) -> StepCosts:
+    """Per-image GFLOPs of every model the run uses, counted on the meta device (in float32)."""
+    m = meta_models(replace(cfg, prior=replace(cfg.prior, dtype="float32")))  # FLOPs do not depend on the dtype
+    with torch.device("meta"):
+        s, c = m.dit.config.sample_size, m.dit.config.in_channels
+        t, y = torch.tensor([500]), torch.tensor([0])
+        dit_f = forward_backward_flops(m.dit, lambda m, x: m(x, timestep=t, class_labels=y).sample, torch.randn(1, c, s, s))
+        dec_f = (0.0, 0.0)
+        if m.vae is not None:
+            dec_f = forward_backward_flops(m.vae, lambda m, z: m.decode(z).sample,
+                                           torch.randn(1, m.vae.config.latent_channels, s, s))
+        img = torch.randn(1, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
         run = lambda m, x: m(x)
-        stu_f, ref_f = forward_backward_flops(stu, run, img), forward_backward_flops(ref, run, img)
-        stu.requires_grad_(True)
-        train_f = _flops(lambda: stu(img).sum().backward()) / 1e9
-    return StepCosts(*dit_f, *dec_f, *stu_f, *ref_f, train_f, source)
+        stu_f, ref_f = forward_backward_flops(m.student, run, img), forward_backward_flops(m.reference, run, img)
+        m.student.requires_grad_(True)
+        train_f = _flops(lambda: m.student(img).sum().backward()) / 1e9
+    return StepCosts(*dit_f, *dec_f, *stu_f, *ref_f, train_f, m.source)
 
 
 def make_plan(cfg: Config) -> dict:

@@ -69,3 +69,4 @@ def test_dry_run_command_prints_the_plan():
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "1000 classes in 100 chunks" in r.stdout and "GPU-hours" in r.stdout and "NOT FOUND" in r.stdout
+    assert "memory per sampler actor" in r.stdout and "the largest guidance.batch that fits" in r.stdout

@@ -188,3 +188,27 @@ def test_early_rejection_finishes_only_the_best_candidate_at_the_cut(setup):
     from lgd_ray.guidance import classifier_input
     alone = to_uint8(classifier_input(prior.decode(z), 8))[0]
     assert (alone.int() - o.image.int()).abs().max() <= 3
+
+
+def test_out_of_memory_in_a_guided_step_halves_the_guidance_batch(setup, monkeypatch, capsys):
+    """The decoder raises torch's out-of-memory error when asked to back-propagate more than 8 images (as a GPU
+    allocator would): the guided steps run again at 15, then 7 trajectories; the images are those of the whole batch
+    (as for guidance.batch), and the guide keeps the smaller batch. At one trajectory the error is the run's."""
+    prior, scorer, cfg = setup
+    whole = _generate(prior, cfg, scorer=scorer, guide=_guide(scorer, lam=0.2), batch_size=30)
+    decode = prior.decode
+
+    def capped(z, cap):
+        if torch.is_grad_enabled() and len(z) > cap:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(z)} images (test cap {cap})")
+        return decode(z)
+
+    monkeypatch.setattr(prior, "decode", lambda z: capped(z, 8))
+    guide = _guide(scorer, lam=0.2)
+    capped_run = _generate(prior, cfg, scorer=scorer, guide=guide, batch_size=30)
+    assert guide.batch == 7 and "out of memory at 30 trajectories per guided backward; now 15" in capsys.readouterr().out
+    d = torch.stack([(a.image.int() - b.image.int()).abs() for a, b in zip(whole, capped_run)])
+    assert d.max() <= 3 and d.float().mean() < 0.1
+    monkeypatch.setattr(prior, "decode", lambda z: capped(z, 0))
+    with pytest.raises(torch.OutOfMemoryError):
+        _generate(prior, cfg, items=ITEMS[:2], scorer=scorer, guide=_guide(scorer, lam=0.2), batch_size=30)

@@ -1,0 +1,189 @@
+"""GPU memory of a sampler actor, counted on the meta device: what `distill --dry-run` prints and what it refuses.
+
+A guided step holds, from its forward until its backward, every tensor autograd saved on the way from x_t through
+the DiT (the CFG pair), the VAE decoder and both classifiers. `saved_bytes` counts them with a saved-tensors hook
+(once per storage; weights excluded) while the real guided step (`Guide`) runs on models built on the meta device;
+two batch sizes give the bytes per trajectory and the fixed part. Unguided steps and the final decode save nothing:
+their peak is a few live activations, bounded here by 4 x the largest tensor one op makes per image.
+The result is an estimate of torch's allocated memory (what torch.cuda.max_memory_allocated reports), plus a fixed
+allowance for the CUDA context and cuBLAS workspaces; bench/gpu_check.py measures both on a GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lgd_ray.config import Config, ConfigError
+
+GIB = 1 << 30
+# GPU memory by Ray accelerator type (ray.util.accelerators), GB as sold; ray.gpu_memory_gb overrides
+GPU_MEMORY_GB = {"H200": 141, "H100": 80, "A100-80G": 80, "A100-40G": 40, "A100": 40, "L40S": 48, "L4": 24,
+                 "A10G": 24, "V100": 16, "T4": 16}
+DEFAULT_GPU = "H100"
+CONTEXT_BYTES = 1.5 * GIB  # CUDA context, cuBLAS/cuDNN workspaces: outside torch's allocator
+USABLE = 0.9  # share of the rest that the estimate may fill (allocator fragmentation, estimate error)
+
+
+def saved_bytes(fn, exclude: list[torch.nn.Module] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while fn() runs (parameters and buffers of
+    `exclude` not counted). Works on the meta device and on real devices alike."""
+    skip = {t.untyped_storage()._cdata for m in exclude for t in (*m.parameters(), *m.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st._cdata not in skip:
+            seen[st._cdata] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+class _LargestOutput(TorchDispatchMode):
+    """The largest tensor any op returns while active (bytes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def largest_output(fn) -> int:
+    with _LargestOutput() as mode:
+        fn()
+    return mode.largest
+
+
+@dataclass
+class ActorMemory:
+    """Estimated bytes of one sampler actor."""
+
+    weights: int  # DiT + VAE (prior.dtype) + student + reference (float32)
+    guided_fixed: int  # a guided step's saved tensors that do not grow with the batch
+    guided_per_trajectory: int
+    unguided_per_trajectory: int  # live activations of an unguided step or the final decode, per trajectory
+    guidance_batch: int  # trajectories per guided backward (guidance.batch, or the sample batch)
+    sample_batch: int
+    guided: bool  # the run has guided steps
+
+    def peak(self, guidance_batch: int | None = None) -> int:
+        """Allocated bytes at the actor's peak (torch's allocator; the CUDA context not included)."""
+        g = self.guidance_batch if guidance_batch is None else guidance_batch
+        steps = self.sample_batch * self.unguided_per_trajectory
+        if self.guided:
+            steps = max(steps, self.guided_fixed + g * self.guided_per_trajectory)
+        return self.weights + steps
+
+    def largest_guidance_batch(self, budget: float) -> int:
+        """The most trajectories per guided backward whose peak fits `budget` bytes of GPU (0: not even one)."""
+        room = USABLE * (budget - CONTEXT_BYTES) - self.weights - self.guided_fixed
+        return max(0, min(self.sample_batch, int(room // self.guided_per_trajectory)))
+
+
+def _meta_prior(cfg: Config):
+    from diffusers import DDIMScheduler
+
+    from lgd_ray.plan import meta_models
+    from lgd_ray.prior import Prior
+
+    m = meta_models(cfg)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    scheduler.set_timesteps(cfg.prior.num_steps)
+    return Prior(m.dit, scheduler, m.vae), m
+
+
+def guided_step_bytes(cfg: Config, prior, student: torch.nn.Module, reference: torch.nn.Module, batch: int) -> int:
+    """Saved-tensor bytes of one guided step (the configured path, omega and sizes) of `batch` trajectories on
+    `prior`'s device: meta for the estimate, a real device for a measurement."""
+    from lgd_ray.guidance import Guide, Scorer
+
+    g = cfg.guidance
+    guide = Guide(Scorer(student, reference, g.omega), max(g.lambda_, 1e-3), 0.0, (0, cfg.prior.num_steps - 1),
+                  g.through, g.norm_scale, cfg.data.image_size)
+    device = prior.device
+    x = torch.randn(batch, *prior.latent_shape, device=device)
+    labels = torch.arange(batch, device=device) % prior.num_classes
+    t = prior.scheduler.timesteps[len(prior.scheduler.timesteps) // 2]
+    models = [prior.transformer, student, reference] + ([prior.vae] if prior.vae is not None else [])
+    return saved_bytes(lambda: guide.eps(prior, x, t, labels, cfg.prior.cfg_scale), models)
+
+
+def actor_memory(cfg: Config) -> ActorMemory:
+    """Count a sampler actor's memory for this config on the meta device (no weights read)."""
+    from lgd_ray.methods import stage_plan
+
+    prior, m = _meta_prior(cfg)
+    weights = sum(t.numel() * t.element_size() for mod in (m.dit, m.vae, m.student, m.reference) if mod is not None
+                  for t in (*mod.parameters(), *mod.buffers()))
+    one, two = (guided_step_bytes(cfg, prior, m.student, m.reference, b) for b in (1, 2))
+    with torch.no_grad():
+        x = torch.randn(2 if cfg.prior.cfg_scale > 1 else 1, *prior.latent_shape, device="meta")
+        t = prior.scheduler.timesteps[0]
+        unguided = max(largest_output(lambda: prior.eps(x[:1], t, torch.tensor([0], device="meta"), cfg.prior.cfg_scale)),
+                       largest_output(lambda: prior.decode(x[:1])))
+    g = cfg.guidance
+    guided = any(st.gradient for st in stage_plan(cfg))
+    return ActorMemory(weights, 2 * one - two, two - one, 4 * unguided, min(g.batch or cfg.distill.sample_batch,
+                       cfg.distill.sample_batch), cfg.distill.sample_batch, guided)
+
+
+def actor_gpu_bytes(cfg: Config) -> tuple[float, str]:
+    """GPU memory one sampler actor may use (bytes) and how that was decided."""
+    r = cfg.ray
+    if r.gpu_memory_gb:
+        gb, what = r.gpu_memory_gb, f"ray.gpu_memory_gb {r.gpu_memory_gb:g}"
+    else:
+        kind = r.accelerator_type or DEFAULT_GPU
+        if kind not in GPU_MEMORY_GB:
+            raise ConfigError(f"config: GPU memory of accelerator type {kind!r} unknown; set ray.gpu_memory_gb")
+        gb = GPU_MEMORY_GB[kind]
+        what = f"{kind} {gb} GB" + ("" if r.accelerator_type else " (ray.accelerator_type unset: assumed)")
+    return r.num_gpus_per_actor * gb * 1e9, f"{r.num_gpus_per_actor:g} x {what}"
+
+
+def check_fits(cfg: Config, mem: ActorMemory | None = None) -> ActorMemory | None:
+    """Refuse, in one line naming the key to change, a config whose sampler actor cannot fit its GPU share.
+    None (nothing checked) for CPU actors and for method random (no prior)."""
+    if cfg.ray.num_gpus_per_actor <= 0 or cfg.distill.method == "random":
+        return None
+    mem = mem or actor_memory(cfg)
+    budget, what = actor_gpu_bytes(cfg)
+    room = USABLE * (budget - CONTEXT_BYTES)
+    if mem.weights + mem.sample_batch * mem.unguided_per_trajectory > room:
+        raise ConfigError(f"config: a sampler actor needs {(mem.weights + mem.sample_batch * mem.unguided_per_trajectory) / GIB:.1f} "
+                          f"GiB for unguided batches of distill.sample_batch {mem.sample_batch}; it has {budget / GIB:.1f} "
+                          f"GiB ({what}): lower distill.sample_batch or raise ray.num_gpus_per_actor")
+    if mem.guided and mem.peak() > room:
+        fits = mem.largest_guidance_batch(budget)
+        fix = (f"set guidance.batch={fits}" if fits else
+               "one trajectory does not fit: raise ray.num_gpus_per_actor or use prior.dtype=bfloat16")
+        raise ConfigError(f"config: a guided step of guidance.batch {mem.guidance_batch} needs {mem.peak() / GIB:.1f} GiB "
+                          f"per sampler actor ({mem.guided_per_trajectory / GIB:.2f} GiB per trajectory + "
+                          f"{mem.weights / GIB:.1f} GiB weights); it has {budget / GIB:.1f} GiB ({what}): {fix}")
+    return mem
+
+
+def format_memory(cfg: Config, mem: ActorMemory) -> str:
+    """The dry-run's memory lines."""
+    line = (f"memory per sampler actor (estimate, meta-device count): weights {mem.weights / GIB:.2f} GiB; unguided "
+            f"batch of {mem.sample_batch}: {mem.sample_batch * mem.unguided_per_trajectory / GIB:.2f} GiB")
+    if mem.guided:
+        line += (f"; guided step {mem.guided_per_trajectory / GIB:.3f} GiB per trajectory + {mem.guided_fixed / GIB:.2f} "
+                 f"GiB, at guidance.batch {mem.guidance_batch}: peak {mem.peak() / GIB:.1f} GiB")
+    if cfg.ray.num_gpus_per_actor <= 0:
+        return line + " (CPU actors: host memory)"
+    budget, what = actor_gpu_bytes(cfg)
+    line += f"; the actor's GPU share: {budget / GIB:.1f} GiB ({what})"
+    if mem.guided:
+        line += f"; the largest guidance.batch that fits: {mem.largest_guidance_batch(budget)}"
+    return line

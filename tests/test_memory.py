@@ -1,0 +1,53 @@
+"""The sampler actor's memory, counted on the meta device for `distill --dry-run`: against a real guided step, and
+the refusal of a config that cannot fit."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lgd_ray.config import ConfigError, load_config
+from lgd_ray.memory import GIB, actor_memory, check_fits, guided_step_bytes
+from lgd_ray.models import build_classifier
+from lgd_ray.prior import load_prior
+
+
+@pytest.mark.parametrize("through", ["denoiser", "decoder"])
+def test_meta_count_agrees_with_a_real_guided_step(latent_pipeline_dir, through):
+    """The estimate (meta device, batches 1 and 2, extrapolated) within 10 % of the saved tensors of a real guided
+    step of 6 trajectories on the CPU (a tiny latent DiT + VAE, ConvNet classifiers at 32 px)."""
+    cfg = load_config("imagenette", [f"prior.model_id={latent_pipeline_dir}", "data.image_size=32", "student.model=convnet3",
+                                     "reference.model=convnet3", f"guidance.through={through}"])
+    mem = actor_memory(cfg)
+    prior = load_prior(str(latent_pipeline_dir))
+    prior.scheduler.set_timesteps(cfg.prior.num_steps)
+    torch.manual_seed(0)
+    student, reference = (build_classifier(m, 3, 32, 10).eval().requires_grad_(False)
+                          for m in (cfg.student.model, cfg.reference.model))
+    measured = guided_step_bytes(cfg, prior, student, reference, 6)
+    estimate = mem.guided_fixed + 6 * mem.guided_per_trajectory
+    print(f"{through}: estimate {estimate} B, measured {measured} B")
+    assert measured > 0 and abs(estimate - measured) / measured < 0.10, (estimate, measured)
+    weights = sum(t.numel() * 4 for m in (prior.transformer, prior.vae, student, reference)
+                  for t in (*m.parameters(), *m.buffers()))
+    assert mem.weights == weights
+
+
+def test_dit_xl_guided_step_is_counted_and_a_config_that_cannot_fit_is_refused():
+    cfg = load_config("imagenet1k", ["ray.num_gpus_per_actor=0.5", "guidance.batch=0"])
+    mem = actor_memory(cfg)
+    assert 1.5 * GIB < mem.guided_per_trajectory < 3 * GIB  # DiT-XL/2 CFG pair + SD-VAE decoder at 256 px, float32
+    assert 2.5 * GIB < mem.weights < 3.5 * GIB  # 675 M + 84 M parameters in float32
+    with pytest.raises(ConfigError, match=r"guidance.batch 64 needs .* GiB per sampler actor .* set guidance.batch=(\d+)") as e:
+        check_fits(cfg, mem)
+    fits = int(e.value.args[0].rsplit("=", 1)[1])
+    assert 1 <= fits < 64
+    assert check_fits(replace(cfg, guidance=replace(cfg.guidance, batch=fits)), replace(mem, guidance_batch=fits))
+    with pytest.raises(ConfigError, match="set guidance.batch"):
+        check_fits(cfg, replace(mem, guidance_batch=fits + 1))
+    bf16 = actor_memory(load_config("imagenet1k", ["prior.dtype=bfloat16"]))
+    assert bf16.weights < 0.6 * mem.weights and bf16.guided_per_trajectory < mem.guided_per_trajectory
+    assert check_fits(load_config("imagenet1k", ["ray.num_gpus_per_actor=0"])) is None  # CPU actors: not checked
+    with pytest.raises(ConfigError, match="unknown; set ray.gpu_memory_gb"):
+        check_fits(load_config("imagenet1k", ["ray.accelerator_type=TPU-V4"]), mem)
+    with pytest.raises(ConfigError, match="lower distill.sample_batch"):
+        check_fits(load_config("imagenet1k", ["ray.gpu_memory_gb=16"]), mem)
