@@ -53,17 +53,15 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     return manifest
 
 
-PEAK_TFLOPS = {"float32": 495.0, "bfloat16": 989.0, "float16": 989.0}  # H100 SXM dense: TF32, BF16, FP16
-
-
 def dry_run(cfg: Config, tflops: float | None, utilisation: float) -> dict:
     """Print the run's plan and cost (lgd_ray.plan) without loading any model; returns the plan.
 
     tflops: peak per GPU; None = an H100 SXM's dense peak for the prior's dtype (TF32 for float32).
     """
-    tflops = tflops or PEAK_TFLOPS[cfg.prior.dtype]
     from lgd_ray.config import ConfigError
-    from lgd_ray.plan import format_plan, make_plan
+    from lgd_ray.plan import PEAK_TFLOPS, format_plan, make_plan
+
+    tflops = tflops or PEAK_TFLOPS[cfg.prior.dtype]
 
     try:
         check_data(cfg.data)

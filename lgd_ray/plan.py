@@ -22,6 +22,9 @@ from lgd_ray.data import num_classes
 from lgd_ray.guidance import guided_steps
 from lgd_ray.models import build_classifier
 
+PEAK_TFLOPS = {"float32": 495.0, "bfloat16": 989.0, "float16": 989.0}  # H100 SXM dense: TF32, BF16, FP16
+UTILISATION = 0.3  # share of the peak the dry-run assumes (--utilisation)
+
 # facebook/DiT-XL-2-256's architecture (its transformer/ and vae/ config.json), so planning needs no network
 DIT_XL_2_256 = {
     "transformer": {"num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "out_channels": 8,
@@ -183,10 +186,26 @@ def make_plan(cfg: Config) -> dict:
             "total_flops": sum(s["sample_flops"] + s["train_flops"] for s in stages)}
 
 
+def gpu_hours(flops: float, tflops: float, utilisation: float = UTILISATION) -> float:
+    return flops / (tflops * 1e12 * utilisation) / 3600
+
+
+def stage_cost(cfg: Config, planned: dict, rows: list[dict]) -> dict:
+    """A stage's cost for the manifest: its planned work, the sampler seconds its chunks took (actor-seconds, summed
+    over chunks; on this run's hardware) and the GPU-hours the dry-run's rate gives the same work on an H100."""
+    actor_seconds = sum(r.get("seconds", 0.0) for r in rows)
+    images = sum(r["count"] for r in rows)
+    tflops = PEAK_TFLOPS[cfg.prior.dtype]
+    return {"trajectories": planned["trajectories"], "guided_steps": planned["guided_steps"],
+            "unguided_steps": planned["unguided_steps"], "actor_seconds": round(actor_seconds, 2),
+            "images_per_actor_second": round(images / actor_seconds, 3) if actor_seconds else None,
+            "h100_gpu_hours": float(f"{gpu_hours(planned['sample_flops'] + planned['train_flops'], tflops):.4g}"),
+            "h100_basis": f"{tflops:.0f} TFLOPS x {UTILISATION:.0%} (dry-run estimate, not measured)"}
+
+
 def format_plan(cfg: Config, plan: dict, tflops: float, utilisation: float) -> str:
     """The plan as text, with GPU-hours at `tflops` peak and `utilisation`."""
     c, r = plan["costs"], cfg.ray
-    rate = tflops * 1e12 * utilisation
     lines = [f"plan: {cfg.name}, method {cfg.distill.method}, {plan['classes']} classes in {plan['chunks']} chunks "
              f"of <= {cfg.distill.classes_per_chunk}; {r.actors} sampler actors x ({r.num_cpus_per_actor} CPU, "
              f"{r.num_gpus_per_actor} GPU); student fits on {r.train_workers} Ray Train worker(s) "
@@ -202,10 +221,10 @@ def format_plan(cfg: Config, plan: dict, tflops: float, utilisation: float) -> s
                 if 0 < cfg.guidance.select_after < cfg.prior.num_steps else "all candidates run to the end"), "",
              "stage  IPC   images  trajectories  guided steps  unguided steps  sample PFLOPs  train PFLOPs  GPU-h"]
     for s in plan["stages"]:
-        hours = (s["sample_flops"] + s["train_flops"]) / rate / 3600
+        hours = gpu_hours(s["sample_flops"] + s["train_flops"], tflops, utilisation)
         lines.append(f"{s['stage']:>5}  {s['ipc']:>3}  {s['images']:>7}  {s['trajectories']:>12}  {s['guided_steps']:>12}  "
                      f"{s['unguided_steps']:>14}  {s['sample_flops'] / 1e15:>13.1f}  {s['train_flops'] / 1e15:>12.1f}  {hours:>5.1f}")
-    total_h = plan["total_flops"] / rate / 3600
+    total_h = gpu_hours(plan["total_flops"], tflops, utilisation)
     lines += ["", f"total: {plan['total_flops'] / 1e15:.1f} PFLOPs = {total_h:.1f} GPU-hours at {tflops:.0f} TFLOPS peak x "
               f"{utilisation:.0%} utilisation (reference training and evaluation not included); wall time with "
               f"perfect scaling: " + ", ".join(f"{total_h / g:.1f} h on {g} GPUs" for g in (8, 32, 128))]

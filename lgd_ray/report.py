@@ -124,12 +124,16 @@ def write_report(run_dir: Location):
     if manifest.get("reference"):
         lines += [f"Reference theta* ({cfg['reference']['model']}, full real train split): "
                   f"{100 * manifest['reference']['test_acc']:.2f}% test accuracy.", ""]
-    lines += ["## Stages", "", "| stage | new images | images | student test acc (%) | mean S | sampling (s) | training (s) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["## Stages", "", "| stage | new images | images | student test acc (%) | mean S | sampling (s) | training (s) "
+              "| trajectories | guided / unguided steps | images per actor-s | H100 GPU-h (estimate) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, info in sorted(manifest["stages"].items(), key=lambda kv: int(kv[0])):
         s = f"{info['mean_S']:.3f}" if info.get("mean_S") is not None else "–"
+        c = info.get("cost") or {}
+        cost = (f"{c['trajectories']} | {c['guided_steps']} / {c['unguided_steps']} | {c['images_per_actor_second'] or '–'} | "
+                f"{c['h100_gpu_hours']:.4g}" if c else "– | – | – | –")
         lines.append(f"| {key} | {info['images']} | {info['total_images']} | {100 * info['student_acc']:.2f} | {s} | "
-                     f"{info['sample_seconds']} | {info['train_seconds']} |")
+                     f"{info['sample_seconds']} | {info['train_seconds']} | {cost} |")
     lines += ["", "![student accuracy](report/accuracy.png)", ""]
     accuracy_plot(manifest, figs / "accuracy.png")
     if scores_plot(manifest, figs / "scores.png"):

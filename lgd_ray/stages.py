@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from lgd_ray.config import Config, ConfigError, config_hash, from_dict, run_identity, to_dict
 from lgd_ray.data import check_data, load_split, num_classes
 from lgd_ray.methods import ChunkMaker, ChunkTask, class_chunks, stage_plan
+from lgd_ray.plan import make_plan, stage_cost
 from lgd_ray.prior import ensure_prior
 from lgd_ray.reference import ensure_reference, fit_job, new_classifier
 from lgd_ray.report import write_report
@@ -93,6 +94,7 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
     chunks = class_chunks(n_classes, cfg.distill.classes_per_chunk)
     student_state = None
     plan = stage_plan(cfg)
+    planned = {s["stage"]: s for s in make_plan(cfg)["stages"]}  # the dry-run's counts, recorded with each stage
     for stage in tqdm(plan, desc="stages", disable=None):
         info = manifest["stages"].get(str(stage.index), {})
         ckpt = run_dir / stage_dir(stage.index) / "student.safetensors"
@@ -126,7 +128,8 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
         info = {"trained": True, "images": sum(r["count"] for r in new), "total_images": total,
                 "student_acc": acc, "sample_seconds": round(sample_seconds, 2),
                 "train_seconds": round(time.time() - start, 2),
-                "mean_S": sum(s * n for s, n in scores) / sum(n for _, n in scores) if scores else None}
+                "mean_S": sum(s * n for s, n in scores) / sum(n for _, n in scores) if scores else None,
+                "cost": stage_cost(cfg, planned[stage.index], new)}
         manifest["stages"][str(stage.index)] = info
         write_manifest(run_dir, manifest)
         write_report(run_dir)

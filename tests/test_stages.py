@@ -7,6 +7,7 @@ import webdataset as wds
 from safetensors.torch import load_file
 
 from lgd_ray.config import ConfigError, load_config
+from lgd_ray.plan import make_plan
 from lgd_ray.reference import new_classifier
 from lgd_ray.shards import read_manifest
 from lgd_ray.storage import Location
@@ -42,6 +43,16 @@ def test_run_writes_every_increment(run):
     assert all(0.1 < s["student_acc"] <= 1 for s in manifest["stages"].values())
     assert manifest["stages"]["0"]["mean_S"] is None and manifest["stages"]["2"]["mean_S"] is not None
     assert manifest["config"]["guidance"]["lambda"] == cfg.guidance.lambda_ and manifest["reference"]["test_acc"] > 0.5
+    # each stage's cost: the dry-run's counts, the chunks' actor-seconds, an H100 estimate of the same work
+    plan = make_plan(cfg)["stages"]
+    for i, st in manifest["stages"].items():
+        c = st["cost"]
+        assert (c["trajectories"], c["guided_steps"], c["unguided_steps"]) == tuple(
+            plan[int(i)][k] for k in ("trajectories", "guided_steps", "unguided_steps"))
+        rows = [r for r in manifest["shards"] if r["stage"] == int(i)]
+        assert c["actor_seconds"] == pytest.approx(sum(r["seconds"] for r in rows), abs=0.02)
+        assert c["images_per_actor_second"] > 0 and c["h100_gpu_hours"] > 0
+    assert manifest["stages"]["2"]["cost"]["guided_steps"] > 0 == manifest["stages"]["0"]["cost"]["guided_steps"]
     # 10 classes x (2 + 2 + 2) images, one shard per chunk of 4 classes, keys unique, readable by plain webdataset
     assert len(manifest["shards"]) == 3 * 3
     samples = list(wds.WebDataset([str(out / r["path"]) for r in manifest["shards"]], shardshuffle=False))
