@@ -51,3 +51,19 @@ def test_dit_xl_guided_step_is_counted_and_a_config_that_cannot_fit_is_refused()
         check_fits(load_config("imagenet1k", ["ray.accelerator_type=TPU-V4"]), mem)
     with pytest.raises(ConfigError, match="lower distill.sample_batch"):
         check_fits(load_config("imagenet1k", ["ray.gpu_memory_gb=16"]), mem)
+
+
+def test_gpu_check_runs_at_small_shapes_on_the_cpu():
+    """bench/gpu_check.py, as CI runs it: the measured peak (weights + saved tensors of a real guided step) within
+    10 % of the estimate, and a guided step costs more than an unguided one."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    rows = gpu_check.main(["--small", "--batches", "1", "3", "--dtypes", "float32", "bfloat16", "--repeats", "1"])
+    assert [(r["dtype"], r["batch"]) for r in rows] == [("float32", 1), ("float32", 3), ("bfloat16", 1), ("bfloat16", 3)]
+    for r in rows:
+        assert abs(r["measured_peak_gib"] - r["estimate_peak_gib"]) <= 0.1 * r["measured_peak_gib"], r
+        assert r["guided_over_unguided"] > 1
