@@ -97,7 +97,6 @@ def check(small: bool, dtype: str, batches: list[int], repeats: int, folder: str
             row.update(measured_peak_gib="OOM")
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del x, labels
     return rows
 
 
