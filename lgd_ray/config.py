@@ -103,6 +103,8 @@ class GuidanceConfig:
     through: str = _f("denoiser", choices=["denoiser", "decoder"])  # gradient path of grad_{x_t} S
     norm_scale: float = _f(1.0, min_excl=0.0)  # rho_t multiplier: guidance norm = lambda*norm_scale*sqrt(1-abar)*|eps|
     batch: int = _f(0, min=0)  # trajectories per guided backward (memory of a guided step); 0 = the sample batch
+    checkpointing: bool = False  # recompute the DiT's and the VAE decoder's blocks in the guided backward: less
+    #                               memory per trajectory, about one more forward of compute
     every: int = _f(1, min=1)  # follow the gradient at every this-many-th step of the window (1 = all: the paper's)
     select_after: int = _f(0, min=0)  # early rejection: the kappa candidates run this many steps, only the best by S
     #                                   of x0^ runs on; 0 = all candidates run to the end (the paper's)

@@ -16,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lgd_ray.config import Config, ConfigError
+from lgd_ray.prior import CHECKPOINT_COUNTS
 
 GIB = 1 << 30
 # GPU memory by Ray accelerator type (ray.util.accelerators), GB as sold; ray.gpu_memory_gb overrides
@@ -26,21 +27,48 @@ CONTEXT_BYTES = 1.5 * GIB  # CUDA context, cuBLAS/cuDNN workspaces: outside torc
 USABLE = 0.9  # share of the rest that the estimate may fill (allocator fragmentation, estimate error)
 
 
-def saved_bytes(fn, exclude: list[torch.nn.Module] = ()) -> int:
-    """Bytes of the distinct storages autograd saves for backward while fn() runs (parameters and buffers of
-    `exclude` not counted). Works on the meta device and on real devices alike."""
-    skip = {t.untyped_storage()._cdata for m in exclude for t in (*m.parameters(), *m.buffers())}
-    seen: dict[int, int] = {}
+class _Count:
+    """Distinct storages (bytes by storage) kept for backward, parameters and buffers excluded."""
 
-    def pack(t):
+    def __init__(self, exclude: list[torch.nn.Module]):
+        self.skip = {t.untyped_storage()._cdata for m in exclude for t in (*m.parameters(), *m.buffers())}
+        self.seen: dict[int, int] = {}
+        self.largest_block = 0  # the most bytes one checkpointed block holds while it is run again in the backward
+
+    def pack(self, t):
         st = t.untyped_storage()
-        if st._cdata not in skip:
-            seen[st._cdata] = st.nbytes()
+        if st._cdata not in self.skip:
+            self.seen[st._cdata] = st.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
+    def block(self, block: torch.nn.Module, args: tuple):
+        """A checkpointed block: its tensor inputs are kept; its own activations only while it is recomputed."""
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                self.pack(a)
+        inner = _Count([block])
+        with torch.autograd.graph.saved_tensors_hooks(inner.pack, lambda t: t):
+            block(*args)
+        self.largest_block = max(self.largest_block, inner.total)
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values()) + self.largest_block
+
+
+def saved_bytes(fn, exclude: list[torch.nn.Module] = ()) -> int:
+    """Bytes autograd keeps for the backward of what fn() runs: the distinct storages it saves (parameters and
+    buffers of `exclude` not counted) and, for checkpointed blocks (lgd_ray.prior.checkpointed), their inputs plus
+    the largest block's activations (one block is recomputed at a time). Works on the meta device and on real
+    devices alike."""
+    count = _Count(exclude)
+    CHECKPOINT_COUNTS.append(count)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t):
+            fn()
+    finally:
+        CHECKPOINT_COUNTS.pop()
+    return count.total
 
 
 class _LargestOutput(TorchDispatchMode):
@@ -99,7 +127,10 @@ def _meta_prior(cfg: Config):
     m = meta_models(cfg)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
     scheduler.set_timesteps(cfg.prior.num_steps)
-    return Prior(m.dit, scheduler, m.vae), m
+    prior = Prior(m.dit, scheduler, m.vae)
+    if cfg.guidance.checkpointing:
+        prior.checkpoint_blocks()
+    return prior, m
 
 
 def guided_step_bytes(cfg: Config, prior, student: torch.nn.Module, reference: torch.nn.Module, batch: int) -> int:
@@ -133,7 +164,7 @@ def actor_memory(cfg: Config) -> ActorMemory:
                        largest_output(lambda: prior.decode(x[:1])))
     g = cfg.guidance
     guided = any(st.gradient for st in stage_plan(cfg))
-    return ActorMemory(weights, 2 * one - two, two - one, 4 * unguided, min(g.batch or cfg.distill.sample_batch,
+    return ActorMemory(weights, max(0, 2 * one - two), two - one, 4 * unguided, min(g.batch or cfg.distill.sample_batch,
                        cfg.distill.sample_batch), cfg.distill.sample_batch, guided)
 
 

@@ -120,6 +120,8 @@ class ChunkMaker:
         if cfg.distill.method != "random":
             self.prior = load_prior(require_prior(cfg), cfg.prior.scheduler, self.device, cfg.prior.dtype, cfg.local_cache)
             self.prior.class_map = prior_class_map(cfg, self.prior)
+            if cfg.guidance.checkpointing:
+                self.prior.checkpoint_blocks()
         reference, _ = load_reference(cfg, self.num_classes)
         self.reference = reference.to(self.device).requires_grad_(False)
         self._train_set = None

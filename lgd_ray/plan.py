@@ -163,6 +163,8 @@ def make_plan(cfg: Config) -> dict:
     # backward too on the denoiser path
     head = costs.decoder_grad + costs.student_grad + costs.reference_grad
     guided = (cfg_mult * costs.dit_grad if g.through == "denoiser" else plain) + head
+    if g.checkpointing:  # the checkpointed blocks run their forward again in the backward
+        guided += (cfg_mult * costs.dit_forward if g.through == "denoiser" else 0.0) + costs.decoder
     stages, total_images = [], 0
     for st in stage_plan(cfg):
         images = n * st.ipc

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, DiTPipeline, DiTTransformer2DModel
 from tqdm.auto import tqdm
 
@@ -105,6 +106,24 @@ class Prior:
     @property
     def image_size(self) -> int:
         return image_size_of(self.transformer.config, self.vae.config if self.vae is not None else None)
+
+    def checkpoint_blocks(self):
+        """Gradient checkpointing of the DiT's blocks and the VAE's decoder blocks (guidance.checkpointing): under
+        grad, a block keeps only its input and is run again in the backward. Forwards without grad are unchanged."""
+        self.transformer.enable_gradient_checkpointing(checkpointed)
+        if self.vae is not None:
+            self.vae.enable_gradient_checkpointing(checkpointed)
+
+
+CHECKPOINT_COUNTS: list = []  # while a memory count runs (lgd_ray.memory.saved_bytes): its counter
+
+
+def checkpointed(block, *args):
+    """Run `block` under non-reentrant activation checkpointing (the models are in eval mode: nothing random to
+    replay). Its inputs stay alive until the backward, which runs the block again and holds its activations then."""
+    if CHECKPOINT_COUNTS:
+        CHECKPOINT_COUNTS[-1].block(block, args)
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False)
 
 
 def image_size_of(transformer_config, vae_config=None) -> int:

@@ -67,3 +67,33 @@ def test_gpu_check_runs_at_small_shapes_on_the_cpu():
     for r in rows:
         assert abs(r["measured_peak_gib"] - r["estimate_peak_gib"]) <= 0.1 * r["measured_peak_gib"], r
         assert r["guided_over_unguided"] > 1
+
+
+def test_checkpointing_gives_the_same_guidance_with_less_memory(latent_pipeline_dir):
+    """guidance.checkpointing: the guided noise prediction is unchanged (same arithmetic, recomputed), the count
+    (saved tensors + the checkpointed blocks' inputs) is smaller, and the meta-device estimate still matches it."""
+    from lgd_ray.guidance import Guide, Scorer
+
+    over = [f"prior.model_id={latent_pipeline_dir}", "data.image_size=32", "student.model=convnet3",
+            "reference.model=convnet3"]
+    plain_cfg, ckpt_cfg = (load_config("imagenette", over + [f"guidance.checkpointing={c}"]) for c in ("false", "true"))
+    torch.manual_seed(0)
+    nets = [build_classifier("convnet3", 3, 32, 10).eval().requires_grad_(False) for _ in range(2)]
+    x, labels = torch.randn(4, 4, 8, 8), torch.tensor([0, 1, 2, 3])
+    results = {}
+    for name, cfg in (("plain", plain_cfg), ("ckpt", ckpt_cfg)):
+        prior = load_prior(str(latent_pipeline_dir))
+        prior.scheduler.set_timesteps(cfg.prior.num_steps)
+        if cfg.guidance.checkpointing:
+            prior.checkpoint_blocks()
+        t = prior.scheduler.timesteps[5]
+        guide = Guide(Scorer(*nets, omega=1.0), 0.1, 0.0, (0, 49), "denoiser", 1.0, 32)
+        eps = guide.eps(prior, x, t, labels, 4.0)
+        measured = guided_step_bytes(cfg, prior, *nets, 6)
+        mem = actor_memory(cfg)
+        estimate = mem.guided_fixed + 6 * mem.guided_per_trajectory
+        assert abs(estimate - measured) / measured < 0.10, (name, estimate, measured)
+        results[name] = eps, measured
+    assert torch.allclose(results["plain"][0], results["ckpt"][0], atol=1e-5)
+    assert results["ckpt"][1] < results["plain"][1]
+    print({k: v[1] for k, v in results.items()})
