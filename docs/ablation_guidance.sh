@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # The guidance-cost ablation in docs/RESULTS.md (issue 14): the exact LGD path against each cheaper option and
-# their combinations, on Fashion-MNIST with the table's prior, reference, seeds and protocol (IPC 50, 3 fresh
+# their combination, on Fashion-MNIST with the table's prior, reference, seeds and protocol (IPC 50, 3 fresh
 # ConvNet-3, 100 epochs). From the repository root, with .venv made by `make demo` or `make test`:
 #   bash docs/ablation_guidance.sh
-# Runs one after another in-process (ray.enabled=false), so each stage's sampling seconds are comparable.
+# Runs one after another in-process (ray.enabled=false), so each stage's sampling seconds are comparable; a stopped
+# script continues where it stopped (--resume keeps finished chunks and stages).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 run() {  # name, overrides...
   local out=runs/ablation-fashion-mnist-$1; shift
-  [ -f $out/report.md ] || $PY -m lgd_ray.distill fashion-mnist "$@" ray.enabled=false out=$out
+  $PY -m lgd_ray.distill fashion-mnist "$@" ray.enabled=false out=$out --resume
   ls $out/eval/*.json >/dev/null 2>&1 || $PY -m lgd_ray.evaluate $out
 }
 run exact
 run every2 guidance.every=2
 run select20 guidance.select_after=20
-run decoder guidance.through=decoder
 run every2-select20 guidance.every=2 guidance.select_after=20
+run decoder guidance.through=decoder
 run every2-select20-decoder guidance.every=2 guidance.select_after=20 guidance.through=decoder
 $PY -m lgd_ray.report runs/ablation-fashion-mnist-*

@@ -169,7 +169,28 @@ def compare(runs: list) -> str:
     if red:
         lines += ["", "| method | increments | redundancy: mean off-diagonal acc (%) | mean real test acc of a row (%) | run |",
                   "|---|---|---|---|---|"] + red
+    costs = [cost_row(run, m) for run in map(as_location, runs) if (m := read_manifest(run)) and m.get("stages")]
+    if any(costs):
+        lines += ["", "| method | guidance | images | guided steps | sampling actor-s | images per actor-s | "
+                  "mean S (guided stages) | H100 GPU-h (estimate) | run |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [c for c in costs if c]
     return "\n".join(lines)
+
+
+def cost_row(run: Location, manifest: dict) -> str | None:
+    """One run's sampling cost over all its stages (from each stage's `cost`), with its guidance options."""
+    stages = [info for info in manifest["stages"].values() if info.get("cost")]
+    if not stages:
+        return None
+    g, method = manifest["config"]["guidance"], manifest["config"]["distill"]["method"]
+    options = (f"through {g['through']}, every {g.get('every', 1)}, select_after {g.get('select_after', 0)}"
+               + (", checkpointing" if g.get("checkpointing") else "")) if method == "lgd" else "–"
+    seconds = sum(i["cost"]["actor_seconds"] for i in stages)
+    images = sum(i["images"] for i in stages)
+    scores = [(i["mean_S"], i["images"]) for i in stages if i["cost"]["guided_steps"] and i["mean_S"] is not None]
+    mean_s = f"{sum(s * n for s, n in scores) / sum(n for _, n in scores):.3f}" if scores else "–"
+    return (f"| {method} | {options} | {images} | {sum(i['cost']['guided_steps'] for i in stages)} | {seconds:.1f} | "
+            f"{images / seconds:.2f} | {mean_s} | {sum(i['cost']['h100_gpu_hours'] for i in stages):.4g} | {run} |")
 
 
 if __name__ == "__main__":

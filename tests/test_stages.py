@@ -53,6 +53,11 @@ def test_run_writes_every_increment(run):
         assert c["actor_seconds"] == pytest.approx(sum(r["seconds"] for r in rows), abs=0.02)
         assert c["images_per_actor_second"] > 0 and c["h100_gpu_hours"] > 0
     assert manifest["stages"]["2"]["cost"]["guided_steps"] > 0 == manifest["stages"]["0"]["cost"]["guided_steps"]
+    from lgd_ray.report import compare
+
+    table = compare([str(out)])  # the cost table of `python -m lgd_ray.report`: the run's totals
+    total = sum(st["cost"]["guided_steps"] for st in manifest["stages"].values())
+    assert f"| lgd | through denoiser, every 1, select_after 0 | 60 | {total} |" in table
     # 10 classes x (2 + 2 + 2) images, one shard per chunk of 4 classes, keys unique, readable by plain webdataset
     assert len(manifest["shards"]) == 3 * 3
     samples = list(wds.WebDataset([str(out / r["path"]) for r in manifest["shards"]], shardshuffle=False))
