@@ -37,8 +37,10 @@ def open_manifest(run_dir: Location, cfg: Config, resume: bool) -> dict:
         return {"config": to_dict(cfg), "config_hash": config_hash(run_identity(cfg)), "stages": {}, "shards": []}
     if not resume:
         raise ConfigError(f"run folder {run_dir} already holds a run: pass --resume to continue it, or set out=NEW_DIR")
-    if existing["config_hash"] != config_hash(run_identity(cfg)):
-        diff = _differing_keys(run_identity(from_dict(existing["config"])), run_identity(cfg))
+    # the stored config read with today's keys: a key added since then takes its default, as it did before it existed
+    stored = run_identity(from_dict(existing["config"]))
+    if config_hash(stored) != config_hash(run_identity(cfg)):
+        diff = _differing_keys(stored, run_identity(cfg))
         raise ConfigError(f"--resume: {run_dir} was made by another config (differs in: {', '.join(diff)})")
     return existing
 

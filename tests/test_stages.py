@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from lgd_ray.config import ConfigError, load_config
 from lgd_ray.plan import make_plan
 from lgd_ray.reference import new_classifier
-from lgd_ray.shards import read_manifest
+from lgd_ray.shards import read_manifest, write_manifest
 from lgd_ray.storage import Location
 from lgd_ray.methods import class_chunks, stage_plan
 from lgd_ray.stages import run_stages
@@ -78,6 +78,17 @@ def test_rerun_refuses_and_resume_checks_config(run, tiny_overrides):
     other = load_config("digits", tiny_overrides + [f"out={out}", "guidance.omega=0.3"])
     with pytest.raises(ConfigError, match=r"differs in: guidance\.omega"):
         run_stages(other, out, resume=True)
+    # a run made before a config key existed resumes (the key takes its default, as it did then); nothing is redone
+    made = read_manifest(out)
+    older = json.loads(json.dumps(made))
+    del older["config"]["guidance"]["checkpointing"]
+    older["config_hash"] = "made-by-an-older-version"
+    write_manifest(out, older)
+    try:
+        again = run_stages(cfg, out, resume=True)
+        assert again["stages"] == made["stages"] and again["shards"] == made["shards"]
+    finally:
+        write_manifest(out, made)
 
 
 def test_resume_redoes_only_a_corrupted_shard(run):
