@@ -135,8 +135,9 @@ def test_float16_is_refused_for_guided_lgd():
 def test_every_and_select_after_at_their_neutral_values_are_the_exact_path(setup):
     """guidance.every = 1 and select_after = num_steps reproduce the paper's path bit for bit."""
     prior, scorer, cfg = setup
-    exact = _generate(prior, cfg, scorer=scorer, kappa=3, guide=_guide(scorer, lam=0.2))
-    neutral = _generate(prior, cfg, scorer=scorer, kappa=3, select_after=cfg.prior.num_steps,
+    items = ITEMS[::3]
+    exact = _generate(prior, cfg, items, scorer=scorer, kappa=3, guide=_guide(scorer, lam=0.2))
+    neutral = _generate(prior, cfg, items, scorer=scorer, kappa=3, select_after=cfg.prior.num_steps,
                         guide=Guide(scorer, 0.2, 0.0, (0, 9), "denoiser", 1.0, 8, {}, 0, 1))
     assert all(torch.equal(a.image, b.image) and a.score == b.score and a.candidate_scores == b.candidate_scores
                for a, b in zip(exact, neutral))
@@ -191,11 +192,12 @@ def test_early_rejection_finishes_only_the_best_candidate_at_the_cut(setup):
 
 
 def test_out_of_memory_in_a_guided_step_halves_the_guidance_batch(setup, monkeypatch, capsys):
-    """The decoder raises torch's out-of-memory error when asked to back-propagate more than 8 images (as a GPU
-    allocator would): the guided steps run again at 15, then 7 trajectories; the images are those of the whole batch
+    """The decoder raises torch's out-of-memory error when asked to back-propagate more than 4 images (as a GPU
+    allocator would): the guided steps run again at 6, then 3 trajectories; the images are those of the whole batch
     (as for guidance.batch), and the guide keeps the smaller batch. At one trajectory the error is the run's."""
     prior, scorer, cfg = setup
-    whole = _generate(prior, cfg, scorer=scorer, guide=_guide(scorer, lam=0.2), batch_size=30)
+    items = ITEMS[:12]
+    whole = _generate(prior, cfg, items, scorer=scorer, guide=_guide(scorer, lam=0.2), batch_size=12)
     decode = prior.decode
 
     def capped(z, cap):
@@ -203,12 +205,12 @@ def test_out_of_memory_in_a_guided_step_halves_the_guidance_batch(setup, monkeyp
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(z)} images (test cap {cap})")
         return decode(z)
 
-    monkeypatch.setattr(prior, "decode", lambda z: capped(z, 8))
+    monkeypatch.setattr(prior, "decode", lambda z: capped(z, 4))
     guide = _guide(scorer, lam=0.2)
-    capped_run = _generate(prior, cfg, scorer=scorer, guide=guide, batch_size=30)
-    assert guide.batch == 7 and "out of memory at 30 trajectories per guided backward; now 15" in capsys.readouterr().out
+    capped_run = _generate(prior, cfg, items, scorer=scorer, guide=guide, batch_size=12)
+    assert guide.batch == 3 and "out of memory at 12 trajectories per guided backward; now 6" in capsys.readouterr().out
     d = torch.stack([(a.image.int() - b.image.int()).abs() for a, b in zip(whole, capped_run)])
     assert d.max() <= 3 and d.float().mean() < 0.1
     monkeypatch.setattr(prior, "decode", lambda z: capped(z, 0))
     with pytest.raises(torch.OutOfMemoryError):
-        _generate(prior, cfg, items=ITEMS[:2], scorer=scorer, guide=_guide(scorer, lam=0.2), batch_size=30)
+        _generate(prior, cfg, items=ITEMS[:2], scorer=scorer, guide=_guide(scorer, lam=0.2), batch_size=12)
