@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,17 +30,19 @@ def _f(default, **meta):
 
 @dataclass
 class DataConfig:
-    name: str = _f("digits", choices=["digits", "fashion-mnist", "imagenet"])
-    root: str = ""  # fashion-mnist: folder of idx(.gz) files; imagenet: ImageFolder root with train/ and val/ (path or URI)
-    prepared: str = ""  # imagenet: folder (path or URI) of uint8 shards made by `python -m lgd_ray.prepare`; "" = JPEGs
-    classes: str = ""  # imagenet only: imagenette | imagewoof | imagenet1k | path to a wnid list
+    # folder: an image-folder data set (root/<split>/<class>/*.jpg|png), ImageNet and its subsets or a user's own
+    name: str = _f("digits", choices=["digits", "fashion-mnist", "folder"])
+    root: str = ""  # fashion-mnist: folder of idx(.gz) files; folder: the tree with train/ and val/ (path or URI)
+    prepared: str = ""  # folder: folder (path or URI) of uint8 shards made by `python -m lgd_ray.prepare`; "" = files
+    # folder only: imagenette | imagewoof | imagenet1k | a text file of class folder names, one a line (label = line)
+    classes: str = ""
     image_size: int = _f(8, min=4)  # the classifiers' input size; generated images are resized to it
-    train_split: str = "train"  # imagenet: sub-folder of root
+    train_split: str = "train"  # folder: sub-folder of root
     test_split: str = "val"
 
     @property
     def channels(self) -> int:
-        return 3 if self.name == "imagenet" else 1
+        return 3 if self.name == "folder" else 1
 
 
 @dataclass
@@ -49,7 +52,9 @@ class PriorConfig:
     num_steps: int = _f(50, min=1)
     cfg_scale: float = _f(4.0, min=1.0)  # classifier-free guidance; 1 = off
     dtype: str = _f("float32", choices=["float32", "bfloat16", "float16"])  # DiT and VAE weights; sampler state is fp32
-    # The project's pixel DiT (used when model_id is ""), trained by `python -m lgd_ray.prior`:
+    # Made by `python -m lgd_ray.prior` when model_id is "": the project's pixel DiT trained from scratch, or (base set)
+    # a pretrained latent DiT pipeline fine-tuned on the data set's own classes:
+    base: str = ""  # hub id, folder or store URI of the DiT pipeline to fine-tune; "" = train the pixel DiT
     patch_size: int = _f(2, min=1)
     num_heads: int = _f(4, min=1)
     head_dim: int = _f(32, min=8)
@@ -60,6 +65,9 @@ class PriorConfig:
     lr: float = _f(1e-3, min_excl=0.0)
     label_dropout: float = _f(0.1, min_excl=0.0, max=1.0)  # > 0 so the null class exists for CFG
     ema_decay: float = _f(0.999, min=0.0, max=1.0)  # the saved prior is the EMA of the weights (with warm-up)
+    min_snr_gamma: float = _f(0.0, min=0.0)  # min-SNR-gamma loss weights (Hang et al. 2023; 5 there); 0 = plain MSE
+    checkpoint_steps: int = _f(500, min=1)  # steps between checkpoints (weights, EMA, optimizer, step): a crashed fit
+                                            # run again continues from the newest
 
 
 @dataclass
@@ -215,6 +223,8 @@ def _check_value(path: str, value, tp, meta):
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
+        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif tp is str:
@@ -312,8 +322,11 @@ def _check_cross(cfg: Config):
     lo, hi = cfg.guidance.window
     if not 0 <= lo <= hi:
         raise ConfigError(f"config: 'guidance.window' must be [lo, hi] with 0 <= lo <= hi, got {cfg.guidance.window}")
-    if cfg.data.name == "imagenet" and not ((cfg.data.root or cfg.data.prepared) and cfg.data.classes):
-        raise ConfigError("config: 'data.classes' and 'data.root' (or 'data.prepared') must be set for data.name=imagenet")
+    if cfg.data.name == "folder" and not ((cfg.data.root or cfg.data.prepared) and cfg.data.classes):
+        raise ConfigError("config: 'data.classes' and 'data.root' (or 'data.prepared') must be set for data.name=folder")
+    if cfg.prior.base and (cfg.prior.model_id or cfg.data.name != "folder"):
+        raise ConfigError("config: 'prior.base' (a DiT pipeline to fine-tune) needs data.name=folder (RGB images) and "
+                          "no 'prior.model_id' (that prior is loaded as it is)")
     for key, name in (("reference.model", cfg.reference.model), ("student.model", cfg.student.model),
                       ("evaluate.model", cfg.evaluate.model or cfg.student.model)):
         problem = check_model_name(name)

@@ -237,9 +237,9 @@ def check_data(cfg: DataConfig):
         for split in FASHION_MNIST_FILES.values():
             for stem in split:
                 _idx_file(root, stem)
-    elif cfg.name == "imagenet" and cfg.prepared:
+    elif cfg.name == "folder" and cfg.prepared:
         open_prepared(cfg, "test")
-    elif cfg.name == "imagenet":
+    elif cfg.name == "folder":
         wnids = read_classlist(cfg.classes)
         for split in (cfg.train_split, cfg.test_split):
             d = Location(cfg.root) / split
@@ -248,8 +248,19 @@ def check_data(cfg: DataConfig):
             check_classes_present(d, wnids)
 
 
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
+
+
+def class_names(cfg: DataConfig) -> list[str]:
+    """The name of each label, in label order: a folder data set's class list (its folder names), else the set's own."""
+    if cfg.name == "folder":
+        return read_classlist(cfg.classes)
+    return FASHION_MNIST_CLASSES if cfg.name == "fashion-mnist" else [str(d) for d in range(10)]
+
+
 def num_classes(cfg: DataConfig) -> int:
-    return len(read_classlist(cfg.classes)) if cfg.name == "imagenet" else 10
+    return len(class_names(cfg))
 
 
 def load_split(cfg: DataConfig, split: str) -> torch.utils.data.Dataset:

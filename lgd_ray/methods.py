@@ -61,13 +61,17 @@ def class_chunks(n_classes: int, per_chunk: int) -> list[tuple[int, ...]]:
 
 
 def prior_class_map(cfg: Config, prior: Prior) -> torch.Tensor | None:
-    """For an ImageNet subset on a 1000-class DiT: each subset class's ImageNet-1K index; else None (identity)."""
-    if cfg.data.name != "imagenet" or prior.num_classes == num_classes(cfg.data):
+    """For a folder data set of ImageNet classes on a 1000-class DiT: each class's ImageNet-1K index; None (identity)
+    when the DiT has the data set's own classes (fine-tuned on them, or the project's pixel DiT)."""
+    if cfg.data.name != "folder" or prior.num_classes == num_classes(cfg.data):
         return None
-    imagenet = read_classlist("imagenet1k")
-    if prior.num_classes != len(imagenet):
-        raise ConfigError(f"prior: the DiT has {prior.num_classes} classes; data.classes has {num_classes(cfg.data)}")
-    return torch.tensor([imagenet.index(w) for w in read_classlist(cfg.data.classes)])
+    imagenet, classes = read_classlist("imagenet1k"), read_classlist(cfg.data.classes)
+    unknown = [c for c in classes if c not in imagenet]
+    if prior.num_classes != len(imagenet) or unknown:
+        raise ConfigError(f"prior: the DiT has {prior.num_classes} classes, data.classes {len(classes)}"
+                          + (f" ({len(unknown)} not ImageNet wnids, first: {unknown[0]})" if unknown else "")
+                          + "; fine-tune a DiT on them: python -m lgd_ray.prior CONFIG prior.model_id= prior.base=HUB_ID")
+    return torch.tensor([imagenet.index(w) for w in classes])
 
 
 def real_positions(n: int, c: int, slots: list[int], run_seed: int) -> list[int]:

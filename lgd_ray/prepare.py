@@ -92,8 +92,8 @@ def prepare(cfg: Config, shard_images: int = 1000, by_class: tuple[int, ...] = (
     Parts an existing index already holds for the same source, classes, size and seed are kept, not made again.
     """
     d = cfg.data
-    if d.name != "imagenet" or not d.root or not d.prepared:
-        raise ConfigError("prepare: needs data.name=imagenet with data.root (the ImageFolder tree) and data.prepared "
+    if d.name != "folder" or not d.root or not d.prepared:
+        raise ConfigError("prepare: needs data.name=folder with data.root (the ImageFolder tree) and data.prepared "
                           "(where the shards go)")
     start = time.time()
     root = as_location(d.prepared)

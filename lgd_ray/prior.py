@@ -1,34 +1,34 @@
 """The diffusion prior: a diffusers DiT pipeline (transformer, optional VAE, scheduler) loaded from a hub id, a
 folder or a store URI, and the project's own pixel-space class-conditional DiT for small data sets.
 
-`python -m lgd_ray.prior CONFIG [key=value ...]` trains the pixel DiT of a config and saves it with
+`python -m lgd_ray.prior CONFIG [key=value ...]` makes the prior of a config (the pixel DiT trained from scratch, or
+`prior.base` fine-tuned on a folder data set's classes, on Ray Train when ray.enabled) and saves it with
 `save_pretrained` (to `cache`, a folder or a URI), so it loads through `load_prior` exactly as
 `facebook/DiT-XL-2-256` does. `python -m lgd_ray.prior stage HUB_ID URI` copies a hub pipeline to a store once.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, DiTPipeline, DiTTransformer2DModel
-from tqdm.auto import tqdm
 
 from lgd_ray.cli import one_line_errors, run_cli
-from lgd_ray.config import Config, ConfigError, config_hash
-from lgd_ray.data import TensorSet, check_data, load_split, to_float
+from lgd_ray.config import Config, ConfigError, PriorConfig, config_hash
+from lgd_ray.data import TensorSet, check_data, load_split, num_classes
+from lgd_ray.prior_fit import PriorJob
 from lgd_ray.seeding import derive_seed
 from lgd_ray.storage import Location, as_location, local_copy
-from lgd_ray.train import pick_device
+from lgd_ray.train import Fitter, in_process_fitter, pick_device
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 PIPELINE_MARKER = "model_index.json"  # save_pretrained writes it; a pipeline folder is complete when it is there
@@ -142,6 +142,11 @@ def pipeline_image_size(model_id: str) -> int | None:
                          json.loads(vae.read_text()) if vae.exists() else None)
 
 
+def local_model(model_id: str, local_cache: str = "~/.cache/lgd_ray") -> str:
+    """A hub id or local folder as it is; a store URI copied once per node into `local_cache` (its local folder)."""
+    return str(local_copy(Location(model_id), local_cache, PIPELINE_MARKER)) if "://" in model_id else model_id
+
+
 def load_prior(model_id: str, scheduler: str = "ddim", device="cpu", dtype: str = "float32",
                local_cache: str = "~/.cache/lgd_ray") -> Prior:
     """Load a DiT pipeline's parts from a hub id (`facebook/DiT-XL-2-256`), a local folder saved by save_pretrained, or
@@ -151,8 +156,7 @@ def load_prior(model_id: str, scheduler: str = "ddim", device="cpu", dtype: str 
     `scheduler` (ddim | ddpm); the weights are cast to `dtype` (float32 | bfloat16 | float16).
     """
     dtype = DTYPES[dtype]
-    if "://" in model_id:
-        model_id = str(local_copy(Location(model_id), local_cache, PIPELINE_MARKER))
+    model_id = local_model(model_id, local_cache)
     try:
         index = DiffusionPipeline.load_config(model_id)
     except (OSError, EnvironmentError) as e:
@@ -182,17 +186,25 @@ def random_pipeline(transformer: dict, vae: dict | None = None, seed: int = 0) -
 
 PRIOR_TRAIN_KEYS = ("patch_size", "num_heads", "head_dim", "depth", "train_timesteps", "train_steps", "batch_size",
                     "lr", "label_dropout", "ema_decay")
+LATER_TRAIN_KEYS = ("base", "min_snr_gamma")  # in the key only when set: priors cached before these keys stay valid
 
 
 def prior_dir(cfg: Config) -> Location:
-    """Where the project's pixel DiT for this config lives: keyed by the data set and the training keys."""
+    """Where the project's prior for this config lives: keyed by the data set and the training keys."""
+    p = cfg.prior
+    later = {k: getattr(p, k) for k in LATER_TRAIN_KEYS if getattr(p, k) != getattr(PriorConfig(), k)}
     key = {"data": dataclasses.asdict(cfg.data), "seed": cfg.seed,
-           "prior": {k: getattr(cfg.prior, k) for k in PRIOR_TRAIN_KEYS}}
+           "prior": {**{k: getattr(p, k) for k in PRIOR_TRAIN_KEYS}, **later}}
     return Location(cfg.cache).resolve() / f"prior-{cfg.data.name}-{config_hash(key)}"
 
 
+def prior_checkpoints(cfg: Config) -> Location:
+    """The prior fit's checkpoints (deleted once the prior is saved)."""
+    return Location(cfg.cache).resolve() / f"{prior_dir(cfg).name}-checkpoints"
+
+
 def prior_id(cfg: Config) -> str:
-    """The model id the sampler loads: prior.model_id, or the folder of the project's own pixel DiT."""
+    """The model id the sampler loads: prior.model_id, or the folder of the project's own prior."""
     return cfg.prior.model_id or str(prior_dir(cfg))
 
 
@@ -218,64 +230,35 @@ def build_pixel_dit(cfg: Config, n_classes: int) -> DiTTransformer2DModel:
         patch_size=p.patch_size, num_embeds_ada_norm=n_classes, norm_num_groups=1)
 
 
-def train_pixel_prior(cfg: Config, train_set: TensorSet, out: Location, device="cpu") -> dict:
-    """Train a pixel-space DiT with epsilon-prediction MSE and label dropout; save an EMA copy to `out`."""
-    p = cfg.prior
-    torch.manual_seed(derive_seed(cfg.seed, "prior"))
-    model = build_pixel_dit(cfg, train_set.num_classes)
-    # diffusers gives every block its own label embedder, each dropping labels independently in train mode;
-    # drop them here instead, once per sample, so all blocks see the same (possibly null) label.
-    for block in model.transformer_blocks:
-        block.norm1.emb.class_embedder.dropout_prob = 0.0
-    model.to(device).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    noise_sched = DDPMScheduler(num_train_timesteps=p.train_timesteps, beta_schedule="linear", clip_sample=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.0)
-    warmup = max(1, p.train_steps // 20)
-    lr_at = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / p.train_steps)).item())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "prior-batches"))
-    images = to_float(train_set.images).to(device)
-    labels = train_set.labels.to(device)
-    start, losses = time.time(), []
-    bar = tqdm(range(p.train_steps), desc="prior", disable=None)
-    for step in bar:
-        idx = torch.randint(len(labels), (p.batch_size,), generator=gen).to(device)
-        x0, y = images[idx], labels[idx]
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(p.train_timesteps, (len(y),), generator=gen).to(device)
-        drop = torch.rand(len(y), generator=gen).to(device) < p.label_dropout
-        y = torch.where(drop, train_set.num_classes, y)
-        pred = model(noise_sched.add_noise(x0, noise, t), timestep=t, class_labels=y).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():  # EMA with warm-up, so the random init does not linger in the average
-            decay = min(p.ema_decay, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    info = {"seconds": round(time.time() - start, 1), "final_loss": sum(losses[-100:]) / len(losses[-100:]),
-            "params": sum(x.numel() for x in model.parameters()), "steps": p.train_steps}
-    save_pixel_prior(ema.cpu(), noise_sched, out, info)
+def pixel_job(cfg: Config, load_data: Callable[[], TensorSet], n_classes: int) -> PriorJob:
+    """The fit of the project's pixel DiT on `load_data()` (uint8 images), linear-beta DDPM noise."""
+    noise = DDPMScheduler(num_train_timesteps=cfg.prior.train_timesteps, beta_schedule="linear", clip_sample=True)
+    return PriorJob(cfg.prior, partial(build_pixel_dit, cfg, n_classes), load_data, dict(noise.config),
+                    derive_seed(cfg.seed, "prior"), checkpoints=str(prior_checkpoints(cfg)))
+
+
+def train_prior(job: PriorJob, out: Location, fitter: Fitter, vae: AutoencoderKL | None = None) -> dict:
+    """Fit the job's DiT (with `fitter`: in this process or on Ray Train) and save its EMA weights as a DiTPipeline
+    with `vae` and the training noise schedule to `out` (model_index.json last); returns the fit's info."""
+    weights, metrics = fitter(job)
+    torch.manual_seed(job.seed)
+    transformer = job.build()
+    transformer.load_state_dict(weights)
+    info = {"steps": metrics["step"], **{k: metrics[k] for k in ("workers", "seconds", "params", "final_loss",
+                                                                  "eval_loss")}}
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = DiTPipeline(transformer=transformer.eval(), vae=vae, scheduler=DDPMScheduler.from_config(job.noise))
+        pipe.save_pretrained(tmp)
+        (Path(tmp) / "train_info.json").write_text(json.dumps(info, indent=1))
+        as_location(out).upload_dir(Path(tmp), last=PIPELINE_MARKER)
+    if job.checkpoints:
+        Location(job.checkpoints).delete()
     return info
 
 
-def save_pixel_prior(transformer: DiTTransformer2DModel, scheduler: DDPMScheduler, out: Location, info: dict):
-    """save_pretrained as a DiTPipeline without VAE, then copied to `out` as a whole (model_index.json last)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        DiTPipeline(transformer=transformer, vae=None, scheduler=scheduler).save_pretrained(tmp)
-        (Path(tmp) / "train_info.json").write_text(json.dumps(info, indent=1))
-        as_location(out).upload_dir(Path(tmp), last=PIPELINE_MARKER)
-
-
-def ensure_prior(cfg: Config, device="cpu") -> str:
-    """The prior's model id; trains and saves the project's pixel DiT first if the config needs one and it is absent.
+def ensure_prior(cfg: Config, device="cpu", fitter: Fitter | None = None) -> str:
+    """The prior's model id; makes and saves the project's prior first if the config needs one and it is absent:
+    the pixel DiT trained, or prior.base fine-tuned on the data set's classes (with `fitter`, default in this process).
 
     Called by the driver only, before any actor starts (actors call `require_prior`).
     """
@@ -283,12 +266,20 @@ def ensure_prior(cfg: Config, device="cpu") -> str:
         return require_prior(cfg)
     out = prior_dir(cfg)
     if not (out / PIPELINE_MARKER).exists():
-        if cfg.data.name == "imagenet":
-            raise ConfigError("config: 'prior.model_id' must name a DiT pipeline for imagenet (e.g. facebook/DiT-XL-2-256)")
-        train_set = load_split(cfg.data, "train")
-        print(f"prior: training a pixel DiT on {cfg.data.name} ({cfg.prior.train_steps} steps) -> {out}", flush=True)
-        info = train_pixel_prior(cfg, train_set, out, device)
-        print(f"prior: {info['params'] / 1e6:.2f} M params, loss {info['final_loss']:.4f}, {info['seconds']} s", flush=True)
+        fitter = fitter or in_process_fitter(device)
+        if cfg.prior.base:
+            from lgd_ray.finetune import finetune_prior
+
+            info = finetune_prior(cfg, out, fitter)
+        elif cfg.data.name == "folder":
+            raise ConfigError("config: a folder data set needs 'prior.model_id' (a DiT pipeline, e.g. "
+                              "facebook/DiT-XL-2-256 for ImageNet classes) or 'prior.base' (one to fine-tune on its classes)")
+        else:
+            print(f"prior: training a pixel DiT on {cfg.data.name} ({cfg.prior.train_steps} steps) -> {out}", flush=True)
+            info = train_prior(pixel_job(cfg, partial(load_split, cfg.data, "train"), num_classes(cfg.data)), out,
+                               fitter)
+        print(f"prior: {info['params'] / 1e6:.2f} M params, loss {info['final_loss']:.4f} (unweighted, fixed draws "
+              f"{info['eval_loss']:.4f}), {info['seconds']} s", flush=True)
     return str(out)
 
 
@@ -318,9 +309,19 @@ def main(argv: list[str]):
         check_data(cfg.data)
         if cfg.prior.model_id:
             raise ConfigError("config: 'prior.model_id' is set: that prior is loaded, not trained (unset it to train)")
-        print(ensure_prior(cfg, device=pick_device(cfg.device)))
+        fitter = None
+        if cfg.ray.enabled:  # on Ray Train: DDP over ray.train_workers, GPUs when ray.train_use_gpu
+            import ray
 
-    run_cli("lgd_ray.prior", "Train the pixel DiT prior of a config (skipped if already trained).", argv, work)
+            from lgd_ray.ray_train import ray_fitter
+
+            if not ray.is_initialized():
+                ray.init(address=cfg.ray.address or None)
+            fitter = ray_fitter(cfg, Location(cfg.cache))
+        print(ensure_prior(cfg, pick_device(cfg.device), fitter))
+
+    run_cli("lgd_ray.prior", "Train the config's prior, or fine-tune prior.base on its classes (skipped if made).",
+            argv, work)
 
 
 if __name__ == "__main__":

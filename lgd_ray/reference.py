@@ -26,7 +26,7 @@ def fit_job(cfg: Config, role: str, num_classes: int, load_data, seed: int, init
     """The FitJob of the reference ("reference") or the student ("student"), sized for the configured data set."""
     section = getattr(cfg, role)
     return FitJob(section.model, cfg.data.channels, cfg.data.image_size, num_classes, derive_seed(cfg.seed, "init", role),
-                  section.train, load_data, seed, init_state, name or role)
+                  section.train, load_data, seed, init_state, name or role, checkpoint_every=cfg.ray.checkpoint_every)
 
 
 def new_classifier(cfg: Config, role: str, num_classes: int) -> torch.nn.Module:
@@ -54,7 +54,7 @@ def ensure_reference(cfg: Config, num_classes: int, device="cpu", fitter: Fitter
     print(f"reference: training {cfg.reference.model} on the real train split -> {path}", flush=True)
     start = time.time()
     job = fit_job(cfg, "reference", num_classes, partial(load_split, cfg.data, "train"), derive_seed(cfg.seed, "reference"))
-    model.load_state_dict((fitter or in_process_fitter(device))(job))
+    model.load_state_dict((fitter or in_process_fitter(device))(job)[0])
     info = {"model": cfg.reference.model, "test_acc": accuracy(model, load_split(cfg.data, "test"), device),
             "seconds": round(time.time() - start, 1)}
     save_classifier(model, path, info)

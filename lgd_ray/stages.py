@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 from tqdm.auto import tqdm
 
 from lgd_ray.config import Config, ConfigError, config_hash, from_dict, run_identity, to_dict
-from lgd_ray.data import check_data, load_split, num_classes
+from lgd_ray.data import check_data, class_names, load_split, num_classes
 from lgd_ray.methods import ChunkMaker, ChunkTask, class_chunks, stage_plan
 from lgd_ray.plan import make_plan, stage_cost
 from lgd_ray.prior import ensure_prior
@@ -86,8 +86,9 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
     manifest = open_manifest(run_dir, cfg, resume)
     # Set-up, here in the driver before any chunk is made: prior and reference (trained and stored if absent)
     manifest["num_classes"] = n_classes
-    manifest["prior"] = ensure_prior(cfg, device) if cfg.distill.method != "random" else None
+    manifest["classes"] = class_names(cfg.data)  # label i is the i-th name
     fitter = fitter or in_process_fitter(device)
+    manifest["prior"] = ensure_prior(cfg, device, fitter) if cfg.distill.method != "random" else None
     _, ref_info = ensure_reference(cfg, n_classes, device, fitter)
     manifest["reference"] = ref_info
     write_manifest(run_dir, manifest)
@@ -119,7 +120,7 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
         d_i = shards_through(manifest, stage.index)
         job = fit_job(cfg, "student", n_classes, partial(load_tensor_set, run_dir, paths(d_i), n_classes),
                       derive_seed(cfg.seed, "student", stage.index), student_state, f"{stage_dir(stage.index)}-student")
-        student_state = fitter(job)
+        student_state = fitter(job)[0]
         student = new_classifier(cfg, "student", n_classes)
         student.load_state_dict(student_state)
         acc = accuracy(student, test_set, device)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 import safetensors.torch
 from tqdm.auto import tqdm
 
+from lgd_ray.checkpoints import latest_checkpoint, load_from, save_to
 from lgd_ray.config import ConfigError, TrainConfig
 from lgd_ray.data import PreparedSplit, TensorSet, to_float
 from lgd_ray.models import build_classifier
@@ -129,7 +131,7 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
 
     def state(epoch: int) -> dict:
         return {"epoch": epoch, "model": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
-                "optimizer": _to_cpu(copy.deepcopy(opt.state_dict())), "scheduler": sched.state_dict()}
+                "optimizer": to_cpu(copy.deepcopy(opt.state_dict())), "scheduler": sched.state_dict()}
 
     for epoch in tqdm(range(first, cfg.epochs), desc=desc, leave=False, disable=None, initial=first, total=cfg.epochs):
         gen = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
@@ -162,13 +164,14 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
     return model.eval()
 
 
-def _to_cpu(tree):
+def to_cpu(tree):
+    """A (nested) state dict's tensors moved to the CPU."""
     if isinstance(tree, torch.Tensor):
         return tree.cpu()
     if isinstance(tree, dict):
-        return {k: _to_cpu(v) for k, v in tree.items()}
+        return {k: to_cpu(v) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [_to_cpu(v) for v in tree]
+        return [to_cpu(v) for v in tree]
     return tree
 
 
@@ -222,6 +225,17 @@ class FitJob:
     seed: int
     init_state: dict | None = None  # continue from these weights (theta_{i-1})
     name: str = "train"
+    checkpoint_every: int = 10  # epochs between checkpoints (ray.checkpoint_every)
+    checkpoints: str = ""  # "": the fitter's run folder, a fresh fit each time (see PriorJob.checkpoints)
+    output: str = "model"  # the state returned: the trained weights
+
+    @property
+    def rounds(self) -> int:
+        return self.train.epochs
+
+    def run(self, device="cpu", rank: int = 0, world: int = 1, wrap=None, on_round=None, resume=None):
+        model = fit(self, device, rank, world, wrap, on_round, resume)
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}, {}
 
     def build(self) -> torch.nn.Module:
         model = build_classifier(self.model, self.channels, self.image_size, self.num_classes, seed=self.init_seed)
@@ -263,8 +277,27 @@ def fit(job: FitJob, device="cpu", rank: int = 0, world: int = 1, wrap=None,
                             batch_size=job.train.batch_size // world, resume=resume)
 
 
-Fitter = Callable[[FitJob], dict]  # trains a FitJob somewhere, returns the trained state dict (CPU tensors)
+# trains a FitJob or a PriorJob somewhere; returns (the job's output state dict on the CPU, its final metrics)
+Fitter = Callable[[FitJob], tuple[dict, dict]]
 
 
 def in_process_fitter(device="cpu") -> Fitter:
-    return lambda job: {k: v.detach().cpu() for k, v in fit(job, device).state_dict().items()}
+    """Fits in this process. A job with its own `checkpoints` folder gets a checkpoint there every
+    job.checkpoint_every rounds and continues from the newest one an earlier fit left."""
+
+    def fit_here(job):
+        if not job.checkpoints:
+            return job.run(device)
+        storage = Location(job.checkpoints)
+        found = latest_checkpoint(storage, job.name)
+        if found is not None:
+            print(f"{job.name}: continuing from {found}", flush=True)
+        run = storage / f"{job.name}-{uuid.uuid4().hex[:8]}"
+
+        def on_round(round_: int, metrics: dict, state):
+            if (round_ + 1) % job.checkpoint_every == 0:
+                save_to(run / f"checkpoint_{round_:06d}", state(), round_)
+
+        return job.run(device, on_round=on_round, resume=load_from(found) if found else None)
+
+    return fit_here

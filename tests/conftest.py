@@ -131,3 +131,21 @@ def s3_cache_of(cfg, endpoint: str) -> Location:
                      (info_location(reference_path(cfg)), info_location(reference_path(remote)))):
         dst.write_bytes(src.read_bytes())
     return cache
+
+
+def kill_when(args: list[str], ready, what: str, timeout: float = 240):
+    """Start `args` in its own session, SIGKILL it (and its children) once ready() is true; fail if never."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            if time.time() > deadline:
+                pytest.fail(f"the driver made no progress: {what}")
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -60,7 +60,7 @@ def test_imagefolder_labels_follow_the_class_list(tmp_path):
     wnids = ["n03888257", "n01440764", "n02102040"]  # not sorted: label = position in the list
     _imagefolder(tmp_path / "data", wnids + ["n09999999"])  # an extra class on disk is ignored
     (tmp_path / "classes.txt").write_text("\n".join(wnids) + "\n")
-    cfg = DataConfig(name="imagenet", root=str(tmp_path / "data"), classes=str(tmp_path / "classes.txt"), image_size=8)
+    cfg = DataConfig(name="folder", root=str(tmp_path / "data"), classes=str(tmp_path / "classes.txt"), image_size=8)
     check_data(cfg)
     train = load_split(cfg, "train")
     assert len(train) == 6 and train.num_classes == 3
@@ -74,7 +74,7 @@ def test_imagefolder_labels_follow_the_class_list(tmp_path):
 def test_imagefolder_missing_class_is_an_error(tmp_path):
     _imagefolder(tmp_path / "data", ["n01440764"])
     (tmp_path / "classes.txt").write_text("n01440764\nn02102040\n")
-    cfg = DataConfig(name="imagenet", root=str(tmp_path / "data"), classes=str(tmp_path / "classes.txt"))
+    cfg = DataConfig(name="folder", root=str(tmp_path / "data"), classes=str(tmp_path / "classes.txt"))
     with pytest.raises(ConfigError, match="1 classes of the class list are missing.*n02102040"):
         check_data(cfg)
 

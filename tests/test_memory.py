@@ -55,7 +55,7 @@ def test_dit_xl_guided_step_is_counted_and_a_config_that_cannot_fit_is_refused()
 
 def test_gpu_check_runs_at_small_shapes_on_the_cpu():
     """bench/gpu_check.py, as CI runs it: the measured peak (weights + saved tensors of a real guided step) within
-    10 % of the estimate, and a guided step costs more than an unguided one."""
+    10 % of the estimate (its speeds are printed, not checked: timings belong to benchmarks)."""
     import importlib.util
     from pathlib import Path
 
@@ -66,7 +66,6 @@ def test_gpu_check_runs_at_small_shapes_on_the_cpu():
     assert [(r["dtype"], r["batch"]) for r in rows] == [("float32", 1), ("float32", 3), ("bfloat16", 1), ("bfloat16", 3)]
     for r in rows:
         assert abs(r["measured_peak_gib"] - r["estimate_peak_gib"]) <= 0.1 * r["measured_peak_gib"], r
-        assert r["guided_over_unguided"] > 1
 
 
 def test_checkpointing_gives_the_same_guidance_with_less_memory(latent_pipeline_dir):

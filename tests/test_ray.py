@@ -1,8 +1,6 @@
 """The Ray layer on a real local Ray: actor pool, pool-size independence, actor death, driver death + resume; the same
 run with out= and cache= on a real S3 server (moto, loopback): equal images, resume from the store, every reader, and a
 bad store or a missing model said in one line."""
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +11,7 @@ import pytest
 import ray
 import webdataset as wds
 
-from conftest import new_bucket, s3_cache_of, s3_uri
+from conftest import kill_when, new_bucket, s3_cache_of, s3_uri
 from lgd_ray.config import ConfigError, load_config
 from lgd_ray.distill import distill
 from lgd_ray.shards import read_manifest, shard_urls
@@ -116,7 +114,7 @@ def test_ray_train_ddp_two_workers(trained, tiny_cfg, tmp_path):
 
     cfg = load_config("digits", [f"cache={tiny_cfg.cache}", "ray.train_workers=2", "reference.train.epochs=3"])
     job = fit_job(cfg, "reference", 10, partial(load_split, cfg.data, "train"), seed=0)
-    state = ray_fitter(cfg, tmp_path)(job)
+    state, _ = ray_fitter(cfg, tmp_path)(job)
     model = new_classifier(cfg, "reference", 10)
     model.load_state_dict(state)
     assert accuracy(model, load_split(cfg.data, "test")) > 0.8
@@ -218,19 +216,12 @@ def test_killed_driver_resumes_from_the_store(two_actor_run, tiny_overrides, s3_
     # the driver joins this module's Ray (as `ray job submit` joins a cluster) instead of starting its own
     args = [sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, *ONE_STAGE, f"out={out}",
             "ray.actors=1", f"ray.address={ray.get_runtime_context().gcs_address}"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:  # wait until stage 0 is trained and a chunk of stage 1 is written
-            m = read_manifest(out)
-            if m and "0" in m["stages"] and any(r["stage"] == 1 for r in m["shards"]):
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("the driver made no progress")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+
+    def stage_1_started():  # stage 0 is trained and a chunk of stage 1 is written
+        m = read_manifest(out)
+        return bool(m and "0" in m["stages"] and any(r["stage"] == 1 for r in m["shards"]))
+
+    kill_when(args, stage_1_started, "no chunk of stage 1")
     before = read_manifest(out)
     assert "1" not in before["stages"]
     victim = out / before["shards"][0]["path"]  # a stage-0 shard, truncated on the store

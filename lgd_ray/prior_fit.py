@@ -1,0 +1,165 @@
+"""Training a class-conditional DiT prior in plain PyTorch, step by step and resumable: the project's pixel DiT from
+scratch, or a pretrained latent DiT fine-tuned on a data set's own classes (on cached latents).
+
+Every step draws its batch, noise, timesteps and label dropout from a generator seeded by (job seed, step, rank), so a
+fit resumed from a checkpoint continues exactly as the uninterrupted fit would (bit for bit on the CPU). With `world`
+DDP ranks each rank takes batch_size / world samples a step from its own share of the data.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from diffusers import DDPMScheduler, DiTTransformer2DModel
+from tqdm.auto import tqdm
+
+from lgd_ray.config import PriorConfig
+from lgd_ray.data import TensorSet, to_float
+from lgd_ray.seeding import generator
+from lgd_ray.train import rank_slice, to_cpu
+
+EVAL_SAMPLES = 512  # fixed draws of the unweighted denoising loss recorded after the fit
+
+
+@dataclass
+class PriorJob:
+    """One prior fit, picklable so that a Ray Train worker can run it as well as this process.
+
+    build() gives the transformer to train (its label table must have the data's classes plus the null class);
+    load_data() the training inputs (uint8 pixels, or float latents already scaled) with labels; noise: the DDPMScheduler
+    config of the training noise. checkpoints: a folder (path or URI) of this prior's own: a fit continues from the
+    newest checkpoint found there, so a crashed driver's fit resumes when run again.
+    """
+
+    prior: PriorConfig
+    build: Callable[[], DiTTransformer2DModel]
+    load_data: Callable[[], TensorSet]
+    noise: dict
+    seed: int
+    checkpoints: str = ""
+    name: str = "prior"
+    output: str = "ema"  # the state returned: the EMA of the weights
+    checkpoint_every: int = 1  # rounds between checkpoints (a round is prior.checkpoint_steps steps)
+
+    @property
+    def rounds(self) -> int:
+        return math.ceil(self.prior.train_steps / self.prior.checkpoint_steps)
+
+    def run(self, device="cpu", rank: int = 0, world: int = 1, wrap=None, on_round=None, resume=None):
+        return fit_prior(self, device, rank, world, wrap, on_round, resume)
+
+
+def loss_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights of the epsilon loss, min(SNR, gamma) / SNR (Hang et al. 2023); ones when gamma is 0."""
+    if gamma <= 0:
+        return torch.ones(len(t), device=t.device)
+    a = alphas_cumprod[t]
+    snr = a / (1 - a)
+    return snr.clamp(max=gamma) / snr
+
+
+def _step_inputs(data: TensorSet, batch: int, null: int, dropout: float, timesteps: int, gen: torch.Generator, device):
+    idx = torch.randint(len(data.labels), (batch,), generator=gen)
+    x0 = data.images[idx.to(data.images.device)]
+    x0 = to_float(x0) if x0.dtype == torch.uint8 else x0.float()  # pixels, or (float16) latents
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(timesteps, (batch,), generator=gen)
+    drop = torch.rand(batch, generator=gen) < dropout
+    y = torch.where(drop, null, data.labels[idx.to(data.labels.device)].cpu())
+    return x0.to(device), noise.to(device), t.to(device), y.to(device)
+
+
+def denoising_loss(model, data: TensorSet, noise_sched: DDPMScheduler, seed: int, n: int = EVAL_SAMPLES,
+                   batch: int = 128) -> float:
+    """The unweighted epsilon MSE of `model` on n fixed draws (images, noise, timesteps; labels kept): comparable
+    across recipes and fits, whatever their loss weighting."""
+    device, total = next(model.parameters()).device, 0.0
+    gen = generator(seed, "eval-loss")
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            x0, noise, t, y = _step_inputs(data, min(batch, n - i), 0, 0.0, noise_sched.config.num_train_timesteps,
+                                           gen, device)
+            pred = model(noise_sched.add_noise(x0, noise, t), timestep=t, class_labels=y).sample[:, :x0.shape[1]]
+            total += (pred - noise).pow(2).mean(dim=(1, 2, 3)).sum().item()
+    return total / n
+
+
+def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=None,
+              on_round: Callable[[int, dict, Callable[[], dict]], None] | None = None,
+              resume: dict | None = None) -> tuple[dict, dict]:
+    """Train the job's DiT with the epsilon MSE (min-SNR-gamma weighted if prior.min_snr_gamma > 0), label dropout,
+    AdamW with warm-up and cosine decay, gradient clipping and an EMA of the weights (with warm-up).
+
+    on_round(round, metrics, state) after every prior.checkpoint_steps steps; state() is what resumes the fit (weights,
+    EMA, optimizer, scheduler, step; CPU tensors). Returns (EMA state dict on the CPU, metrics).
+    """
+    p = job.prior
+    if p.batch_size % world:
+        raise ValueError(f"prior.batch_size {p.batch_size} is not a multiple of the {world} workers")
+    device = torch.device(device)
+    torch.manual_seed(job.seed)  # the same initial weights on every rank
+    model = job.build()
+    null = model.config.num_embeds_ada_norm
+    # diffusers gives every block its own label embedder, each dropping labels independently in train mode;
+    # drop them here instead, once per sample, so all blocks see the same (possibly null) label.
+    for block in model.transformer_blocks:
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    model.to(device).train().requires_grad_(True)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    noise_sched = DDPMScheduler.from_config(job.noise)
+    alphas = noise_sched.alphas_cumprod.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.0)
+    warmup = max(1, p.train_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / p.train_steps)))
+    first = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        ema.load_state_dict(resume["ema"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        first = resume["step"]
+    net = wrap(model) if wrap else model
+    data = rank_slice(job.load_data(), rank, world, job.seed)
+    data = TensorSet(data.images.to(device), data.labels.to(device), data.num_classes)
+    batch, losses, start = p.batch_size // world, [], time.time()
+
+    def state(step: int) -> dict:
+        cpu = lambda m: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+        return {"step": step, "model": cpu(model), "ema": cpu(ema),
+                "optimizer": to_cpu(copy.deepcopy(opt.state_dict())), "scheduler": sched.state_dict()}
+
+    bar = tqdm(range(first, p.train_steps), desc=job.name, disable=None, initial=first, total=p.train_steps)
+    for step in bar:
+        x0, noise, t, y = _step_inputs(data, batch, null, p.label_dropout, noise_sched.config.num_train_timesteps,
+                                       generator(job.seed, "step", step, rank), device)
+        pred = net(noise_sched.add_noise(x0, noise, t), timestep=t, class_labels=y).sample[:, :x0.shape[1]]
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * loss_weights(alphas, t, p.min_snr_gamma)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():  # EMA with warm-up, so the random init does not linger in the average
+            decay = min(p.ema_decay, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        losses.append(loss.detach())
+        done = step + 1
+        if done % 50 == 0:
+            bar.set_postfix(loss=f"{torch.stack(losses[-50:]).mean().item():.4f}")
+        if on_round and (done % p.checkpoint_steps == 0 or done == p.train_steps):
+            on_round(math.ceil(done / p.checkpoint_steps) - 1,
+                     {"step": done, "loss": torch.stack(losses[-p.checkpoint_steps:]).mean().item()},
+                     lambda done=done: state(done))
+    metrics = {"step": p.train_steps, "workers": world, "seconds": round(time.time() - start, 1),
+               "params": sum(x.numel() for x in model.parameters()),
+               "final_loss": torch.stack(losses[-100:]).mean().item() if losses else float("nan"),
+               "eval_loss": denoising_loss(ema, data, noise_sched, job.seed)}
+    return {k: v.detach().cpu() for k, v in ema.state_dict().items()}, metrics
+

@@ -1,0 +1,95 @@
+"""Prior training: step-seeded and resumable in plain PyTorch, on Ray Train with 1 and 2 DDP workers, and a fit whose
+driver is killed mid-way continuing from its newest checkpoint (in this process and on Ray Train)."""
+import json
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+import ray
+import torch
+from diffusers import DDPMScheduler
+
+from conftest import kill_when
+from lgd_ray.config import load_config
+from lgd_ray.data import load_split
+from lgd_ray.prior import ensure_prior, load_prior, pixel_job, prior_checkpoints, prior_dir
+from lgd_ray.prior_fit import denoising_loss, loss_weights
+from lgd_ray.ray_train import ray_fitter
+from lgd_ray.train import in_process_fitter
+
+PRIOR = ["prior.depth=2", "prior.num_heads=2", "prior.head_dim=32", "prior.batch_size=64", "prior.train_steps=300",
+         "prior.checkpoint_steps=50"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _cfg(cache, *more):
+    return load_config("digits", PRIOR + [f"cache={cache}", *more])
+
+
+def test_a_resumed_fit_equals_the_uninterrupted_fit(tmp_path):
+    cfg = _cfg(tmp_path, "prior.train_steps=120", "prior.checkpoint_steps=40", "prior.min_snr_gamma=5")
+    job = pixel_job(cfg, partial(load_split, cfg.data, "train"), 10)
+    states = {}
+    whole, metrics = job.run(on_round=lambda r, m, state: states.__setitem__(r, state()))
+    assert sorted(states) == [0, 1, 2] and states[1]["step"] == 80 and metrics["step"] == 120
+    resumed, _ = job.run(resume=states[0])
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    noise = DDPMScheduler.from_config(job.noise)
+    w = loss_weights(noise.alphas_cumprod, torch.tensor([0, 100, 999]), 5.0)
+    assert w[0] < 0.01 and 0.4 < w[1] < 0.7 and w[2] == 1  # SNR about 1e4 at t=0, 9 at t=100, below 5 after t=150
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The same recipe and global batch fitted in this process, on 1 Ray Train worker and on 2 (DDP, 32 samples each):
+    name -> the saved prior's weights."""
+    root, weights = tmp_path_factory.mktemp("priors"), {}
+    for name, workers in (("in-process", 1), ("ray-1", 1), ("ray-2", 2)):
+        cfg = _cfg(root / name, f"ray.train_workers={workers}")
+        ensure_prior(cfg, fitter=in_process_fitter() if name == "in-process" else ray_fitter(cfg, root))
+        info = json.loads((prior_dir(cfg) / "train_info.json").read_text())
+        assert info["steps"] == 300 and info["workers"] == workers
+        assert not prior_checkpoints(cfg).exists()  # the checkpoints go once the prior is saved
+        weights[name] = load_prior(str(prior_dir(cfg)), "ddpm").transformer
+    return weights
+
+
+def test_prior_on_ray_train_one_and_two_workers(uninterrupted):
+    """The unweighted denoising loss of the three priors on the same fixed draws agrees within 10 %."""
+    train = load_split(_cfg("unused").data, "train")
+    noise = DDPMScheduler.from_config(pixel_job(_cfg("unused"), None, 10).noise)
+    losses = {name: denoising_loss(model, train, noise, 7) for name, model in uninterrupted.items()}
+    print(f"\ndenoising loss of the prior: {losses}")
+    assert all(abs(loss / losses["in-process"] - 1) < 0.1 for loss in losses.values())
+    one, two = (uninterrupted[n].state_dict() for n in ("ray-1", "ray-2"))
+    assert not all(torch.equal(one[k], two[k]) for k in one)  # two ranks drew other batches: another fit
+
+
+@pytest.mark.parametrize("where", ["in-process", "ray"])
+def test_a_killed_prior_fit_continues_from_its_checkpoint(where, tmp_path, uninterrupted):
+    cfg = _cfg(tmp_path / "killed")
+    args = [sys.executable, "-m", "lgd_ray.prior", "digits", *PRIOR, f"cache={cfg.cache}"]
+    args += ([f"ray.address={ray.get_runtime_context().gcs_address}"] if where == "ray" else ["ray.enabled=false"])
+
+    def checkpointed():  # the fit has left a checkpoint (and is not done)
+        return any(c.name.startswith("checkpoint_") and (c / "progress.json").exists()
+                   for run in prior_checkpoints(cfg).iterdir() for c in run.iterdir())
+
+    kill_when(args, checkpointed, "no checkpoint", timeout=180)
+    assert not (prior_dir(cfg) / "model_index.json").exists()
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = [line for line in r.stdout.splitlines() if "continu" in line]
+    assert said and ("continued an earlier fit (resumed after step" in said[-1] or "continuing from" in said[-1])
+    resumed = load_prior(str(prior_dir(cfg)), "ddpm").transformer.state_dict()
+    whole = uninterrupted["ray-1" if where == "ray" else "in-process"].state_dict()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)  # as if never interrupted (the CPU)
+    assert json.loads((prior_dir(cfg) / "train_info.json").read_text())["steps"] == 300
+    assert not prior_checkpoints(cfg).exists()
