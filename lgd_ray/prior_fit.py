@@ -129,9 +129,8 @@ def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=N
     batch, losses, start = p.batch_size // world, [], time.time()
 
     def state(step: int) -> dict:
-        cpu = lambda m: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
-        return {"step": step, "model": cpu(model), "ema": cpu(ema),
-                "optimizer": to_cpu(copy.deepcopy(opt.state_dict())), "scheduler": sched.state_dict()}
+        return {"step": step, "model": to_cpu(model.state_dict()), "ema": to_cpu(ema.state_dict()),
+                "optimizer": to_cpu(opt.state_dict()), "scheduler": to_cpu(sched.state_dict())}
 
     bar = tqdm(range(first, p.train_steps), desc=job.name, disable=None, initial=first, total=p.train_steps)
     for step in bar:

@@ -130,8 +130,8 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
     module = model.module if hasattr(model, "module") else model
 
     def state(epoch: int) -> dict:
-        return {"epoch": epoch, "model": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
-                "optimizer": to_cpu(copy.deepcopy(opt.state_dict())), "scheduler": sched.state_dict()}
+        return {"epoch": epoch, "model": to_cpu(module.state_dict()), "optimizer": to_cpu(opt.state_dict()),
+                "scheduler": to_cpu(sched.state_dict())}
 
     for epoch in tqdm(range(first, cfg.epochs), desc=desc, leave=False, disable=None, initial=first, total=cfg.epochs):
         gen = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
@@ -165,14 +165,15 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
 
 
 def to_cpu(tree):
-    """A (nested) state dict's tensors moved to the CPU."""
+    """A copy of a (nested) state dict with its tensors on the CPU (copied even when already there: the live state
+    goes on changing)."""
     if isinstance(tree, torch.Tensor):
-        return tree.cpu()
+        return tree.detach().to("cpu", copy=True)
     if isinstance(tree, dict):
         return {k: to_cpu(v) for k, v in tree.items()}
     if isinstance(tree, list):
         return [to_cpu(v) for v in tree]
-    return tree
+    return copy.deepcopy(tree)
 
 
 @torch.inference_mode()
