@@ -114,6 +114,8 @@ class GuidanceConfig:
     checkpointing: bool = False  # recompute the DiT's and the VAE decoder's blocks in the guided backward: less
     #                               memory per trajectory, about one more forward of compute
     every: int = _f(1, min=1)  # follow the gradient at every this-many-th step of the window (1 = all: the paper's)
+    augment: int = _f(0, min=0)  # g_S: S averaged over this many random views of the image (the student's training
+    #                               crops and flips: robust guidance); 0 = the image itself (the paper's)
     select_after: int = _f(0, min=0)  # early rejection: the kappa candidates run this many steps, only the best by S
     #                                   of x0^ runs on; 0 = all candidates run to the end (the paper's)
     # method mgd3: x0^ <- x0^ + mode_lambda * sigma_t * (mode - x0^) at step indices >= mode_stop

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -77,8 +78,18 @@ def dry_run(cfg: Config, tflops: float | None, utilisation: float) -> dict:
     return plan
 
 
+def per_seed(cfg: Config, seeds: list[int] | None) -> list[Config]:
+    """The config once per run seed (each its own run folder: `out`/seed<N> when `out` is set); [cfg] if no seeds."""
+    if not seeds:
+        return [cfg]
+    return [dataclasses.replace(cfg, seed=s, out=str(as_location(cfg.out) / f"seed{s}") if cfg.out else "") for s in seeds]
+
+
 def _flags(parser: argparse.ArgumentParser):
     parser.add_argument("--resume", action="store_true", help="continue the run in the config's run folder")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                        help="one run per run seed, one after another (overrides `seed`); `python -m lgd_ray.report` "
+                             "pools them")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its cost; load no model")
     parser.add_argument("--gpu-tflops", type=float, default=None,
                         help="dry-run: peak TFLOPS per GPU (default: H100 SXM dense, 495 TF32 for a float32 prior, "
@@ -88,8 +99,8 @@ def _flags(parser: argparse.ArgumentParser):
 
 def main(argv: list[str]):
     run_cli("lgd_ray.distill", "Distil a labelled image set with learnability-guided diffusion.", argv,
-            lambda cfg, args: dry_run(cfg, args.gpu_tflops, args.utilisation) if args.dry_run
-            else distill(cfg, args.resume), _flags)
+            lambda cfg, args: [dry_run(c, args.gpu_tflops, args.utilisation) if args.dry_run else distill(c, args.resume)
+                               for c in per_seed(cfg, args.seeds)], _flags)
 
 
 if __name__ == "__main__":

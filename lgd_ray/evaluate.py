@@ -14,6 +14,7 @@ import argparse
 import csv
 import io
 import json
+import re
 import statistics
 import sys
 import time
@@ -217,13 +218,18 @@ def evaluate_full(cfg: Config) -> dict:
 
 def main(argv: list[str]):
     parser = argparse.ArgumentParser(prog="python -m lgd_ray.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("target", help="a run folder (or, with --full, a config name)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="evaluate keys (repeats=5, model=resnetap10, ipc=10, labels=soft) or dotted config keys")
+    parser.add_argument("targets", nargs="+", metavar="RUN_DIR|key=value",
+                        help="run folders, one after another (or, with --full, a config name), then evaluate keys "
+                             "(repeats=5, model=resnetap10, ipc=10, labels=soft) or dotted config keys")
     parser.add_argument("--full", action="store_true", help="train on the whole real train split (the upper bar)")
     args = parser.parse_args(argv)
-    one_line_errors(lambda: evaluate_full(load_config(args.target, args.overrides, "evaluate")) if args.full
-                    else evaluate_run(args.target, args.overrides))
+    override = re.compile(r"[A-Za-z_][\w.]*=")  # key=value; a URI's query (s3://b/run?scheme=http) is a target
+    targets = [a for a in args.targets if not override.match(a)]
+    overrides = [a for a in args.targets if override.match(a)]
+    if not targets or (args.full and len(targets) > 1):
+        parser.error("give one config name with --full, else one or more run folders")
+    one_line_errors(lambda: evaluate_full(load_config(targets[0], overrides, "evaluate")) if args.full
+                    else [evaluate_run(t, overrides) for t in targets])
 
 
 if __name__ == "__main__":

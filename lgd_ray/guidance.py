@@ -7,7 +7,9 @@ Guided noise prediction at a step t inside the window (eps^ classifier-free guid
     eps~ = eps^ - norm_scale * sqrt(1 - abar_t) * ||eps^|| * (lambda * g_S / ||g_S|| - gamma * g_D / ||g_D||)
 
 with g_S = grad_{x_t} S(decode(x0^), y), g_D = grad_{x_t} max_m cos(x0^, m) over the class's memory of already
-chosen latents, x0^ = (x_t - sqrt(1 - abar_t) eps^) / sqrt(abar_t). Subtracting from eps moves x0^ along +g_S:
+chosen latents, x0^ = (x_t - sqrt(1 - abar_t) eps^) / sqrt(abar_t). With guidance.augment = K > 0, S in g_S is the mean of S over K
+random views of decode(x0^) (the student's training crops and flips, differentiable, drawn per image from (run seed,
+stage, class, slot, t)), so the step follows what survives augmentation (robust guidance). Subtracting from eps moves x0^ along +g_S:
 higher S, and away from the memory. The norms are per image, so lambda is the guidance's size relative to the
 noise prediction's (rho_t of DESIGN.md with the constant norm_scale), whatever the scale of the gradient.
 """
@@ -19,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from lgd_ray.prior import Prior
+from lgd_ray.seeding import generator
+from lgd_ray.train import augment
 
 
 def classifier_input(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -88,6 +92,10 @@ class Guide:
     memory: dict[int, torch.Tensor] = field(default_factory=dict)
     batch: int = 0  # trajectories per backward (guidance.batch): bounds the memory of a guided step; 0 = all at once
     every: int = 1  # guidance.every: follow the gradient at every this-many-th step of the window
+    views: int = 0  # guidance.augment: random views per image that S is averaged over in g_S; 0 = the image itself
+    crop_scale: float = 1.0  # the views: RandomResizedCrop(scale=(crop_scale, 1)) ...
+    flip: bool = False  # ... and horizontal flips (the student's training augmentation)
+    view_seed: int = 0  # the views of (class, slot) at timestep t are drawn from (view_seed, class, slot, t)
 
     def active(self, step_index: int) -> bool:
         hi = self.window[1]
@@ -98,11 +106,14 @@ class Guide:
             slots: list[int] | None = None):
         """The guided noise prediction eps~ (detached), `batch` trajectories at a time (every term is per image, so
         the chunks give the result of the whole batch). Out of GPU memory, the step is run again at half the batch
-        (kept for the later steps), down to one trajectory. slots are not used (the interface of ModeGuide)."""
+        (kept for the later steps), down to one trajectory. slots: each trajectory's slot (what seeds its views)."""
+        if self.views and slots is None:
+            raise ValueError("augmented guidance needs each trajectory's slot")
         while True:
             n = self.batch or len(x_t)
             try:
-                return torch.cat([self._eps(prior, x_t[i:i + n], t, labels[i:i + n], cfg_scale)
+                return torch.cat([self._eps(prior, x_t[i:i + n], t, labels[i:i + n], cfg_scale,
+                                            slots[i:i + n] if slots is not None else None)
                                   for i in range(0, len(x_t), n)])
             except torch.OutOfMemoryError:
                 if n == 1:
@@ -113,7 +124,19 @@ class Guide:
             print(f"guidance: out of memory at {n} trajectories per guided backward; now {self.batch} "
                   "(set guidance.batch to start there)", flush=True)
 
-    def _eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float):
+    def score(self, images: torch.Tensor, labels: torch.Tensor, slots: list[int] | None, t: int) -> torch.Tensor:
+        """S of each image, or with views > 0 the mean S of its random views."""
+        if not self.views:
+            return self.scorer(images, labels)[0]
+        # labels on the meta device (the dry-run's memory count) have no values: class 0's draws, the same shapes
+        classes = labels.tolist() if labels.device.type != "meta" else [0] * len(labels)
+        views = torch.cat([augment(images[i:i + 1].expand(self.views, -1, -1, -1),
+                                   generator(self.view_seed, c, s, t), self.crop_scale, self.flip)
+                           for i, (c, s) in enumerate(zip(classes, slots))])
+        return self.scorer(views, labels.repeat_interleave(self.views))[0].view(len(images), self.views).mean(1)
+
+    def _eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float,
+             slots: list[int] | None):
         abar = prior.scheduler.alphas_cumprod[int(t)].to(x_t)
         sigma, alpha = (1 - abar).sqrt(), abar.sqrt()
         use_memory = self.gamma > 0 and any(len(self.memory.get(c, ())) for c in labels.unique().tolist())
@@ -128,7 +151,7 @@ class Guide:
                 x0 = wrt = ((x_t - sigma * eps) / alpha).requires_grad_(True)
             step = torch.zeros_like(eps)
             if self.lambda_ > 0:
-                score, _, _ = self.scorer(classifier_input(prior.decode(x0), self.image_size), labels)
+                score = self.score(classifier_input(prior.decode(x0), self.image_size), labels, slots, int(t))
                 (g_s,) = torch.autograd.grad(score.sum(), wrt, retain_graph=use_memory)
                 step = step + self.lambda_ * _unit(g_s)
             if use_memory:

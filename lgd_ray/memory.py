@@ -140,13 +140,14 @@ def guided_step_bytes(cfg: Config, prior, student: torch.nn.Module, reference: t
 
     g = cfg.guidance
     guide = Guide(Scorer(student, reference, g.omega), max(g.lambda_, 1e-3), 0.0, (0, cfg.prior.num_steps - 1),
-                  g.through, g.norm_scale, cfg.data.image_size)
+                  g.through, g.norm_scale, cfg.data.image_size, views=g.augment,
+                  crop_scale=cfg.student.train.crop_scale, flip=cfg.student.train.flip)
     device = prior.device
     x = torch.randn(batch, *prior.latent_shape, device=device)
     labels = torch.arange(batch, device=device) % prior.num_classes
     t = prior.scheduler.timesteps[len(prior.scheduler.timesteps) // 2]
     models = [prior.transformer, student, reference] + ([prior.vae] if prior.vae is not None else [])
-    return saved_bytes(lambda: guide.eps(prior, x, t, labels, cfg.prior.cfg_scale), models)
+    return saved_bytes(lambda: guide.eps(prior, x, t, labels, cfg.prior.cfg_scale, list(range(batch))), models)
 
 
 def actor_memory(cfg: Config) -> ActorMemory:

@@ -196,9 +196,10 @@ class ChunkMaker:
         if stage.method == "lgd":
             guide = Guide(scorer, g.lambda_, g.gamma, tuple(g.window), g.through, g.norm_scale, cfg.data.image_size,
                           self._memory(previous_shards, task.classes) if g.gamma > 0 else {}, self.guidance_batch,
-                          g.every)
+                          g.every, g.augment, cfg.student.train.crop_scale, cfg.student.train.flip,
+                          derive_seed(cfg.seed, "augment", task.stage))
             params.update(lambda_=g.lambda_, omega=g.omega, kappa=g.kappa, gamma=g.gamma, through=g.through,
-                          every=g.every, select_after=g.select_after)
+                          every=g.every, select_after=g.select_after, augment=g.augment)
         elif stage.method == "mgd3":
             guide = ModeGuide({c: self._class_modes(c) for c in task.classes}, g.mode_lambda, g.mode_stop)
             params.update(mode_lambda=g.mode_lambda, mode_stop=g.mode_stop)

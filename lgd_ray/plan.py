@@ -159,9 +159,9 @@ def make_plan(cfg: Config) -> dict:
     cfg_mult = 2 if cfg.prior.cfg_scale > 1 else 1
     plain = cfg_mult * costs.dit_forward
     score = costs.decoder + costs.student + costs.reference  # decode + S of a candidate (final, or its x0^ at selection)
-    # a guided step: decoder and both classifiers forward and backward on x0^, and the CFG pair forward, with its
-    # backward too on the denoiser path
-    head = costs.decoder_grad + costs.student_grad + costs.reference_grad
+    # a guided step: decoder and both classifiers forward and backward on x0^ (the classifiers once per view with
+    # guidance.augment), and the CFG pair forward, with its backward too on the denoiser path
+    head = costs.decoder_grad + max(1, g.augment) * (costs.student_grad + costs.reference_grad)
     guided = (cfg_mult * costs.dit_grad if g.through == "denoiser" else plain) + head
     if g.checkpointing:  # the checkpointed blocks run their forward again in the backward
         guided += (cfg_mult * costs.dit_forward if g.through == "denoiser" else 0.0) + costs.decoder

@@ -1,7 +1,8 @@
 """A run folder's report: image grids per stage, student accuracy per stage, histograms of S, report.md.
 
 Written by the stage loop after every stage; `evaluate` and `redundancy` add their tables when they finish.
-`python -m lgd_ray.report RUN_DIR ...` prints one markdown table of the results of several runs.
+`python -m lgd_ray.report RUN_DIR ...` prints one markdown table of the results of several runs, and, for runs made
+with several seeds, their results pooled over seeds with paired differences (lgd_ray.seeds).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import matplotlib.pyplot as plt
 import torch
 from torchvision.utils import make_grid
 
+from lgd_ray.seeds import METHOD_ORDER, seeds_tables
 from lgd_ray.shards import paths, read_manifest, read_shards, stage_rows
 from lgd_ray.storage import Location, as_location
 
@@ -162,8 +164,7 @@ def compare(runs: list) -> str:
             r = json.loads(path.read_text())
             red.append(f"| {r['method']} | {len(r['stages'])} | {100 * r['redundancy']:.2f} | "
                        f"{100 * sum(r['real_test']) / len(r['real_test']):.2f} | {run} |")
-    order = {"full": 0, "random": 1, "dit": 2, "mgd3": 3, "dds": 4, "lgd": 5}
-    rows.sort(key=lambda r: (r[2], r[3], int(r[1]) if r[1].isdigit() else 10**9, order.get(r[0], 9), r[0]))
+    rows.sort(key=lambda r: (r[2], r[3], int(r[1]) if r[1].isdigit() else 10**9, METHOD_ORDER.get(r[0], 9), r[0]))
     lines = ["| method | IPC | model | labels | epochs | repeats | last-epoch acc (%) | best acc (%) | eval s | run |",
              "|---|---|---|---|---|---|---|---|---|---|"] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
     if red:
@@ -174,6 +175,9 @@ def compare(runs: list) -> str:
         lines += ["", "| method | guidance | images | guided steps | sampling actor-s | images per actor-s | "
                   "mean S (guided stages) | H100 GPU-h (estimate) | run |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [c for c in costs if c]
+    pooled = seeds_tables(runs)
+    if pooled:
+        lines += ["", "## Over run seeds", "", pooled]
     return "\n".join(lines)
 
 

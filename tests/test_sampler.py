@@ -214,3 +214,27 @@ def test_out_of_memory_in_a_guided_step_halves_the_guidance_batch(setup, monkeyp
     monkeypatch.setattr(prior, "decode", lambda z: capped(z, 0))
     with pytest.raises(torch.OutOfMemoryError):
         _generate(prior, cfg, items=ITEMS[:2], scorer=scorer, guide=_guide(scorer, lam=0.2), batch_size=12)
+
+
+def test_augmented_guidance_with_the_identity_view_is_plain_guidance(setup):
+    """guidance.augment = 1 with crops of the whole image and no flip: the one view is the image itself."""
+    prior, scorer, cfg = setup
+    plain = _generate(prior, cfg, scorer=scorer, guide=_guide(scorer, lam=0.2))
+    identity = _generate(prior, cfg, scorer=scorer, guide=Guide(scorer, 0.2, 0.0, (0, 9), "denoiser", 1.0, 8,
+                                                                  views=1, crop_scale=1.0, flip=False))
+    d = torch.stack([(a.image.int() - b.image.int()).abs() for a, b in zip(plain, identity)])
+    assert d.max() <= 1 and d.float().mean() < 0.01  # bilinear sampling at the pixel centres: float rounding only
+    assert max(abs(a.score - b.score) for a, b in zip(plain, identity)) < 1e-3
+
+
+def test_augmented_guidance_raises_s_and_its_views_are_seeded_per_image(setup):
+    prior, scorer, cfg = setup
+    plain = _generate(prior, cfg, scorer=scorer)
+    guide = lambda: Guide(scorer, 0.2, 0.0, (0, 9), "denoiser", 1.0, 8, views=4, crop_scale=0.7, flip=True,
+                          view_seed=5)
+    augmented = _generate(prior, cfg, scorer=scorer, guide=guide())
+    assert _mean_s(augmented) > _mean_s(plain) + 0.05, (_mean_s(augmented), _mean_s(plain))
+    # an image's views come from its (class, slot, t): the same images whatever the batch it is sampled in
+    again = _generate(prior, cfg, items=ITEMS[5:17], scorer=scorer, guide=guide(), batch_size=5)
+    d = torch.stack([(a.image.int() - b.image.int()).abs() for a, b in zip(augmented[5:17], again)])
+    assert d.max() <= 3 and d.float().mean() < 0.1

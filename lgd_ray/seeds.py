@@ -1,0 +1,117 @@
+"""Results over run seeds: runs that differ only in `seed` form a group; a group's accuracy is pooled over its seeds
+x evaluation models, and two groups run with the same seeds are compared by the per-seed difference of their mean
+accuracies, with a 95 % t interval over seeds (a paired comparison: the same seed gives both the same prior, reference
+and real subset draws).
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from itertools import combinations
+
+from scipy.stats import t as student_t
+
+from lgd_ray.config import build_config, config_hash, run_identity
+from lgd_ray.shards import read_manifest
+from lgd_ray.storage import as_location
+
+NOT_IDENTITY = ("seed", "out", "cache", "device", "name")  # what may differ between the runs of one group
+METHOD_ORDER = {"full": 0, "random": 1, "dit": 2, "mgd3": 3, "dds": 4, "lgd": 5}  # tables list methods in this order
+
+
+@dataclass
+class Group:
+    """The evaluations of one configuration (less its seed) with one evaluation model, labels and IPC."""
+
+    data: str
+    method: str
+    ipc: str
+    model: str
+    labels: str
+    config: dict  # the flattened run identity, seed excluded
+    label: str = ""  # method plus the keys that set this group apart from the others of its method
+    by_seed: dict = field(default_factory=dict)  # run seed -> list of evaluation-model accuracies (last, best), %
+
+    def pooled(self, key: int) -> tuple[float, float]:
+        """Mean and sample std over seeds x evaluation models; key 0 = last epoch, 1 = best."""
+        values = [r[key] for rows in self.by_seed.values() for r in rows]
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    def seed_means(self, key: int) -> dict:
+        return {s: statistics.fmean(r[key] for r in rows) for s, rows in self.by_seed.items()}
+
+
+def paired(a: dict, b: dict) -> tuple[float, float, float, int] | None:
+    """Mean of a[s] - b[s] over the seeds both have, with its 95 % t interval: (mean, low, high, n); None if n < 2."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    d = [a[s] - b[s] for s in seeds]
+    mean, half = statistics.fmean(d), student_t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return mean, mean - half, mean + half, len(d)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v)
+    return out
+
+
+def collect(runs: list) -> list[Group]:
+    """The groups of the runs' evaluations (run folders, paths or URIs); evaluations on the full data set excluded."""
+    groups: dict[tuple, Group] = {}
+    for run in map(as_location, runs):
+        manifest = read_manifest(run)
+        if manifest is None:
+            continue
+        cfg = build_config(manifest["config"])  # today's keys: runs made before a key existed group with later ones
+        identity = {k: v for k, v in run_identity(cfg).items() if k not in NOT_IDENTITY}
+        for p in (run / "eval").files(".json"):
+            r = json.loads(p.read_text())
+            key = (config_hash(identity), str(r["ipc"]), r["model"], r["labels"])
+            g = groups.setdefault(key, Group(cfg.data.name, r["method"], str(r["ipc"]), r["model"], r["labels"],
+                                             _flat(identity)))
+            g.by_seed[cfg.seed] = [(100 * x["last"], 100 * x["best"]) for x in r["repeats"]]
+    out = list(groups.values())
+    for g in out:  # label: the keys in which the method's groups of the same data set differ
+        peers = [h for h in out if (h.data, h.method) == (g.data, g.method)]
+        varying = sorted(k for k in g.config if len({h.config.get(k) for h in peers}) > 1)
+        g.label = " ".join([g.method] + [f"{k}={json.loads(g.config[k])}" for k in varying])
+    return out
+
+
+def seeds_tables(runs: list) -> str:
+    """Markdown: the pooled table of every group, and the paired differences of the groups run with the same seeds
+    (same data set, IPC, evaluation model and labels). Empty when no group has two seeds."""
+    groups = collect(runs)
+    if not any(len(g.by_seed) > 1 for g in groups):
+        return ""
+    groups.sort(key=lambda g: (g.data, g.model, g.labels, int(g.ipc) if g.ipc.isdigit() else 10**9,
+                               METHOD_ORDER.get(g.method, 9), g.label))
+    lines = ["| data | IPC | model | labels | method | seeds | models per seed | last-epoch acc (%) | best acc (%) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        (lm, ls), (bm, bs) = g.pooled(0), g.pooled(1)
+        lines.append(f"| {g.data} | {g.ipc} | {g.model} | {g.labels} | {g.label} | {','.join(map(str, sorted(g.by_seed)))} "
+                     f"| {len(next(iter(g.by_seed.values())))} | {lm:.2f} ± {ls:.2f} | {bm:.2f} ± {bs:.2f} |")
+    lines += ["", "Pooled over run seeds x evaluation models (mean ± sample std).", "",
+              "| data | IPC | model | labels | A | B | seeds | A - B, last epoch (95 % CI) | A - B, best (95 % CI) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for b, a in combinations(groups, 2):  # A - B: the later (in METHOD_ORDER) minus the earlier
+        if (a.data, a.ipc, a.model, a.labels) != (b.data, b.ipc, b.model, b.labels):
+            continue
+        diffs = [paired(a.seed_means(k), b.seed_means(k)) for k in (0, 1)]
+        if diffs[0] is None:
+            continue
+        cells = [f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" for m, lo, hi, _ in diffs]
+        lines.append(f"| {a.data} | {a.ipc} | {a.model} | {a.labels} | {a.label} | {b.label} | {diffs[0][3]} | "
+                     f"{cells[0]} | {cells[1]} |")
+    lines += ["", "Paired over the seeds both groups have: the mean of the per-seed differences of the mean accuracy "
+              "over evaluation models, with a 95 % t interval (n - 1 degrees of freedom)."]
+    return "\n".join(lines)
