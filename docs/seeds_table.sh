@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 17's table: each method and guidance variant over run seeds, evaluated by the protocol, pooled with paired
+# differences by `python -m lgd_ray.report`. From the repository root:
+#   bash docs/seeds_table.sh digits 0 1 2                  # CONFIG SEED...; runs in runs/seeds-CONFIG/VARIANT/seedN
+# In-process (ray.enabled=false): one run at a time, so the seconds are comparable. The prior and the reference are
+# trained once per seed (cached in runs/cache) and shared by every variant of that seed: the differences are paired.
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+CONFIG=$1; shift; SEEDS=("$@")
+OUT=runs/seeds-$CONFIG
+VARIANTS=(
+  "random distill.method=random"
+  "dit distill.method=dit"
+  "rank-only guidance.lambda=0"
+  "gradient-only guidance.kappa=1"
+  "lgd"
+  "gradient-only-aug4 guidance.kappa=1 guidance.augment=4"
+  "lgd-aug4 guidance.augment=4"
+)
+for v in "${VARIANTS[@]}"; do
+  read -r name overrides <<< "$v"
+  runs=()
+  for s in "${SEEDS[@]}"; do runs+=("$OUT/$name/seed$s"); done
+  todo=()
+  for s in "${SEEDS[@]}"; do ls "$OUT/$name/seed$s/eval/"*-hard.json >/dev/null 2>&1 || todo+=("$s"); done
+  [ ${#todo[@]} -eq 0 ] && continue
+  echo "== $name: $overrides (seeds ${todo[*]})"
+  $PY -m lgd_ray.distill $CONFIG --seeds "${todo[@]}" out=$OUT/$name $overrides ray.enabled=false --resume 2>&1 \
+    | grep -E "^distill: done|error" || true
+  for s in "${todo[@]}"; do $PY -m lgd_ray.evaluate $OUT/$name/seed$s ray.enabled=false | tail -1; done
+done
+$PY -m lgd_ray.report "$OUT"/*/seed* > "$OUT/report.md"
+sed -n '/## Over run seeds/,$p' "$OUT/report.md"
