@@ -25,7 +25,7 @@ for v in "${VARIANTS[@]}"; do
   for s in "${SEEDS[@]}"; do ls "$OUT/$name/seed$s/eval/"*-hard.json >/dev/null 2>&1 || todo+=("$s"); done
   [ ${#todo[@]} -eq 0 ] && continue
   echo "== $name: $overrides (seeds ${todo[*]})"
-  $PY -m lgd_ray.distill $CONFIG --seeds "${todo[@]}" out=$OUT/$name $overrides ray.enabled=false --resume 2>&1 \
+  $PY -m lgd_ray.distill $CONFIG --seeds "$(IFS=,; echo "${todo[*]}")" out=$OUT/$name $overrides ray.enabled=false --resume 2>&1 \
     | grep -E "^distill: done|error" || true
   for s in "${todo[@]}"; do $PY -m lgd_ray.evaluate $OUT/$name/seed$s ray.enabled=false | tail -1; done
 done

@@ -85,11 +85,22 @@ def per_seed(cfg: Config, seeds: list[int] | None) -> list[Config]:
     return [dataclasses.replace(cfg, seed=s, out=str(as_location(cfg.out) / f"seed{s}") if cfg.out else "") for s in seeds]
 
 
+def seed_list(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2] (distinct, non-negative)."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of seeds: {text!r}") from None
+    if min(seeds) < 0 or len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct and >= 0: {text!r}")
+    return seeds
+
+
 def _flags(parser: argparse.ArgumentParser):
     parser.add_argument("--resume", action="store_true", help="continue the run in the config's run folder")
-    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
-                        help="one run per run seed, one after another (overrides `seed`); `python -m lgd_ray.report` "
-                             "pools them")
+    parser.add_argument("--seeds", type=seed_list, metavar="S,S,...",
+                        help="one run per run seed, one after another (overrides `seed`), e.g. --seeds 0,1,2; "
+                             "`python -m lgd_ray.report` pools them")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its cost; load no model")
     parser.add_argument("--gpu-tflops", type=float, default=None,
                         help="dry-run: peak TFLOPS per GPU (default: H100 SXM dense, 495 TF32 for a float32 prior, "

@@ -53,3 +53,16 @@ def test_per_seed_runs_get_their_own_folders():
     assert [c.out for c in runs] == [f"s3://bucket/runs/digits/seed{s}?scheme=http&endpoint_override=127.0.0.1:1"
                                      for s in (0, 3)]  # the store's options stay in the query
     assert per_seed(cfg, None) == [cfg]
+
+
+def test_seeds_flag_parses_a_comma_list_beside_overrides(capsys):
+    import pytest
+
+    from lgd_ray.distill import main
+
+    main(["digits", "--seeds", "0,2", "--dry-run", "distill.method=random", "out=runs/x"])
+    out = capsys.readouterr().out
+    assert out.count("out: ") == 2 and "runs/x/seed0" in out and "runs/x/seed2" in out
+    with pytest.raises(SystemExit):
+        main(["digits", "--seeds", "0,0", "--dry-run"])
+    assert "distinct" in capsys.readouterr().err
