@@ -30,6 +30,7 @@ from lgd_ray.errors import ConfigError
 
 S3_QUERY_KEYS = {"endpoint_override", "scheme", "region"}  # what an s3:// URI may carry besides bucket and key
 SECRET_KEYS = {"access_key", "secret_key", "session_token"}
+_READ_TRIES = 8  # reads of an object that keeps being replaced before giving up
 
 
 class StorageError(ConfigError):
@@ -132,9 +133,15 @@ class Location:
             return self.fs.get_file_info(self.path).type == pafs.FileType.Directory
 
     def read_bytes(self) -> bytes:
+        """The whole file. An object replaced while it is read is read again: the S3 client takes the size from one
+        request and the bytes from another, so a reader racing a writer can get the new object cut at the old size."""
         with self._errors("read"):
-            with self.fs.open_input_stream(self.path, compression=None) as f:
-                return f.read()
+            for _ in range(_READ_TRIES):
+                with self.fs.open_input_stream(self.path, compression=None) as f:
+                    data = f.read()
+                if self.is_local or len(data) == self.fs.get_file_info(self.path).size:
+                    return data
+        raise StorageError(f"storage: {self} changed during each of {_READ_TRIES} reads")
 
     def read_text(self) -> str:
         return self.read_bytes().decode()

@@ -1,4 +1,6 @@
 """The storage layer and the shards on it, each test on a local folder and on a real S3 server (moto, loopback)."""
+import json
+import threading
 import time
 
 import pytest
@@ -66,6 +68,21 @@ def test_same_samples_same_bytes_and_damage_detected(store):
     assert not shard_ok(store, row)
     shard.delete()
     assert not shard_ok(store, row)
+
+
+def test_a_reader_racing_a_writer_gets_whole_versions(store):
+    """The manifest is replaced while others read it (a resumed driver, report, a test polling a run): every read
+    is one whole version, also on S3, where the client's size and bytes come from two requests."""
+    versions = [json.dumps(list(range((n * 37) % 300))) for n in range(1, 120)]  # grows and shrinks
+    loc = store / "manifest.json"
+    loc.write_text(versions[0])
+    writer = threading.Thread(target=lambda: [loc.write_text(v) for v in versions])
+    writer.start()
+    reads = []
+    while writer.is_alive():
+        reads.append(loc.read_text())
+    writer.join()
+    assert reads and all(r in versions for r in reads)
 
 
 def test_ray_data_reads_shards_on_the_store(store):
