@@ -20,7 +20,7 @@ from lgd_ray.shards import read_manifest, stage_dir
 from lgd_ray.methods import stage_plan
 from lgd_ray.train import load_classifier
 
-LAMBDAS = (0.02, 0.05, 0.1, 0.2)
+LAMBDAS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 PATHS = ("denoiser", "decoder")
 
 

@@ -2,11 +2,13 @@
 # Issue 17's table: each method and guidance variant over run seeds, evaluated by the protocol, pooled with paired
 # differences by `python -m lgd_ray.report`. From the repository root:
 #   bash docs/seeds_table.sh digits 0 1 2                  # CONFIG SEED...; runs in runs/seeds-CONFIG/VARIANT/seedN
+#   ONLY="dit lgd" bash docs/seeds_table.sh digits 3 4     # only these variants
 # In-process (ray.enabled=false): one run at a time, so the seconds are comparable. The prior and the reference are
 # trained once per seed (cached in runs/cache) and shared by every variant of that seed: the differences are paired.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 CONFIG=$1; shift; SEEDS=("$@")
+ONLY=${ONLY:-}
 OUT=runs/seeds-$CONFIG
 VARIANTS=(
   "random distill.method=random"
@@ -16,9 +18,12 @@ VARIANTS=(
   "lgd"
   "gradient-only-aug4 guidance.kappa=1 guidance.augment=4"
   "lgd-aug4 guidance.augment=4"
+  "gradient-only-small guidance.kappa=1 guidance.lambda=0.02 guidance.through=decoder guidance.window=[0,45]"
+  "lgd-small guidance.lambda=0.02 guidance.through=decoder guidance.window=[0,45]"
 )
 for v in "${VARIANTS[@]}"; do
   read -r name overrides <<< "$v"
+  [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]] && continue
   runs=()
   for s in "${SEEDS[@]}"; do runs+=("$OUT/$name/seed$s"); done
   todo=()
