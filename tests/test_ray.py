@@ -228,7 +228,7 @@ def test_killed_driver_resumes_from_the_store(two_actor_run, tiny_overrides, s3_
     victim.write_bytes(victim.read_bytes()[:700])
     mtime = lambda loc: loc.fs.get_file_info(loc.path).mtime
     kept = {r["path"]: mtime(out / r["path"]) for r in before["shards"][1:]}
-    r = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     after = read_manifest(out)
     assert _hashes(after) == _hashes(undisturbed) and victim.sha256() == before["shards"][0]["sha256"]
