@@ -3,12 +3,14 @@
 # differences by `python -m lgd_ray.report`. From the repository root:
 #   bash docs/seeds_table.sh digits 0 1 2                  # CONFIG SEED...; runs in runs/seeds-CONFIG/VARIANT/seedN
 #   ONLY="dit lgd" bash docs/seeds_table.sh digits 3 4     # only these variants
+#   SET="prior.seed=0 distill.stages=1" bash docs/seeds_table.sh fashion-mnist 0 1 2   # overrides for every run
 # In-process (ray.enabled=false): one run at a time, so the seconds are comparable. The prior and the reference are
 # trained once per seed (cached in runs/cache) and shared by every variant of that seed: the differences are paired.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 CONFIG=$1; shift; SEEDS=("$@")
 ONLY=${ONLY:-}
+read -r -a SET <<< "${SET:-}"
 OUT=runs/seeds-$CONFIG
 VARIANTS=(
   "random distill.method=random"
@@ -30,7 +32,7 @@ for v in "${VARIANTS[@]}"; do
   for s in "${SEEDS[@]}"; do ls "$OUT/$name/seed$s/eval/"*-hard.json >/dev/null 2>&1 || todo+=("$s"); done
   [ ${#todo[@]} -eq 0 ] && continue
   echo "== $name: $overrides (seeds ${todo[*]})"
-  $PY -m lgd_ray.distill $CONFIG --seeds "$(IFS=,; echo "${todo[*]}")" out=$OUT/$name $overrides ray.enabled=false --resume 2>&1 \
+  $PY -m lgd_ray.distill $CONFIG --seeds "$(IFS=,; echo "${todo[*]}")" out=$OUT/$name "${SET[@]}" $overrides ray.enabled=false --resume 2>&1 \
     | grep -E "^distill: done|error" || true
   for s in "${todo[@]}"; do $PY -m lgd_ray.evaluate $OUT/$name/seed$s ray.enabled=false | tail -1; done
 done

@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DiTTransf
 from lgd_ray.config import Config, ConfigError, config_hash
 from lgd_ray.data import TensorSet, by_class_name, load_split, read_classlist, to_float
 from lgd_ray.methods import class_chunks
-from lgd_ray.prior import image_size_of, local_model, prior_checkpoints, train_prior
+from lgd_ray.prior import image_size_of, local_model, prior_checkpoints, prior_seed, train_prior
 from lgd_ray.prior_fit import PriorJob
 from lgd_ray.ray_tasks import map_jobs
 from lgd_ray.seeding import derive_seed
@@ -121,7 +121,7 @@ def finetune_job(cfg: Config, latents: Location) -> PriorJob:
                       read_classlist(cfg.data.classes))
     noise = DDPMScheduler.from_config(DDPMScheduler.load_config(base, subfolder="scheduler"))
     return PriorJob(cfg.prior, partial(base_transformer, cfg.prior.base, rows, cfg.local_cache),
-                    partial(read_latents, latents), dict(noise.config), derive_seed(cfg.seed, "prior"),
+                    partial(read_latents, latents), dict(noise.config), derive_seed(prior_seed(cfg), "prior"),
                     checkpoints=str(prior_checkpoints(cfg)), name="prior-finetune")
 
 

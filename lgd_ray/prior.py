@@ -189,11 +189,16 @@ PRIOR_TRAIN_KEYS = ("patch_size", "num_heads", "head_dim", "depth", "train_times
 LATER_TRAIN_KEYS = ("base", "min_snr_gamma")  # in the key only when set: priors cached before these keys stay valid
 
 
+def prior_seed(cfg: Config) -> int:
+    """The seed the prior is trained with: prior.seed, or the run seed when that is -1."""
+    return cfg.seed if cfg.prior.seed < 0 else cfg.prior.seed
+
+
 def prior_dir(cfg: Config) -> Location:
     """Where the project's prior for this config lives: keyed by the data set and the training keys."""
     p = cfg.prior
     later = {k: getattr(p, k) for k in LATER_TRAIN_KEYS if getattr(p, k) != getattr(PriorConfig(), k)}
-    key = {"data": dataclasses.asdict(cfg.data), "seed": cfg.seed,
+    key = {"data": dataclasses.asdict(cfg.data), "seed": prior_seed(cfg),
            "prior": {**{k: getattr(p, k) for k in PRIOR_TRAIN_KEYS}, **later}}
     return Location(cfg.cache).resolve() / f"prior-{cfg.data.name}-{config_hash(key)}"
 
@@ -234,7 +239,7 @@ def pixel_job(cfg: Config, load_data: Callable[[], TensorSet], n_classes: int) -
     """The fit of the project's pixel DiT on `load_data()` (uint8 images), linear-beta DDPM noise."""
     noise = DDPMScheduler(num_train_timesteps=cfg.prior.train_timesteps, beta_schedule="linear", clip_sample=True)
     return PriorJob(cfg.prior, partial(build_pixel_dit, cfg, n_classes), load_data, dict(noise.config),
-                    derive_seed(cfg.seed, "prior"), checkpoints=str(prior_checkpoints(cfg)))
+                    derive_seed(prior_seed(cfg), "prior"), checkpoints=str(prior_checkpoints(cfg)))
 
 
 def train_prior(job: PriorJob, out: Location, fitter: Fitter, vae: AutoencoderKL | None = None) -> dict:

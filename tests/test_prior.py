@@ -55,6 +55,19 @@ def test_pixel_prior_saved_with_save_pretrained(trained, tiny_cfg):
     assert json.loads((folder / "train_info.json").read_text())["steps"] == tiny_cfg.prior.train_steps
 
 
+def test_a_fixed_prior_seed_shares_one_prior_across_run_seeds(trained, tiny_cfg, tiny_overrides):
+    """prior.seed -1 trains one prior per run seed; a fixed prior.seed reuses the prior of that seed (not retrained)."""
+    from lgd_ray.config import load_config
+    from lgd_ray.prior import ensure_prior, prior_dir
+
+    own = load_config("digits", tiny_overrides + ["seed=1"])
+    shared = load_config("digits", tiny_overrides + ["seed=1", f"prior.seed={tiny_cfg.seed}"])
+    assert str(prior_dir(own)) != str(prior_dir(tiny_cfg))
+    info = (prior_dir(tiny_cfg) / "train_info.json").read_text()
+    assert ensure_prior(shared) == str(prior_dir(tiny_cfg))
+    assert (prior_dir(tiny_cfg) / "train_info.json").read_text() == info and not prior_dir(own).exists()
+
+
 def test_prior_command(trained, tiny_cfg, tiny_overrides):
     import subprocess
     import sys
