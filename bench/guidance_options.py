@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lgd_ray.config import apply_overrides, build_config, from_dict, load_config
+from lgd_ray.config import apply_overrides, build_config, load_config
 from lgd_ray.data import num_classes
 from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.methods import stage_plan
@@ -53,7 +53,7 @@ def main(argv):
     run = a.run
     base = read_manifest(run)["config"]
     cfgs = {n: build_config(apply_overrides(copy.deepcopy(base), OPTIONS[n])) for n in names}
-    cfg = from_dict(base)
+    cfg = cfgs["exact"]
     n = num_classes(cfg.data)
     priors = {d: load_prior(prior_id(cfg), cfg.prior.scheduler, dtype=d) for d in {c.prior.dtype for c in cfgs.values()}}
     reference, _ = ensure_reference(cfg, n)
