@@ -10,6 +10,7 @@ allowance for the CUDA context and cuBLAS workspaces; bench/gpu_check.py measure
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -28,24 +29,51 @@ USABLE = 0.9  # share of the rest that the estimate may fill (allocator fragment
 
 
 class _Count:
-    """Distinct storages (bytes by storage) kept for backward, parameters and buffers excluded."""
+    """The most bytes that storages kept for backward hold at once (parameters and buffers excluded).
+
+    A storage counts from the first time a tensor on it is saved until every such saved tensor is freed (some are
+    freed before the backward: saved by ops whose results the forward drops). Counting liveness, not addresses,
+    also keeps a freed storage's reused address from hiding a new one."""
 
     def __init__(self, exclude: list[torch.nn.Module]):
         self.skip = {t.untyped_storage()._cdata for m in exclude for t in (*m.parameters(), *m.buffers())}
-        self.seen: dict[int, int] = {}
+        self.live: dict[int, list[int]] = {}  # storage address -> [bytes, saved tensors alive on it]
+        self.bytes = self.peak = 0
         self.largest_block = 0  # the most bytes one checkpointed block holds while it is run again in the backward
 
     def pack(self, t):
+        """Saved-tensors pack hook. It keeps a detached alias: the tensor itself would tie a saved output to its own
+        graph node (a cycle that outlives a dropped graph)."""
+        alias = t.detach()
+        self.keep(alias)
+        return alias
+
+    def keep(self, t: torch.Tensor):
+        """Count t's storage while t lives."""
         st = t.untyped_storage()
-        if st._cdata not in self.skip:
-            self.seen[st._cdata] = st.nbytes()
-        return t
+        key = st._cdata
+        if key in self.skip:
+            return
+        if key in self.live:
+            self.live[key][1] += 1
+        else:
+            self.live[key] = [st.nbytes(), 1]
+            self.bytes += st.nbytes()
+            self.peak = max(self.peak, self.bytes)
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int):
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.bytes -= entry[0]
+            del self.live[key]
 
     def block(self, block: torch.nn.Module, args: tuple):
         """A checkpointed block: its tensor inputs are kept; its own activations only while it is recomputed."""
         for a in args:
             if isinstance(a, torch.Tensor):
-                self.pack(a)
+                self.keep(a)
         inner = _Count([block])
         with torch.autograd.graph.saved_tensors_hooks(inner.pack, lambda t: t):
             block(*args)
@@ -53,14 +81,14 @@ class _Count:
 
     @property
     def total(self) -> int:
-        return sum(self.seen.values()) + self.largest_block
+        return self.peak + self.largest_block
 
 
 def saved_bytes(fn, exclude: list[torch.nn.Module] = ()) -> int:
-    """Bytes autograd keeps for the backward of what fn() runs: the distinct storages it saves (parameters and
-    buffers of `exclude` not counted) and, for checkpointed blocks (lgd_ray.prior.checkpointed), their inputs plus
-    the largest block's activations (one block is recomputed at a time). Works on the meta device and on real
-    devices alike."""
+    """Bytes autograd keeps for the backward of what fn() runs: the most that the storages it saves hold at once
+    (parameters and buffers of `exclude` not counted) and, for checkpointed blocks (lgd_ray.prior.checkpointed),
+    their inputs plus the largest block's activations (one block is recomputed at a time). Works on the meta device
+    and on real devices alike."""
     count = _Count(exclude)
     CHECKPOINT_COUNTS.append(count)
     try:

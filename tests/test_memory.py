@@ -32,6 +32,24 @@ def test_meta_count_agrees_with_a_real_guided_step(latent_pipeline_dir, through)
     assert mem.weights == weights
 
 
+def test_count_is_the_peak_of_live_saved_storages():
+    """A storage saved by an op whose result is dropped counts only while it lives; the count does not depend on
+    whether the allocator hands its address to the next storage (the cause of a flaky estimate before)."""
+    from lgd_ray.memory import saved_bytes
+
+    x = torch.randn(1000, requires_grad=True)
+
+    def one_at_a_time():
+        for _ in range(20):
+            x.exp()  # exp saves its 4000-byte result, freed with the dropped graph
+
+    def all_kept():
+        return [x.exp() for _ in range(3)]
+
+    assert saved_bytes(one_at_a_time) == 4000
+    assert saved_bytes(all_kept) == 12000
+
+
 def test_dit_xl_guided_step_is_counted_and_a_config_that_cannot_fit_is_refused():
     cfg = load_config("imagenet1k", ["ray.num_gpus_per_actor=0.5", "guidance.batch=0"])
     mem = actor_memory(cfg)
