@@ -7,9 +7,10 @@
 # script continues where it stopped (--resume keeps finished chunks and stages).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
+DISTILL=${DISTILL:-"-m lgd_ray.distill"}
 run() {  # name, overrides...
   local out=runs/ablation-fashion-mnist-$1; shift
-  $PY -m lgd_ray.distill fashion-mnist "$@" ray.enabled=false out=$out --resume
+  $PY $DISTILL fashion-mnist "$@" ray.enabled=false out=$out --resume
   ls $out/eval/*.json >/dev/null 2>&1 || $PY -m lgd_ray.evaluate $out
 }
 run exact
@@ -18,4 +19,6 @@ run select20 guidance.select_after=20
 run every2-select20 guidance.every=2 guidance.select_after=20
 run decoder guidance.through=decoder
 run every2-select20-decoder guidance.every=2 guidance.select_after=20 guidance.through=decoder
+# bf16 weights: this CPU has no bf16 units, so its bf16 GEMMs are done as a GPU's tensor cores do them
+DISTILL="bench/bf16_emulated.py lgd_ray.distill" run bf16 prior.dtype=bfloat16
 $PY -m lgd_ray.report runs/ablation-fashion-mnist-*

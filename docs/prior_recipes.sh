@@ -21,3 +21,5 @@ recipe min-snr-5 prior.min_snr_gamma=5
 recipe lr-2e-3 prior.lr=2e-3
 recipe wide prior.head_dim=64
 recipe deep prior.depth=8
+recipe small-batch prior.batch_size=32 prior.train_steps=$((STEPS * 4))  # the same images in 4x the updates
+recipe small-batch-min-snr-5 prior.batch_size=32 prior.train_steps=$((STEPS * 4)) prior.min_snr_gamma=5
