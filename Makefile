@@ -1,5 +1,6 @@
-# `make demo` distils scikit-learn's digits on the CPU; `make test` runs the test suite; `make bench` runs the
-# eight benchmarks of BENCHMARKS.md one after the other and writes their output to bench/results.txt.
+# `make demo` distils scikit-learn's digits on the CPU; `make test` runs the test suite (`make test-fast`: all but
+# the slow tests); `make bench` runs the
+# nine benchmarks of BENCHMARKS.md one after the other and writes their output to bench/results.txt.
 # Each creates or updates the virtual environment .venv in the repository first.
 SHELL := /bin/bash
 VENV ?= .venv
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 # pip on this platform takes these torch/torchvision builds from the local disk (see README).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench venv
+.PHONY: demo test test-fast bench venv
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,7 +23,10 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
-BENCHES := sampler_vs_pipeline batched_guidance guided_cost actors train_loader cost_model data_path cluster
+test-fast: venv  # the daily loop: everything but the tests marked slow (clusters, Ray Train, prior fits, jobs)
+	$(PY) -m pytest -q -m "not slow"
+
+BENCHES := sampler_vs_pipeline batched_guidance guided_cost actors train_loader cost_model data_path cluster train_fixed_cost
 bench: venv
 	rm -f bench/results.txt
 	set -o pipefail; for b in $(BENCHES); do $(PY) bench/$$b.py 2>&1 | tee -a bench/results.txt || exit 1; done

@@ -15,9 +15,10 @@ import ray
 from lgd_ray.actors import ActorPool
 from lgd_ray.config import load_config
 from lgd_ray.data import num_classes
-from lgd_ray.prior import ensure_prior
+from lgd_ray.prior_make import ensure_prior
 from lgd_ray.reference import ensure_reference, new_classifier
-from lgd_ray.methods import ChunkTask, class_chunks
+from lgd_ray.data import class_chunks
+from lgd_ray.plan import ChunkTask, stage_plan
 from parts import interleaved, machine, verdict
 
 REPEATS = 3
@@ -31,7 +32,7 @@ def main(argv):
     ensure_reference(cfg, n)
     student = {k: v for k, v in new_classifier(cfg, "student", n).state_dict().items()}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    tasks = [ChunkTask(1, i, c) for i, c in enumerate(class_chunks(n, 1))]
+    tasks = [ChunkTask(stage_plan(cfg)[1], i, c) for i, c in enumerate(class_chunks(n, 1))]
     images = len(tasks) * cfg.distill.ipc_per_stage
     pools = {}
 

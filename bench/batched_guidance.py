@@ -13,9 +13,8 @@ import sys
 
 import torch
 
-from lgd_ray.guidance import Guide
 from lgd_ray.sampler import generate
-from parts import interleaved, machine, priors_with_scorers, verdict
+from parts import bench_guide, interleaved, machine, priors_with_scorers, verdict
 
 IMAGES = 32
 BATCHES = (1, 8, 16, 32)  # 1 is the per-image loop
@@ -43,8 +42,7 @@ def main(argv):
     print(f"# measure 2: batched guided sampler vs per-image loop ({machine()})")
     print(f"{IMAGES} images, {steps} DDIM steps all guided (through the denoiser), CFG 4")
     for name, prior, scorer in priors_with_scorers():
-        guide = Guide(scorer, lambda_=0.05, gamma=0.0, window=(0, steps - 1), through="denoiser", norm_scale=1.0,
-                      image_size=prior.image_size)
+        guide = bench_guide(scorer, prior.image_size, steps)
         items = [((97 * i) % prior.num_classes, i) for i in range(IMAGES)]
 
         def run(batch_size):

@@ -21,7 +21,7 @@ from lgd_ray.actors import ActorPool
 from lgd_ray.config import load_config
 from lgd_ray.data import num_classes
 from lgd_ray.distill import distill
-from lgd_ray.prior import ensure_prior
+from lgd_ray.prior_make import ensure_prior
 from lgd_ray.ray_train import ray_fitter
 from lgd_ray.reference import ensure_reference
 from lgd_ray.stages import run_stages
@@ -48,7 +48,7 @@ def run_with_node_loss(c: Cluster, cfg, out: Path) -> tuple[float, float, dict]:
             if "lost" in events and "next" not in events:
                 events["next"] = time.time()
             if row["stage"] == 1 and "lost" not in events:
-                busy = [a for ref, (a, _) in pool.inflight.items() if not ray.wait([ref], timeout=0)[0]]
+                busy = pool.running()
                 if busy:
                     node = list_actors(filters=[("actor_id", "=", busy[0]._actor_id.hex())])[0].node_id
                     c.remove_node(next(n for n in c.worker_nodes if n.node_id == node), allow_graceful=False)

@@ -8,12 +8,12 @@ by layer below (convolutions and attention matmuls; norms and activations left o
 - guidance differentiates frozen models to their input: a weight matmul or convolution needs one more of the same
   size (the input gradient), an attention matmul (both operands activations) two, so backward = forward + attention;
 - a training step also needs the weight gradients: backward = 2 x forward, less the first layer's input gradient.
-The dry-run side is lgd_ray.plan on configs/imagenet1k.yaml (FlopCounterMode on the models built on the meta device).
+The dry-run side is lgd_ray.cost on configs/imagenet1k.yaml (FlopCounterMode on the models built on the meta device).
 """
 import argparse
 
 from lgd_ray.config import load_config
-from lgd_ray.plan import make_plan
+from lgd_ray.cost import run_cost
 
 DIT_XL_2_MACS = 118.6e9  # DiT paper, Table 4: DiT-XL/2, 256 x 256
 
@@ -86,7 +86,7 @@ def main():
     ap.add_argument("--gpu-tflops", type=float, default=495.0, help="peak: H100 SXM dense TF32 (the prior runs in fp32)")
     ap.add_argument("--utilisation", type=float, default=0.3)
     args = ap.parse_args()
-    paper, dry = paper_plan(), make_plan(load_config("imagenet1k"))
+    paper, dry = paper_plan(), run_cost(load_config("imagenet1k"))
     c = dry["costs"]
     rate = args.gpu_tflops * 1e12 * args.utilisation
     print("# measure 6: ImageNet-1K IPC 50, DiT-XL/2-256, on paper vs `distill imagenet1k --dry-run` (GFLOPs per image)")

@@ -24,7 +24,7 @@ from lgd_ray.config import load_config
 from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.memory import GIB, actor_memory, guided_step_bytes
 from lgd_ray.models import build_classifier
-from lgd_ray.plan import DIT_XL_2_256
+from lgd_ray.cost import DIT_XL_2_256
 from lgd_ray.prior import Prior, random_pipeline
 from lgd_ray.train import pick_device
 
@@ -75,7 +75,7 @@ def check(small: bool, dtype: str, batches: list[int], repeats: int, folder: str
         mem = actor_memory(cfg)
         nets = [build_classifier(cfg.student.model, 3, size, 1000, seed=s).to(device).eval().requires_grad_(False)
                 for s in (1, 2)]
-        guide = Guide(Scorer(*nets, omega=1.0), 0.05, 0.0, (0, 49), "denoiser", 1.0, size)
+        guide = Guide.from_config(cfg, Scorer(*nets, omega=cfg.guidance.omega), batch=0)
         x, labels = torch.randn(b, *prior.latent_shape, device=device), torch.arange(b, device=device)
         row = {"dtype": dtype, "batch": b, "device": str(device),
                "estimate_peak_gib": round(mem.peak(b) / GIB, 3)}

@@ -19,8 +19,8 @@ import torch
 from lgd_ray.config import apply_overrides, build_config, load_config
 from lgd_ray.data import num_classes
 from lgd_ray.guidance import Guide, Scorer
-from lgd_ray.methods import stage_plan
-from lgd_ray.plan import PEAK_TFLOPS, gpu_hours, make_plan
+from lgd_ray.plan import stage_plan
+from lgd_ray.cost import PEAK_TFLOPS, gpu_hours, run_cost
 from lgd_ray.prior import load_prior, prior_id
 from lgd_ray.reference import ensure_reference, new_classifier
 from lgd_ray.sampler import generate
@@ -65,15 +65,13 @@ def main(argv):
 
     def run_option(name):
         c = cfgs[name]
-        g = c.guidance
-        guide = Guide(scorer, g.lambda_, g.gamma, tuple(g.window), g.through, g.norm_scale, c.data.image_size,
-                      batch=g.batch, every=g.every)
+        guide = Guide.from_config(c, scorer, stage=a.stage)
 
         def sample():
             outputs[name] = generate(priors[c.prior.dtype], items, run_seed=c.seed, stage=a.stage,
                                      num_steps=c.prior.num_steps, cfg_scale=c.prior.cfg_scale,
                                      batch_size=c.distill.sample_batch, image_size=c.data.image_size, kappa=stage.kappa,
-                                     scorer=scorer, guide=guide, select_after=g.select_after)
+                                     scorer=scorer, guide=guide, select_after=c.guidance.select_after)
         return sample
 
     print(f"# measure 9: guidance options vs the exact path ({machine()})")
@@ -81,12 +79,12 @@ def main(argv):
           f"{cfg.prior.scheduler} steps, window {cfg.guidance.window}, CFG {cfg.prior.cfg_scale}, lambda "
           f"{cfg.guidance.lambda_}, omega {cfg.guidance.omega}, prior weights {cfg.prior.dtype}")
     med = interleaved({name: run_option(name) for name in names}, repeats=a.repeats)
-    exact_flops = make_plan(cfg)["stages"][a.stage]["sample_flops"]
+    exact_flops = run_cost(cfg)["stages"][a.stage]["sample_flops"]
     print(f"{'option':<36} {'s/image':>8} {'speed-up':>8} {'FLOPs':>6} {'mean S':>7} {'same pick':>9} {'ImageNet GPU-h':>14}")
     for name in names:
-        flops = make_plan(cfgs[name])["stages"][a.stage]["sample_flops"]
+        flops = run_cost(cfgs[name])["stages"][a.stage]["sample_flops"]
         imagenet = load_config("imagenet1k", OPTIONS[name])
-        hours = gpu_hours(make_plan(imagenet)["total_flops"], PEAK_TFLOPS[imagenet.prior.dtype])
+        hours = gpu_hours(run_cost(imagenet)["total_flops"], PEAK_TFLOPS[imagenet.prior.dtype])
         out = outputs[name]
         same = sum(x.candidate == y.candidate for x, y in zip(out, outputs["exact"])) / len(out)
         print(f"{name:<36} {med[name] / len(items):8.3f} {med['exact'] / med[name]:7.2f}x {exact_flops / flops:5.2f}x "

@@ -6,6 +6,7 @@ Uses the run's config, prior, reference and the student checkpoint of stage STAG
 (class, slot) noise, so the rows differ only by the guidance.
 """
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from lgd_ray.prior import load_prior, prior_id
 from lgd_ray.reference import ensure_reference, new_classifier
 from lgd_ray.sampler import generate
 from lgd_ray.shards import read_manifest, stage_dir
-from lgd_ray.methods import stage_plan
+from lgd_ray.plan import stage_plan
 from lgd_ray.train import load_classifier
 
 LAMBDAS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -50,7 +51,8 @@ def main(argv):
     for lam in LAMBDAS:
         for window in windows:
             for path in PATHS:
-                guide = Guide(scorer, lam, 0.0, window, path, cfg.guidance.norm_scale, cfg.data.image_size)
+                guide = replace(Guide.from_config(cfg, scorer, stage=stage_index), lambda_=lam, gamma=0.0,
+                                window=window, through=path)
                 print(f"{lam:>6} {str(list(window)):>9} {path:>8} " + " ".join(f"{v:8.3f}" for v in mean_s(guide)),
                       flush=True)
 

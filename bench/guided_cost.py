@@ -13,10 +13,9 @@ import sys
 import torch
 
 from lgd_ray.config import load_config
-from lgd_ray.guidance import Guide
-from lgd_ray.plan import forward_backward_flops, step_costs
+from lgd_ray.cost import forward_backward_flops, step_costs
 from lgd_ray.sampler import generate
-from parts import interleaved, machine, priors_with_scorers, verdict
+from parts import bench_guide, interleaved, machine, priors_with_scorers, verdict
 
 IMAGES = 32
 GOALS = {"denoiser": 3.5, "decoder": 1.6}
@@ -43,7 +42,7 @@ def main(argv):
         items = [(i % prior.num_classes, i) for i in range(IMAGES)]
 
         def run(through):
-            guide = None if through is None else Guide(scorer, 0.05, 0.0, (0, steps - 1), through, 1.0, prior.image_size)
+            guide = None if through is None else bench_guide(scorer, prior.image_size, steps, through)
             return lambda: generate(prior, items, run_seed=0, stage=1, num_steps=steps, cfg_scale=4.0, batch_size=IMAGES,
                                     image_size=prior.image_size, scorer=scorer, guide=guide)
 
@@ -56,7 +55,7 @@ def main(argv):
     c = step_costs(load_config("imagenet1k"))
     plain = 2 * c.dit_forward
     head = c.decoder_grad + c.student_grad + c.reference_grad
-    print(f"\nDiT-XL/2-256 + VAE + ConvNet-6 in FLOPs (lgd_ray.plan, backward passes counted): unguided step "
+    print(f"\nDiT-XL/2-256 + VAE + ConvNet-6 in FLOPs (lgd_ray.cost, backward passes counted): unguided step "
           f"{plain:.0f} GFLOPs; guided through the denoiser {(2 * c.dit_grad + head) / plain:.2f}x, "
           f"through the decoder {(plain + head) / plain:.2f}x")
 

@@ -16,7 +16,8 @@ from typing import Callable
 
 import torch
 
-from lgd_ray.guidance import Scorer
+from lgd_ray.config import load_config
+from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.models import build_classifier
 from lgd_ray.prior import Prior, load_prior, random_pipeline
 
@@ -59,6 +60,15 @@ def scorer_for(prior: Prior, model: str = "convnet3", size: int | None = None, o
     nets = [build_classifier(model, channels, size, prior.num_classes, seed=s).eval().requires_grad_(False)
             for s in (1, 2)]
     return Scorer(*nets, omega=omega)
+
+
+def bench_guide(scorer: Scorer, image_size: int, steps: int, through: str = "denoiser") -> Guide:
+    """The guide of the benchmarks: lambda 0.05 (no deviation term) on every one of `steps` steps, built from a config
+    as the sampler actors build theirs."""
+    cfg = load_config("digits", ["guidance.lambda=0.05", "guidance.gamma=0", f"guidance.window=[0,{steps - 1}]",
+                                 f"guidance.through={through}", "guidance.norm_scale=1.0", "guidance.every=1",
+                                 "guidance.augment=0", "guidance.batch=0", f"data.image_size={image_size}"])
+    return Guide.from_config(cfg, scorer)
 
 
 def priors_with_scorers():

@@ -18,7 +18,8 @@ import torch
 from lgd_ray.config import load_config
 from lgd_ray.data import load_split, num_classes, to_float
 from lgd_ray.fidelity import features, fidelity
-from lgd_ray.prior import ensure_prior, load_prior
+from lgd_ray.prior import load_prior
+from lgd_ray.prior_make import ensure_prior
 from lgd_ray.reference import ensure_reference
 from lgd_ray.sampler import generate
 from lgd_ray.storage import Location

@@ -8,9 +8,8 @@ import sys
 
 from torch.profiler import ProfilerActivity, profile
 
-from lgd_ray.guidance import Guide
 from lgd_ray.sampler import generate
-from parts import machine, priors_with_scorers
+from parts import bench_guide, machine, priors_with_scorers
 
 STEPS, IMAGES = 4, 32
 
@@ -20,7 +19,7 @@ def main(argv):
     through = argv[1] if len(argv) > 1 else "denoiser"
     batch = int(argv[2]) if len(argv) > 2 else IMAGES
     name, prior, scorer = next(p for p in priors_with_scorers() if p[0].startswith(which))
-    guide = None if through == "none" else Guide(scorer, 0.05, 0.0, (0, STEPS - 1), through, 1.0, prior.image_size)
+    guide = None if through == "none" else bench_guide(scorer, prior.image_size, STEPS, through)
     items = [(i % prior.num_classes, i) for i in range(IMAGES)]
     run = lambda: generate(prior, items, run_seed=0, stage=1, num_steps=STEPS, cfg_scale=4.0, batch_size=batch,
                            image_size=prior.image_size, scorer=scorer, guide=guide)

@@ -19,8 +19,9 @@ import ray
 import torch
 
 from lgd_ray.config import Config, ConfigError, from_dict, to_dict
-from lgd_ray.methods import ChunkMaker, ChunkTask
-from lgd_ray.resources import actor_resources, shortage
+from lgd_ray.methods import ChunkMaker
+from lgd_ray.plan import ChunkTask
+from lgd_ray.resources import actor_resources, ray_options, shortage
 from lgd_ray.storage import Location, as_location
 
 
@@ -58,16 +59,14 @@ class ActorPool:
     def __init__(self, cfg: Config, run_dir: Location, maker: type = ChunkMaker):
         self.cfg, self.run_dir, self.maker = cfg, as_location(run_dir), maker
         self.actors: list = []
-        self.inflight: dict = {}  # chunk result ref -> (actor, chunk task)
+        self._inflight: dict = {}  # chunk result ref -> (actor, chunk task)
         self.resubmitted = 0  # chunks run again because their actor died
         self.retried = 0  # chunks run again because their code raised
 
     def _launch(self, starting: dict):
         r = self.cfg.ray
-        resources = actor_resources(self.cfg)
         actor = SamplerActor.options(
-            num_cpus=resources.pop("CPU"), num_gpus=resources.pop("GPU", 0), resources=resources or None,
-            max_restarts=r.max_restarts, max_task_retries=0,  # a chunk goes to the next free actor, not back to this one
+            **ray_options(actor_resources(self.cfg)), max_restarts=r.max_restarts, max_task_retries=0,  # a chunk goes to the next free actor, not back to this one
         ).remote(self.maker, to_dict(self.cfg), self.run_dir, max(1, round(r.num_cpus_per_actor)))
         self.actors.append(actor)
         starting[actor.ping.remote()] = actor
@@ -79,7 +78,7 @@ class ActorPool:
         pending, later = deque(tasks), []  # later: (not before, task) of chunks waiting out a back-off
         failures, deaths = {t: 0 for t in tasks}, {t: 0 for t in tasks}
         starting, idle = {}, deque()  # ping ref -> actor that is starting or restarting; actors ready for a chunk
-        inflight = self.inflight = {}
+        inflight = self._inflight = {}
         replacements = r.actors * (r.max_restarts + 1)  # actors that died for good may be replaced this often
         for _ in range(min(r.actors, len(tasks))):
             self._launch(starting)
@@ -138,6 +137,10 @@ class ActorPool:
                 yield row
         finally:
             self.shutdown()
+
+    def running(self) -> list:
+        """The actors running a chunk now (its result not in yet)."""
+        return [actor for ref, (actor, _) in list(self._inflight.items()) if not ray.wait([ref], timeout=0)[0]]
 
     def shutdown(self):
         """Kill the actors (no restart): their CPUs and GPUs go back to the cluster."""

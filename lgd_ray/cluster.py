@@ -1,4 +1,5 @@
-"""Before any work on a Ray cluster of several nodes: every node must reach the run's storage and data.
+"""The one door to Ray (`connect`), and the check before any work on a cluster of several nodes: every node must
+reach the run's storage and data.
 
 A relative path is refused at once (under `ray job submit --working-dir` each node has its own copy of the working
 folder). Then the driver writes a marker under `out` and `cache`, and one small task pinned to each alive node reads
@@ -18,6 +19,18 @@ from lgd_ray.data import check_data
 from lgd_ray.storage import Location, StorageError
 
 MARKER = ".lgd_ray-node-check"
+
+
+def connect(cfg: Config):
+    """Join Ray once per process: the cluster at ray.address, or RAY_ADDRESS (set under `ray job submit`), else a new
+    local Ray. Every command that uses Ray comes through here."""
+    if ray.is_initialized():
+        return
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        # a local Ray on this machine: no node of it can be preempted, so Ray Train's preemption watcher (an actor per
+        # fit, and a warning line each) has nothing to watch
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(address=cfg.ray.address or None)
 
 
 def alive_nodes() -> list[dict]:

@@ -17,6 +17,7 @@ import yaml
 
 from lgd_ray.errors import ConfigError
 from lgd_ray.models import check_model_name
+from lgd_ray.storage import Location
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -102,6 +103,11 @@ class DistillConfig:
     sample_batch: int = _f(64, min=1)  # trajectories per sampler batch (candidates included)
     classes_per_chunk: int = _f(5, min=1)  # one shard per chunk; fixed so output does not depend on workers
 
+    @property
+    def total_ipc(self) -> int:
+        """Images per class of the whole run."""
+        return self.seed_ipc + self.stages * self.ipc_per_stage
+
 
 @dataclass
 class GuidanceConfig:
@@ -124,6 +130,11 @@ class GuidanceConfig:
     mode_lambda: float = _f(0.1, min=0.0)
     mode_stop: int = _f(25, min=0)
     mode_max_images: int = _f(0, min=0)  # real images per class given to k-means (seeded subset); 0 = all
+
+    @property
+    def active(self) -> bool:
+        """Whether lgd's guided stages follow a gradient (of S, or the deviation gradient) inside the window."""
+        return self.lambda_ > 0 or self.gamma > 0
 
 
 @dataclass
@@ -337,7 +348,7 @@ def _check_cross(cfg: Config):
         if problem:
             raise ConfigError(f"config: '{key}' {problem}")
     g = cfg.guidance
-    if cfg.prior.dtype == "float16" and cfg.distill.method == "lgd" and (g.lambda_ > 0 or g.gamma > 0):
+    if cfg.prior.dtype == "float16" and cfg.distill.method == "lgd" and g.active:
         raise ConfigError("config: 'prior.dtype' float16 with guided lgd: its gradients underflow without loss "
                           "scaling (guidance silently off); use bfloat16")
     r = cfg.ray
@@ -385,8 +396,6 @@ def run_identity(cfg: Config) -> dict:
     return tree
 
 
-def run_dir(cfg: Config):
+def run_dir(cfg: Config) -> Location:
     """The run folder as a storage Location: `out`, or runs/<config name>-<config hash> under the working folder."""
-    from lgd_ray.storage import Location
-
     return Location(cfg.out or f"runs/{cfg.name}-{config_hash(run_identity(cfg))}").resolve()

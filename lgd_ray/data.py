@@ -259,6 +259,11 @@ def class_names(cfg: DataConfig) -> list[str]:
     return FASHION_MNIST_CLASSES if cfg.name == "fashion-mnist" else [str(d) for d in range(10)]
 
 
+def class_chunks(n_classes: int, per_chunk: int) -> list[tuple[int, ...]]:
+    """Classes 0..n-1 cut into consecutive chunks of `per_chunk` (the last may be shorter): every class once."""
+    return [tuple(range(i, min(i + per_chunk, n_classes))) for i in range(0, n_classes, per_chunk)]
+
+
 def num_classes(cfg: DataConfig) -> int:
     return len(class_names(cfg))
 

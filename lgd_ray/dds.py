@@ -3,7 +3,7 @@
 Stage I, localise: noise a real image at a few timesteps t (seeded) and predict the noise with the true label
 and with the null label. Per position, relevance = mean over t of (error without label - error with label): how
 much knowing the class helps to explain that part of the image. Candidate crops are the windows with the highest
-mean relevance (at most `candidates` per image, on a quarter-window grid).
+mean relevance (at most `candidates` per image, on a quarter-crop grid).
 Stage II, diversify: per class, embed the candidates (the reference model's penultimate features, or pixels),
 k-means with k = IPC, and from each cluster keep the candidate with the highest relevance, resized to the
 classifiers' input size.
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans
-
+from lgd_ray.data import to_uint8
 from lgd_ray.guidance import classifier_input
+from lgd_ray.kmeans import largest_first
 from lgd_ray.prior import Prior
 from lgd_ray.seeding import generator
 
@@ -37,8 +37,9 @@ def relevance_maps(prior: Prior, images: torch.Tensor, labels: torch.Tensor, tim
     return F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0].cpu()
 
 
-def top_windows(maps: torch.Tensor, size: int, count: int) -> list[list[tuple[float, int, int]]]:
-    """Per map, the `count` windows of `size` x `size` with the highest mean: (score, top, left), best first."""
+def top_crops(maps: torch.Tensor, size: int, count: int) -> list[list[tuple[float, int, int]]]:
+    """Per map, the `count` crops of `size` x `size` (on a quarter-crop grid) with the highest mean relevance:
+    (relevance, top, left), best first."""
     stride = max(1, size // 4)
     pooled = F.avg_pool2d(maps[:, None], size, stride=stride)[:, 0]
     out = []
@@ -49,23 +50,10 @@ def top_windows(maps: torch.Tensor, size: int, count: int) -> list[list[tuple[fl
     return out
 
 
-def penultimate(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The input of the model's last Linear layer (its feature vector) for a batch."""
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    feats = []
-    handle = last.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].flatten(1)))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-    return feats[0]
-
-
 @dataclass
 class Candidate:
     image: torch.Tensor  # uint8 (C, size, size), the crop resized to the classifiers' input
-    score: float  # mean relevance of the window
+    relevance: float  # mean relevance of the crop
     source: int  # index of the real image
     box: tuple[int, int, int]  # (top, left, size) at the prior's resolution
 
@@ -75,13 +63,11 @@ def select(candidates: list[Candidate], features: torch.Tensor, k: int, seed: in
     ordered by cluster size (largest first)."""
     if len(candidates) < k:
         raise ValueError(f"dds: {k} images per class need at least {k} candidates, got {len(candidates)}")
-    km = KMeans(n_clusters=k, n_init=3, random_state=seed % (1 << 31)).fit(features.double().numpy())
-    labels = torch.from_numpy(km.labels_).long()
-    sizes = torch.bincount(labels, minlength=k)
+    labels, _, order = largest_first(features, k, seed)
     chosen = []
-    for j in sorted(range(k), key=lambda j: (-int(sizes[j]), j)):
+    for j in order:
         members = (labels == j).nonzero().squeeze(1).tolist()
-        chosen.append(max(members, key=lambda m: (candidates[m].score, -m)))
+        chosen.append(max(members, key=lambda m: (candidates[m].relevance, -m)))
     return [candidates[m] for m in chosen]
 
 
@@ -91,18 +77,18 @@ def crop(image: torch.Tensor, top: int, left: int, size: int, out_size: int) -> 
 
 
 def class_candidates(prior: Prior, images: torch.Tensor, cls: int, indices: list[int], run_seed: int,
-                     timesteps: list[int], window: int, per_image: int, batch_size: int,
+                     timesteps: list[int], crop_size: int, per_image: int, batch_size: int,
                      out_size: int) -> list[Candidate]:
-    """Stage I for one class: candidates of every real image (float, [-1, 1], at the prior's resolution)."""
-    from lgd_ray.data import to_uint8
-
+    """Stage I for one class: candidates (crops of crop_size px) of every real image (float, [-1, 1], at the prior's
+    resolution)."""
     out = []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size]
         idx = indices[i:i + batch_size]
         gens = [generator(run_seed, "dds", cls, j) for j in idx]
         maps = relevance_maps(prior, x, torch.full((len(x),), cls), timesteps, gens)
-        for img, j, wins in zip(x, idx, top_windows(maps, window, per_image)):
-            for score, top, left in wins:
-                out.append(Candidate(to_uint8(crop(img.cpu(), top, left, window, out_size)), score, j, (top, left, window)))
+        for img, j, crops in zip(x, idx, top_crops(maps, crop_size, per_image)):
+            for relevance, top, left in crops:
+                out.append(Candidate(to_uint8(crop(img.cpu(), top, left, crop_size, out_size)), relevance, j,
+                                     (top, left, crop_size)))
     return out

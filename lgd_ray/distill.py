@@ -7,7 +7,8 @@ import sys
 import time
 
 from lgd_ray.cli import run_cli
-from lgd_ray.config import Config, run_dir
+from lgd_ray.config import Config, ConfigError, run_dir
+from lgd_ray.cost import PEAK_TFLOPS, format_cost, run_cost
 from lgd_ray.data import check_data
 from lgd_ray.memory import actor_memory, check_fits, format_memory
 from lgd_ray.methods import check_real_images
@@ -30,15 +31,12 @@ def distill(cfg: Config, resume: bool = False) -> dict:
             check_writable(where)  # an unreachable endpoint, a missing bucket, refused credentials: one line, in seconds
     pool = fitter = None
     if cfg.ray.enabled:
-        import ray
-
+        # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
         from lgd_ray.actors import ActorPool
-
-        if not ray.is_initialized():  # joins the cluster under `ray job submit` (RAY_ADDRESS), else starts a local Ray
-            ray.init(address=cfg.ray.address or None)
-        from lgd_ray.cluster import check_cluster_storage
+        from lgd_ray.cluster import check_cluster_storage, connect
         from lgd_ray.ray_train import ray_fitter
 
+        connect(cfg)
         check_cluster_storage(cfg, out, cache)  # relative paths, node-local folders, nodes without the data
         pool, fitter = ActorPool(cfg, out), ray_fitter(cfg, out)
     try:
@@ -55,13 +53,10 @@ def distill(cfg: Config, resume: bool = False) -> dict:
 
 
 def dry_run(cfg: Config, tflops: float | None, utilisation: float) -> dict:
-    """Print the run's plan and cost (lgd_ray.plan) without loading any model; returns the plan.
+    """Print the run's stages and their cost (lgd_ray.cost) without loading any model; returns the cost.
 
     tflops: peak per GPU; None = an H100 SXM's dense peak for the prior's dtype (TF32 for float32).
     """
-    from lgd_ray.config import ConfigError
-    from lgd_ray.plan import PEAK_TFLOPS, format_plan, make_plan
-
     tflops = tflops or PEAK_TFLOPS[cfg.prior.dtype]
 
     try:
@@ -69,13 +64,13 @@ def dry_run(cfg: Config, tflops: float | None, utilisation: float) -> dict:
         data = f"data: {cfg.data.name} found" + (f" at {cfg.data.root}" if cfg.data.root else "")
     except ConfigError as e:
         data = f"data: NOT FOUND on this machine ({e})"
-    plan = make_plan(cfg)
+    cost = run_cost(cfg)
     mem = actor_memory(cfg) if cfg.distill.method != "random" else None
-    print(f"{data}\nout: {run_dir(cfg)}\n{format_plan(cfg, plan, tflops, utilisation)}", flush=True)
+    print(f"{data}\nout: {run_dir(cfg)}\n{format_cost(cfg, cost, tflops, utilisation)}", flush=True)
     if mem is not None:
         print(format_memory(cfg, mem), flush=True)
         check_fits(cfg, mem)  # a config that cannot fit: one line naming the key to change, exit status 1
-    return plan
+    return cost
 
 
 def per_seed(cfg: Config, seeds: list[int] | None) -> list[Config]:

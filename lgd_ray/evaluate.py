@@ -32,8 +32,7 @@ from lgd_ray.ray_tasks import map_jobs
 from lgd_ray.report import write_report
 from lgd_ray.reference import new_classifier, reference_path
 from lgd_ray.seeding import derive_seed
-from lgd_ray.methods import stage_plan
-from lgd_ray.shards import load_tensor_set, paths, read_manifest, stage_rows
+from lgd_ray.shards import load_tensor_set, read_manifest, trained_increments
 from lgd_ray.storage import Location, as_location
 from lgd_ray.train import accuracy, load_classifier, process_device, train_classifier
 
@@ -96,24 +95,10 @@ def load_run(run_dir: Location, overrides: list[str] = ()) -> tuple[Config, dict
     return build_config(apply_overrides(manifest["config"], overrides, "evaluate")), manifest
 
 
-def increments(manifest: dict) -> list[tuple[int, int, list[str]]]:
-    """(stage, images per class of the stage, its shard paths) of every trained stage, in stage order."""
-    cfg = from_dict(manifest["config"])
-    out = []
-    for stage in stage_plan(cfg):
-        info = manifest["stages"].get(str(stage.index))
-        if not info or not info.get("trained"):
-            break
-        out.append((stage.index, stage.ipc, paths(stage_rows(manifest, stage.index))))
-    if not out:
-        raise ConfigError("evaluate: the run has no finished stage yet")
-    return out
-
-
 def prefix_shards(manifest: dict, ipc: int) -> tuple[int, list[str]]:
     """(IPC, shards) of the first stages holding `ipc` images per class (0: all finished stages)."""
     total, shards = 0, []
-    for _, stage_ipc, stage_paths in increments(manifest):
+    for _, stage_ipc, stage_paths in trained_increments(manifest):
         if ipc and total + stage_ipc > ipc:
             break
         total, shards = total + stage_ipc, shards + stage_paths
@@ -125,7 +110,7 @@ def prefix_shards(manifest: dict, ipc: int) -> tuple[int, list[str]]:
 
 def _boundaries(manifest: dict) -> list[int]:
     out, total = [], 0
-    for _, ipc, _ in increments(manifest):
+    for _, ipc, _ in trained_increments(manifest):
         total += ipc
         out.append(total)
     return out

@@ -9,7 +9,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from lgd_ray.dds import penultimate
+from lgd_ray.models import penultimate
 
 
 def features(model: torch.nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:

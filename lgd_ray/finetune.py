@@ -17,10 +17,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel
 
 from lgd_ray.config import Config, ConfigError, config_hash
-from lgd_ray.data import TensorSet, by_class_name, load_split, read_classlist, to_float
-from lgd_ray.methods import class_chunks
-from lgd_ray.prior import image_size_of, local_model, prior_checkpoints, prior_seed, train_prior
-from lgd_ray.prior_fit import PriorJob
+from lgd_ray.data import TensorSet, by_class_name, class_chunks, load_split, read_classlist, to_float
+from lgd_ray.prior import image_size_of, local_model, prior_checkpoints, prior_seed
+from lgd_ray.prior_fit import PriorJob, train_prior
 from lgd_ray.ray_tasks import map_jobs
 from lgd_ray.seeding import derive_seed
 from lgd_ray.storage import Location

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lgd_ray.config import Config
 from lgd_ray.prior import Prior
-from lgd_ray.seeding import generator
+from lgd_ray.seeding import derive_seed, generator
 from lgd_ray.train import augment
 
 
@@ -62,10 +63,15 @@ def nearest_cosine(x0: torch.Tensor, labels: torch.Tensor, memory: dict[int, tor
     return sims
 
 
+def in_window(step_index: int, window: tuple[int, int], every: int) -> bool:
+    """Whether a step index (counting down from num_steps - 1) follows the gradient: inside the window, and every
+    `every`-th from its noisy end (guidance.every; 1 = all of them)."""
+    return window[0] <= step_index <= window[1] and (window[1] - step_index) % every == 0
+
+
 def guided_steps(window: tuple[int, int], every: int, num_steps: int) -> list[int]:
-    """The step indices (counting down from num_steps - 1) that follow the gradient: the window's, every `every`-th
-    from its noisy end (guidance.every; 1 = all of them)."""
-    return [s for s in range(window[1], window[0] - 1, -every) if s < num_steps]
+    """The step indices that follow the gradient, noisiest first."""
+    return [s for s in reversed(range(num_steps)) if in_window(s, window, every)]
 
 
 def free_cached_memory(device: torch.device):
@@ -97,10 +103,19 @@ class Guide:
     flip: bool = False  # ... and horizontal flips (the student's training augmentation)
     view_seed: int = 0  # the views of (class, slot) at timestep t are drawn from (view_seed, class, slot, t)
 
+    @classmethod
+    def from_config(cls, cfg: Config, scorer: Scorer, memory: dict[int, torch.Tensor] | None = None,
+                    batch: int | None = None, stage: int = 0) -> "Guide":
+        """The guide of the config's guidance keys (what the sampler actors, the memory count and the benches use).
+        memory: the deviation memory per class; batch: trajectories per backward (None: guidance.batch); stage: the
+        stage whose views are drawn (with guidance.augment)."""
+        g, train = cfg.guidance, cfg.student.train
+        return cls(scorer, g.lambda_, g.gamma, tuple(g.window), g.through, g.norm_scale, cfg.data.image_size,
+                   memory or {}, g.batch if batch is None else batch, g.every, g.augment, train.crop_scale, train.flip,
+                   derive_seed(cfg.seed, "augment", stage))
+
     def active(self, step_index: int) -> bool:
-        hi = self.window[1]
-        return ((self.lambda_ > 0 or self.gamma > 0) and self.window[0] <= step_index <= hi
-                and (hi - step_index) % self.every == 0)
+        return (self.lambda_ > 0 or self.gamma > 0) and in_window(step_index, self.window, self.every)
 
     def eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float,
             slots: list[int] | None = None):
@@ -137,18 +152,17 @@ class Guide:
 
     def _eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float,
              slots: list[int] | None):
-        abar = prior.scheduler.alphas_cumprod[int(t)].to(x_t)
-        sigma, alpha = (1 - abar).sqrt(), abar.sqrt()
-        use_memory = self.gamma > 0 and any(len(self.memory.get(c, ())) for c in labels.unique().tolist())
+        _, sigma = prior.signal_noise(t, x_t)
+        use_memory = self.gamma > 0 and bool(self.memory) and any(len(self.memory.get(c, ())) for c in labels.unique().tolist())
         with torch.enable_grad():
             if self.through == "denoiser":
                 wrt = x_t.detach().requires_grad_(True)
                 eps = prior.eps(wrt, t, labels, cfg_scale)
-                x0 = (wrt - sigma * eps) / alpha
+                x0 = prior.x0(wrt, t, eps)
             else:  # d x0^ / d x_t = 1 / sqrt(abar_t): a positive constant that the normalisation removes
                 with torch.no_grad():
                     eps = prior.eps(x_t, t, labels, cfg_scale)
-                x0 = wrt = ((x_t - sigma * eps) / alpha).requires_grad_(True)
+                x0 = wrt = prior.x0(x_t, t, eps).requires_grad_(True)
             step = torch.zeros_like(eps)
             if self.lambda_ > 0:
                 score = self.score(classifier_input(prior.decode(x0), self.image_size), labels, slots, int(t))

@@ -16,8 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from diffusers import DDIMScheduler
+
 from lgd_ray.config import Config, ConfigError
-from lgd_ray.prior import CHECKPOINT_COUNTS
+from lgd_ray.cost import meta_models
+from lgd_ray.guidance import Guide, Scorer
+from lgd_ray.plan import stage_plan
+from lgd_ray.prior import CHECKPOINT_COUNTS, Prior
 
 GIB = 1 << 30
 # GPU memory by Ray accelerator type (ray.util.accelerators), GB as sold; ray.gpu_memory_gb overrides
@@ -147,11 +152,6 @@ class ActorMemory:
 
 
 def _meta_prior(cfg: Config):
-    from diffusers import DDIMScheduler
-
-    from lgd_ray.plan import meta_models
-    from lgd_ray.prior import Prior
-
     m = meta_models(cfg)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
     scheduler.set_timesteps(cfg.prior.num_steps)
@@ -163,13 +163,8 @@ def _meta_prior(cfg: Config):
 
 def guided_step_bytes(cfg: Config, prior, student: torch.nn.Module, reference: torch.nn.Module, batch: int) -> int:
     """Saved-tensor bytes of one guided step (the configured path, omega and sizes) of `batch` trajectories on
-    `prior`'s device: meta for the estimate, a real device for a measurement."""
-    from lgd_ray.guidance import Guide, Scorer
-
-    g = cfg.guidance
-    guide = Guide(Scorer(student, reference, g.omega), max(g.lambda_, 1e-3), 0.0, (0, cfg.prior.num_steps - 1),
-                  g.through, g.norm_scale, cfg.data.image_size, views=g.augment,
-                  crop_scale=cfg.student.train.crop_scale, flip=cfg.student.train.flip)
+    `prior`'s device: meta for the estimate, a real device for a measurement (the batch in one backward)."""
+    guide = Guide.from_config(cfg, Scorer(student, reference, cfg.guidance.omega), batch=0)
     device = prior.device
     x = torch.randn(batch, *prior.latent_shape, device=device)
     labels = torch.arange(batch, device=device) % prior.num_classes
@@ -180,8 +175,6 @@ def guided_step_bytes(cfg: Config, prior, student: torch.nn.Module, reference: t
 
 def actor_memory(cfg: Config) -> ActorMemory:
     """Count a sampler actor's memory for this config on the meta device (no weights read)."""
-    from lgd_ray.methods import stage_plan
-
     prior, m = _meta_prior(cfg)
     weights = sum(t.numel() * t.element_size() for mod in (m.dit, m.vae, m.student, m.reference) if mod is not None
                   for t in (*mod.parameters(), *mod.buffers()))

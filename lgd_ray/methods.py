@@ -1,77 +1,27 @@
-"""The methods of the stage frame (DESIGN.md section 2): which images each stage makes, and `ChunkMaker`, which makes
-one chunk's shard at a time (the unit a Ray sampler actor runs).
-
-Each stage's method and candidate count are decided once, in `stage_plan`; the stage loop (lgd_ray/stages.py) and the
-cost plan (lgd_ray/plan.py) read them from there.
+"""The methods of the stage frame (DESIGN.md section 2): `ChunkMaker` makes one chunk's shard at a time (the unit a
+Ray sampler actor runs) as its stage's method says (lgd_ray/plan.py decides each stage's method and candidates).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 
 from lgd_ray.config import Config, ConfigError
-from lgd_ray.dds import class_candidates, penultimate, select
-from lgd_ray.data import load_split, num_classes, open_prepared, read_classlist, to_float
+from lgd_ray.data import load_split, num_classes, open_prepared, to_float
+from lgd_ray.dds import class_candidates, select
 from lgd_ray.guidance import Guide, Scorer, free_cached_memory
+from lgd_ray.models import penultimate
 from lgd_ray.modes import ModeGuide, class_modes
-from lgd_ray.prior import Prior, load_prior, pipeline_image_size, prior_id, require_prior
+from lgd_ray.plan import ChunkTask, Stage
+from lgd_ray.prior import load_prior, pipeline_image_size, prior_class_map, prior_id, require_prior
 from lgd_ray.reference import load_reference, new_classifier
 from lgd_ray.sampler import generate
 from lgd_ray.seeding import derive_seed, generator
-from lgd_ray.shards import read_shards, sample_key, shard_path, write_shard
+from lgd_ray.shards import read_shards, sample_record, shard_path, write_shard
 from lgd_ray.storage import Location
 from lgd_ray.train import process_device
-
-
-@dataclass(frozen=True)
-class Stage:
-    index: int
-    ipc: int  # images per class generated in this stage
-    slot0: int  # first slot of this stage: slots are numbered across the whole run, so keys are unique
-    method: str  # what makes this stage's images: random | dit | mgd3 | dds | lgd (lgd's seed stage is dit)
-    kappa: int  # candidates per slot (rank selection by S keeps the best)
-    gradient: bool  # the sampler follows grad S (and the deviation gradient) inside the guidance window
-
-
-@dataclass(frozen=True)
-class ChunkTask:
-    stage: int
-    chunk: int
-    classes: tuple[int, ...]
-
-
-def stage_plan(cfg: Config) -> list[Stage]:
-    """The stages: seed increment + K increments; method dds selects all IPC at once (one increment)."""
-    d, g = cfg.distill, cfg.guidance
-    if d.method == "dds":
-        return [Stage(0, d.seed_ipc + d.stages * d.ipc_per_stage, 0, "dds", 1, False)]
-    lgd = d.method == "lgd"
-    seed = Stage(0, d.seed_ipc, 0, "dit" if lgd else d.method, 1, False)
-    return [seed] + [Stage(i, d.ipc_per_stage, d.seed_ipc + (i - 1) * d.ipc_per_stage, d.method, g.kappa if lgd else 1,
-                           lgd and (g.lambda_ > 0 or g.gamma > 0))
-                     for i in range(1, d.stages + 1)]
-
-
-def class_chunks(n_classes: int, per_chunk: int) -> list[tuple[int, ...]]:
-    """Classes 0..n-1 cut into consecutive chunks of `per_chunk` (the last may be shorter): every class once."""
-    return [tuple(range(i, min(i + per_chunk, n_classes))) for i in range(0, n_classes, per_chunk)]
-
-
-def prior_class_map(cfg: Config, prior: Prior) -> torch.Tensor | None:
-    """For a folder data set of ImageNet classes on a 1000-class DiT: each class's ImageNet-1K index; None (identity)
-    when the DiT has the data set's own classes (fine-tuned on them, or the project's pixel DiT)."""
-    if cfg.data.name != "folder" or prior.num_classes == num_classes(cfg.data):
-        return None
-    imagenet, classes = read_classlist("imagenet1k"), read_classlist(cfg.data.classes)
-    unknown = [c for c in classes if c not in imagenet]
-    if prior.num_classes != len(imagenet) or unknown:
-        raise ConfigError(f"prior: the DiT has {prior.num_classes} classes, data.classes {len(classes)}"
-                          + (f" ({len(unknown)} not ImageNet wnids, first: {unknown[0]})" if unknown else "")
-                          + "; fine-tune a DiT on them: python -m lgd_ray.prior CONFIG prior.model_id= prior.base=HUB_ID")
-    return torch.tensor([imagenet.index(w) for w in classes])
 
 
 def real_positions(n: int, c: int, slots: list[int], run_seed: int) -> list[int]:
@@ -108,10 +58,6 @@ def check_real_images(cfg: Config):
             split.require_by_class(size)
 
 
-def total_ipc(cfg: Config) -> int:
-    return cfg.distill.seed_ipc + cfg.distill.stages * cfg.distill.ipc_per_stage
-
-
 class ChunkMaker:
     """Holds the prior and the reference model; makes one chunk's shard at a time (what a sampler actor runs)."""
 
@@ -144,8 +90,7 @@ class ChunkMaker:
         student_state: theta_{i-1} (None for the seed stage); previous_shards: the shards of D_{i-1} holding
         these classes (the memory of deviation guidance).
         """
-        cfg = self.cfg
-        stage = stage_plan(cfg)[task.stage]
+        cfg, stage = self.cfg, task.stage
         items = [(c, s) for c in task.classes for s in range(stage.slot0, stage.slot0 + stage.ipc)]
         scorer = None
         if student_state is not None:
@@ -160,9 +105,9 @@ class ChunkMaker:
         else:
             samples = self._generated(task, stage, items, scorer, previous_shards)
         free_cached_memory(self.device)  # the next chunk (or the fit after the stage) starts from a clean allocator
-        row = write_shard(self.run_dir, shard_path(task.stage, task.chunk), samples)
+        row = write_shard(self.run_dir, shard_path(stage.index, task.chunk), samples)
         scores = [x["meta"]["S"] for x in samples if x["meta"]["S"] is not None]
-        row.update(stage=task.stage, chunk=task.chunk, classes=list(task.classes), seconds=round(time.time() - start, 2),
+        row.update(stage=stage.index, chunk=task.chunk, classes=list(task.classes), seconds=round(time.time() - start, 2),
                    mean_S=sum(scores) / len(scores) if scores else None, S=[round(v, 4) for v in scores])
         if stage.gradient:
             row["guidance_batch"] = self.guidance_batch  # after any halving on out-of-memory
@@ -183,9 +128,8 @@ class ChunkMaker:
             with torch.no_grad():
                 s, ce_s, ce_r = scorer(to_float(images).to(self.device), torch.tensor([c for c, _ in items], device=self.device))
             scores = list(zip(s.tolist(), ce_s.tolist(), ce_r.tolist()))
-        return [{"key": sample_key(c, s), "image": img, "cls": c,
-                 "meta": {"stage": task.stage, "real_index": i, "S": sc[0], "ce_student": sc[1], "ce_reference": sc[2],
-                          "params": {"method": "random"}}}
+        return [sample_record(c, s, img, stage=task.stage.index, real_index=i, S=sc[0], ce_student=sc[1],
+                              ce_reference=sc[2], params={"method": "random"})
                 for (c, s), i, img, sc in zip(items, picks, images, scores)]
 
     def _generated(self, task: ChunkTask, stage: Stage, items: list[tuple[int, int]], scorer: Scorer | None,
@@ -194,46 +138,43 @@ class ChunkMaker:
         params = {"method": stage.method, "cfg_scale": cfg.prior.cfg_scale, "num_steps": cfg.prior.num_steps}
         guide = None
         if stage.method == "lgd":
-            guide = Guide(scorer, g.lambda_, g.gamma, tuple(g.window), g.through, g.norm_scale, cfg.data.image_size,
-                          self._memory(previous_shards, task.classes) if g.gamma > 0 else {}, self.guidance_batch,
-                          g.every, g.augment, cfg.student.train.crop_scale, cfg.student.train.flip,
-                          derive_seed(cfg.seed, "augment", task.stage))
-            params.update(lambda_=g.lambda_, omega=g.omega, kappa=g.kappa, gamma=g.gamma, through=g.through,
+            guide = Guide.from_config(cfg, scorer, self._memory(previous_shards, task.classes) if g.gamma > 0 else None,
+                                      self.guidance_batch, stage.index)
+            params.update({"lambda": g.lambda_}, omega=g.omega, kappa=g.kappa, gamma=g.gamma, through=g.through,
                           every=g.every, select_after=g.select_after, augment=g.augment)
         elif stage.method == "mgd3":
             guide = ModeGuide({c: self._class_modes(c) for c in task.classes}, g.mode_lambda, g.mode_stop)
             params.update(mode_lambda=g.mode_lambda, mode_stop=g.mode_stop)
-        out = generate(self.prior, items, run_seed=cfg.seed, stage=task.stage, num_steps=cfg.prior.num_steps,
+        out = generate(self.prior, items, run_seed=cfg.seed, stage=stage.index, num_steps=cfg.prior.num_steps,
                        cfg_scale=cfg.prior.cfg_scale, batch_size=cfg.distill.sample_batch,
                        image_size=cfg.data.image_size, kappa=stage.kappa, scorer=scorer, guide=guide,
                        select_after=g.select_after if stage.method == "lgd" else 0)
         if isinstance(guide, Guide):
             self.guidance_batch = guide.batch
-        return [{"key": sample_key(o.cls, o.slot), "image": o.image, "cls": o.cls,
-                 "meta": {"stage": task.stage, "seed": derive_seed(cfg.seed, "noise", task.stage, o.cls, o.slot, o.candidate),
-                          "S": o.score, "ce_student": o.ce_student, "ce_reference": o.ce_reference,
-                          "candidate": o.candidate, "candidate_S": o.candidate_scores, "params": params}}
+        return [sample_record(o.cls, o.slot, o.image, stage=stage.index,
+                              seed=derive_seed(cfg.seed, "noise", stage.index, o.cls, o.slot, o.candidate), S=o.score,
+                              ce_student=o.ce_student, ce_reference=o.ce_reference, candidate=o.candidate,
+                              candidate_S=o.candidate_scores, params=params)
                 for o in out]
 
     def _selected(self, task: ChunkTask) -> list[dict]:
         """Method dds: per class, relevance-ranked crops of real images, diversified by k-means (lgd_ray/dds.py)."""
         cfg, d = self.cfg, self.cfg.dds
-        window = max(1, round(d.crop * self.prior.image_size))
+        crop_size = max(1, round(d.crop * self.prior.image_size))
         params = {"method": "dds", "timesteps": d.timesteps, "crop": d.crop, "candidates": d.candidates,
                   "features": d.features}
         samples = []
         for c in task.classes:
             idx, x = self._class_real(c, d.max_images, "dds-subset")
             x = to_float(x)
-            cands = class_candidates(self.prior, x, c, idx, cfg.seed, d.timesteps, window, d.candidates,
+            cands = class_candidates(self.prior, x, c, idx, cfg.seed, d.timesteps, crop_size, d.candidates,
                                      d.batch_size, cfg.data.image_size)
             crops = to_float(torch.stack([k.image for k in cands]))
             feats = (penultimate(self.reference, crops.to(self.device)).cpu() if d.features == "reference"
                      else crops.flatten(1))
-            chosen = select(cands, feats, total_ipc(cfg), derive_seed(cfg.seed, "dds-kmeans", c))
-            samples += [{"key": sample_key(c, slot), "image": k.image, "cls": c,
-                         "meta": {"stage": 0, "real_index": k.source, "box": list(k.box), "relevance": k.score,
-                                  "S": None, "params": params}}
+            chosen = select(cands, feats, cfg.distill.total_ipc, derive_seed(cfg.seed, "dds-kmeans", c))
+            samples += [sample_record(c, slot, k.image, stage=0, real_index=k.source, box=list(k.box),
+                                      relevance=k.relevance, S=None, params=params)
                         for slot, k in enumerate(chosen)]
         return samples
 
@@ -248,7 +189,7 @@ class ChunkMaker:
         if c not in self._modes:
             x = to_float(self._class_real(c, self.cfg.guidance.mode_max_images, "mgd3-subset")[1])
             points = torch.cat([self._encode(x[i:i + 64]) for i in range(0, len(x), 64)])
-            self._modes[c] = class_modes(points.cpu().float(), total_ipc(self.cfg), derive_seed(self.cfg.seed, "mgd3", c))
+            self._modes[c] = class_modes(points.cpu().float(), self.cfg.distill.total_ipc, derive_seed(self.cfg.seed, "mgd3", c))
         return self._modes[c]
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Classifiers by name: convnet<D> (ConvNet-D), resnetap10, resnet18 (timm, GroupNorm). Inputs in [-1, 1]."""
 from __future__ import annotations
 
-import re
+from functools import partial
 
 import timm
 import torch
@@ -81,9 +81,17 @@ def resnet18_gn(channels: int, image_size: int, num_classes: int) -> nn.Module:
     return model
 
 
+# The classifier registry: name -> constructor(channels, image_size, num_classes)
+CLASSIFIERS = {
+    **{f"convnet{d}": partial(ConvNet, depth=d) for d in range(1, 10)},
+    "resnetap10": ResNetAP10,
+    "resnet18": resnet18_gn,
+}
+
+
 def check_model_name(name: str) -> str | None:
     """None if `name` is a known classifier, else what is allowed."""
-    if name in ("resnetap10", "resnet18") or re.fullmatch(r"convnet[1-9]", name):
+    if name in CLASSIFIERS:
         return None
     return f"must be convnet<D> (D = 1..9), resnetap10 or resnet18, got {name!r}"
 
@@ -100,11 +108,20 @@ def build_classifier(name: str, channels: int, image_size: int, num_classes: int
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return build_classifier(name, channels, image_size, num_classes)
-    if name.startswith("convnet"):
-        depth = int(name[len("convnet"):])
-        if image_size >> depth < 1:
-            raise ValueError(f"{name} halves the image {depth} times: image_size {image_size} is too small")
-        return ConvNet(channels, image_size, num_classes, depth)
-    if name == "resnetap10":
-        return ResNetAP10(channels, image_size, num_classes)
-    return resnet18_gn(channels, image_size, num_classes)
+    if name.startswith("convnet") and image_size >> CLASSIFIERS[name].keywords["depth"] < 1:
+        raise ValueError(f"{name} halves the image {CLASSIFIERS[name].keywords['depth']} times: image_size "
+                         f"{image_size} is too small")
+    return CLASSIFIERS[name](channels, image_size, num_classes)
+
+
+def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of the model's last Linear layer (its feature vector) for a batch."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    feats = []
+    handle = last.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].flatten(1)))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return feats[0]

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from sklearn.cluster import KMeans
 
+from lgd_ray.kmeans import largest_first
 from lgd_ray.prior import Prior
 
 
@@ -21,12 +21,8 @@ def class_modes(points: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """k-means centres of `points` (N, ...) with k = the run's images per class, largest cluster first."""
     if len(points) < k:
         raise ValueError(f"mgd3: {k} modes need at least {k} real images of the class, got {len(points)}")
-    flat = points.flatten(1).double().numpy()
-    km = KMeans(n_clusters=k, n_init=3, random_state=seed % (1 << 31)).fit(flat)
-    sizes = torch.bincount(torch.from_numpy(km.labels_).long(), minlength=k)
-    order = sorted(range(k), key=lambda j: (-int(sizes[j]), j))
-    centres = torch.from_numpy(km.cluster_centers_).to(points.dtype)
-    return centres[order].view(k, *points.shape[1:])
+    _, centres, order = largest_first(points, k, seed)
+    return centres[order]
 
 
 @dataclass
@@ -44,9 +40,8 @@ class ModeGuide:
     def eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float,
             slots: list[int]) -> torch.Tensor:
         eps = prior.eps(x_t, t, labels, cfg_scale)
-        abar = prior.scheduler.alphas_cumprod[int(t)].to(x_t)
-        sigma, alpha = (1 - abar).sqrt(), abar.sqrt()
-        x0 = (x_t - sigma * eps) / alpha
+        alpha, sigma = prior.signal_noise(t, x_t)
+        x0 = prior.x0(x_t, t, eps)
         target = torch.stack([self.modes[c][s] for c, s in zip(labels.tolist(), slots)]).to(x0)
         x0 = x0 + self.lambda_ * sigma * (target - x0)
         return (x_t - alpha * x0) / sigma

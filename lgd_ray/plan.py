@@ -1,233 +1,39 @@
-"""`distill --dry-run`: the run's plan and cost, without loading any weights.
-
-Per-step FLOPs are counted by torch's FlopCounterMode on the models built on the meta device (shapes only), so
-they follow the configured architectures: the DiT (DiT-XL/2-256's known shape, or the config.json of a local folder or
-another hub id), the VAE decoder, the student and reference classifiers.
-FLOPs here are 2 x multiply-adds (DiT-XL/2's "118.6 Gflops" in the DiT paper are multiply-adds: 237 GFLOPs here).
-Backward passes are counted too, not assumed: through a frozen model to its input (guidance) a backward costs about
-one forward (attention score matmuls twice), a training step about three.
-"""
+"""The stage plan: which stages a run has, and what each makes (DESIGN.md sections 1-2). Read by the stage loop
+(lgd_ray/stages.py), the methods (lgd_ray/methods.py), the cost model (lgd_ray/cost.py) and the run-folder queries
+(lgd_ray/shards.py); it loads no model."""
 from __future__ import annotations
 
-import inspect
-import json
-from dataclasses import dataclass, replace
-from pathlib import Path
-
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+from dataclasses import dataclass
 
 from lgd_ray.config import Config
-from lgd_ray.data import num_classes
-from lgd_ray.guidance import guided_steps
-from lgd_ray.models import build_classifier
-
-PEAK_TFLOPS = {"float32": 495.0, "bfloat16": 989.0, "float16": 989.0}  # H100 SXM dense: TF32, BF16, FP16
-UTILISATION = 0.3  # share of the peak the dry-run assumes (--utilisation)
-
-# facebook/DiT-XL-2-256's architecture (its transformer/ and vae/ config.json), so planning needs no network
-DIT_XL_2_256 = {
-    "transformer": {"num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "out_channels": 8,
-                    "num_layers": 28, "sample_size": 32, "patch_size": 2, "num_embeds_ada_norm": 1000},
-    "vae": {"block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-            "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 2, "latent_channels": 4},
-}
 
 
-def _flops(fn) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    ipc: int  # images per class generated in this stage
+    slot0: int  # first slot of this stage: slots are numbered across the whole run, so keys are unique
+    method: str  # what makes this stage's images: random | dit | mgd3 | dds | lgd (lgd's seed stage is dit)
+    kappa: int  # candidates per slot (rank selection by S keeps the best)
+    gradient: bool  # the sampler follows grad S (and the deviation gradient) inside the guidance window
 
 
-def _pipeline_configs(cfg: Config) -> tuple[dict, dict | None, str]:
-    """(transformer config, vae config or None, where they came from) without loading weights."""
-    from diffusers import AutoencoderKL, DiTTransformer2DModel
+@dataclass(frozen=True)
+class ChunkTask:
+    """One shard's work: the classes of one chunk in one stage."""
 
-    model_id = cfg.prior.model_id
-    if model_id == "facebook/DiT-XL-2-256":
-        return DIT_XL_2_256["transformer"], DIT_XL_2_256["vae"], "DiT-XL/2-256 with its VAE"
-    if not model_id:
-        p = cfg.prior
-        return ({"num_attention_heads": p.num_heads, "attention_head_dim": p.head_dim, "in_channels": cfg.data.channels,
-                 "out_channels": cfg.data.channels, "num_layers": p.depth, "sample_size": cfg.data.image_size,
-                 "patch_size": p.patch_size, "num_embeds_ada_norm": num_classes(cfg.data), "norm_num_groups": 1},
-                None, "the project's pixel DiT (prior.* keys)")
-    if "://" in model_id:  # a store copy: read the two config.json objects, nothing else
-        from lgd_ray.storage import Location
-
-        store = Location(model_id)
-        vae_cfg = store / "vae" / "config.json"
-        return (json.loads((store / "transformer" / "config.json").read_text()),
-                json.loads(vae_cfg.read_text()) if vae_cfg.exists() else None, f"config.json of {model_id}")
-    try:
-        transformer = dict(DiTTransformer2DModel.load_config(model_id, subfolder="transformer"))
-        vae = None
-        folder = Path(model_id)
-        has_vae = (folder / "vae").is_dir() if folder.is_dir() else True
-        if has_vae:
-            vae = dict(AutoencoderKL.load_config(model_id, subfolder="vae"))
-        return transformer, vae, f"config.json of {model_id}"
-    except (OSError, ValueError) as e:
-        raise ValueError(f"dry-run: cannot read the configs of {model_id!r}: {str(e).splitlines()[0]}") from e
+    stage: Stage
+    chunk: int
+    classes: tuple[int, ...]
 
 
-@dataclass
-class StepCosts:
-    """GFLOPs of the pieces of sampling and training, per image; `*_grad`: forward + backward to the input."""
-
-    dit_forward: float  # one DiT forward (one of the CFG pair)
-    dit_grad: float
-    decoder: float  # VAE decoder forward (0 for a pixel DiT)
-    decoder_grad: float
-    student: float  # classifier forward at the classifiers' input size
-    student_grad: float
-    reference: float
-    reference_grad: float
-    student_train: float  # forward + backward of a training step (weight gradients)
-    source: str
-
-
-def forward_backward_flops(model: torch.nn.Module, call, x: torch.Tensor) -> tuple[float, float]:
-    """(forward, forward + backward to x with the weights frozen) GFLOPs of call(model, x)."""
-    model.requires_grad_(False)
-    fwd = _flops(lambda: call(model, x))
-    x = x.detach().requires_grad_(True)
-    return fwd / 1e9, _flops(lambda: call(model, x).sum().backward()) / 1e9
-
-
-@dataclass
-class MetaModels:
-    """The run's models with shapes only (meta device): the DiT and VAE in the prior's dtype, the classifiers."""
-
-    dit: torch.nn.Module
-    vae: torch.nn.Module | None
-    student: torch.nn.Module
-    reference: torch.nn.Module
-    source: str
-
-
-def meta_models(cfg: Config) -> MetaModels:
-    """Build every model the sampler actors hold on the meta device, from the configs alone (no weights read)."""
-    from diffusers import AutoencoderKL, DiTTransformer2DModel
-
-    from lgd_ray.prior import DTYPES
-
-    t_cfg, v_cfg, source = _pipeline_configs(cfg)
-    n, size, ch = num_classes(cfg.data), cfg.data.image_size, cfg.data.channels
-    keep = lambda c, cls: {k: v for k, v in c.items() if k in inspect.signature(cls.__init__).parameters}
-    dtype = DTYPES[cfg.prior.dtype]
-    with torch.device("meta"):
-        # torch's Module.to: diffusers' own warns about fp32 modules, which these configs do not have
-        dit = torch.nn.Module.to(DiTTransformer2DModel(**keep(t_cfg, DiTTransformer2DModel)), dtype)
-        dit.eval().requires_grad_(False)
-        vae = None
-        if v_cfg is not None:
-            vae = torch.nn.Module.to(AutoencoderKL(**keep(v_cfg, AutoencoderKL)), dtype).eval().requires_grad_(False)
-        student = build_classifier(cfg.student.model, ch, size, n).eval()
-        reference = build_classifier(cfg.reference.model, ch, size, n).eval()
-    return MetaModels(dit, vae, student, reference, source)
-
-
-def step_costs(cfg: Config) -> StepCosts:
-    """Per-image GFLOPs of every model the run uses, counted on the meta device (in float32)."""
-    m = meta_models(replace(cfg, prior=replace(cfg.prior, dtype="float32")))  # FLOPs do not depend on the dtype
-    with torch.device("meta"):
-        s, c = m.dit.config.sample_size, m.dit.config.in_channels
-        t, y = torch.tensor([500]), torch.tensor([0])
-        dit_f = forward_backward_flops(m.dit, lambda m, x: m(x, timestep=t, class_labels=y).sample, torch.randn(1, c, s, s))
-        dec_f = (0.0, 0.0)
-        if m.vae is not None:
-            dec_f = forward_backward_flops(m.vae, lambda m, z: m.decode(z).sample,
-                                           torch.randn(1, m.vae.config.latent_channels, s, s))
-        img = torch.randn(1, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-        run = lambda m, x: m(x)
-        stu_f, ref_f = forward_backward_flops(m.student, run, img), forward_backward_flops(m.reference, run, img)
-        m.student.requires_grad_(True)
-        train_f = _flops(lambda: m.student(img).sum().backward()) / 1e9
-    return StepCosts(*dit_f, *dec_f, *stu_f, *ref_f, train_f, m.source)
-
-
-def make_plan(cfg: Config) -> dict:
-    """Work and FLOPs of every stage: images, candidate trajectories, guided and unguided denoiser steps, training."""
-    from lgd_ray.methods import class_chunks, stage_plan
-
-    costs = step_costs(cfg)
-    n = num_classes(cfg.data)
-    g, steps = cfg.guidance, cfg.prior.num_steps
-    guided_at = guided_steps(tuple(g.window), g.every, steps)
-    cfg_mult = 2 if cfg.prior.cfg_scale > 1 else 1
-    plain = cfg_mult * costs.dit_forward
-    score = costs.decoder + costs.student + costs.reference  # decode + S of a candidate (final, or its x0^ at selection)
-    # a guided step: decoder and both classifiers forward and backward on x0^ (the classifiers once per view with
-    # guidance.augment), and the CFG pair forward, with its backward too on the denoiser path
-    head = costs.decoder_grad + max(1, g.augment) * (costs.student_grad + costs.reference_grad)
-    guided = (cfg_mult * costs.dit_grad if g.through == "denoiser" else plain) + head
-    if g.checkpointing:  # the checkpointed blocks run their forward again in the backward
-        guided += (cfg_mult * costs.dit_forward if g.through == "denoiser" else 0.0) + costs.decoder
-    stages, total_images = [], 0
-    for st in stage_plan(cfg):
-        images = n * st.ipc
-        total_images += images
-        trajectories = 0 if st.method == "random" else images * st.kappa
-        # early rejection: all candidates run the first select_after steps (indices >= pause), the kept one the rest
-        early = st.kappa > 1 and 0 < g.select_after < steps
-        pause = steps - g.select_after if early else 0
-        survivors = images if early else trajectories
-        gradient = guided_at if st.gradient else []
-        g_steps = trajectories * sum(i >= pause for i in gradient) + survivors * sum(i < pause for i in gradient)
-        all_steps = trajectories * (steps - pause) + survivors * pause
-        scored = trajectories + (survivors if early else 0)
-        sample_f = ((all_steps - g_steps) * plain + g_steps * guided + scored * score) * 1e9
-        train_f = costs.student_train * 1e9 * total_images * cfg.student.train.epochs
-        stages.append({"stage": st.index, "ipc": st.ipc, "images": images, "trajectories": trajectories,
-                       "guided_steps": g_steps, "unguided_steps": all_steps - g_steps, "sample_flops": sample_f,
-                       "train_images": total_images, "train_flops": train_f})
-    return {"classes": n, "chunks": len(class_chunks(n, cfg.distill.classes_per_chunk)), "stages": stages,
-            "window_steps": len(guided_at), "costs": costs.__dict__, "guided_step_gflops": guided, "unguided_step_gflops": plain,
-            "total_flops": sum(s["sample_flops"] + s["train_flops"] for s in stages)}
-
-
-def gpu_hours(flops: float, tflops: float, utilisation: float = UTILISATION) -> float:
-    return flops / (tflops * 1e12 * utilisation) / 3600
-
-
-def stage_cost(cfg: Config, planned: dict, rows: list[dict]) -> dict:
-    """A stage's cost for the manifest: its planned work, the sampler seconds its chunks took (actor-seconds, summed
-    over chunks; on this run's hardware) and the GPU-hours the dry-run's rate gives the same work on an H100."""
-    actor_seconds = sum(r.get("seconds", 0.0) for r in rows)
-    images = sum(r["count"] for r in rows)
-    tflops = PEAK_TFLOPS[cfg.prior.dtype]
-    return {"trajectories": planned["trajectories"], "guided_steps": planned["guided_steps"],
-            "unguided_steps": planned["unguided_steps"], "actor_seconds": round(actor_seconds, 2),
-            "images_per_actor_second": round(images / actor_seconds, 3) if actor_seconds else None,
-            "h100_gpu_hours": float(f"{gpu_hours(planned['sample_flops'] + planned['train_flops'], tflops):.4g}"),
-            "h100_basis": f"{tflops:.0f} TFLOPS x {UTILISATION:.0%} (dry-run estimate, not measured)"}
-
-
-def format_plan(cfg: Config, plan: dict, tflops: float, utilisation: float) -> str:
-    """The plan as text, with GPU-hours at `tflops` peak and `utilisation`."""
-    c, r = plan["costs"], cfg.ray
-    lines = [f"plan: {cfg.name}, method {cfg.distill.method}, {plan['classes']} classes in {plan['chunks']} chunks "
-             f"of <= {cfg.distill.classes_per_chunk}; {r.actors} sampler actors x ({r.num_cpus_per_actor} CPU, "
-             f"{r.num_gpus_per_actor} GPU); student fits on {r.train_workers} Ray Train worker(s) "
-             f"({'GPU ' + str(r.train_gpus_per_worker) if r.train_use_gpu else 'CPU'})",
-             f"per image GFLOPs ({c['source']}), forward / with backward to the input: DiT {c['dit_forward']:.1f} / "
-             f"{c['dit_grad']:.1f}, VAE decoder {c['decoder']:.1f} / {c['decoder_grad']:.1f}, student {c['student']:.2f} / "
-             f"{c['student_grad']:.2f}, reference {c['reference']:.2f} / {c['reference_grad']:.2f}; "
-             f"a student training step {c['student_train']:.2f}",
-             f"per trajectory step: unguided {plan['unguided_step_gflops']:.1f} GFLOPs (CFG x{2 if cfg.prior.cfg_scale > 1 else 1}), "
-             f"guided ({cfg.guidance.through}) {plan['guided_step_gflops']:.1f} GFLOPs; {plan['window_steps']} guided of "
-             f"{cfg.prior.num_steps} steps (window {cfg.guidance.window}, every {cfg.guidance.every}); "
-             + (f"candidates cut to the best after {cfg.guidance.select_after} steps"
-                if 0 < cfg.guidance.select_after < cfg.prior.num_steps else "all candidates run to the end"), "",
-             "stage  IPC   images  trajectories  guided steps  unguided steps  sample PFLOPs  train PFLOPs  GPU-h"]
-    for s in plan["stages"]:
-        hours = gpu_hours(s["sample_flops"] + s["train_flops"], tflops, utilisation)
-        lines.append(f"{s['stage']:>5}  {s['ipc']:>3}  {s['images']:>7}  {s['trajectories']:>12}  {s['guided_steps']:>12}  "
-                     f"{s['unguided_steps']:>14}  {s['sample_flops'] / 1e15:>13.1f}  {s['train_flops'] / 1e15:>12.1f}  {hours:>5.1f}")
-    total_h = gpu_hours(plan["total_flops"], tflops, utilisation)
-    lines += ["", f"total: {plan['total_flops'] / 1e15:.1f} PFLOPs = {total_h:.1f} GPU-hours at {tflops:.0f} TFLOPS peak x "
-              f"{utilisation:.0%} utilisation (reference training and evaluation not included); wall time with "
-              f"perfect scaling: " + ", ".join(f"{total_h / g:.1f} h on {g} GPUs" for g in (8, 32, 128))]
-    return "\n".join(lines)
+def stage_plan(cfg: Config) -> list[Stage]:
+    """The stages: seed increment + K increments; method dds selects all IPC at once (one increment)."""
+    d, g = cfg.distill, cfg.guidance
+    if d.method == "dds":
+        return [Stage(0, d.total_ipc, 0, "dds", 1, False)]
+    lgd = d.method == "lgd"
+    seed = Stage(0, d.seed_ipc, 0, "dit" if lgd else d.method, 1, False)
+    return [seed] + [Stage(i, d.ipc_per_stage, d.seed_ipc + (i - 1) * d.ipc_per_stage, d.method, g.kappa if lgd else 1,
+                           lgd and g.active)
+                     for i in range(1, d.stages + 1)]

@@ -113,10 +113,12 @@ def prepare(cfg: Config, shard_images: int = 1000, by_class: tuple[int, ...] = (
     if not items:
         return old
     if cfg.ray.enabled:
+        # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
         import ray
 
-        if not ray.is_initialized():
-            ray.init(address=cfg.ray.address or None)
+        from lgd_ray.cluster import connect
+
+        connect(cfg)
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         rows = ds.map(make_shard, num_cpus=1).take_all()  # a task per object, one decoding thread each
     else:

@@ -1,34 +1,23 @@
-"""The diffusion prior: a diffusers DiT pipeline (transformer, optional VAE, scheduler) loaded from a hub id, a
-folder or a store URI, and the project's own pixel-space class-conditional DiT for small data sets.
+"""The diffusion prior in use: a diffusers DiT pipeline (transformer, optional VAE, scheduler) loaded from a hub id,
+a folder or a store URI, and where the project's own prior of a config lives (`prior_dir`).
 
-`python -m lgd_ray.prior CONFIG [key=value ...]` makes the prior of a config (the pixel DiT trained from scratch, or
-`prior.base` fine-tuned on a folder data set's classes, on Ray Train when ray.enabled) and saves it with
-`save_pretrained` (to `cache`, a folder or a URI), so it loads through `load_prior` exactly as
-`facebook/DiT-XL-2-256` does. `python -m lgd_ray.prior stage HUB_ID URI` copies a hub pipeline to a store once.
+Making a prior (training the pixel DiT, fine-tuning `prior.base`, staging a hub pipeline to a store) is
+lgd_ray/prior_make.py; `python -m lgd_ray.prior ...` runs its command line.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
-import tempfile
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.utils.checkpoint
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, DiTPipeline, DiTTransformer2DModel
 
-from lgd_ray.cli import one_line_errors, run_cli
 from lgd_ray.config import Config, ConfigError, PriorConfig, config_hash
-from lgd_ray.data import TensorSet, check_data, load_split, num_classes
-from lgd_ray.prior_fit import PriorJob
-from lgd_ray.seeding import derive_seed
-from lgd_ray.storage import Location, as_location, local_copy
-from lgd_ray.train import Fitter, in_process_fitter, pick_device
+from lgd_ray.data import num_classes, read_classlist
+from lgd_ray.storage import Location, local_copy
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 PIPELINE_MARKER = "model_index.json"  # save_pretrained writes it; a pipeline folder is complete when it is there
@@ -85,6 +74,16 @@ class Prior:
     def eps_null(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The unconditional noise prediction (the null class)."""
         return self._predict(x_t, t, torch.full((len(x_t),), self.null_class, device=x_t.device))
+
+    def signal_noise(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(abar_t), sqrt(1 - abar_t)) of the scheduler at timestep t, as `like`'s dtype and device."""
+        abar = self.scheduler.alphas_cumprod[int(t)].to(like)
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The predicted clean sample x0^ = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        alpha, sigma = self.signal_noise(t, x_t)
+        return (x_t - sigma * eps) / alpha
 
     def _predict(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x_in = self.scheduler.scale_model_input(x_t, t).to(self.transformer.dtype)
@@ -184,6 +183,20 @@ def random_pipeline(transformer: dict, vae: dict | None = None, seed: int = 0) -
     return DiTPipeline(transformer=dit, vae=vae_model, scheduler=scheduler)
 
 
+def prior_class_map(cfg: Config, prior: Prior) -> torch.Tensor | None:
+    """For a folder data set of ImageNet classes on a 1000-class DiT: each class's ImageNet-1K index; None (identity)
+    when the DiT has the data set's own classes (fine-tuned on them, or the project's pixel DiT)."""
+    if cfg.data.name != "folder" or prior.num_classes == num_classes(cfg.data):
+        return None
+    imagenet, classes = read_classlist("imagenet1k"), read_classlist(cfg.data.classes)
+    unknown = [c for c in classes if c not in imagenet]
+    if prior.num_classes != len(imagenet) or unknown:
+        raise ConfigError(f"prior: the DiT has {prior.num_classes} classes, data.classes {len(classes)}"
+                          + (f" ({len(unknown)} not ImageNet wnids, first: {unknown[0]})" if unknown else "")
+                          + "; fine-tune a DiT on them: python -m lgd_ray.prior CONFIG prior.model_id= prior.base=HUB_ID")
+    return torch.tensor([imagenet.index(w) for w in classes])
+
+
 PRIOR_TRAIN_KEYS = ("patch_size", "num_heads", "head_dim", "depth", "train_timesteps", "train_steps", "batch_size",
                     "lr", "label_dropout", "ema_decay")
 LATER_TRAIN_KEYS = ("base", "min_snr_gamma")  # in the key only when set: priors cached before these keys stay valid
@@ -225,109 +238,7 @@ def require_prior(cfg: Config) -> str:
     return model_id
 
 
-def build_pixel_dit(cfg: Config, n_classes: int) -> DiTTransformer2DModel:
-    p = cfg.prior
-    if cfg.data.image_size % p.patch_size:
-        raise ConfigError(f"config: 'prior.patch_size' {p.patch_size} must divide data.image_size {cfg.data.image_size}")
-    return DiTTransformer2DModel(
-        num_attention_heads=p.num_heads, attention_head_dim=p.head_dim, in_channels=cfg.data.channels,
-        out_channels=cfg.data.channels, num_layers=p.depth, sample_size=cfg.data.image_size,
-        patch_size=p.patch_size, num_embeds_ada_norm=n_classes, norm_num_groups=1)
+if __name__ == "__main__":  # `python -m lgd_ray.prior`: the command lives with the making of priors
+    from lgd_ray.prior_make import main
 
-
-def pixel_job(cfg: Config, load_data: Callable[[], TensorSet], n_classes: int) -> PriorJob:
-    """The fit of the project's pixel DiT on `load_data()` (uint8 images), linear-beta DDPM noise."""
-    noise = DDPMScheduler(num_train_timesteps=cfg.prior.train_timesteps, beta_schedule="linear", clip_sample=True)
-    return PriorJob(cfg.prior, partial(build_pixel_dit, cfg, n_classes), load_data, dict(noise.config),
-                    derive_seed(prior_seed(cfg), "prior"), checkpoints=str(prior_checkpoints(cfg)))
-
-
-def train_prior(job: PriorJob, out: Location, fitter: Fitter, vae: AutoencoderKL | None = None) -> dict:
-    """Fit the job's DiT (with `fitter`: in this process or on Ray Train) and save its EMA weights as a DiTPipeline
-    with `vae` and the training noise schedule to `out` (model_index.json last); returns the fit's info."""
-    weights, metrics = fitter(job)
-    torch.manual_seed(job.seed)
-    transformer = job.build()
-    transformer.load_state_dict(weights)
-    info = {"steps": metrics["step"], **{k: metrics[k] for k in ("workers", "seconds", "params", "final_loss",
-                                                                  "eval_loss")}}
-    with tempfile.TemporaryDirectory() as tmp:
-        pipe = DiTPipeline(transformer=transformer.eval(), vae=vae, scheduler=DDPMScheduler.from_config(job.noise))
-        pipe.save_pretrained(tmp)
-        (Path(tmp) / "train_info.json").write_text(json.dumps(info, indent=1))
-        as_location(out).upload_dir(Path(tmp), last=PIPELINE_MARKER)
-    if job.checkpoints:
-        Location(job.checkpoints).delete()
-    return info
-
-
-def ensure_prior(cfg: Config, device="cpu", fitter: Fitter | None = None) -> str:
-    """The prior's model id; makes and saves the project's prior first if the config needs one and it is absent:
-    the pixel DiT trained, or prior.base fine-tuned on the data set's classes (with `fitter`, default in this process).
-
-    Called by the driver only, before any actor starts (actors call `require_prior`).
-    """
-    if cfg.prior.model_id:
-        return require_prior(cfg)
-    out = prior_dir(cfg)
-    if not (out / PIPELINE_MARKER).exists():
-        fitter = fitter or in_process_fitter(device)
-        if cfg.prior.base:
-            from lgd_ray.finetune import finetune_prior
-
-            info = finetune_prior(cfg, out, fitter)
-        elif cfg.data.name == "folder":
-            raise ConfigError("config: a folder data set needs 'prior.model_id' (a DiT pipeline, e.g. "
-                              "facebook/DiT-XL-2-256 for ImageNet classes) or 'prior.base' (one to fine-tune on its classes)")
-        else:
-            print(f"prior: training a pixel DiT on {cfg.data.name} ({cfg.prior.train_steps} steps) -> {out}", flush=True)
-            info = train_prior(pixel_job(cfg, partial(load_split, cfg.data, "train"), num_classes(cfg.data)), out,
-                               fitter)
-        print(f"prior: {info['params'] / 1e6:.2f} M params, loss {info['final_loss']:.4f} (unweighted, fixed draws "
-              f"{info['eval_loss']:.4f}), {info['seconds']} s", flush=True)
-    return str(out)
-
-
-def stage_prior(source: str, uri: str) -> Location:
-    """Copy a diffusers pipeline (a hub id, downloaded once here, or a local folder) to a store, model_index.json last."""
-    local = Path(source)
-    if not (local / PIPELINE_MARKER).exists():
-        print(f"prior: downloading {source} from the model hub", flush=True)
-        local = Path(DiffusionPipeline.download(source))
-    target = Location(uri)
-    target.upload_dir(local, last=PIPELINE_MARKER)
-    print(f"prior: {source} -> {target}", flush=True)
-    return target
-
-
-def main(argv: list[str]):
-    if argv[:1] == ["stage"]:
-        parser = argparse.ArgumentParser(prog="python -m lgd_ray.prior stage",
-                                         description="Copy a DiT pipeline from the hub (or a folder) to a store, once.")
-        parser.add_argument("source", help="a hub id (facebook/DiT-XL-2-256) or a local folder saved by save_pretrained")
-        parser.add_argument("uri", help="where actors load it from: prior.model_id=URI")
-        args = parser.parse_args(argv[1:])
-        one_line_errors(lambda: stage_prior(args.source, args.uri))
-        return
-
-    def work(cfg: Config, args):
-        check_data(cfg.data)
-        if cfg.prior.model_id:
-            raise ConfigError("config: 'prior.model_id' is set: that prior is loaded, not trained (unset it to train)")
-        fitter = None
-        if cfg.ray.enabled:  # on Ray Train: DDP over ray.train_workers, GPUs when ray.train_use_gpu
-            import ray
-
-            from lgd_ray.ray_train import ray_fitter
-
-            if not ray.is_initialized():
-                ray.init(address=cfg.ray.address or None)
-            fitter = ray_fitter(cfg, Location(cfg.cache))
-        print(ensure_prior(cfg, pick_device(cfg.device), fitter))
-
-    run_cli("lgd_ray.prior", "Train the config's prior, or fine-tune prior.base on its classes (skipped if made).",
-            argv, work)
-
-
-if __name__ == "__main__":
     main(sys.argv[1:])

@@ -8,19 +8,23 @@ DDP ranks each rank takes batch_size / world samples a step from its own share o
 from __future__ import annotations
 
 import copy
+import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import DDPMScheduler, DiTTransformer2DModel
-from tqdm.auto import tqdm
+from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
 from lgd_ray.config import PriorConfig
 from lgd_ray.data import TensorSet, to_float
+from lgd_ray.prior import PIPELINE_MARKER
 from lgd_ray.seeding import generator
-from lgd_ray.train import rank_slice, to_cpu
+from lgd_ray.storage import Location, as_location
+from lgd_ray.train import Bar, Fitter, rank_slice, terminal_bar, to_cpu
 
 EVAL_SAMPLES = 512  # fixed draws of the unweighted denoising loss recorded after the fit
 
@@ -49,8 +53,9 @@ class PriorJob:
     def rounds(self) -> int:
         return math.ceil(self.prior.train_steps / self.prior.checkpoint_steps)
 
-    def run(self, device="cpu", rank: int = 0, world: int = 1, wrap=None, on_round=None, resume=None):
-        return fit_prior(self, device, rank, world, wrap, on_round, resume)
+    def run(self, device="cpu", rank: int = 0, world: int = 1, wrap=None, on_round=None, resume=None,
+            bar: Bar = terminal_bar):
+        return fit_prior(self, device, rank, world, wrap, on_round, resume, bar)
 
 
 def loss_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -90,12 +95,13 @@ def denoising_loss(model, data: TensorSet, noise_sched: DDPMScheduler, seed: int
 
 def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=None,
               on_round: Callable[[int, dict, Callable[[], dict]], None] | None = None,
-              resume: dict | None = None) -> tuple[dict, dict]:
+              resume: dict | None = None, bar: Bar = terminal_bar) -> tuple[dict, dict]:
     """Train the job's DiT with the epsilon MSE (min-SNR-gamma weighted if prior.min_snr_gamma > 0), label dropout,
     AdamW with warm-up and cosine decay, gradient clipping and an EMA of the weights (with warm-up).
 
     on_round(round, metrics, state) after every prior.checkpoint_steps steps; state() is what resumes the fit (weights,
-    EMA, optimizer, scheduler, step; CPU tensors). Returns (EMA state dict on the CPU, metrics).
+    EMA, optimizer, scheduler, step; CPU tensors); bar: the progress bar of the steps (with the loss). Returns (EMA state
+    dict on the CPU, metrics).
     """
     p = job.prior
     if p.batch_size % world:
@@ -132,8 +138,8 @@ def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=N
         return {"step": step, "model": to_cpu(model.state_dict()), "ema": to_cpu(ema.state_dict()),
                 "optimizer": to_cpu(opt.state_dict()), "scheduler": to_cpu(sched.state_dict())}
 
-    bar = tqdm(range(first, p.train_steps), desc=job.name, disable=None, initial=first, total=p.train_steps)
-    for step in bar:
+    progress = bar(p.train_steps, job.name, first)
+    for step in range(first, p.train_steps):
         x0, noise, t, y = _step_inputs(data, batch, null, p.label_dropout, noise_sched.config.num_train_timesteps,
                                        generator(job.seed, "step", step, rank), device)
         pred = net(noise_sched.add_noise(x0, noise, t), timestep=t, class_labels=y).sample[:, :x0.shape[1]]
@@ -150,15 +156,35 @@ def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=N
                 pe.lerp_(pm, 1 - decay)
         losses.append(loss.detach())
         done = step + 1
+        progress.update(1)
         if done % 50 == 0:
-            bar.set_postfix(loss=f"{torch.stack(losses[-50:]).mean().item():.4f}")
+            progress.set_description(f"{job.name} loss {torch.stack(losses[-50:]).mean().item():.4f}")
         if on_round and (done % p.checkpoint_steps == 0 or done == p.train_steps):
             on_round(math.ceil(done / p.checkpoint_steps) - 1,
                      {"step": done, "loss": torch.stack(losses[-p.checkpoint_steps:]).mean().item()},
                      lambda done=done: state(done))
+    progress.close()
     metrics = {"step": p.train_steps, "workers": world, "seconds": round(time.time() - start, 1),
                "params": sum(x.numel() for x in model.parameters()),
                "final_loss": torch.stack(losses[-100:]).mean().item() if losses else float("nan"),
                "eval_loss": denoising_loss(ema, data, noise_sched, job.seed)}
     return {k: v.detach().cpu() for k, v in ema.state_dict().items()}, metrics
 
+
+def train_prior(job: PriorJob, out: Location, fitter: Fitter, vae: AutoencoderKL | None = None) -> dict:
+    """Fit the job's DiT (with `fitter`: in this process or on Ray Train) and save its EMA weights as a DiTPipeline
+    with `vae` and the training noise schedule to `out` (model_index.json last); returns the fit's info."""
+    weights, metrics = fitter(job)
+    torch.manual_seed(job.seed)
+    transformer = job.build()
+    transformer.load_state_dict(weights)
+    info = {"steps": metrics["step"], **{k: metrics[k] for k in ("workers", "seconds", "params", "final_loss",
+                                                                  "eval_loss")}}
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = DiTPipeline(transformer=transformer.eval(), vae=vae, scheduler=DDPMScheduler.from_config(job.noise))
+        pipe.save_pretrained(tmp)
+        (Path(tmp) / "train_info.json").write_text(json.dumps(info, indent=1))
+        as_location(out).upload_dir(Path(tmp), last=PIPELINE_MARKER)
+    if job.checkpoints:
+        Location(job.checkpoints).delete()
+    return info

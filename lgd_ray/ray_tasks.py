@@ -19,17 +19,17 @@ def map_jobs(cfg: Config, fn: Callable, items: Sequence, desc: str) -> list:
     (a task lost with its node is run again, up to ray.max_restarts times)."""
     if not cfg.ray.enabled:
         return [fn(item) for item in tqdm(items, desc=desc, disable=None)]
+    # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or None)
-    from lgd_ray.resources import train_resources, wait_for_resources
+    from lgd_ray.cluster import connect
+    from lgd_ray.resources import ray_options, train_resources, wait_for_resources
 
+    connect(cfg)
     r = cfg.ray
     resources = train_resources(cfg)
     wait_for_resources([resources], r.schedule_timeout_s, f"{desc}: a task")  # never a silent hang
-    task = ray.remote(num_cpus=resources.pop("CPU"), num_gpus=resources.pop("GPU", 0), resources=resources or None,
-                      max_retries=r.max_restarts)(_run_with_threads)
+    task = ray.remote(**ray_options(resources), max_retries=r.max_restarts)(_run_with_threads)
     refs = [task.remote(fn, item, max(1, round(r.train_cpus_per_worker))) for item in items]
     pending = list(refs)
     with tqdm(total=len(refs), desc=desc, disable=None) as bar:

@@ -23,10 +23,10 @@ import torch
 from lgd_ray.cli import one_line_errors
 from lgd_ray.config import ConfigError
 from lgd_ray.data import num_classes
-from lgd_ray.evaluate import eval_jobs, increments, load_run, run_eval_job
+from lgd_ray.evaluate import eval_jobs, load_run, run_eval_job
 from lgd_ray.ray_tasks import map_jobs
 from lgd_ray.report import save_figure, write_report
-from lgd_ray.shards import load_tensor_set
+from lgd_ray.shards import load_tensor_set, trained_increments
 from lgd_ray.storage import Location, as_location
 
 
@@ -59,7 +59,7 @@ def redundancy(run_dir: Location, overrides: list[str] = ()) -> dict:
     """Compute the run's increment matrix; writes run_dir/redundancy/{matrix.csv, matrix.png, redundancy.json}."""
     run_dir = as_location(run_dir)
     cfg, manifest = load_run(run_dir, overrides)
-    parts = increments(manifest)
+    parts = trained_increments(manifest)
     if len(parts) < 2:
         raise ConfigError("redundancy: the run needs at least two finished stages")
     n = num_classes(cfg.data)

@@ -25,6 +25,12 @@ def train_resources(cfg: Config) -> dict:
             **accelerator(cfg)}
 
 
+def ray_options(resources: dict) -> dict:
+    """{"CPU": c, "GPU": g, custom: x} -> the num_cpus / num_gpus / resources options of a Ray task or actor."""
+    rest = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
+    return {"num_cpus": resources.get("CPU", 0), "num_gpus": resources.get("GPU", 0), "resources": rest or None}
+
+
 def accelerator(cfg: Config) -> dict:
     """The custom resource Ray gives nodes of an accelerator type (a tiny share of it pins a process to them)."""
     return {f"accelerator_type:{cfg.ray.accelerator_type}": 0.001} if cfg.ray.accelerator_type else {}

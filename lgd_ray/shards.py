@@ -21,7 +21,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from lgd_ray.config import ConfigError, from_dict
 from lgd_ray.data import TensorSet
+from lgd_ray.plan import stage_plan
 from lgd_ray.storage import Location, as_location
 
 MANIFEST = "manifest.json"
@@ -29,6 +31,11 @@ MANIFEST = "manifest.json"
 
 def sample_key(cls: int, slot: int) -> str:
     return f"c{cls:04d}-s{slot:05d}"
+
+
+def sample_record(cls: int, slot: int, image: torch.Tensor, **meta) -> dict:
+    """One sample as write_shard takes it: its key, uint8 image, label and json metadata."""
+    return {"key": sample_key(cls, slot), "image": image, "cls": cls, "meta": meta}
 
 
 def stage_dir(stage: int) -> str:
@@ -134,3 +141,16 @@ def record(manifest: dict, row: dict):
 def paths(rows: list[dict]) -> list[str]:
     """The rows' shard paths in a fixed (sorted) order."""
     return sorted(r["path"] for r in rows)
+
+
+def trained_increments(manifest: dict) -> list[tuple[int, int, list[str]]]:
+    """(stage, images per class of the stage, its shard paths) of every trained stage, in stage order."""
+    out = []
+    for stage in stage_plan(from_dict(manifest["config"])):
+        info = manifest["stages"].get(str(stage.index))
+        if not info or not info.get("trained"):
+            break
+        out.append((stage.index, stage.ipc, paths(stage_rows(manifest, stage.index))))
+    if not out:
+        raise ConfigError("the run has no finished stage yet")
+    return out

@@ -17,10 +17,11 @@ from typing import Callable, Iterable
 from tqdm.auto import tqdm
 
 from lgd_ray.config import Config, ConfigError, config_hash, from_dict, run_identity, to_dict
-from lgd_ray.data import check_data, class_names, load_split, num_classes
-from lgd_ray.methods import ChunkMaker, ChunkTask, class_chunks, stage_plan
-from lgd_ray.plan import make_plan, stage_cost
-from lgd_ray.prior import ensure_prior
+from lgd_ray.cost import run_cost, stage_cost
+from lgd_ray.data import check_data, class_chunks, class_names, load_split, num_classes
+from lgd_ray.methods import ChunkMaker
+from lgd_ray.plan import ChunkTask, stage_plan
+from lgd_ray.prior_make import ensure_prior
 from lgd_ray.reference import ensure_reference, fit_job, new_classifier
 from lgd_ray.report import write_report
 from lgd_ray.seeding import derive_seed
@@ -96,9 +97,9 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
     runner = runner or in_process_runner(lambda: ChunkMaker(cfg, run_dir, device))
     chunks = class_chunks(n_classes, cfg.distill.classes_per_chunk)
     student_state = None
-    plan = stage_plan(cfg)
-    planned = {s["stage"]: s for s in make_plan(cfg)["stages"]}  # the dry-run's counts, recorded with each stage
-    for stage in tqdm(plan, desc="stages", disable=None):
+    stages = stage_plan(cfg)
+    costs = {s["stage"]: s for s in run_cost(cfg)["stages"]}  # the dry-run's counts, recorded with each stage
+    for stage in tqdm(stages, desc="stages", disable=None):
         info = manifest["stages"].get(str(stage.index), {})
         ckpt = run_dir / stage_dir(stage.index) / "student.safetensors"
         done = {r["chunk"] for r in stage_rows(manifest, stage.index) if shard_ok(run_dir, r)}
@@ -107,7 +108,7 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
             continue
         # Generate I_i: every chunk whose shard is missing or does not match its sha256
         start = time.time()
-        todo = [ChunkTask(stage.index, i, c) for i, c in enumerate(chunks) if i not in done]
+        todo = [ChunkTask(stage, i, c) for i, c in enumerate(chunks) if i not in done]
         earlier = shards_through(manifest, stage.index - 1)
         previous = lambda t: paths(r for r in earlier if set(r["classes"]) & set(t.classes))
         for row in tqdm(runner(todo, student_state, previous), total=len(todo), desc=f"stage {stage.index} chunks",
@@ -132,12 +133,12 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
                 "student_acc": acc, "sample_seconds": round(sample_seconds, 2),
                 "train_seconds": round(time.time() - start, 2),
                 "mean_S": sum(s * n for s, n in scores) / sum(n for _, n in scores) if scores else None,
-                "cost": stage_cost(cfg, planned[stage.index], new)}
+                "cost": stage_cost(cfg, costs[stage.index], new)}
         manifest["stages"][str(stage.index)] = info
         write_manifest(run_dir, manifest)
         write_report(run_dir)
         s_text = f", mean S {info['mean_S']:.3f}" if info["mean_S"] is not None else ""
-        log(f"stage {stage.index}/{len(plan) - 1}: {info['images']} new images ({info['total_images']} in all), "
+        log(f"stage {stage.index}/{len(stages) - 1}: {info['images']} new images ({info['total_images']} in all), "
             f"sample {info['sample_seconds']:.1f} s, train {info['train_seconds']:.1f} s, "
             f"student test acc {100 * acc:.2f}%{s_text}")
         if on_stage:

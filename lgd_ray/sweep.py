@@ -14,12 +14,17 @@ import io
 import sys
 
 import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 
 from lgd_ray.cli import run_cli
+from lgd_ray.cluster import connect
 from lgd_ray.config import Config, apply_overrides, build_config, config_hash, run_identity, to_dict
 from lgd_ray.data import num_classes
-from lgd_ray.prior import ensure_prior
+from lgd_ray.prior_make import ensure_prior
+from lgd_ray.ray_train import ray_fitter
 from lgd_ray.reference import ensure_reference
+from lgd_ray.stages import run_stages
 from lgd_ray.storage import Location, as_location
 
 
@@ -32,10 +37,6 @@ def trial_config(base: dict, omega: float, lambda_: float, out: str) -> Config:
 
 
 def _trial(params: dict, base: dict, root: str):
-    from ray import tune
-
-    from lgd_ray.stages import run_stages
-
     cfg = trial_config(base, params["omega"], params["lambda"],
                        str(Location(root) / f"omega{params['omega']:g}-lambda{params['lambda']:g}"))
     run_stages(cfg, Location(cfg.out), resume=True, log=lambda _: None,
@@ -45,12 +46,6 @@ def _trial(params: dict, base: dict, root: str):
 
 def sweep(cfg: Config) -> dict:
     """Run the sweep; returns {"rows": [...], "best": {...}, "best_config": path}."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    from lgd_ray.ray_train import ray_fitter
-
     s = cfg.sweep
     root = as_location(cfg.out or f"runs/sweep-{cfg.name}-{config_hash(run_identity(cfg))}")
     base = to_dict(cfg)
@@ -58,8 +53,7 @@ def sweep(cfg: Config) -> dict:
     for key in ("root", "prepared"):
         if base["data"][key]:
             base["data"][key] = str(as_location(base["data"][key]))
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or None)
+    connect(cfg)
     # the prior and the reference are made once, before the trials (which only load them from the cache): theta*
     # with Ray Train as in `distill` (GPU workers when configured), not on this process's CPU
     ensure_prior(cfg)

@@ -53,6 +53,15 @@ def process_device(name: str = "auto") -> torch.device:
     return pick_device("cuda")
 
 
+# A progress bar factory: (total, description, initial) -> an object with update(n), set_description(s), close()
+Bar = Callable[[int, str, int], object]
+
+
+def terminal_bar(total: int, desc: str, initial: int = 0):
+    """The progress of work in this process: a tqdm bar on a terminal, nothing elsewhere (logs, CI)."""
+    return tqdm(total=total, desc=desc, initial=initial, disable=None, leave=False)
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, crop_scale: float, flip: bool) -> torch.Tensor:
     """Batched RandomResizedCrop(scale=(crop_scale, 1), ratio 3/4..4/3) + horizontal flip, one affine grid per image."""
     n = x.shape[0]
@@ -103,7 +112,7 @@ def batches(data, batch_size: int, gen: torch.Generator, device, shuffle: bool):
 def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, device="cpu",
                      on_epoch: Callable[[int, dict], None] | None = None, desc: str = "train",
                      teacher: torch.nn.Module | None = None, temperature: float = 4.0, batch_size: int = 0,
-                     resume: dict | None = None) -> torch.nn.Module:
+                     resume: dict | None = None, bar: Bar = terminal_bar) -> torch.nn.Module:
     """SGD + MultiStepLR training on `data` (images uint8, labels int64); `seed` fixes order and augmentation.
 
     Each epoch draws from its own generator, seeded from (seed, epoch), so a fit resumed from `resume` (a `train_state`
@@ -111,6 +120,7 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
     part of cfg.batch_size); 0 = cfg.batch_size. on_epoch(epoch, metrics, state): state() is what resumes the fit
     after that epoch (weights, optimizer, scheduler as CPU tensors), for a checkpoint.
     With a teacher the targets are its softened predictions on the same augmented batch (KL at `temperature`).
+    bar: the progress bar of the epochs (with the last epoch's loss).
     """
     device = torch.device(device)
     model.to(device).train()
@@ -133,7 +143,8 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
         return {"epoch": epoch, "model": to_cpu(module.state_dict()), "optimizer": to_cpu(opt.state_dict()),
                 "scheduler": to_cpu(sched.state_dict())}
 
-    for epoch in tqdm(range(first, cfg.epochs), desc=desc, leave=False, disable=None, initial=first, total=cfg.epochs):
+    progress = bar(cfg.epochs, desc, first)
+    for epoch in range(first, cfg.epochs):
         gen = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
         total, correct, loss_sum = 0, torch.zeros((), device=device), torch.zeros((), device=device)
         for x, y in batches(data, batch_size or cfg.batch_size, gen, device, shuffle=True):
@@ -157,10 +168,14 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
             correct += (logits.argmax(1) == y).sum()
             loss_sum += loss.detach() * len(y)
         sched.step()
-        if on_epoch:
-            on_epoch(epoch, {"train_loss": loss_sum.item() / total, "train_acc": correct.item() / total},
-                     lambda epoch=epoch: state(epoch))
-            model.train()  # the callback may have tested the model
+        progress.update(1)
+        if on_epoch or epoch % 10 == 0:
+            stats = {"train_loss": loss_sum.item() / total, "train_acc": correct.item() / total}
+            progress.set_description(f"{desc} loss {stats['train_loss']:.3f}")
+            if on_epoch:
+                on_epoch(epoch, stats, lambda epoch=epoch: state(epoch))
+                model.train()  # the callback may have tested the model
+    progress.close()
     return model.eval()
 
 
@@ -234,8 +249,9 @@ class FitJob:
     def rounds(self) -> int:
         return self.train.epochs
 
-    def run(self, device="cpu", rank: int = 0, world: int = 1, wrap=None, on_round=None, resume=None):
-        model = fit(self, device, rank, world, wrap, on_round, resume)
+    def run(self, device="cpu", rank: int = 0, world: int = 1, wrap=None, on_round=None, resume=None,
+            bar: Bar = terminal_bar):
+        model = fit(self, device, rank, world, wrap, on_round, resume, bar)
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}, {}
 
     def build(self) -> torch.nn.Module:
@@ -262,7 +278,8 @@ def rank_slice(data, rank: int, world: int, seed: int):
 
 
 def fit(job: FitJob, device="cpu", rank: int = 0, world: int = 1, wrap=None,
-        on_epoch: Callable[[int, dict], None] | None = None, resume: dict | None = None) -> torch.nn.Module:
+        on_epoch: Callable[[int, dict], None] | None = None, resume: dict | None = None,
+        bar: Bar = terminal_bar) -> torch.nn.Module:
     """Build, (optionally wrap, e.g. in DDP,) and train the job's classifier on this rank's share of its data.
 
     With `world` ranks each takes batch_size / world images a step: DDP averages their gradients, so a step sees the
@@ -275,7 +292,7 @@ def fit(job: FitJob, device="cpu", rank: int = 0, world: int = 1, wrap=None,
     model = wrap(model) if wrap else model
     seed = job.seed if world == 1 else derive_seed(job.seed, "rank", rank)
     return train_classifier(model, data, job.train, seed, device, on_epoch=on_epoch, desc=job.name,
-                            batch_size=job.train.batch_size // world, resume=resume)
+                            batch_size=job.train.batch_size // world, resume=resume, bar=bar)
 
 
 # trains a FitJob or a PriorJob somewhere; returns (the job's output state dict on the CPU, its final metrics)

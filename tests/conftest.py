@@ -2,9 +2,12 @@
 S3-compatible server (moto's server mode, as Ray's own tests use) on a free loopback port."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,27 @@ torch.set_num_threads(2)
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "lgd-ray-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "lgd-ray-test")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def load_bench(name: str):
+    """A script of bench/ as a module (bench/ on the path for its shared `parts`)."""
+    folder = Path(__file__).resolve().parents[1] / "bench"
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray for the tests of one module (2 CPUs, no dashboard), as Ray's own tests start one."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -90,12 +114,26 @@ def tiny_cfg(tiny_overrides):
 def trained(tiny_cfg):
     """(prior, reference, real train split, real test split) of the tiny digits config."""
     from lgd_ray.data import load_split
-    from lgd_ray.prior import ensure_prior, load_prior
+    from lgd_ray.prior import load_prior
+    from lgd_ray.prior_make import ensure_prior
     from lgd_ray.reference import ensure_reference
 
     prior = load_prior(ensure_prior(tiny_cfg), tiny_cfg.prior.scheduler)
     reference, _ = ensure_reference(tiny_cfg, 10)
     return prior, reference.requires_grad_(False), load_split(tiny_cfg.data, "train"), load_split(tiny_cfg.data, "test")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(trained, tiny_overrides, tmp_path_factory):
+    """(config, run folder, manifest, log lines) of one tiny digits run in this process, shared by the stage-loop,
+    evaluation and report tests (a test that damages it restores it)."""
+    from lgd_ray.stages import run_stages
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    cfg = load_config("digits", tiny_overrides + [f"out={out}"])
+    lines = []
+    manifest = run_stages(cfg, out, log=lines.append)
+    return cfg, out, manifest, lines
 
 
 def tiny_latent_pipeline(num_classes: int = 1000, learned_sigma: bool = True) -> DiTPipeline:
@@ -120,7 +158,8 @@ def s3_cache_of(cfg, endpoint: str) -> Location:
     stages a hub DiT: `python -m lgd_ray.prior stage`), so runs on S3 use the very same models as local runs."""
     from dataclasses import replace
 
-    from lgd_ray.prior import prior_dir, stage_prior
+    from lgd_ray.prior import prior_dir
+    from lgd_ray.prior_make import stage_prior
     from lgd_ray.reference import reference_path
     from lgd_ray.train import info_location
 

@@ -1,20 +1,11 @@
 """bench/bf16_emulated.py: bf16 GEMMs done in float32 and rounded once stand in for native bf16 arithmetic."""
-import importlib.util
-from pathlib import Path
-
 import torch
 
-
-def load_bench():
-    path = Path(__file__).parents[1] / "bench" / "bf16_emulated.py"
-    spec = importlib.util.spec_from_file_location("bf16_emulated", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_bench
 
 
 def test_emulated_bf16_is_much_closer_to_native_bf16_than_bf16_is_to_float32():
-    bench = load_bench()
+    bench = load_bench("bf16_emulated")
     before = bench.TensorCoreBf16.count
     errors = bench.compare(bench.tiny_dit(size=16, depth=2), batch=16)
     assert bench.TensorCoreBf16.count > before  # the DiT's GEMMs went through the emulation
@@ -25,7 +16,7 @@ def test_emulated_bf16_is_much_closer_to_native_bf16_than_bf16_is_to_float32():
 
 
 def test_float32_gemms_pass_through_unchanged():
-    bench = load_bench()
+    bench = load_bench("bf16_emulated")
     a, b = torch.randn(8, 16), torch.randn(16, 4)
     expected, before = a @ b, bench.TensorCoreBf16.count
     with bench.TensorCoreBf16():

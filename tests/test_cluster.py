@@ -18,6 +18,8 @@ from lgd_ray.config import ConfigError, load_config
 from lgd_ray.distill import distill
 from lgd_ray.storage import Location, StorageError
 
+pytestmark = pytest.mark.slow  # a simulated 3-node cluster
+
 RAY = str(Path(sys.executable).parent / "ray")
 
 

@@ -4,8 +4,10 @@ import torch
 
 from lgd_ray.config import load_config
 from lgd_ray.data import TensorSet, to_float, to_uint8
-from lgd_ray.dds import Candidate, relevance_maps, select, top_windows
-from lgd_ray.prior import load_prior, pixel_job, train_prior
+from lgd_ray.dds import Candidate, relevance_maps, select, top_crops
+from lgd_ray.prior import load_prior
+from lgd_ray.prior_fit import train_prior
+from lgd_ray.prior_make import pixel_job
 from lgd_ray.seeding import generator
 from lgd_ray.shards import read_shards
 from lgd_ray.stages import run_stages
@@ -34,7 +36,7 @@ def test_relevance_peaks_where_the_class_is(tmp_path):
                           [generator(0, "dds", i) for i in range(32)])
     left, right = maps[:, :, :4].mean(dim=(1, 2)), maps[:, :, 4:].mean(dim=(1, 2))
     assert (left > right).float().mean() >= 0.9 and left.mean() > 5 * right.abs().mean()
-    wins = top_windows(maps, 4, 2)
+    wins = top_crops(maps, 4, 2)
     # the best 4x4 window is the left half's (one of 5 columns): 24-28 of 32 over prior seeds 0-2 at 400 and 800 steps
     assert sum(w[0][2] == 0 for w in wins) >= 0.75 * len(wins)
     assert all(len(w) == 2 and w[0][0] >= w[1][0] for w in wins)

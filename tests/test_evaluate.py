@@ -11,16 +11,13 @@ from lgd_ray.config import ConfigError, load_config
 from lgd_ray.evaluate import evaluate_full, evaluate_run, eval_jobs, run_eval_job
 from lgd_ray.redundancy import redundancy, redundancy_of
 from lgd_ray.shards import load_tensor_set
-from lgd_ray.stages import run_stages
 
 FAST = ["repeats=2", "epochs_by_ipc=[]", "train.epochs=12", "eval_every=4", "ray.enabled=false"]
 
 
-@pytest.fixture(scope="module")
-def run(trained, tiny_overrides, tmp_path_factory):
-    out = tmp_path_factory.mktemp("evalrun")
-    cfg = load_config("digits", tiny_overrides + [f"out={out}"])
-    return cfg, out, run_stages(cfg, out, log=lambda _: None)
+@pytest.fixture
+def run(tiny_run):
+    return tiny_run[:3]
 
 
 def test_protocol_writes_last_and_best_for_each_repeat(run):

@@ -17,12 +17,16 @@ from lgd_ray.actors import ActorPool
 from lgd_ray.config import ConfigError, load_config
 from lgd_ray.data import load_split
 from lgd_ray.distill import distill
-from lgd_ray.methods import ChunkMaker, ChunkTask, class_chunks
+from lgd_ray.data import class_chunks
+from lgd_ray.methods import ChunkMaker
+from lgd_ray.plan import ChunkTask, stage_plan
 from lgd_ray.ray_train import ray_fitter
 from lgd_ray.reference import fit_job
 from lgd_ray.resources import ResourceError, train_resources
 from lgd_ray.stages import run_stages
 from lgd_ray.storage import Location
+
+pytestmark = pytest.mark.slow  # a simulated cluster losing nodes
 
 # Node death is noticed in about a second (Ray's own fault-tolerance tests set these the same way).
 FAST_HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 250, "health_check_failure_threshold": 4}
@@ -103,7 +107,7 @@ def test_node_lost_while_sampling_and_while_training(cluster, single_process_run
             if "lost" in events and "continued" not in events:
                 events["continued"] = time.time()
             if row["stage"] == 1 and "lost" not in events:
-                busy = [a for ref, (a, _) in pool.inflight.items() if not ray.wait([ref], timeout=0)[0]]
+                busy = pool.running()
                 if busy:
                     node = list_actors(filters=[("actor_id", "=", busy[0]._actor_id.hex())])[0].node_id
                     events["lost"] = _remove(cluster, node)
@@ -150,8 +154,8 @@ def test_a_chunk_that_raises_is_retried_and_one_that_always_raises_ends_the_run(
                 raise OSError(f"injected fault in chunk {task.chunk}")
             return super().make(task, student_state, previous_shards)
 
-    tasks = [ChunkTask(0, i, c) for i, c in enumerate(class_chunks(10, 5))]
     cfg = load_config("digits", tiny_overrides + RUN + ["ray.chunk_retries=2"])
+    tasks = [ChunkTask(stage_plan(cfg)[0], i, c) for i, c in enumerate(class_chunks(10, 5))]
     pool = ActorPool(cfg, tmp_path / "flaky", FlakyMaker)
     rows = list(pool(tasks, None, lambda t: []))
     assert sorted(r["chunk"] for r in rows) == [0, 1] and pool.retried == 2
@@ -169,7 +173,7 @@ def test_requests_no_node_can_hold_fail_in_the_configured_time(cluster, trained,
     start = time.time()
     with pytest.raises(ResourceError, match=r"ray: 2 sampler actors \(4 CPU each\) could not be placed within 3 s "
                                             r"\(ray\.schedule_timeout_s\); the cluster's 3 nodes have 2 CPU in all"):
-        list(ActorPool(cfg, tmp_path)([ChunkTask(0, 0, (0,))], None, lambda t: []))
+        list(ActorPool(cfg, tmp_path)([ChunkTask(stage_plan(cfg)[0], 0, (0,))], None, lambda t: []))
     assert time.time() - start < 30
     cfg = load_config("digits", tiny_overrides + RUN + ["ray.train_workers=2", "ray.train_cpus_per_worker=2",
                                                         "ray.schedule_timeout_s=3"])
@@ -186,7 +190,8 @@ def test_gpu_placement_and_a_gpu_torch_cannot_see(cluster, trained, tiny_overrid
         cfg = load_config("digits", tiny_overrides + RUN + ["ray.num_gpus_per_actor=1", "ray.accelerator_type=H100"])
         with pytest.raises(ConfigError, match=r"device: Ray gave this process GPU 0 on node .*, but torch .* sees no "
                                               r"GPU; install a torch CUDA build") as e:
-            list(ActorPool(cfg, tmp_path)([ChunkTask(0, i, (i,)) for i in range(2)], None, lambda t: []))
+            list(ActorPool(cfg, tmp_path)([ChunkTask(stage_plan(cfg)[0], i, (i,)) for i in range(2)], None,
+                                          lambda t: []))
         assert "\n" not in str(e.value)
         actors = list_actors(filters=[("class_name", "=", "SamplerActor")], detail=True, limit=1000)
         placed = [a.node_id for a in actors if a.required_resources.get("GPU") == 1 and a.node_id]

@@ -1,10 +1,8 @@
 """Fidelity metrics in the reference's feature space: real-vs-real splits are near zero distance and near-full
 precision / recall, far from what noise images give; bench/prior_fidelity.py runs on the tiny digits prior."""
-import importlib.util
-from pathlib import Path
-
 import torch
 
+from conftest import load_bench
 from lgd_ray.data import to_float
 from lgd_ray.fidelity import features, fidelity, frechet_distance, precision_recall
 
@@ -29,10 +27,6 @@ def test_real_splits_are_close_and_noise_is_far(trained):
 
 
 def test_prior_fidelity_bench_on_the_tiny_prior(trained, tiny_overrides):
-    spec = importlib.util.spec_from_file_location("prior_fidelity",
-                                                  Path(__file__).parents[1] / "bench" / "prior_fidelity.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    rows = bench.main(["digits", *tiny_overrides, "--per-class", "8", "--schedulers", "ddim", "--cfg-scales", "2"])
+    rows = load_bench("prior_fidelity").main(["digits", *tiny_overrides, "--per-class", "8", "--schedulers", "ddim", "--cfg-scales", "2"])
     assert [r["setting"] for r in rows] == ["real train vs real test", "ddim CFG 2.0"]
     assert all(r["n"] == 80 and 0 <= r["precision"] <= 1 and r["fd"] >= 0 for r in rows)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from PIL import Image
 
@@ -15,7 +14,8 @@ from lgd_ray.config import ConfigError, load_config
 from lgd_ray.data import read_classlist
 from lgd_ray.distill import distill
 from lgd_ray.finetune import class_rows, latent_dir, read_latents
-from lgd_ray.prior import ensure_prior, load_prior, prior_dir
+from lgd_ray.prior import load_prior, prior_class_map, prior_dir
+from lgd_ray.prior_make import ensure_prior
 from lgd_ray.ray_train import ray_fitter
 from lgd_ray.shards import paths, read_shards
 from lgd_ray.storage import Location
@@ -25,11 +25,7 @@ COLOURS = {"zebra": (220, 30, 30), "n01440764": (30, 200, 40), "apple": (40, 60,
 PER_CLASS = {"zebra": 6, "n01440764": 4, "apple": 5}  # train images: 3 x this; val: this
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]  # Ray Train fits
 
 
 def _folder_data(root: Path):
@@ -82,7 +78,6 @@ def test_finetune_on_own_classes_then_distill(tmp_path):
 
 
 def test_folder_classes_a_hub_dit_does_not_know_are_refused(tmp_path):
-    from lgd_ray.methods import prior_class_map
 
     (tmp_path / "classes.txt").write_text("zebra\nn01440764\n")
     cfg = load_config("digits", ["data.name=folder", f"data.root={tmp_path}", f"data.classes={tmp_path / 'classes.txt'}",

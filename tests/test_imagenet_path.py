@@ -8,8 +8,7 @@ from PIL import Image
 
 from lgd_ray.config import load_config
 from lgd_ray.data import read_classlist
-from lgd_ray.prior import load_prior
-from lgd_ray.methods import prior_class_map
+from lgd_ray.prior import load_prior, prior_class_map
 
 
 def _imagefolder(root, wnids, size=16):

@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from conftest import load_bench
 from lgd_ray.config import ConfigError, load_config
 from lgd_ray.memory import GIB, actor_memory, check_fits, guided_step_bytes
 from lgd_ray.models import build_classifier
@@ -12,9 +13,11 @@ from lgd_ray.prior import load_prior
 
 
 @pytest.mark.parametrize("through", ["denoiser", "decoder"])
-def test_meta_count_agrees_with_a_real_guided_step(latent_pipeline_dir, through):
+def test_meta_count_agrees_with_the_same_counter_on_a_cpu_guided_step(latent_pipeline_dir, through):
     """The estimate (meta device, batches 1 and 2, extrapolated) within 10 % of the saved tensors of a real guided
-    step of 6 trajectories on the CPU (a tiny latent DiT + VAE, ConvNet classifiers at 32 px)."""
+    step of 6 trajectories on the CPU (a tiny latent DiT + VAE, ConvNet classifiers at 32 px). Both sides use the same
+    saved-tensor counter: this checks the meta device's shapes and the extrapolation, and cannot catch what the
+    counter misses (an under-count); bench/gpu_check.py measures torch's allocator on a GPU for that."""
     cfg = load_config("imagenette", [f"prior.model_id={latent_pipeline_dir}", "data.image_size=32", "student.model=convnet3",
                                      "reference.model=convnet3", f"guidance.through={through}"])
     mem = actor_memory(cfg)
@@ -74,19 +77,13 @@ def test_dit_xl_guided_step_is_counted_and_a_config_that_cannot_fit_is_refused()
 def test_gpu_check_runs_at_small_shapes_on_the_cpu():
     """bench/gpu_check.py, as CI runs it: the measured peak (weights + saved tensors of a real guided step) within
     10 % of the estimate (its speeds are printed, not checked: timings belong to benchmarks)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "bench" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    rows = gpu_check.main(["--small", "--batches", "1", "3", "--dtypes", "float32", "bfloat16", "--repeats", "1"])
+    rows = load_bench("gpu_check").main(["--small", "--batches", "1", "3", "--dtypes", "float32", "bfloat16", "--repeats", "1"])
     assert [(r["dtype"], r["batch"]) for r in rows] == [("float32", 1), ("float32", 3), ("bfloat16", 1), ("bfloat16", 3)]
     for r in rows:
         assert abs(r["measured_peak_gib"] - r["estimate_peak_gib"]) <= 0.1 * r["measured_peak_gib"], r
 
 
-def test_checkpointing_gives_the_same_guidance_with_less_memory(latent_pipeline_dir):
+def test_checkpointing_gives_the_same_guidance_with_a_smaller_count(latent_pipeline_dir):
     """guidance.checkpointing: the guided noise prediction is unchanged (same arithmetic, recomputed), the count
     (saved tensors + the checkpointed blocks' inputs) is smaller, and the meta-device estimate still matches it."""
     from lgd_ray.guidance import Guide, Scorer
@@ -104,7 +101,7 @@ def test_checkpointing_gives_the_same_guidance_with_less_memory(latent_pipeline_
         if cfg.guidance.checkpointing:
             prior.checkpoint_blocks()
         t = prior.scheduler.timesteps[5]
-        guide = Guide(Scorer(*nets, omega=1.0), 0.1, 0.0, (0, 49), "denoiser", 1.0, 32)
+        guide = Guide.from_config(cfg, Scorer(*nets, omega=1.0), batch=0)
         eps = guide.eps(prior, x, t, labels, 4.0)
         measured = guided_step_bytes(cfg, prior, *nets, 6)
         mem = actor_memory(cfg)

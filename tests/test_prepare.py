@@ -2,7 +2,6 @@
 a real S3 server through Ray Data; the readers (DDP shares, the test split, a reference fit) use them."""
 import numpy as np
 import pytest
-import ray
 import torch
 from PIL import Image
 
@@ -34,13 +33,6 @@ def _tree(root):
 def _cfg(root, classes, prepared, *more):
     return load_config("imagenette", [f"data.root={root}", f"data.classes={classes}", "data.image_size=16",
                                       f"data.prepared={prepared}", "reference.model=convnet2", *more])
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_prepare_on_s3_holds_every_image_once(local_ray, tmp_path, s3_root):

@@ -58,7 +58,8 @@ def test_pixel_prior_saved_with_save_pretrained(trained, tiny_cfg):
 def test_a_fixed_prior_seed_shares_one_prior_across_run_seeds(trained, tiny_cfg, tiny_overrides):
     """prior.seed -1 trains one prior per run seed; a fixed prior.seed reuses the prior of that seed (not retrained)."""
     from lgd_ray.config import load_config
-    from lgd_ray.prior import ensure_prior, prior_dir
+    from lgd_ray.prior import prior_dir
+    from lgd_ray.prior_make import ensure_prior
 
     own = load_config("digits", tiny_overrides + ["seed=1"])
     shared = load_config("digits", tiny_overrides + ["seed=1", f"prior.seed={tiny_cfg.seed}"])

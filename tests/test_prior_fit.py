@@ -13,7 +13,8 @@ from diffusers import DDPMScheduler
 from conftest import kill_when
 from lgd_ray.config import load_config
 from lgd_ray.data import load_split
-from lgd_ray.prior import ensure_prior, load_prior, pixel_job, prior_checkpoints, prior_dir
+from lgd_ray.prior import load_prior, prior_checkpoints, prior_dir
+from lgd_ray.prior_make import ensure_prior, pixel_job
 from lgd_ray.prior_fit import denoising_loss, loss_weights
 from lgd_ray.ray_train import ray_fitter
 from lgd_ray.train import in_process_fitter
@@ -22,11 +23,7 @@ PRIOR = ["prior.depth=2", "prior.num_heads=2", "prior.head_dim=32", "prior.batch
          "prior.checkpoint_steps=50"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]  # Ray Train fits
 
 
 def _cfg(cache, *more):

@@ -18,11 +18,7 @@ from lgd_ray.shards import read_manifest, shard_urls
 from lgd_ray.storage import Location
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]  # Ray Train fits
 
 
 # Every Ray Train fit costs ~15 s of start-up here: keep their number small. One class per chunk: 10 chunks a stage.
@@ -135,7 +131,7 @@ def test_killed_actor_loses_nothing(two_actor_run, tiny_overrides, tmp_path):
     def runner(tasks, state, previous):
         for row in pool(tasks, state, previous):
             if row["stage"] == 1 and not killed:  # kill an actor whose chunk is still being made
-                busy = [actor for ref, (actor, _) in pool.inflight.items() if not ray.wait([ref], timeout=0)[0]]
+                busy = pool.running()
                 if busy:
                     ray.kill(busy[0], no_restart=False)
                     killed.append(busy[0])
@@ -184,7 +180,7 @@ def test_readers_on_the_s3_run(s3_run):
 
 def test_actors_only_load_and_say_what_is_missing(tiny_overrides, s3_endpoint):
     from lgd_ray.actors import ActorPool
-    from lgd_ray.methods import ChunkTask
+    from lgd_ray.plan import ChunkTask, stage_plan
 
     bucket = new_bucket(s3_endpoint)
     for method, missing in (("dit", r"prior: no DiT pipeline at s3://.*make it first: `python -m lgd_ray\.prior digits`"),
@@ -194,7 +190,7 @@ def test_actors_only_load_and_say_what_is_missing(tiny_overrides, s3_endpoint):
         pool = ActorPool(cfg, Location(s3_uri(s3_endpoint, bucket, "run")))
         try:
             with pytest.raises(ConfigError, match=missing) as e:
-                list(pool([ChunkTask(0, 0, (0,))], None, lambda t: []))
+                list(pool([ChunkTask(stage_plan(cfg)[0], 0, (0,))], None, lambda t: []))
             assert "\n" not in str(e.value)
         finally:
             pool.shutdown()
@@ -209,7 +205,6 @@ def test_cli_refuses_a_missing_bucket_in_one_line(tiny_overrides, s3_endpoint):
     assert "error: storage: cannot write s3://no-such-bucket/run/" in r.stderr and "bucket does not exist" in r.stderr
 
 
-@pytest.mark.slow
 def test_killed_driver_resumes_from_the_store(two_actor_run, tiny_overrides, s3_endpoint):
     _, undisturbed = two_actor_run
     out = Location(s3_uri(s3_endpoint, new_bucket(s3_endpoint), "run"))

@@ -100,7 +100,7 @@ def test_kappa_needs_a_scorer(setup):
 
 def test_bfloat16_prior_samples_and_guides_like_float32(setup, tiny_cfg):
     """prior.dtype=bfloat16: the DiT runs in bfloat16, the sampler state in float32; images stay close, guidance works."""
-    from lgd_ray.prior import ensure_prior
+    from lgd_ray.prior_make import ensure_prior
 
     prior, scorer, cfg = setup
     half = load_prior(ensure_prior(tiny_cfg), cfg.prior.scheduler, dtype="bfloat16")

@@ -7,11 +7,12 @@ import webdataset as wds
 from safetensors.torch import load_file
 
 from lgd_ray.config import ConfigError, load_config
-from lgd_ray.plan import make_plan
+from lgd_ray.cost import run_cost
 from lgd_ray.reference import new_classifier
 from lgd_ray.shards import read_manifest, write_manifest
 from lgd_ray.storage import Location
-from lgd_ray.methods import class_chunks, stage_plan
+from lgd_ray.data import class_chunks
+from lgd_ray.plan import stage_plan
 from lgd_ray.stages import run_stages
 
 
@@ -27,13 +28,9 @@ def test_stage_plan_slots_are_disjoint(tiny_cfg):
     assert [(s.index, s.ipc, s.slot0) for s in plan] == [(0, 2, 0), (1, 2, 2), (2, 2, 4)]
 
 
-@pytest.fixture(scope="module")
-def run(trained, tiny_overrides, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    cfg = load_config("digits", tiny_overrides + [f"out={out}"])
-    lines = []
-    manifest = run_stages(cfg, out, log=lines.append)
-    return cfg, out, manifest, lines
+@pytest.fixture
+def run(tiny_run):
+    return tiny_run
 
 
 def test_run_writes_every_increment(run):
@@ -44,7 +41,7 @@ def test_run_writes_every_increment(run):
     assert manifest["stages"]["0"]["mean_S"] is None and manifest["stages"]["2"]["mean_S"] is not None
     assert manifest["config"]["guidance"]["lambda"] == cfg.guidance.lambda_ and manifest["reference"]["test_acc"] > 0.5
     # each stage's cost: the dry-run's counts, the chunks' actor-seconds, an H100 estimate of the same work
-    plan = make_plan(cfg)["stages"]
+    plan = run_cost(cfg)["stages"]
     for i, st in manifest["stages"].items():
         c = st["cost"]
         assert (c["trajectories"], c["guided_steps"], c["unguided_steps"]) == tuple(
@@ -67,6 +64,7 @@ def test_run_writes_every_increment(run):
     assert set(per_class.values()) == {6}
     meta = json.loads(samples[-1]["json"])
     assert meta["stage"] == 2 and meta["params"]["method"] == "lgd" and len(meta["candidate_S"]) == cfg.guidance.kappa
+    assert meta["params"]["lambda"] == cfg.guidance.lambda_ and "lambda_" not in meta["params"]  # spelled as in YAML
     saved = load_file(str(out / "stage-02" / "student.safetensors"))
     assert set(saved) == set(new_classifier(cfg, "student", 10).state_dict())
 

@@ -1,18 +1,17 @@
 """`distill --dry-run`: the plan and its FLOP count, with no model loaded (works for imagenet1k on a CPU machine)."""
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import load_bench
 from lgd_ray.config import load_config
-from lgd_ray.plan import make_plan
+from lgd_ray.cost import run_cost
 
 
 def test_imagenet1k_plan_counts():
     cfg = load_config("imagenet1k")
-    plan = make_plan(cfg)
+    plan = run_cost(cfg)
     assert plan["classes"] == 1000 and plan["chunks"] == 100 and plan["window_steps"] == 36
     # DiT-XL/2 at 256 px: 118.6 G multiply-adds per forward (the DiT paper's "Gflops") = 237 GFLOPs
     assert plan["costs"]["dit_forward"] == pytest.approx(2 * 118.6, rel=0.01)
@@ -24,31 +23,28 @@ def test_imagenet1k_plan_counts():
     assert guided["trajectories"] == 30_000 and guided["guided_steps"] == 30_000 * 36
     assert guided["unguided_steps"] == 30_000 * 14 and guided["sample_flops"] > 5 * seed["sample_flops"]
     assert [s["train_images"] for s in plan["stages"]] == [10_000, 20_000, 30_000, 40_000, 50_000]
-    dit = make_plan(load_config("imagenet1k", ["distill.method=dit"]))
+    dit = run_cost(load_config("imagenet1k", ["distill.method=dit"]))
     assert all(s["guided_steps"] == 0 and s["trajectories"] == 10_000 for s in dit["stages"])
 
 
 def test_plan_counts_every_kth_guidance_and_early_rejection():
     """every 2: indices 45, 43, .., 11 of [10, 45] (18); select_after 15: the 3 candidates run indices 49..35 (6 of
     them guided), the kept one 34..0 (12 guided); candidates are scored at the cut and the kept one at the end."""
-    base = make_plan(load_config("imagenet1k"))
-    plan = make_plan(load_config("imagenet1k", ["guidance.every=2", "guidance.select_after=15"]))
+    base = run_cost(load_config("imagenet1k"))
+    plan = run_cost(load_config("imagenet1k", ["guidance.every=2", "guidance.select_after=15"]))
     assert plan["window_steps"] == 18
     st = plan["stages"][1]
     assert st["trajectories"] == 30_000 and st["guided_steps"] == 30_000 * 6 + 10_000 * 12
     assert st["guided_steps"] + st["unguided_steps"] == 30_000 * 15 + 10_000 * 35
     assert plan["stages"][0] == base["stages"][0]  # the unguided seed stage (kappa 1) is unchanged
     assert plan["total_flops"] < 0.5 * base["total_flops"]
-    same = make_plan(load_config("imagenet1k", ["guidance.every=1", "guidance.select_after=50"]))
+    same = run_cost(load_config("imagenet1k", ["guidance.every=1", "guidance.select_after=50"]))
     assert same["total_flops"] == base["total_flops"]
 
 
 def test_plan_agrees_with_the_cost_model_on_paper():
     """bench/cost_model.py counts the same run by hand from published numbers; the dry-run must agree."""
-    spec = importlib.util.spec_from_file_location("cost_model", Path(__file__).parents[1] / "bench" / "cost_model.py")
-    paper_plan = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paper_plan)
-    paper, dry = paper_plan.paper_plan(), make_plan(load_config("imagenet1k"))
+    paper, dry = load_bench("cost_model").paper_plan(), run_cost(load_config("imagenet1k"))
     assert paper["decoder"] == pytest.approx(dry["costs"]["decoder"] * 1e9, rel=1e-3)
     assert paper["dit_grad"] == pytest.approx(dry["costs"]["dit_grad"] * 1e9, rel=1e-3)
     assert paper["guided"] == pytest.approx(dry["guided_step_gflops"] * 1e9, rel=1e-3)
@@ -60,7 +56,7 @@ def test_plan_agrees_with_the_cost_model_on_paper():
 
 def test_plan_reads_a_local_pipeline_folder(latent_pipeline_dir):
     cfg = load_config("imagenette", [f"prior.model_id={latent_pipeline_dir}"])
-    costs = make_plan(cfg)["costs"]
+    costs = run_cost(cfg)["costs"]
     assert 0 < costs["dit_forward"] < 1 and costs["decoder"] > 0  # the toy DiT and its tiny VAE, not DiT-XL/2
 
 

@@ -1,0 +1,113 @@
+"""Making a prior: the project's pixel DiT trained from scratch on the config's data, or `prior.base` fine-tuned on a
+folder data set's classes (lgd_ray/finetune.py), each a fit in this process or on Ray Train, saved with
+`save_pretrained` (to `cache`, a folder or a URI) so that it loads through `load_prior` exactly as
+`facebook/DiT-XL-2-256` does; and staging a hub pipeline to a store once.
+
+    python -m lgd_ray.prior CONFIG [key=value ...]     make the config's prior (skipped if made)
+    python -m lgd_ray.prior stage HUB_ID_OR_FOLDER URI  copy a DiT pipeline to a store
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from diffusers import DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel
+
+from lgd_ray.cli import one_line_errors, run_cli
+from lgd_ray.config import Config, ConfigError
+from lgd_ray.data import TensorSet, check_data, load_split, num_classes
+from lgd_ray.finetune import finetune_prior
+from lgd_ray.prior import PIPELINE_MARKER, prior_checkpoints, prior_dir, prior_seed, require_prior
+from lgd_ray.prior_fit import PriorJob, train_prior
+from lgd_ray.seeding import derive_seed
+from lgd_ray.storage import Location
+from lgd_ray.train import Fitter, in_process_fitter, pick_device
+
+
+def build_pixel_dit(cfg: Config, n_classes: int) -> DiTTransformer2DModel:
+    p = cfg.prior
+    if cfg.data.image_size % p.patch_size:
+        raise ConfigError(f"config: 'prior.patch_size' {p.patch_size} must divide data.image_size {cfg.data.image_size}")
+    return DiTTransformer2DModel(
+        num_attention_heads=p.num_heads, attention_head_dim=p.head_dim, in_channels=cfg.data.channels,
+        out_channels=cfg.data.channels, num_layers=p.depth, sample_size=cfg.data.image_size,
+        patch_size=p.patch_size, num_embeds_ada_norm=n_classes, norm_num_groups=1)
+
+
+def pixel_job(cfg: Config, load_data: Callable[[], TensorSet], n_classes: int) -> PriorJob:
+    """The fit of the project's pixel DiT on `load_data()` (uint8 images), linear-beta DDPM noise."""
+    noise = DDPMScheduler(num_train_timesteps=cfg.prior.train_timesteps, beta_schedule="linear", clip_sample=True)
+    return PriorJob(cfg.prior, partial(build_pixel_dit, cfg, n_classes), load_data, dict(noise.config),
+                    derive_seed(prior_seed(cfg), "prior"), checkpoints=str(prior_checkpoints(cfg)))
+
+
+def ensure_prior(cfg: Config, device="cpu", fitter: Fitter | None = None) -> str:
+    """The prior's model id; makes and saves the project's prior first if the config needs one and it is absent:
+    the pixel DiT trained, or prior.base fine-tuned on the data set's classes (with `fitter`, default in this process).
+
+    Called by the driver only, before any actor starts (actors call `require_prior`).
+    """
+    if cfg.prior.model_id:
+        return require_prior(cfg)
+    out = prior_dir(cfg)
+    if not (out / PIPELINE_MARKER).exists():
+        fitter = fitter or in_process_fitter(device)
+        if cfg.prior.base:
+            info = finetune_prior(cfg, out, fitter)
+        elif cfg.data.name == "folder":
+            raise ConfigError("config: a folder data set needs 'prior.model_id' (a DiT pipeline, e.g. "
+                              "facebook/DiT-XL-2-256 for ImageNet classes) or 'prior.base' (one to fine-tune on its classes)")
+        else:
+            print(f"prior: training a pixel DiT on {cfg.data.name} ({cfg.prior.train_steps} steps) -> {out}", flush=True)
+            info = train_prior(pixel_job(cfg, partial(load_split, cfg.data, "train"), num_classes(cfg.data)), out,
+                               fitter)
+        print(f"prior: {info['params'] / 1e6:.2f} M params, loss {info['final_loss']:.4f} (unweighted, fixed draws "
+              f"{info['eval_loss']:.4f}), {info['seconds']} s", flush=True)
+    return str(out)
+
+
+def stage_prior(source: str, uri: str) -> Location:
+    """Copy a diffusers pipeline (a hub id, downloaded once here, or a local folder) to a store, model_index.json last."""
+    local = Path(source)
+    if not (local / PIPELINE_MARKER).exists():
+        print(f"prior: downloading {source} from the model hub", flush=True)
+        local = Path(DiffusionPipeline.download(source))
+    target = Location(uri)
+    target.upload_dir(local, last=PIPELINE_MARKER)
+    print(f"prior: {source} -> {target}", flush=True)
+    return target
+
+
+def main(argv: list[str]):
+    if argv[:1] == ["stage"]:
+        parser = argparse.ArgumentParser(prog="python -m lgd_ray.prior stage",
+                                         description="Copy a DiT pipeline from the hub (or a folder) to a store, once.")
+        parser.add_argument("source", help="a hub id (facebook/DiT-XL-2-256) or a local folder saved by save_pretrained")
+        parser.add_argument("uri", help="where actors load it from: prior.model_id=URI")
+        args = parser.parse_args(argv[1:])
+        one_line_errors(lambda: stage_prior(args.source, args.uri))
+        return
+
+    def work(cfg: Config, args):
+        check_data(cfg.data)
+        if cfg.prior.model_id:
+            raise ConfigError("config: 'prior.model_id' is set: that prior is loaded, not trained (unset it to train)")
+        fitter = None
+        if cfg.ray.enabled:  # on Ray Train: DDP over ray.train_workers, GPUs when ray.train_use_gpu
+            # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
+            from lgd_ray.cluster import connect
+            from lgd_ray.ray_train import ray_fitter
+
+            connect(cfg)
+            fitter = ray_fitter(cfg, Location(cfg.cache))
+        print(ensure_prior(cfg, pick_device(cfg.device), fitter))
+
+    run_cli("lgd_ray.prior", "Train the config's prior, or fine-tune prior.base on its classes (skipped if made).",
+            argv, work)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
