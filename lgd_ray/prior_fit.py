@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+from diffusers.utils import logging as diffusers_logging
 
 from lgd_ray.config import PriorConfig
 from lgd_ray.data import TensorSet, to_float
@@ -182,7 +183,12 @@ def train_prior(job: PriorJob, out: Location, fitter: Fitter, vae: AutoencoderKL
                                                                   "eval_loss")}}
     with tempfile.TemporaryDirectory() as tmp:
         pipe = DiTPipeline(transformer=transformer.eval(), vae=vae, scheduler=DDPMScheduler.from_config(job.noise))
-        pipe.save_pretrained(tmp)
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # a pixel DiT has no VAE, which diffusers warns "cannot be saved"
+        try:
+            pipe.save_pretrained(tmp)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
         (Path(tmp) / "train_info.json").write_text(json.dumps(info, indent=1))
         as_location(out).upload_dir(Path(tmp), last=PIPELINE_MARKER)
     if job.checkpoints:

@@ -23,6 +23,9 @@ torch.set_num_threads(2)
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "lgd-ray-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "lgd-ray-test")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# Every Ray here runs on this one machine, whose nodes no cloud preempts: as `connect` does for a local Ray, no
+# preemption watcher (an actor per Ray Train fit).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def load_bench(name: str):
