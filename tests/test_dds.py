@@ -27,8 +27,9 @@ def _left_half_set(n: int, seed: int) -> TensorSet:
 
 
 def test_relevance_peaks_where_the_class_is(tmp_path):
-    cfg = load_config("digits", ["prior.train_steps=400", "prior.depth=2", "prior.num_heads=2", "prior.head_dim=32",
-                                 "prior.batch_size=64", f"cache={tmp_path}"])
+    # patch 2: 2x2-px tokens resolve the halves (the digits config's own prior has patch 4)
+    cfg = load_config("digits", ["prior.train_steps=400", "prior.patch_size=2", "prior.depth=2", "prior.num_heads=2",
+                                 "prior.head_dim=32", "prior.batch_size=64", f"cache={tmp_path}"])
     train_prior(pixel_job(cfg, lambda: _left_half_set(512, 0), 4), tmp_path / "prior", in_process_fitter())
     prior = load_prior(str(tmp_path / "prior"), "ddim")
     test = _left_half_set(32, 1)

@@ -20,7 +20,7 @@ from lgd_ray.ray_train import ray_fitter
 from lgd_ray.train import in_process_fitter
 
 PRIOR = ["prior.depth=2", "prior.num_heads=2", "prior.head_dim=32", "prior.batch_size=64", "prior.train_steps=300",
-         "prior.checkpoint_steps=50"]
+         "prior.checkpoint_steps=50", "ray.train_cpus_per_worker=1"]  # two DDP workers on the 2 cores
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]  # Ray Train fits

@@ -108,7 +108,8 @@ def test_ray_train_ddp_two_workers(trained, tiny_cfg, tmp_path):
     from lgd_ray.reference import fit_job, new_classifier
     from lgd_ray.train import accuracy
 
-    cfg = load_config("digits", [f"cache={tiny_cfg.cache}", "ray.train_workers=2", "reference.train.epochs=3"])
+    cfg = load_config("digits", [f"cache={tiny_cfg.cache}", "ray.train_workers=2", "ray.train_cpus_per_worker=1",
+                                 "reference.train.epochs=3"])
     job = fit_job(cfg, "reference", 10, partial(load_split, cfg.data, "train"), seed=0)
     state, _ = ray_fitter(cfg, tmp_path)(job)
     model = new_classifier(cfg, "reference", 10)
