@@ -89,8 +89,8 @@ def store(request, tmp_path, s3_endpoint) -> Location:
     return Location(s3_uri(s3_endpoint, new_bucket(s3_endpoint), "store"))
 
 TINY = [  # patch 2: the suite's tolerances were set on this tiny prior (the digits config's own has patch 4)
-    "prior.train_steps=300", "prior.patch_size=2", "prior.depth=2", "prior.num_heads=2", "prior.head_dim=32", "prior.num_steps=10",
-    "prior.batch_size=64", "prior.cfg_scale=2.0", "guidance.window=[0,9]",
+    "prior.train_steps=300", "prior.patch_size=2", "prior.depth=2", "prior.num_heads=2", "prior.head_dim=32",
+    "prior.num_steps=10", "prior.batch_size=64", "prior.cfg_scale=2.0", "guidance.window=[0,9]",
     "reference.train.epochs=8", "student.train.epochs=30",
     "distill.seed_ipc=2", "distill.ipc_per_stage=2", "distill.stages=2", "distill.classes_per_chunk=4",
     "distill.sample_batch=16",
