@@ -7,7 +7,8 @@ student fit that follows gets every CPU and GPU, and sampling and training never
 Chunks go to whichever actor is free; everything is awaited with one `ray.wait` (chunk results and actor start-ups),
 so a dead or restarting actor never blocks the others. Output does not depend on which actor ran a chunk, so a chunk
 is simply run again: after its actor died (on another actor; the dead one restarts up to max_restarts times or is
-replaced), or after its code raised (up to chunk_retries times, with back-off; then the run fails with that error).
+replaced), or after it raised an error that may pass (an I/O or network error, up to chunk_retries times with back-off;
+a CUDA error on a fresh actor); any other error, which would come again every time, stops the run at once.
 """
 from __future__ import annotations
 
@@ -22,7 +23,19 @@ from lgd_ray.config import Config, ConfigError, from_dict, to_dict
 from lgd_ray.methods import ChunkMaker
 from lgd_ray.plan import ChunkTask
 from lgd_ray.resources import actor_resources, ray_options, shortage
-from lgd_ray.storage import Location, as_location
+from lgd_ray.storage import PERMANENT, Location, as_location
+
+
+def error_kind(error: BaseException) -> str:
+    """How a chunk's error is handled: "transient" (an I/O or network error that may pass: the chunk is retried with
+    back-off), "device" (a CUDA error: retried on a fresh actor) or "code" (anything else, which would happen again
+    every time: the run stops at once with the remote traceback)."""
+    if isinstance(error, RuntimeError) and "CUDA error" in str(error):
+        return "device"
+    if isinstance(error, (ConnectionError, TimeoutError)) or (
+            isinstance(error, OSError) and not isinstance(error, PERMANENT)):
+        return "transient"
+    return "code"
 
 
 @ray.remote
@@ -83,6 +96,7 @@ class ActorPool:
         for _ in range(min(r.actors, len(tasks))):
             self._launch(starting)
         waiting_since = time.time()  # while no actor is ready: bounded by schedule_timeout_s
+        started, slowest, given_up = {}, 0.0, set()  # chunk ref -> when it went out; the slowest chunk done
         try:
             while pending or later or inflight:
                 now = time.time()
@@ -90,10 +104,23 @@ class ActorPool:
                 later = [(due, t) for due, t in later if due > now]
                 while pending and idle:
                     actor, task = idle.popleft(), pending.popleft()
-                    inflight[actor.make.remote(task, weights, previous_shards(task))] = (actor, task)
+                    ref = actor.make.remote(task, weights, previous_shards(task))
+                    inflight[ref], started[ref] = (actor, task), now
                 if not inflight and not idle and now - waiting_since > r.schedule_timeout_s:
                     raise shortage(f"{r.actors} sampler actors", actor_resources(self.cfg), r.schedule_timeout_s)
-                ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=1.0)
+                deadline = r.chunk_timeout_s or 10 * slowest
+                for ref, (actor, task) in inflight.items():  # a chunk past its deadline: its actor is restarted
+                    if deadline and ref not in given_up and now - started[ref] > deadline:
+                        given_up.add(ref)
+                        print(f"sampler: chunk {task.chunk} of stage {task.stage.index} ran {now - started[ref]:.0f} s, "
+                              f"past its deadline of {deadline:.0f} s (ray.chunk_timeout_s): its actor is restarted "
+                              "and the chunk goes elsewhere", flush=True)
+                        ray.kill(actor, no_restart=False)
+                waitable = list(inflight) + list(starting)
+                if not waitable:  # every chunk waits out a back-off: sleep until the first is due
+                    time.sleep(min(1.0, max(0.0, min(due for due, _ in later) - now)) if later else 1.0)
+                    continue
+                ready, _ = ray.wait(waitable, num_returns=1, timeout=1.0)
                 if not ready:
                     continue
                 ref = ready[0]
@@ -116,12 +143,18 @@ class ActorPool:
                 except ray.exceptions.RayTaskError as e:
                     if isinstance(e.cause, ConfigError):
                         raise e.cause from None
+                    kind = error_kind(e.cause)
                     failures[task] += 1
-                    if failures[task] > r.chunk_retries:
+                    if kind == "code" or failures[task] > r.chunk_retries:
                         raise  # the chunk's own error, with its remote traceback
                     self.retried += 1
                     later.append((time.time() + min(30.0, 2.0 ** (failures[task] - 1)), task))
-                    idle.append(actor)
+                    if kind == "device":  # a CUDA error sticks to its process: a fresh actor takes its place
+                        ray.kill(actor, no_restart=True)
+                        self.actors.remove(actor)
+                        self._launch(starting)
+                    else:
+                        idle.append(actor)
                     continue
                 except ray.exceptions.RayActorError as e:
                     deaths[task] += 1
@@ -134,6 +167,7 @@ class ActorPool:
                     continue
                 idle.append(actor)
                 waiting_since = time.time()
+                slowest = max(slowest, waiting_since - started[ref])
                 yield row
         finally:
             self.shutdown()

@@ -5,19 +5,34 @@ import argparse
 import sys
 from typing import Callable
 
+from lgd_ray import storage
 from lgd_ray.config import Config, ConfigError, load_config
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: `error: PROG: what is wrong (see --help)`, exit status 2."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_cli(prog: str, description: str, argv: list[str], work: Callable[[Config, argparse.Namespace], None],
             add_flags: Callable[[argparse.ArgumentParser], None] | None = None):
     """Parse CONFIG and overrides, run `work(cfg, args)`; a ConfigError exits 2 with its one-line message."""
-    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
+    parser = Parser(prog=f"python -m {prog}", description=description)
     parser.add_argument("config", help="a name in configs/ (digits, fashion-mnist, ...) or a path to a YAML file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. guidance.omega=0.5")
     if add_flags:
         add_flags(parser)
     args = parser.parse_intermixed_args(argv)  # overrides before or after the flags
-    one_line_errors(lambda: work(load_config(args.config, args.overrides), args))
+
+    def configured_work():
+        cfg = load_config(args.config, args.overrides)
+        storage.configure(cfg.storage.retry_s)
+        work(cfg, args)
+
+    one_line_errors(configured_work)
 
 
 def one_line_errors(work: Callable[[], object]):

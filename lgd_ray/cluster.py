@@ -21,16 +21,34 @@ from lgd_ray.storage import Location, StorageError
 MARKER = ".lgd_ray-node-check"
 
 
+def joins_a_cluster(cfg: Config) -> bool:
+    """Whether Ray is a cluster given by address (ray.address, or RAY_ADDRESS under `ray job submit`), not a local
+    Ray this process starts."""
+    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
 def connect(cfg: Config):
     """Join Ray once per process: the cluster at ray.address, or RAY_ADDRESS (set under `ray job submit`), else a new
     local Ray. Every command that uses Ray comes through here."""
     if ray.is_initialized():
         return
-    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+    if not joins_a_cluster(cfg):
         # a local Ray on this machine: no node of it can be preempted, so Ray Train's preemption watcher (an actor per
         # fit, and a warning line each) has nothing to watch
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(address=cfg.ray.address or None)
+
+
+def remote_cause(error: BaseException, kind: type) -> BaseException | None:
+    """The first exception of `kind` in the chain of an error that Ray brought back from a task (RayTaskError.cause,
+    __cause__, __context__), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, kind) and not isinstance(error, ray.exceptions.RayTaskError):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
 
 
 def alive_nodes() -> list[dict]:
@@ -47,8 +65,9 @@ def refuse_relative(cfg: Config, n_nodes: int):
         if key == "out" and not value:
             value = "runs/<config>-<hash>"  # the default run folder is relative
         if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
-            raise ConfigError(f"config: '{key}' = {value!r} is a relative path, private to each of the {n_nodes} nodes; "
-                              f"set {key}= to a store URI (s3://BUCKET/PATH, gs://...) or a folder mounted on every node")
+            raise ConfigError(f"config: '{key}' = {value!r} is a relative path, private to each node of the cluster "
+                              f"({n_nodes} alive now); set {key}= to a store URI (s3://BUCKET/PATH, gs://...) or a "
+                              "folder mounted on every node")
 
 
 def _check_on_node(markers: list[tuple[Location, str]], cfg_data) -> str:
@@ -68,10 +87,11 @@ def _check_on_node(markers: list[tuple[Location, str]], cfg_data) -> str:
 
 
 def check_cluster_storage(cfg: Config, out: Location, cache: Location, timeout_s: float = 60.0):
-    """On a cluster of several alive nodes, fail fast unless every node reaches out, cache and the data (relative
-    paths are refused before anything is written)."""
+    """On a cluster joined by address, or any cluster of several alive nodes, fail fast unless every node reaches out,
+    cache and the data (relative paths are refused before anything is written). A cluster file's head starts alone
+    (workers come with the autoscaler), so one alive node is no sign of a single machine."""
     nodes = alive_nodes()
-    if len(nodes) < 2:
+    if len(nodes) < 2 and not joins_a_cluster(cfg):
         return
     refuse_relative(cfg, len(nodes))
     token = uuid.uuid4().hex

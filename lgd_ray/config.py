@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -16,14 +17,15 @@ from pathlib import Path
 import yaml
 
 from lgd_ray.errors import ConfigError
-from lgd_ray.models import check_model_name
+from lgd_ray.models import check_model_input, check_model_name
 from lgd_ray.storage import Location
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _f(default, **meta):
-    """A dataclass field with validation metadata: choices=, min=, max=, min_excl=, length=."""
+    """A dataclass field with validation metadata: choices=, min=, max=, min_excl=, length=; lists: item_min=,
+    nonempty=."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -141,7 +143,7 @@ class GuidanceConfig:
 class DDSConfig:
     """Method dds: real patches chosen with the prior (lgd_ray/dds.py), one increment of all IPC."""
 
-    timesteps: list = _f([100, 300, 500])  # noise levels (training-timestep scale) whose errors are averaged
+    timesteps: list = _f([100, 300, 500], nonempty=True, item_min=0)  # noise levels (training-timestep scale) whose errors are averaged
     crop: float = _f(0.5, min_excl=0.0, max=1.0)  # crop side as a share of the prior's image size
     candidates: int = _f(4, min=1)  # candidate crops per real image
     max_images: int = _f(500, min=0)  # real images per class examined (seeded subset); 0 = all
@@ -155,8 +157,8 @@ class EvalConfig:
 
     model: str = ""  # "" = the student's model; any name of the registry (convnet3, resnetap10, resnet18 ...)
     train: TrainConfig = field(default_factory=TrainConfig)  # train.epochs is used when epochs_by_ipc is empty
-    ipc_breaks: list = _f([10, 50])  # epochs_by_ipc[i] applies to IPC <= ipc_breaks[i]; the last entry above all
-    epochs_by_ipc: list = _f([1000, 500, 300])
+    ipc_breaks: list = _f([10, 50], item_min=1)  # epochs_by_ipc[i] applies to IPC <= ipc_breaks[i]; the last entry above all
+    epochs_by_ipc: list = _f([1000, 500, 300], item_min=1)
     eval_every: int = _f(10, min=1)  # test every this many epochs (and after the last): "best" is over these
     repeats: int = _f(3, min=1)  # fresh models (seeds) per evaluation, run in parallel as Ray tasks
     ipc: int = _f(0, min=0)  # evaluate the run's first stages up to this IPC; 0 = the whole run
@@ -168,8 +170,8 @@ class EvalConfig:
 class SweepConfig:
     """`python -m lgd_ray.sweep`: Ray Tune over omega and lambda, each trial a small distillation (in-process)."""
 
-    omega: list = _f([0.5, 1.0])  # grid values; search=random samples uniformly between min and max
-    lambda_: list = _f([0.02, 0.05])
+    omega: list = _f([0.5, 1.0], nonempty=True, item_min=0)  # grid values; search=random samples uniformly between min and max
+    lambda_: list = _f([0.02, 0.05], nonempty=True, item_min=0)
     search: str = _f("grid", choices=["grid", "random"])
     num_samples: int = _f(1, min=1)  # grid: repeats of the whole grid; random: trials
     stages: int = _f(2, min=1)  # guided stages per trial (the student's test accuracy is reported after each)
@@ -178,6 +180,15 @@ class SweepConfig:
     max_concurrent: int = _f(2, min=1)
     cpus_per_trial: float = _f(1.0, min=0.0)
     gpus_per_trial: float = _f(0.0, min=0.0)
+
+
+@dataclass
+class StorageConfig:
+    """Run folders, caches and data on a store."""
+
+    retry_s: float = _f(120.0, min=0.0)  # transient store errors (5xx, throttling, time-outs, resets) retried this long
+    lease_s: float = _f(60.0, min=1.0)  # a run folder's driver lease: renewed every third of it, lapses this long after
+    #                                     its driver died (then another driver may take the folder over)
 
 
 @dataclass
@@ -192,7 +203,9 @@ class RayConfig:
     num_cpus_per_actor: float = _f(1.0, min=0.0)  # logical CPUs; the actor uses max(1, round(n)) torch threads
     num_gpus_per_actor: float = _f(0.0, min=0.0)  # > 0: the actor runs on CUDA (and fails fast if torch sees none)
     max_restarts: int = _f(2, min=0)  # per actor, and the failures a Ray Train fit recovers from (from its checkpoint)
-    chunk_retries: int = _f(2, min=0)  # a chunk whose code raised is retried this often, with back-off, then fails
+    chunk_retries: int = _f(2, min=0)  # a chunk whose I/O failed is retried this often, with back-off, then fails
+    chunk_timeout_s: float = _f(0.0, min=0.0)  # a chunk running longer (a hung kernel) is given up: its actor restarts
+    #                                            and the chunk goes elsewhere; 0 = 10x the stage's slowest chunk yet
     schedule_timeout_s: float = _f(600.0, min_excl=0.0)  # longest wait for resources (e.g. autoscaling), then one line
     accelerator_type: str = ""  # e.g. H100: actors and train workers only on nodes of that type ("" = any)
     gpu_memory_gb: float = _f(0.0, min=0.0)  # memory of one GPU; 0 = by accelerator_type (H100 if unset)
@@ -219,6 +232,7 @@ class Config:
     dds: DDSConfig = field(default_factory=DDSConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     name: str = ""  # filled from the config file name
 
@@ -250,6 +264,13 @@ def _check_value(path: str, value, tp, meta):
         raise TypeError(tp)
     if not ok:
         raise ConfigError(f"config: '{path}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
+    numbers = value if origin is list else [value] if tp is float else []
+    if not all(math.isfinite(v) for v in numbers):  # NaN passes every comparison below, inf most of them
+        raise ConfigError(f"config: '{path}' must be a finite number, got {value!r}")
+    if meta.get("nonempty") and not value:
+        raise ConfigError(f"config: '{path}' must not be empty")
+    if "item_min" in meta and any(v < meta["item_min"] for v in value):
+        raise ConfigError(f"config: every entry of '{path}' must be >= {meta['item_min']}, got {value!r}")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"config: '{path}' must be one of {meta['choices']}, got {value!r}")
     if "min" in meta and value < meta["min"]:
@@ -311,8 +332,19 @@ def apply_overrides(tree: dict, overrides: list[str], section: str = "") -> dict
         key, raw = (part.strip() for part in item.split("=", 1))
         if section and key.split(".")[0] not in top:
             key = f"{section}.{key}"
-        _set_dotted(tree, key, yaml.safe_load(raw) if raw else "")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: override '{item}': the value is not YAML ({_yaml_problem(e)})") from None
+        _set_dotted(tree, key, value)
     return tree
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What the YAML parser found, and where, in one line."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
 
 
 def build_config(tree: dict) -> Config:
@@ -325,7 +357,10 @@ def build_config(tree: dict) -> Config:
 def load_config(name_or_path: str, overrides: list[str] = (), section: str = "") -> Config:
     """Load a YAML config, apply overrides (see apply_overrides), validate everything."""
     path = resolve_path(name_or_path)
-    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {path} is not valid YAML ({_yaml_problem(e)})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config: {path} must hold a mapping")
     apply_overrides(tree, overrides, section)
@@ -344,7 +379,7 @@ def _check_cross(cfg: Config):
                           "no 'prior.model_id' (that prior is loaded as it is)")
     for key, name in (("reference.model", cfg.reference.model), ("student.model", cfg.student.model),
                       ("evaluate.model", cfg.evaluate.model or cfg.student.model)):
-        problem = check_model_name(name)
+        problem = check_model_name(name) or check_model_input(name, cfg.data.image_size)
         if problem:
             raise ConfigError(f"config: '{key}' {problem}")
     g = cfg.guidance
@@ -389,9 +424,9 @@ def config_hash(tree) -> str:
 
 def run_identity(cfg: Config) -> dict:
     """What decides a run's output: the config less its resources (the `ray` keys but train_workers, local_cache),
-    evaluation and sweep."""
+    evaluation, sweep and storage retries."""
     tree = to_dict(cfg)
-    del tree["evaluate"], tree["sweep"], tree["local_cache"]
+    del tree["evaluate"], tree["sweep"], tree["local_cache"], tree["storage"]
     tree["ray"] = {"train_workers": cfg.ray.train_workers}
     return tree
 

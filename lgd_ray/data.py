@@ -212,9 +212,12 @@ def read_classlist(name_or_path: str) -> list[str]:
     path = CLASSLIST_DIR / f"{name_or_path}.txt"
     if not path.exists():
         path = Path(name_or_path)
+    known = ", ".join(sorted(p.stem for p in CLASSLIST_DIR.glob("*.txt")))
     if not path.exists():
-        known = ", ".join(sorted(p.stem for p in CLASSLIST_DIR.glob("*.txt")))
         raise ConfigError(f"config: 'data.classes' = {name_or_path!r} is neither a known list ({known}) nor a file")
+    if path.is_dir():
+        raise ConfigError(f"config: 'data.classes' = {name_or_path!r} is a folder; give a text file of class folder "
+                          f"names, one a line, or a known list ({known})")
     wnids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     if len(set(wnids)) != len(wnids):
         raise ConfigError(f"data: class list {path} repeats a class")

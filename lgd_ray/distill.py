@@ -10,9 +10,10 @@ from lgd_ray.cli import run_cli
 from lgd_ray.config import Config, ConfigError, run_dir
 from lgd_ray.cost import PEAK_TFLOPS, format_cost, run_cost
 from lgd_ray.data import check_data
+from lgd_ray.lease import Lease
 from lgd_ray.memory import actor_memory, check_fits, format_memory
 from lgd_ray.methods import check_real_images
-from lgd_ray.stages import run_stages
+from lgd_ray.stages import open_manifest, run_stages
 from lgd_ray.storage import as_location, check_writable
 
 
@@ -29,6 +30,7 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     for where in (out, cache):
         if not where.is_local:
             check_writable(where)  # an unreachable endpoint, a missing bucket, refused credentials: one line, in seconds
+    open_manifest(out, cfg, resume)  # a run folder that cannot be (re)started: one line, before Ray starts
     pool = fitter = None
     if cfg.ray.enabled:
         # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
@@ -40,8 +42,9 @@ def distill(cfg: Config, resume: bool = False) -> dict:
         check_cluster_storage(cfg, out, cache)  # relative paths, node-local folders, nodes without the data
         pool, fitter = ActorPool(cfg, out), ray_fitter(cfg, out)
     try:
-        manifest = run_stages(cfg, out, resume=resume, runner=pool, fitter=fitter,
-                              log=lambda line: print(line, flush=True))
+        with Lease(out, cfg.storage.lease_s) as lease:  # one driver per run folder
+            manifest = run_stages(cfg, out, resume=resume, runner=pool, fitter=fitter,
+                                  log=lambda line: print(line, flush=True), lease=lease)
     finally:
         if pool is not None:
             pool.shutdown()

@@ -10,7 +10,6 @@ split with the reference model's recipe (`reference.train`).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -23,7 +22,7 @@ from functools import partial
 from typing import Callable
 
 
-from lgd_ray.cli import one_line_errors
+from lgd_ray.cli import Parser, one_line_errors
 from lgd_ray.config import (Config, ConfigError, TrainConfig, apply_overrides, build_config, config_hash, from_dict,
                             load_config, run_identity, to_dict)
 from lgd_ray.data import load_split, num_classes
@@ -202,7 +201,7 @@ def evaluate_full(cfg: Config) -> dict:
 
 
 def main(argv: list[str]):
-    parser = argparse.ArgumentParser(prog="python -m lgd_ray.evaluate", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m lgd_ray.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("targets", nargs="+", metavar="RUN_DIR|key=value",
                         help="run folders, one after another (or, with --full, a config name), then evaluate keys "
                              "(repeats=5, model=resnetap10, ipc=10, labels=soft) or dotted config keys")

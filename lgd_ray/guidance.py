@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lgd_ray.config import Config
+from lgd_ray.config import Config, ConfigError
 from lgd_ray.prior import Prior
 from lgd_ray.seeding import derive_seed, generator
 from lgd_ray.train import augment
@@ -132,7 +132,9 @@ class Guide:
                                   for i in range(0, len(x_t), n)])
             except torch.OutOfMemoryError:
                 if n == 1:
-                    raise
+                    raise ConfigError("guidance: out of GPU memory with one trajectory per guided backward: set "
+                                      "prior.dtype=bfloat16 or guidance.checkpointing=true, or give each actor more "
+                                      "GPU (ray.num_gpus_per_actor)") from None
             # outside the except block: its traceback no longer holds the failed attempt's tensors
             self.batch = n // 2
             free_cached_memory(x_t.device)

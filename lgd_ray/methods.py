@@ -8,6 +8,7 @@ from typing import Iterable
 
 import torch
 
+from lgd_ray import storage
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.data import load_split, num_classes, open_prepared, to_float
 from lgd_ray.dds import class_candidates, select
@@ -64,6 +65,7 @@ class ChunkMaker:
     def __init__(self, cfg: Config, run_dir: Location, device=None):
         """Loads what the driver made (prior, reference); a missing one is one line naming it, never trained here."""
         self.cfg, self.run_dir = cfg, run_dir
+        storage.configure(cfg.storage.retry_s)  # this process (a sampler actor) retries the store as the driver does
         self.device = device or process_device(cfg.device)
         self.num_classes = num_classes(cfg.data)
         self.prior = None

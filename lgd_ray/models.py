@@ -96,6 +96,14 @@ def check_model_name(name: str) -> str | None:
     return f"must be convnet<D> (D = 1..9), resnetap10 or resnet18, got {name!r}"
 
 
+def check_model_input(name: str, image_size: int) -> str | None:
+    """None if the classifier `name` takes images of image_size px, else why not (ConvNet-D halves them D times)."""
+    depth = CLASSIFIERS[name].keywords["depth"] if name.startswith("convnet") else 0
+    if image_size >> depth < 1:
+        return f"{name} halves the image {depth} times: data.image_size {image_size} is too small (at least {1 << depth})"
+    return None
+
+
 def build_classifier(name: str, channels: int, image_size: int, num_classes: int, seed: int | None = None) -> nn.Module:
     """A freshly initialised classifier of the registry for inputs (N, channels, image_size, image_size).
 
@@ -108,9 +116,9 @@ def build_classifier(name: str, channels: int, image_size: int, num_classes: int
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return build_classifier(name, channels, image_size, num_classes)
-    if name.startswith("convnet") and image_size >> CLASSIFIERS[name].keywords["depth"] < 1:
-        raise ValueError(f"{name} halves the image {CLASSIFIERS[name].keywords['depth']} times: image_size "
-                         f"{image_size} is too small")
+    problem = check_model_input(name, image_size)
+    if problem:
+        raise ValueError(problem)
     return CLASSIFIERS[name](channels, image_size, num_classes)
 
 

@@ -35,9 +35,15 @@ from lgd_ray.storage import Location, as_location
 def split_order(cfg: Config, split: str) -> list[tuple[str, int]]:
     """(file, label) of one split of the ImageFolder tree, in the split's seeded random order (the shards' order)."""
     folder = cfg.data.train_split if split == "train" else cfg.data.test_split
-    files = image_files(as_location(cfg.data.root) / folder, read_classlist(cfg.data.classes))
+    classes = read_classlist(cfg.data.classes)
+    files = image_files(as_location(cfg.data.root) / folder, classes)
     if not files:
         raise ConfigError(f"prepare: no image files under {as_location(cfg.data.root) / folder}")
+    empty = sorted(set(range(len(classes))) - {y for _, y in files})
+    if split == "train" and empty:  # a class the student and the reference would never see
+        raise ConfigError(f"prepare: class {classes[empty[0]]} has no image files under "
+                          f"{as_location(cfg.data.root) / folder / classes[empty[0]]} ({len(empty)} such classes); "
+                          "add its images or drop it from data.classes")
     order = torch.randperm(len(files), generator=generator(cfg.seed, "prepare", split)).tolist()
     return [(str(files[i][0]), files[i][1]) for i in order]
 
@@ -65,9 +71,18 @@ def plan_by_class(cfg: Config, files: list[tuple[str, int]], size: int, per_clas
     return items
 
 
+def decode_file(path: str, size: int) -> np.ndarray:
+    """One image file at `size` px; a file that does not decode is one line naming it."""
+    try:
+        return decode_image(Location(path).read_bytes(), size).numpy()
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated or not an image (UnidentifiedImageError)
+        raise ConfigError(f"prepare: cannot decode {path} ({str(e).splitlines()[0]}); remove or replace the file") \
+            from None
+
+
 def make_shard(item: dict) -> dict:
     """Decode and resize one shard's files, write it as one object; returns its index row."""
-    images = np.stack([decode_image(Location(f).read_bytes(), item["size"]).numpy() for f in item["files"]])
+    images = np.stack([decode_file(f, item["size"]) for f in item["files"]])
     buf = io.BytesIO()
     arrays = {"images": images, "labels": np.asarray(item["labels"], dtype=np.int64)}
     if "index" in item:
@@ -116,11 +131,17 @@ def prepare(cfg: Config, shard_images: int = 1000, by_class: tuple[int, ...] = (
         # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
         import ray
 
-        from lgd_ray.cluster import connect
+        from lgd_ray.cluster import connect, remote_cause
 
         connect(cfg)
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        rows = ds.map(make_shard, num_cpus=1).take_all()  # a task per object, one decoding thread each
+        try:
+            rows = ds.map(make_shard, num_cpus=1).take_all()  # a task per object, one decoding thread each
+        except Exception as e:  # Ray Data wraps the task's error: a bad file is still one line
+            cause = remote_cause(e, ConfigError)
+            if cause is None:
+                raise
+            raise ConfigError(str(cause)) from None
     else:
         rows = [make_shard(i) for i in tqdm(items, desc="prepare", disable=None)]
     index = old if keep else {"classes": read_classlist(d.classes), "image_size": d.image_size,
@@ -147,9 +168,20 @@ def prepare(cfg: Config, shard_images: int = 1000, by_class: tuple[int, ...] = (
     return index
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def main(argv: list[str]):
     def flags(parser: argparse.ArgumentParser):
-        parser.add_argument("--shard-images", type=int, default=1000, help="images per shard (default 1000)")
+        parser.add_argument("--shard-images", type=positive, default=1000, help="images per shard (default 1000)")
         parser.add_argument("--by-class", type=int, nargs="*", default=[], metavar="SIZE",
                             help="also write a class-sorted copy of train at each SIZE px: method random reads it at "
                                  "data.image_size, dds and mgd3 at the prior's resolution (256 for DiT-XL/2-256)")

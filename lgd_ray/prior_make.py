@@ -8,7 +8,6 @@ folder data set's classes (lgd_ray/finetune.py), each a fit in this process or o
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from functools import partial
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Callable
 
 from diffusers import DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel
 
-from lgd_ray.cli import one_line_errors, run_cli
+from lgd_ray.cli import Parser, one_line_errors, run_cli
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.data import TensorSet, check_data, load_split, num_classes
 from lgd_ray.finetune import finetune_prior
@@ -83,7 +82,7 @@ def stage_prior(source: str, uri: str) -> Location:
 
 def main(argv: list[str]):
     if argv[:1] == ["stage"]:
-        parser = argparse.ArgumentParser(prog="python -m lgd_ray.prior stage",
+        parser = Parser(prog="python -m lgd_ray.prior stage",
                                          description="Copy a DiT pipeline from the hub (or a folder) to a store, once.")
         parser.add_argument("source", help="a hub id (facebook/DiT-XL-2-256) or a local folder saved by save_pretrained")
         parser.add_argument("uri", help="where actors load it from: prior.model_id=URI")

@@ -6,7 +6,6 @@ analysis: high when later increments repeat what earlier ones hold). Rows run in
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -20,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from lgd_ray.cli import one_line_errors
+from lgd_ray.cli import Parser, one_line_errors
 from lgd_ray.config import ConfigError
 from lgd_ray.data import num_classes
 from lgd_ray.evaluate import eval_jobs, load_run, run_eval_job
@@ -92,7 +91,7 @@ def redundancy(run_dir: Location, overrides: list[str] = ()) -> dict:
 
 
 def main(argv: list[str]):
-    parser = argparse.ArgumentParser(prog="python -m lgd_ray.redundancy", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m lgd_ray.redundancy", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="evaluate keys (model=..., eval_every=...)")
     args = parser.parse_args(argv)

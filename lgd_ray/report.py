@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 import matplotlib
 
@@ -16,8 +17,10 @@ import matplotlib.pyplot as plt
 import torch
 from torchvision.utils import make_grid
 
+from lgd_ray.cli import Parser, one_line_errors
+from lgd_ray.config import ConfigError
 from lgd_ray.seeds import METHOD_ORDER, seeds_tables
-from lgd_ray.shards import paths, read_manifest, read_shards, stage_rows
+from lgd_ray.shards import MANIFEST, paths, read_manifest, read_shards, stage_rows
 from lgd_ray.storage import Location, as_location
 
 GRID_CLASSES = 10  # rows of an image grid: the first classes
@@ -197,7 +200,22 @@ def cost_row(run: Location, manifest: dict) -> str | None:
             f"{images / seconds:.2f} | {mean_s} | {sum(i['cost']['h100_gpu_hours'] for i in stages):.4g} | {run} |")
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: list[str]):
+    parser = Parser(prog="python -m lgd_ray.report", description="One markdown table of several "
+                                     "runs' evaluations, redundancy and cost; runs of several seeds pooled, with paired "
+                                     "differences.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (paths or URIs)")
+    args = parser.parse_args(argv)
 
-    print(compare(sys.argv[1:]))
+    def work():
+        empty = [r for r in args.runs if read_manifest(as_location(r)) is None]
+        if empty:
+            raise ConfigError(f"report: {empty[0]} holds no run (no {MANIFEST}): give run folders made by "
+                              "`python -m lgd_ray.distill`")
+        print(compare(args.runs))
+
+    one_line_errors(work)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -80,6 +80,9 @@ def read_shards(run_dir: Location, rel_paths: list[str]) -> list[dict]:
     out = []
     for p in rel_paths:
         loc = run_dir / p
+        if not loc.exists():
+            raise ConfigError(f"run folder: {loc}, listed in {run_dir / MANIFEST}, is missing; `python -m "
+                              "lgd_ray.distill CONFIG out=RUN --resume` makes it again")
         with loc.open() as stream:
             files = wds.tariterators.tar_file_expander([{"url": str(loc), "stream": stream}])
             for s in wds.tariterators.group_by_keys(files):
@@ -103,17 +106,34 @@ def load_tensor_set(run_dir: Location, rel_paths: list[str], num_classes: int) -
     return TensorSet(torch.stack([s["image"] for s in samples]), torch.tensor([s["cls"] for s in samples]), num_classes)
 
 
-def shard_ok(run_dir: Location, row: dict) -> bool:
-    """Whether the shard exists and its sha256 matches the manifest row."""
-    run_dir = as_location(run_dir)
-    loc = run_dir / row["path"]
-    return loc.exists() and loc.sha256() == row["sha256"]
+def shard_sha256(run_dir: Location, row: dict) -> str | None:
+    """The sha256 of a manifest row's shard as it is now (None if the object is gone)."""
+    loc = as_location(run_dir) / row["path"]
+    return loc.sha256() if loc.exists() else None
+
+
+MANIFEST_KEYS = ("config", "config_hash", "stages", "shards")
+ROW_KEYS = ("path", "stage", "chunk", "classes", "count", "sha256")
 
 
 def read_manifest(run_dir: Location) -> dict | None:
+    """The run folder's manifest (None if it has none); a manifest that is not whole is one line naming it."""
     run_dir = as_location(run_dir)
     loc = run_dir / MANIFEST
-    return json.loads(loc.read_text()) if loc.exists() else None
+    if not loc.exists():
+        return None
+    fix = ("it was not written by lgd_ray, or was cut short or edited: restore it, or start the run anew in an "
+           "empty folder (out=NEW_DIR)")
+    try:
+        manifest = json.loads(loc.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"run folder: {loc} is not whole JSON ({e.msg} at line {e.lineno}); {fix}") from None
+    missing = [k for k in MANIFEST_KEYS if k not in manifest] if isinstance(manifest, dict) else ["a JSON object"]
+    if not missing:
+        missing = [f"shards[{i}].{k}" for i, row in enumerate(manifest["shards"]) for k in ROW_KEYS if k not in row][:1]
+    if missing:
+        raise ConfigError(f"run folder: {loc} lacks {missing[0]!r}; {fix}")
+    return manifest
 
 
 def write_manifest(run_dir: Location, manifest: dict):

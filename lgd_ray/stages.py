@@ -19,14 +19,15 @@ from tqdm.auto import tqdm
 from lgd_ray.config import Config, ConfigError, config_hash, from_dict, run_identity, to_dict
 from lgd_ray.cost import run_cost, stage_cost
 from lgd_ray.data import check_data, class_chunks, class_names, load_split, num_classes
+from lgd_ray.lease import Lease
 from lgd_ray.methods import ChunkMaker
 from lgd_ray.plan import ChunkTask, stage_plan
 from lgd_ray.prior_make import ensure_prior
-from lgd_ray.reference import ensure_reference, fit_job, new_classifier
+from lgd_ray.reference import ensure_reference, fit_job, new_classifier, reference_path
 from lgd_ray.report import write_report
 from lgd_ray.seeding import derive_seed
-from lgd_ray.shards import (load_tensor_set, paths, read_manifest, record, shard_ok, shards_through, stage_dir,
-                            stage_rows, write_manifest)
+from lgd_ray.shards import (MANIFEST, load_tensor_set, paths, read_manifest, record, shard_sha256, shards_through,
+                            stage_dir, stage_rows, write_manifest)
 from lgd_ray.storage import Location, as_location
 from lgd_ray.train import Fitter, accuracy, in_process_fitter, load_classifier, process_device, save_classifier
 
@@ -35,13 +36,17 @@ def open_manifest(run_dir: Location, cfg: Config, resume: bool) -> dict:
     """The run's manifest: new, or (resume) the existing one if it was made by the same config."""
     existing = read_manifest(run_dir)
     if existing is None:
+        if any(loc.name.startswith("stage-") for loc in run_dir.iterdir()):
+            raise ConfigError(f"run folder {run_dir} holds stage folders but no {MANIFEST}: nothing says what made "
+                              "them; set out=NEW_DIR (or restore the manifest to --resume)")
         return {"config": to_dict(cfg), "config_hash": config_hash(run_identity(cfg)), "stages": {}, "shards": []}
     if not resume:
         raise ConfigError(f"run folder {run_dir} already holds a run: pass --resume to continue it, or set out=NEW_DIR")
     # the stored config read with today's keys: a key added since then takes its default, as it did before it existed
-    stored = run_identity(from_dict(existing["config"]))
-    if config_hash(stored) != config_hash(run_identity(cfg)):
-        diff = _differing_keys(stored, run_identity(cfg))
+    stored, current = run_identity(from_dict(existing["config"])), run_identity(cfg)
+    stored["out"] = current["out"]  # where a run lives is not what made it: a run copied or moved elsewhere resumes
+    if config_hash(stored) != config_hash(current):
+        diff = _differing_keys(stored, current)
         raise ConfigError(f"--resume: {run_dir} was made by another config (differs in: {', '.join(diff)})")
     return existing
 
@@ -54,6 +59,53 @@ def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif a.get(k) != b.get(k):
             keys.append(prefix + k)
     return keys
+
+
+def prior_weights_sha256(model_id: str | None) -> str | None:
+    """sha256 of a prior's transformer weights (a folder or store URI; None for a hub id or no prior)."""
+    if model_id is None:
+        return None
+    weights = Location(model_id) / "transformer" / "diffusion_pytorch_model.safetensors"
+    return weights.sha256() if weights.exists() else None
+
+
+def check_models(manifest: dict, found: dict):
+    """Record the prior's and theta*'s sha256; on resume, refuse models other than the ones the stages were made with."""
+    for key, sha in found.items():
+        made_with = manifest.get(key)
+        if manifest["shards"] and made_with and sha and made_with != sha:
+            what = "prior" if key.startswith("prior") else "reference model theta*"
+            raise ConfigError(f"--resume: the {what} in the cache (sha256 {sha[:12]}) is not the one this run's stages "
+                              f"were made with ({made_with[:12]}): restore it, or start anew with out=NEW_DIR")
+        manifest[key] = sha
+
+
+def kept(run_dir: Location, row: dict, log: Callable[[str], None]) -> bool:
+    """Whether a shard row's object is there with its sha256; what is not is said, with both sha256s."""
+    found = shard_sha256(run_dir, row)
+    if found != row["sha256"]:
+        log(f"resume: {row['path']}: expected sha256 {row['sha256'][:12]}, found "
+            + (f"{found[:12]}" if found else "no object") + ": made again")
+    return found == row["sha256"]
+
+
+def student_kept(ckpt: Location, info: dict, log: Callable[[str], None]) -> bool:
+    """Whether a trained stage's student is there with the sha256 the manifest recorded (older runs: present)."""
+    found = ckpt.sha256() if ckpt.exists() else None
+    expected = info.get("student_sha256", found)
+    if found is None or found != expected:
+        log(f"resume: {ckpt.name} of {ckpt.path.rsplit('/', 2)[-2]}: expected sha256 {str(expected)[:12]}, found "
+            + (f"{found[:12]}" if found else "no object") + ": trained again")
+        return False
+    return True
+
+
+def forget_stage(manifest: dict, index: int, redone: int, log: Callable[[str], None]):
+    """Drop a stage made from the student of a stage that was made again (its shards and student are made anew)."""
+    if str(index) in manifest["stages"] or stage_rows(manifest, index):
+        log(f"resume: stage {index} rests on stage {redone}'s old student: made again")
+    manifest["stages"].pop(str(index), None)
+    manifest["shards"] = [r for r in manifest["shards"] if r["stage"] != index]
 
 
 ChunkRunner = Callable[[list[ChunkTask], dict | None, Callable[[ChunkTask], list[str]]], Iterable[dict]]
@@ -74,17 +126,24 @@ def in_process_runner(maker_factory: Callable[[], ChunkMaker]) -> ChunkRunner:
 
 def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: ChunkRunner | None = None,
                fitter: Fitter | None = None, log: Callable[[str], None] = print,
-               on_stage: Callable[[int, dict], None] | None = None) -> dict:
+               on_stage: Callable[[int, dict], None] | None = None, lease: Lease | None = None) -> dict:
     """Distil: seed increment + K guided stages into `run_dir`; returns the manifest (also in manifest.json).
 
     runner makes chunks (default: in this process), fitter trains classifiers (default: in this process);
-    on_stage(index, info) is called after each stage is trained (e.g. to report to Ray Tune).
+    on_stage(index, info) is called after each stage is trained (e.g. to report to Ray Tune); lease: the run folder's
+    lease this driver holds (checked before every manifest write).
     """
     run_dir = as_location(run_dir)
     device = process_device(cfg.device)  # a sweep trial: the GPU Tune gave it, or the CPU
     check_data(cfg.data)
     n_classes = num_classes(cfg.data)
     manifest = open_manifest(run_dir, cfg, resume)
+
+    def save(manifest: dict):
+        if lease is not None:
+            lease.check()  # a driver that lost the run folder to another stops before it writes
+        write_manifest(run_dir, manifest)
+
     # Set-up, here in the driver before any chunk is made: prior and reference (trained and stored if absent)
     manifest["num_classes"] = n_classes
     manifest["classes"] = class_names(cfg.data)  # label i is the i-th name
@@ -92,20 +151,26 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
     manifest["prior"] = ensure_prior(cfg, device, fitter) if cfg.distill.method != "random" else None
     _, ref_info = ensure_reference(cfg, n_classes, device, fitter)
     manifest["reference"] = ref_info
-    write_manifest(run_dir, manifest)
+    check_models(manifest, {"prior_sha256": prior_weights_sha256(manifest["prior"]),
+                            "reference_sha256": reference_path(cfg).sha256()})
+    save(manifest)
     test_set = load_split(cfg.data, "test")  # read once for every stage's test
     runner = runner or in_process_runner(lambda: ChunkMaker(cfg, run_dir, device))
     chunks = class_chunks(n_classes, cfg.distill.classes_per_chunk)
     student_state = None
     stages = stage_plan(cfg)
     costs = {s["stage"]: s for s in run_cost(cfg)["stages"]}  # the dry-run's counts, recorded with each stage
+    redone = None  # the first stage made (again) in this call: every later stage rests on its student
     for stage in tqdm(stages, desc="stages", disable=None):
+        if redone is not None:
+            forget_stage(manifest, stage.index, redone, log)
         info = manifest["stages"].get(str(stage.index), {})
         ckpt = run_dir / stage_dir(stage.index) / "student.safetensors"
-        done = {r["chunk"] for r in stage_rows(manifest, stage.index) if shard_ok(run_dir, r)}
-        if info.get("trained") and ckpt.exists() and len(done) == len(chunks):
+        done = {r["chunk"] for r in stage_rows(manifest, stage.index) if kept(run_dir, r, log)}
+        if info.get("trained") and len(done) == len(chunks) and student_kept(ckpt, info, log):
             student_state = load_classifier(new_classifier(cfg, "student", n_classes), ckpt)[0].state_dict()
             continue
+        redone = stage.index
         # Generate I_i: every chunk whose shard is missing or does not match its sha256
         start = time.time()
         todo = [ChunkTask(stage, i, c) for i, c in enumerate(chunks) if i not in done]
@@ -114,7 +179,7 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
         for row in tqdm(runner(todo, student_state, previous), total=len(todo), desc=f"stage {stage.index} chunks",
                         leave=False, disable=None):
             record(manifest, row)
-            write_manifest(run_dir, manifest)
+            save(manifest)
         sample_seconds = time.time() - start
         # Train theta_i on D_i, starting from theta_{i-1}
         start = time.time()
@@ -129,13 +194,14 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
         total = sum(r["count"] for r in d_i)
         save_classifier(student, ckpt, {"stage": stage.index, "test_acc": acc, "train_images": total})
         scores = [(r["mean_S"], r["count"]) for r in new if r["mean_S"] is not None]
-        info = {"trained": True, "images": sum(r["count"] for r in new), "total_images": total,
+        info = {"trained": True, "student_sha256": ckpt.sha256(), "images": sum(r["count"] for r in new),
+                "total_images": total,
                 "student_acc": acc, "sample_seconds": round(sample_seconds, 2),
                 "train_seconds": round(time.time() - start, 2),
                 "mean_S": sum(s * n for s, n in scores) / sum(n for _, n in scores) if scores else None,
                 "cost": stage_cost(cfg, costs[stage.index], new)}
         manifest["stages"][str(stage.index)] = info
-        write_manifest(run_dir, manifest)
+        save(manifest)
         write_report(run_dir)
         s_text = f", mean S {info['mean_S']:.3f}" if info["mean_S"] is not None else ""
         log(f"stage {stage.index}/{len(stages) - 1}: {info['images']} new images ({info['total_images']} in all), "

@@ -18,6 +18,8 @@ import hashlib
 import os
 import shutil
 import sys
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,6 +33,42 @@ from lgd_ray.errors import ConfigError
 S3_QUERY_KEYS = {"endpoint_override", "scheme", "region"}  # what an s3:// URI may carry besides bucket and key
 SECRET_KEYS = {"access_key", "secret_key", "session_token"}
 _READ_TRIES = 8  # reads of an object that keeps being replaced before giving up
+_retry = threading.local()  # this thread's retry budget while no_retry() holds
+
+
+def configure(retry_s: float):
+    """How long this process retries a store's transient errors (storage.retry_s), for every Location."""
+    global RETRY_S
+    RETRY_S = retry_s
+
+
+RETRY_S = 120.0  # storage.retry_s's default, until configure()
+
+
+@contextlib.contextmanager
+def no_retry():
+    """Transient errors fail at once in this block (the start-up check: a wrong endpoint is said in seconds)."""
+    _retry.off = True
+    try:
+        yield
+    finally:
+        _retry.off = False
+
+
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+TRANSIENT_SIGNS = ("NETWORK_CONNECTION", "Could not connect", "Couldn't connect", "Connection refused",
+                   "Connection reset", "connection was reset", "timed out", "Timeout was reached", "SLOW_DOWN",
+                   "SlowDown", "INTERNAL_FAILURE", "InternalError", "SERVICE_UNAVAILABLE", "ServiceUnavailable",
+                   "RequestTimeout", "Throttl", "HTTP response code 500", "HTTP response code 502",
+                   "HTTP response code 503", "HTTP response code 504", "HTTP response code 429")
+
+
+def transient(e: OSError) -> bool:
+    """Whether a store's error may pass by itself (DESIGN.md section 9): refused or reset connections, time-outs,
+    HTTP 5xx and throttling; not a missing object, refused credentials or a missing bucket."""
+    if isinstance(e, PERMANENT):
+        return False
+    return isinstance(e, (ConnectionError, TimeoutError)) or any(sign in str(e) for sign in TRANSIENT_SIGNS)
 
 
 class StorageError(ConfigError):
@@ -52,6 +90,9 @@ def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
         return pafs.S3FileSystem(endpoint_override=params.get("endpoint_override"), scheme=params.get("scheme", "https"),
                                  region=params.get("region"), connect_timeout=5, request_timeout=120,
                                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+    if scheme == "memory":
+        raise StorageError(f"storage: memory://{netloc} lives inside one process: what is written there is gone when "
+                           "it exits and no Ray worker can read it; use a folder or an object store (s3://, gs://)")
     if scheme in ("gs", "gcs"):
         return pafs.FileSystem.from_uri(f"gs://{netloc}" + (f"?{query}" if query else ""))[0]
     import fsspec
@@ -60,6 +101,9 @@ def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
         fs = fsspec.filesystem(scheme, **params)
     except (ImportError, ValueError) as e:
         raise StorageError(f"storage: no filesystem for {scheme}:// ({e})") from e
+    except TypeError as e:  # an option the filesystem does not take
+        raise StorageError(f"storage: {scheme}://{netloc}?{query}: {scheme}:// does not take these options "
+                           f"({str(e).splitlines()[0]})") from e
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
@@ -125,73 +169,87 @@ class Location:
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def exists(self) -> bool:
-        with self._errors("look up"):
-            return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+        return self._call("look up", lambda: self.fs.get_file_info(self.path).type != pafs.FileType.NotFound)
 
     def is_dir(self) -> bool:
-        with self._errors("look up"):
-            return self.fs.get_file_info(self.path).type == pafs.FileType.Directory
+        return self._call("look up", lambda: self.fs.get_file_info(self.path).type == pafs.FileType.Directory)
 
     def read_bytes(self) -> bytes:
         """The whole file. An object replaced while it is read is read again: the S3 client takes the size from one
         request and the bytes from another, so a reader racing a writer can get the new object cut at the old size."""
-        with self._errors("read"):
+        def read():
             for _ in range(_READ_TRIES):
                 with self.fs.open_input_stream(self.path, compression=None) as f:
                     data = f.read()
                 if self.is_local or len(data) == self.fs.get_file_info(self.path).size:
                     return data
-        raise StorageError(f"storage: {self} changed during each of {_READ_TRIES} reads")
+            raise StorageError(f"storage: {self} changed during each of {_READ_TRIES} reads")
+
+        return self._call("read", read)
 
     def read_text(self) -> str:
         return self.read_bytes().decode()
 
     def open(self):
         """A binary stream for reading (a shard, an idx file)."""
-        with self._errors("read"):
-            return self.fs.open_input_stream(self.path, compression=None)
+        return self._call("read", lambda: self.fs.open_input_stream(self.path, compression=None))
 
     def iterdir(self) -> list["Location"]:
         """The entries of a folder, sorted by name ([] if the folder does not exist)."""
-        with self._errors("list"):
-            infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        infos = self._call("list", lambda: self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True)))
         return sorted((self / PurePosixPath(i.path).name for i in infos), key=lambda loc: loc.name)
 
     def files(self, suffix: str = "") -> list["Location"]:
         return [c for c in self.iterdir() if c.name.endswith(suffix) and not c.is_dir()]
 
     def sha256(self) -> str:
-        h = hashlib.sha256()
-        with self.open() as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        return h.hexdigest()
+        def digest():
+            h = hashlib.sha256()
+            with self.fs.open_input_stream(self.path, compression=None) as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            return h.hexdigest()
+
+        return self._call("read", digest)
 
     # -- writing ---------------------------------------------------------------------------------------------------
     def write_bytes(self, data: bytes):
         """Atomic: local files go to a temporary name and are renamed; an object is one complete upload."""
-        with self._errors("write"):
-            if self.is_local:
-                path = Path(self.path)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:6]}")
-                tmp.write_bytes(data)
-                tmp.replace(path)
-            else:
+        if not self.is_local:
+            def upload():
                 with self.fs.open_output_stream(self.path, compression=None) as f:
                     f.write(data)
+
+            return self._call("write", upload)
+        path = Path(self.path)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:6]}")
+
+        def write():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes on disk before the name: a crash leaves the old file or the new, whole
+            tmp.replace(path)
+
+        try:
+            self._call("write", write)
+        finally:
+            tmp.unlink(missing_ok=True)  # after a failed write (a full disk): no stray temporary file
 
     def write_text(self, text: str):
         self.write_bytes(text.encode())
 
     def delete(self):
         """Remove a file or a whole folder (no error if absent)."""
-        with self._errors("delete"):
+        def delete():
             info = self.fs.get_file_info(self.path)
             if info.type == pafs.FileType.Directory:
                 self.fs.delete_dir(self.path)
             elif info.type == pafs.FileType.File:
                 self.fs.delete_file(self.path)
+
+        self._call("delete", delete)
 
     def upload_dir(self, local: Path, last: str):
         """Copy a local folder here as a whole: on a local disk a temporary folder renamed; in a store file by file,
@@ -209,24 +267,33 @@ class Location:
             tmp.rename(target)
             return
         for p in files:
-            with self._errors("write"):
-                pafs.copy_files(str(p), (self / p.relative_to(local).as_posix()).path,
-                                source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+            self._call("write", lambda p=p: pafs.copy_files(
+                str(p), (self / p.relative_to(local).as_posix()).path, source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=self.fs))
 
     def download_dir(self, local: Path):
         """Copy this folder into a local folder."""
-        with self._errors("read"):
-            pafs.copy_files(self.path, str(local), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+        self._call("read", lambda: pafs.copy_files(self.path, str(local), source_filesystem=self.fs,
+                                                   destination_filesystem=pafs.LocalFileSystem()))
 
     # -- errors ----------------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _errors(self, action: str):
-        try:
-            yield
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            raise StorageError(f"storage: cannot {action} {self}: {_reason(e)}") from e
+    def _call(self, action: str, fn):
+        """fn(), its transient errors retried with exponential back-off for up to storage.retry_s; any other error,
+        or one that lasts longer, is one line (StorageError). A missing file stays FileNotFoundError."""
+        start, wait = time.monotonic(), 0.5
+        while True:
+            try:
+                return fn()
+            except FileNotFoundError:
+                raise
+            except OSError as e:
+                waited = time.monotonic() - start
+                budget = 0.0 if getattr(_retry, "off", False) else RETRY_S
+                if not transient(e) or waited + wait > budget:
+                    tried = f" (retried for {waited:.0f} s: storage.retry_s {budget:g})" if transient(e) and budget else ""
+                    raise StorageError(f"storage: cannot {action} {self}: {_reason(e)}{tried}") from e
+                time.sleep(wait)
+                wait = min(2 * wait, 30.0)
 
 
 def as_location(where) -> Location:
@@ -251,12 +318,38 @@ def _reason(e: OSError) -> str:
 
 
 def check_writable(loc: Location):
-    """Write, read back and delete a small object under loc: fails in seconds with one line if the store is unusable."""
+    """Write, read back and delete a small object under loc: fails in seconds with one line if the store is unusable
+    (no retries: at the start a store that does not answer is far more often misnamed than down)."""
     probe = loc / f".lgd_ray-probe-{uuid.uuid4().hex[:8]}"
-    probe.write_bytes(b"ok")
-    if probe.read_bytes() != b"ok":
-        raise StorageError(f"storage: {loc} does not read back what was written")
-    probe.delete()
+    with no_retry():
+        probe.write_bytes(b"ok")
+        if probe.read_bytes() != b"ok":
+            raise StorageError(f"storage: {loc} does not read back what was written")
+        probe.delete()
+
+
+COPY_LOCK_S = 1800.0  # longest wait for another process's copy of a prior to a node (DiT-XL/2 is ~3 GB)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout_s: float):
+    """An exclusive flock of `path`, waited for at most timeout_s (a lock held longer is a hung process: one line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StorageError(f"storage: {path} stayed locked for {timeout_s:g} s by another process: if "
+                                       "none is working there, it hung; end it") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def local_copy(loc: Location, cache_root: str, marker: str) -> Path:
@@ -268,9 +361,7 @@ def local_copy(loc: Location, cache_root: str, marker: str) -> Path:
         return loc.local_path
     root = Path(cache_root).expanduser() / "store"
     target = root / hashlib.sha256(loc.uri.encode()).hexdigest()[:16]
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(root / f"{target.name}.lock", COPY_LOCK_S):
         if not (target / marker).exists():
             if not (loc / marker).exists():
                 raise StorageError(f"storage: {loc} holds no {marker}")

@@ -37,8 +37,10 @@ def trial_config(base: dict, omega: float, lambda_: float, out: str) -> Config:
 
 
 def _trial(params: dict, base: dict, root: str):
+    # the trial id in the folder: repeated grid points (sweep.num_samples > 1) are other trials, other folders
+    trial = tune.get_context().get_trial_id()
     cfg = trial_config(base, params["omega"], params["lambda"],
-                       str(Location(root) / f"omega{params['omega']:g}-lambda{params['lambda']:g}"))
+                       str(Location(root) / f"omega{params['omega']:g}-lambda{params['lambda']:g}-{trial}"))
     run_stages(cfg, Location(cfg.out), resume=True, log=lambda _: None,
                on_stage=lambda i, info: tune.report({"stage": i, "student_acc": info["student_acc"],
                                                      "mean_S": info["mean_S"]}))

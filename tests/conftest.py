@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import socket
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -79,6 +81,77 @@ def s3_uri(endpoint: str, bucket: str, path: str = "") -> str:
 def s3_root(s3_endpoint) -> Location:
     """An empty prefix of a fresh bucket on the test S3 server."""
     return Location(s3_uri(s3_endpoint, new_bucket(s3_endpoint), "root"))
+
+
+class TcpProxy:
+    """A TCP proxy on a fixed loopback port in front of another loopback port: stop() closes the port and cuts every
+    connection through it (an outage: clients are refused), start() opens the same port again."""
+
+    def __init__(self, target_port: int):
+        self.target = target_port
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.conns, self.lock, self.listener = [], threading.Lock(), None
+
+    def start(self):
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        listener.settimeout(0.1)
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener):
+        while self.listener is listener:
+            try:
+                client, _ = listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            client.settimeout(None)
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b):
+        try:
+            while data := a.recv(1 << 16):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self):
+        listener, self.listener = self.listener, None
+        listener.close()
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.listener is not None:
+            self.stop()
 
 
 @pytest.fixture(params=["local", "s3"])

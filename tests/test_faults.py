@@ -144,8 +144,7 @@ def test_node_lost_while_sampling_and_while_training(cluster, single_process_run
     assert manifest["stages"]["1"]["trained"]
 
 
-def test_a_chunk_that_raises_is_retried_and_one_that_always_raises_ends_the_run(cluster, trained, tiny_overrides,
-                                                                                tmp_path):
+def test_io_errors_are_retried_and_code_errors_end_the_run_at_once(cluster, trained, tiny_overrides, tmp_path):
     class FlakyMaker(ChunkMaker):  # defined here, so that Ray ships it by value to the actors
         def make(self, task, student_state, previous_shards):
             mark = self.run_dir / f"tried-{task.chunk}"
@@ -166,6 +165,36 @@ def test_a_chunk_that_raises_is_retried_and_one_that_always_raises_ends_the_run(
         list(pool(tasks, None, lambda t: []))
     assert 2 <= pool.retried <= 4  # each chunk is tried 3 times; the first to use up its 2 retries ends the run
     assert time.time() - start < 60  # back-off 1 s + 2 s, bounded
+
+    class BuggyMaker(ChunkMaker):  # a code error happens again every time: not retried
+        def make(self, task, student_state, previous_shards):
+            raise TypeError(f"injected bug in chunk {task.chunk}")
+
+    pool = ActorPool(load_config("digits", tiny_overrides + RUN + ["ray.chunk_retries=2"]), tmp_path / "buggy",
+                     BuggyMaker)
+    with pytest.raises(TypeError, match="injected bug in chunk"):
+        list(pool(tasks, None, lambda t: []))
+    assert pool.retried == 0
+
+
+def test_a_chunk_past_its_deadline_is_rescheduled(cluster, trained, tiny_overrides, tmp_path):
+    """A chunk that hangs (the first try sleeps for minutes) is given up after ray.chunk_timeout_s: its actor restarts
+    and the chunk runs again; the stage finishes with every chunk."""
+    class HangingMaker(ChunkMaker):
+        def make(self, task, student_state, previous_shards):
+            mark = self.run_dir / f"hung-{task.chunk}"
+            if task.chunk == 0 and not mark.exists():
+                mark.write_text("1")
+                time.sleep(600)
+            return super().make(task, student_state, previous_shards)
+
+    cfg = load_config("digits", tiny_overrides + RUN + ["ray.chunk_timeout_s=5"])
+    tasks = [ChunkTask(stage_plan(cfg)[0], i, c) for i, c in enumerate(class_chunks(10, 5))]
+    pool = ActorPool(cfg, tmp_path / "hung", HangingMaker)
+    start = time.time()
+    rows = list(pool(tasks, None, lambda t: []))
+    assert sorted(r["chunk"] for r in rows) == [0, 1] and pool.resubmitted == 1
+    assert time.time() - start < 120
 
 
 def test_requests_no_node_can_hold_fail_in_the_configured_time(cluster, trained, tiny_overrides, tmp_path):

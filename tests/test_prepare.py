@@ -136,3 +136,23 @@ def test_class_sorted_copies_feed_random_dds_and_mgd3(tmp_path, s3_root):
         assert len(samples) == 2 * len(WNIDS) and all(s["image"].shape == (3, 16, 16) for s in samples)
         if method != "mgd3":
             assert all(int(train.labels[s["meta"]["real_index"]]) == s["cls"] for s in samples)
+
+
+@pytest.mark.parametrize("with_ray", [False, True])
+def test_a_corrupt_image_is_named_and_a_class_without_train_images_refused(local_ray, tmp_path, with_ray):
+    """prepare stops in one line naming the file that does not decode (in this process, and through Ray Data's
+    tasks) and refuses a class whose train folder is empty; no index is written."""
+    files = _tree(tmp_path / "data")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(WNIDS) + "\n")
+    bad = next(p for p, _ in files["train"] if p.suffix == ".JPEG")
+    bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG
+    cfg = _cfg(tmp_path / "data", classes, tmp_path / "prepared", f"ray.enabled={str(with_ray).lower()}")
+    with pytest.raises(ConfigError, match=rf"prepare: cannot decode {bad}.*remove or replace the file") as e:
+        prepare(cfg, shard_images=4)
+    assert "\n" not in str(e.value) and not (tmp_path / "prepared" / "index.json").exists()
+    bad.unlink()
+    for p in (tmp_path / "data" / "train" / WNIDS[1]).iterdir():
+        p.unlink()
+    with pytest.raises(ConfigError, match=rf"prepare: class {WNIDS[1]} has no image files under .*train/{WNIDS[1]}"):
+        prepare(cfg, shard_images=4)

@@ -95,6 +95,9 @@ def test_sweep_tiny_grid(trained, tiny_overrides, tmp_path):
     assert sorted(r["omega"] for r in rows) == [0.5, 1.0] and all(r["lambda"] == 0.05 for r in rows)
     assert rows[0]["stages_run"] == 2 and len(rows[0]["acc_per_stage"]) == 3  # seed stage + 2 guided stages
     assert (tmp_path / "results.csv").read_text().count("\n") == 3
+    trials = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("omega"))  # a folder per trial, by its id
+    assert [t.rsplit("-", 1)[0] for t in trials] == ["omega0.5-lambda0.05", "omega1-lambda0.05"]
+    assert len({t.rsplit("-", 1)[1] for t in trials}) == 2
     best = load_config(str(result["best_config"]))  # distill accepts the best setting unchanged
     assert best.guidance.omega == rows[0]["omega"] and best.guidance.lambda_ == 0.05
     assert best.distill.stages == cfg.distill.stages and yaml.safe_load(result["best_config"].read_text())["seed"] == 0
@@ -230,3 +233,16 @@ def test_killed_driver_resumes_from_the_store(two_actor_run, tiny_overrides, s3_
     assert _hashes(after) == _hashes(undisturbed) and victim.sha256() == before["shards"][0]["sha256"]
     assert all(mtime(out / p) == t for p, t in kept.items())  # intact chunks were not redone
     assert "stage 0/1" in r.stdout and "stage 1/1" in r.stdout  # stage 0 retrained: one of its shards was damaged
+
+
+def test_storage_check_runs_on_a_cluster_joined_by_address_even_with_one_node(tiny_overrides, tmp_path):
+    """A cluster file's head starts alone: joined by address, a relative `out` is refused with one node alive."""
+    from lgd_ray.cluster import check_cluster_storage
+    from lgd_ray.storage import Location
+
+    address = ray.get_runtime_context().gcs_address
+    cfg = load_config("digits", tiny_overrides + [f"ray.address={address}", "out=runs/x"])
+    with pytest.raises(ConfigError, match=r"'out' = 'runs/x' is a relative path.*\(1 alive now\)"):
+        check_cluster_storage(cfg, Location("runs/x"), Location(cfg.cache))
+    local = load_config("digits", tiny_overrides + ["out=runs/x"])  # a local Ray of one node: nothing to check
+    check_cluster_storage(local, Location(str(tmp_path / "x")), Location(local.cache))

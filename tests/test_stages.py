@@ -89,18 +89,25 @@ def test_rerun_refuses_and_resume_checks_config(run, tiny_overrides):
         write_manifest(out, made)
 
 
-def test_resume_redoes_only_a_corrupted_shard(run):
+def test_resume_redoes_a_corrupted_shard_its_stage_and_every_later_stage(run):
+    """A damaged shard of stage 1 is said (with both sha256s) and made again; stage 1's student is trained again, and
+    stage 2, built from the old one, is made again; stage 0 is kept. On the CPU everything comes out the same bytes."""
     cfg, out, manifest, _ = run
     rows = {r["path"]: r for r in manifest["shards"]}
     mtimes = {p: (out / p).stat().st_mtime_ns for p in rows}
     victim = "stage-01/shard-000001.tar"
     (out / victim).write_bytes((out / victim).read_bytes()[:500])
-    again = run_stages(cfg, out, resume=True, log=lambda _: None)
-    assert Location(str(out / victim)).sha256() == rows[victim]["sha256"]  # regenerated: the same bytes as the first time
+    damaged = Location(str(out / victim)).sha256()
+    lines = []
+    again = run_stages(cfg, out, resume=True, log=lines.append)
+    assert lines[0] == (f"resume: {victim}: expected sha256 {rows[victim]['sha256'][:12]}, found {damaged[:12]}: "
+                        "made again")
+    assert "resume: stage 2 rests on stage 1's old student: made again" in lines
+    assert all(Location(str(out / p)).sha256() == r["sha256"] for p, r in rows.items())  # the same bytes (CPU)
     changed = {p for p in rows if (out / p).stat().st_mtime_ns != mtimes[p]}
-    assert changed == {victim}
-    assert again["stages"]["1"]["student_acc"] == manifest["stages"]["1"]["student_acc"]
-    assert read_manifest(out)["stages"]["2"] == manifest["stages"]["2"]
+    assert changed == {victim} | {p for p in rows if p.startswith("stage-02/")}
+    assert [again["stages"][k]["student_acc"] for k in "012"] == [manifest["stages"][k]["student_acc"] for k in "012"]
+    assert again["stages"]["1"]["student_sha256"] == manifest["stages"]["1"]["student_sha256"]
 
 
 def test_cli_runs_the_digits_config(trained, tiny_overrides, tmp_path):

@@ -8,7 +8,9 @@ import ray
 import torch
 import webdataset as wds
 
-from lgd_ray.shards import read_shards, sample_key, shard_ok, shard_urls, write_shard
+from conftest import TcpProxy, new_bucket, s3_uri
+from lgd_ray import storage
+from lgd_ray.shards import read_shards, sample_key, shard_sha256, shard_urls, write_shard
 from lgd_ray.storage import Location, StorageError, check_writable, local_copy
 
 
@@ -48,7 +50,7 @@ def test_shards_round_trip_with_plain_webdataset(store):
     for channels in (1, 3):
         samples = _samples(7, channels)
         row = write_shard(store, f"stage-01/shard-00000{channels}.tar", samples)
-        assert row["count"] == 7 and row["keys"] == [s["key"] for s in samples] and shard_ok(store, row)
+        assert row["count"] == 7 and row["keys"] == [s["key"] for s in samples] and shard_sha256(store, row) == row["sha256"]
         back = read_shards(store, [row["path"]])
         assert [b["key"] for b in back] == row["keys"] and [b["cls"] for b in back] == [s["cls"] for s in samples]
         assert all(torch.equal(b["image"], s["image"]) for b, s in zip(back, samples))  # lossless PNG
@@ -65,9 +67,9 @@ def test_same_samples_same_bytes_and_damage_detected(store):
     assert row["sha256"] == again["sha256"] == (store / row["path"]).sha256()  # fixed mtime: same chunk, same bytes
     shard = store / row["path"]
     shard.write_bytes(shard.read_bytes()[:-1024])  # truncated
-    assert not shard_ok(store, row)
+    assert shard_sha256(store, row) != row["sha256"]
     shard.delete()
-    assert not shard_ok(store, row)
+    assert shard_sha256(store, row) != row["sha256"]
 
 
 def test_a_reader_racing_a_writer_gets_whole_versions(store):
@@ -136,3 +138,33 @@ def test_refused_credentials_are_named(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_store_outage_shorter_than_retry_s_is_waited_out_and_a_longer_one_is_one_line(s3_endpoint):
+    """The S3 server behind a TCP proxy that is cut: a write during a 3-s outage waits it out (storage.retry_s 20);
+    with the proxy down for longer than storage.retry_s (2) it fails in one line, and nothing half-written is left.
+    The start-up check does not retry at all."""
+    with TcpProxy(int(s3_endpoint.rsplit(":", 1)[1])) as proxy:
+        root = Location(s3_uri(f"127.0.0.1:{proxy.port}", new_bucket(s3_endpoint), "outage"))
+        (root / "before").write_bytes(b"1")
+        try:
+            storage.configure(20)
+            proxy.stop()
+            threading.Timer(3.0, proxy.start).start()
+            start = time.time()
+            (root / "during").write_bytes(b"2")
+            assert 2.5 < time.time() - start < 15 and (root / "during").read_bytes() == b"2"
+            storage.configure(2)
+            proxy.stop()
+            with pytest.raises(StorageError,
+                               match=r"cannot write .*/never\?.*does not answer.*\(retried for \d+ s: storage.retry_s 2\)$"):
+                (root / "never").write_bytes(b"3")
+            start = time.time()
+            with pytest.raises(StorageError, match="does not answer"):
+                check_writable(root)
+            assert time.time() - start < 10
+        finally:
+            storage.configure(120)
+            if proxy.listener is None:
+                proxy.start()
+        assert not (root / "never").exists() and [p.name for p in root.iterdir()] == ["before", "during"]

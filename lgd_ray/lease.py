@@ -1,0 +1,214 @@
+"""One driver per run folder: a lease object in it (`lease.json`: holder, expiry), made only where none is, renewed by
+its holder while it runs, taken over by another driver only once it has expired.
+
+    local folder   O_EXCL creation; read, check and replace under an exclusive flock of `.lease.lock`
+    s3://          conditional puts (If-None-Match: * to create, If-Match: ETAG to renew or take over; DESIGN.md 9)
+    other stores   written, then read back after a pause: the last writer holds it (no conditional writes there)
+
+A driver that crashed leaves its lease to lapse after `storage.lease_s`, so `--resume` after a crash needs no
+clean-up; a second driver on a held folder is refused in one line naming the holder and the expiry.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+from lgd_ray.errors import ConfigError
+from lgd_ray.storage import as_location, file_lock
+
+LEASE = "lease.json"
+LOCK = ".lease.lock"
+LOCK_WAIT_S = 30.0  # longest wait for the local lock (held for a read and a write only)
+
+
+class LeaseError(ConfigError):
+    """Another driver holds the run folder, or this driver lost its lease (one line)."""
+
+
+def _expiry(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+class Lease:
+    """The lease of one run folder for this process; a context manager (acquire on entry, release on exit)."""
+
+    def __init__(self, run_dir, ttl_s: float):
+        self.run_dir, self.ttl_s = as_location(run_dir), ttl_s
+        self.loc = self.run_dir / LEASE
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.tag = None  # what the store holds now: our body (local, other stores) or its ETag (s3)
+        self.lost: str | None = None  # why the renewal failed
+        self._stop = threading.Event()
+        self._thread = None
+        p = self.loc._parts
+        self._s3 = None
+        if p.scheme == "s3":
+            import boto3  # only for conditional puts, which pyarrow's S3 filesystem does not expose
+
+            q = dict(parse_qsl(p.query))
+            endpoint = f"{q.get('scheme', 'https')}://{q['endpoint_override']}" if "endpoint_override" in q else None
+            self._s3 = (boto3.client("s3", endpoint_url=endpoint, region_name=q.get("region")), p.netloc,
+                        p.path.lstrip("/"))
+
+    # -- the lease -------------------------------------------------------------------------------------------------
+    def acquire(self):
+        """Hold the lease, or raise LeaseError naming who holds it and until when; then renew it every ttl_s / 3."""
+        body = self._body()
+        if not self._create(body):
+            current = self._read()
+            if current is not None and current[0]["holder"] != self.holder and current[0]["expires"] > time.time():
+                raise LeaseError(f"run folder {self.run_dir} is held by another driver ({current[0]['holder']}) "
+                                 f"until {_expiry(current[0]['expires'])} ({LEASE}, renewed while it runs): wait for "
+                                 f"it to finish, or, if it died, for its lease to lapse (storage.lease_s {self.ttl_s:g})")
+            if not self._replace(body, current):
+                raise LeaseError(f"run folder {self.run_dir}: another driver took the lapsed lease first")
+        self._thread = threading.Thread(target=self._renew_loop, daemon=True, name="lgd_ray-lease")
+        self._thread.start()
+        return self
+
+    def check(self):
+        """Raise LeaseError if this driver lost its lease (another driver took it after a renewal failed)."""
+        if self.lost:
+            raise LeaseError(f"run folder {self.run_dir}: this driver lost its lease ({self.lost}); stopped so that "
+                             "two drivers never write one run")
+
+    def release(self):
+        """Stop renewing and remove the lease if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self.lost is None:
+            with contextlib.suppress(Exception):
+                self._delete()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def _body(self) -> dict:
+        return {"holder": self.holder, "expires": time.time() + self.ttl_s}
+
+    def _renew_loop(self):
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                current = self._read()
+                if current is None or current[0]["holder"] != self.holder or not self._replace(self._body(), current):
+                    self.lost = f"{LEASE} now names {current[0]['holder'] if current else 'nobody'}"
+                    return
+            except Exception as e:  # a store outage longer than storage.retry_s: the next round tries again
+                if time.time() > (self._last_expiry or 0):
+                    self.lost = f"not renewed in time: {str(e).splitlines()[0]}"
+                    return
+
+    @property
+    def _last_expiry(self) -> float | None:
+        return self.tag[1] if isinstance(self.tag, tuple) else None
+
+    # -- the backends ----------------------------------------------------------------------------------------------
+    def _create(self, body: dict) -> bool:
+        """Write the lease where none is; False if one is there."""
+        data = json.dumps(body).encode()
+        if self._s3:
+            client, bucket, key = self._s3
+            try:
+                etag = client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")["ETag"]
+            except client.exceptions.ClientError as e:
+                if _status(e) in (409, 412):
+                    return False
+                raise
+            self.tag = (etag, body["expires"])
+            return True
+        if self.loc.is_local:
+            with self._local_lock():
+                try:
+                    fd = os.open(self.loc.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            self.tag = (data, body["expires"])
+            return True
+        if self.loc.exists():
+            return False
+        return self._write_and_read_back(data, body)
+
+    def _read(self) -> tuple[dict, object] | None:
+        """(the lease, what identifies this version of it), or None if there is none."""
+        if self._s3:
+            client, bucket, key = self._s3
+            try:
+                obj = client.get_object(Bucket=bucket, Key=key)
+            except client.exceptions.NoSuchKey:
+                return None
+            return json.loads(obj["Body"].read()), obj["ETag"]
+        if not self.loc.exists():
+            return None
+        data = self.loc.read_bytes()
+        return json.loads(data), data
+
+    def _replace(self, body: dict, current: tuple[dict, object] | None) -> bool:
+        """Write our lease over the version `current` read; False if another driver changed it since."""
+        data = json.dumps(body).encode()
+        if self._s3:
+            client, bucket, key = self._s3
+            try:
+                kwargs = {"IfMatch": current[1]} if current else {"IfNoneMatch": "*"}
+                etag = client.put_object(Bucket=bucket, Key=key, Body=data, **kwargs)["ETag"]
+            except client.exceptions.ClientError as e:
+                if _status(e) in (409, 412):
+                    return False
+                raise
+            self.tag = (etag, body["expires"])
+            return True
+        if self.loc.is_local:
+            with self._local_lock():
+                now = self._read()
+                if (now[1] if now else None) != (current[1] if current else None):
+                    return False
+                self.loc.write_bytes(data)
+            self.tag = (data, body["expires"])
+            return True
+        return self._write_and_read_back(data, body)
+
+    def _write_and_read_back(self, data: bytes, body: dict) -> bool:
+        """Stores without conditional writes: write, wait, read back; whoever wrote last holds the lease."""
+        self.loc.write_bytes(data)
+        time.sleep(2.0)
+        now = self._read()
+        if now is None or now[0]["holder"] != self.holder:
+            return False
+        self.tag = (data, body["expires"])
+        return True
+
+    def _delete(self):
+        if self._s3:
+            client, bucket, key = self._s3
+            client.delete_object(Bucket=bucket, Key=key, IfMatch=self.tag[0])
+        elif self.loc.is_local:
+            with self._local_lock():
+                now = self._read()
+                if now and now[0]["holder"] == self.holder:
+                    os.unlink(self.loc.path)
+        else:
+            now = self._read()
+            if now and now[0]["holder"] == self.holder:
+                self.loc.delete()
+
+    def _local_lock(self):
+        return file_lock(Path(self.run_dir.path) / LOCK, LOCK_WAIT_S)
+
+
+def _status(error) -> int:
+    return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))

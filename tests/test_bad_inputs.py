@@ -1,0 +1,114 @@
+"""Bad input, as a new user gives it: each is one line on stderr naming the file, key or class and the fix, exit
+status 2, no traceback; and nothing valid is overwritten."""
+import json
+import shutil
+
+import pytest
+
+from lgd_ray import distill, evaluate, prepare, report
+from lgd_ray.config import ConfigError, load_config
+from lgd_ray.stages import run_stages
+from lgd_ray.storage import Location
+
+
+def one_line(capsys, main, argv: list[str]) -> str:
+    """Run a command's main(argv); it must exit 2 with exactly one line on stderr (returned)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["digits", "guidance.window=[10,"], ["override 'guidance.window=[10,'", "not YAML"]),
+    (["digits", "data.image_size=4", "student.model=convnet3"], ["'student.model'", "halves the image 3 times",
+                                                                 "at least 8"]),
+    (["digits", "evaluate.ipc_breaks=[10]", "evaluate.epochs_by_ipc=[0,0]"], ["'evaluate.epochs_by_ipc'", ">= 1"]),
+    (["digits", "sweep.omega=[]", "sweep.search=random"], ["'sweep.omega'", "must not be empty"]),
+    (["digits", "ray.schedule_timeout_s=.nan"], ["'ray.schedule_timeout_s'", "finite"]),
+    (["digits", "guidance.lambda=.inf"], ["'guidance.lambda'", "finite"]),
+    (["digits", "ray.enabled=false", "out=memory://x?foo=1"], ["memory://x", "inside one process"]),
+])
+def test_bad_keys_are_one_line(capsys, argv, words):
+    line = one_line(capsys, distill.main, argv + ["--dry-run"] if "out=" not in argv[-1] else argv)
+    assert all(w in line for w in words), line
+
+
+def test_malformed_files_are_one_line(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 0\nguidance: {lambda: [1,\n")
+    line = one_line(capsys, distill.main, [str(bad), "--dry-run"])
+    assert str(bad) in line and "not valid YAML" in line and "line" in line
+    folder = tmp_path / "classes"
+    folder.mkdir()
+    line = one_line(capsys, distill.main, ["folder", f"data.root={tmp_path}", f"data.classes={folder}",
+                                           "ray.enabled=false"])
+    assert "'data.classes'" in line and "is a folder" in line
+
+
+def test_command_line_flags_are_one_line(capsys, tmp_path):
+    line = one_line(capsys, prepare.main, ["imagenette", f"data.root={tmp_path}", "--shard-images", "0"])
+    assert "--shard-images" in line and "must be an integer >= 1" in line
+    line = one_line(capsys, report.main, [])
+    assert "RUN_DIR" in line
+    line = one_line(capsys, report.main, [str(tmp_path)])  # an empty folder: no run to report
+    assert str(tmp_path) in line and "holds no run" in line
+    with pytest.raises(SystemExit) as e:
+        report.main(["--help"])
+    assert e.value.code == 0 and "RUN_DIR" in capsys.readouterr().out
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A copy of the tiny digits run that a test may damage, with its config pointing at the copy."""
+    cfg, out, manifest, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    return cfg, copy, manifest
+
+
+def test_a_damaged_manifest_is_one_line_in_every_command(capsys, run_copy):
+    cfg, run, _ = run_copy
+    text = (run / "manifest.json").read_text()
+    (run / "manifest.json").write_text(text[:len(text) // 2])  # cut short
+    for main, argv in ((evaluate.main, [str(run), "ray.enabled=false"]), (report.main, [str(run)]),
+                       (distill.main, ["digits", *cfg_overrides(cfg, run), "--resume"])):  # Ray not started
+        line = one_line(capsys, main, argv)
+        assert str(run / "manifest.json") in line and "not whole JSON" in line, line
+    broken = json.loads(text)
+    del broken["shards"][1]["sha256"]
+    (run / "manifest.json").write_text(json.dumps(broken))
+    line = one_line(capsys, evaluate.main, [str(run), "ray.enabled=false"])
+    assert "lacks 'shards[1].sha256'" in line
+
+
+def test_a_shard_gone_missing_is_one_line(capsys, run_copy):
+    _, run, manifest = run_copy
+    victim = sorted(r["path"] for r in manifest["shards"])[2]
+    (run / victim).unlink()
+    line = one_line(capsys, evaluate.main, [str(run), "ray.enabled=false", "train.epochs=1", "epochs_by_ipc=[]"])
+    assert victim in line and "is missing" in line and "--resume" in line
+
+
+def test_stage_files_without_a_manifest_are_refused_and_a_moved_run_resumes(run_copy, tmp_path):
+    cfg, run, manifest = run_copy
+    orphan = tmp_path / "orphan"
+    shutil.copytree(run, orphan)
+    (orphan / "manifest.json").unlink()
+    with pytest.raises(ConfigError, match="holds stage folders but no manifest.json"):
+        run_stages(load_config("digits", cfg_overrides(cfg, orphan)), Location(str(orphan)))
+    assert sorted(p.name for p in orphan.iterdir()) == sorted(p.name for p in run.iterdir() if p.name != "manifest.json")
+    # the copy resumes where it lives: nothing is made again
+    mtimes = {r["path"]: (run / r["path"]).stat().st_mtime_ns for r in manifest["shards"]}
+    again = run_stages(load_config("digits", cfg_overrides(cfg, run)), Location(str(run)), resume=True,
+                       log=lambda _: None)
+    assert {p: (run / p).stat().st_mtime_ns for p in mtimes} == mtimes
+    assert again["stages"] == manifest["stages"]
+
+
+def cfg_overrides(cfg, out) -> list[str]:
+    """The tiny run's overrides (from its stored config) with another run folder."""
+    from conftest import TINY
+
+    return TINY + [f"cache={cfg.cache}", f"out={out}"]
