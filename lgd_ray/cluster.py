@@ -9,6 +9,7 @@ fails the run in seconds with the node's address and the path.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 
 import ray
@@ -42,13 +43,16 @@ def connect(cfg: Config):
 def remote_cause(error: BaseException, kind: type) -> BaseException | None:
     """The first exception of `kind` in the chain of an error that Ray brought back from a task (RayTaskError.cause,
     __cause__, __context__), else None."""
-    seen = set()
+    seen, text = set(), str(error)
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, kind) and not isinstance(error, ray.exceptions.RayTaskError):
             return error
         error = getattr(error, "cause", None) or error.__cause__ or error.__context__
-    return None
+    # Ray Data wraps a task's error in its UserCodeException, whose own cause does not travel: only the remote
+    # traceback's text names it ("lgd_ray.errors.ConfigError: <its one line>")
+    found = re.search(rf"^{re.escape(kind.__module__)}\.{re.escape(kind.__qualname__)}: (.+)$", text, re.MULTILINE)
+    return kind(found.group(1)) if found else None
 
 
 def alive_nodes() -> list[dict]:

@@ -10,6 +10,7 @@ split with the reference model's recipe (`reference.train`).
 """
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -87,11 +88,16 @@ def epochs_for(cfg: Config, ipc: int) -> int:
 
 
 def load_run(run_dir: Location, overrides: list[str] = ()) -> tuple[Config, dict]:
-    """(the run's config with overrides applied, its manifest); bare keys (`repeats=5`) mean `evaluate.<key>`."""
+    """(the run's config with overrides applied, its manifest); bare keys (`repeats=5`) mean `evaluate.<key>`.
+
+    Where to connect comes from this command line only (`ray.address=`, or RAY_ADDRESS): a run folder, perhaps in a
+    shared bucket, never decides it, so the stored ray.address is dropped."""
     manifest = read_manifest(run_dir)
     if manifest is None:
         raise ConfigError(f"evaluate: {run_dir} holds no run (no manifest.json)")
-    return build_config(apply_overrides(manifest["config"], overrides, "evaluate")), manifest
+    tree = copy.deepcopy(manifest["config"])
+    tree.get("ray", {}).pop("address", None)
+    return build_config(apply_overrides(tree, overrides, "evaluate")), manifest
 
 
 def prefix_shards(manifest: dict, ipc: int) -> tuple[int, list[str]]:

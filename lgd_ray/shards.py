@@ -112,7 +112,7 @@ def shard_sha256(run_dir: Location, row: dict) -> str | None:
     return loc.sha256() if loc.exists() else None
 
 
-MANIFEST_KEYS = ("config", "config_hash", "stages", "shards")
+MANIFEST_KEYS = ("config", "stages", "shards")
 ROW_KEYS = ("path", "stage", "chunk", "classes", "count", "sha256")
 
 

@@ -112,3 +112,16 @@ def cfg_overrides(cfg, out) -> list[str]:
     from conftest import TINY
 
     return TINY + [f"cache={cfg.cache}", f"out={out}"]
+
+
+def test_evaluation_never_connects_where_a_manifest_says(run_copy):
+    """A run folder (perhaps in a shared bucket) does not decide where evaluate and redundancy connect."""
+    _, run, _ = run_copy
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config"]["ray"]["address"] = "203.0.113.7:6379"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    cfg, _ = evaluate.load_run(Location(str(run)))
+    assert cfg.ray.address == ""
+    cfg, _ = evaluate.load_run(Location(str(run)), ["ray.address=127.0.0.1:6379"])  # the command line's own
+    assert cfg.ray.address == "127.0.0.1:6379"
+

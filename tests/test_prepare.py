@@ -32,7 +32,8 @@ def _tree(root):
 
 def _cfg(root, classes, prepared, *more):
     return load_config("imagenette", [f"data.root={root}", f"data.classes={classes}", "data.image_size=16",
-                                      f"data.prepared={prepared}", "reference.model=convnet2", *more])
+                                      f"data.prepared={prepared}", "reference.model=convnet2", "student.model=convnet2",
+                                      *more])
 
 
 def test_prepare_on_s3_holds_every_image_once(local_ray, tmp_path, s3_root):
@@ -77,7 +78,8 @@ def test_prepared_split_holds_the_jpeg_paths_images_and_trains(tmp_path):
     classes.write_text("\n".join(WNIDS) + "\n")
     cfg = _cfg(tmp_path / "data", classes, tmp_path / "prepared", "ray.enabled=false", "reference.train.epochs=2")
     prepare(cfg, shard_images=6)
-    jpeg = load_config("imagenette", [f"data.root={tmp_path / 'data'}", f"data.classes={classes}", "data.image_size=16"])
+    jpeg = load_config("imagenette", [f"data.root={tmp_path / 'data'}", f"data.classes={classes}", "data.image_size=16",
+                                      "reference.model=convnet2", "student.model=convnet2"])
     a = load_split(cfg.data, "train").share()
     b = load_split(jpeg.data, "train")
     assert sorted(x.numpy().tobytes() for x in a.images) == sorted(b[i][0].numpy().tobytes() for i in range(len(b)))

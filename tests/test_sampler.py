@@ -4,7 +4,7 @@ import torch
 from lgd_ray.data import TensorSet, to_float
 from lgd_ray.guidance import Guide, Scorer, nearest_cosine
 from lgd_ray.models import build_classifier
-from lgd_ray.config import TrainConfig
+from lgd_ray.config import ConfigError, TrainConfig
 from lgd_ray.prior import load_prior
 from lgd_ray.sampler import generate
 from lgd_ray.train import train_classifier
@@ -212,7 +212,8 @@ def test_out_of_memory_in_a_guided_step_halves_the_guidance_batch(setup, monkeyp
     d = torch.stack([(a.image.int() - b.image.int()).abs() for a, b in zip(whole, capped_run)])
     assert d.max() <= 3 and d.float().mean() < 0.1
     monkeypatch.setattr(prior, "decode", lambda z: capped(z, 0))
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(ConfigError, match=r"^guidance: out of GPU memory with one trajectory per guided backward: set "
+                                          r"prior.dtype=bfloat16 or guidance.checkpointing=true"):
         _generate(prior, cfg, items=ITEMS[:2], scorer=scorer, guide=_guide(scorer, lam=0.2), batch_size=12)
 
 
