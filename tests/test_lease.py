@@ -15,12 +15,12 @@ from lgd_ray.storage import Location
 
 def test_a_held_folder_is_refused_renewed_and_released(store):
     run = store / "run"
-    with Lease(run, ttl_s=2) as first:
-        with pytest.raises(LeaseError, match=rf"held by another driver \({first.holder}\) until .* UTC .*lease_s 2\)"):
-            Lease(run, ttl_s=2).acquire()
-        time.sleep(3)  # longer than the lease: its holder renewed it
+    with Lease(run, ttl_s=1) as first:
+        with pytest.raises(LeaseError, match=rf"held by another driver \({first.holder}\) until .* UTC .*lease_s 1\)"):
+            Lease(run, ttl_s=1).acquire()
+        time.sleep(1.5)  # longer than the lease: its holder renewed it
         with pytest.raises(LeaseError, match="held by another driver"):
-            Lease(run, ttl_s=2).acquire()
+            Lease(run, ttl_s=1).acquire()
         first.check()
     assert not (run / LEASE).exists()  # released
     with Lease(run, ttl_s=2):
@@ -41,8 +41,8 @@ def test_two_drivers_on_one_run_folder(where, trained, tiny_overrides, tmp_path,
     """A driver started on a folder another driver is writing exits 2 in one line; after `kill -9` of the first and
     the lapse of its lease, `--resume` finishes the run."""
     out = str(tmp_path / "run") if where == "local" else str(s3_root / "run")
-    args = [sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, "ray.enabled=false",
-            "storage.lease_s=4", f"out={out}"]
+    args = [sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, "distill.stages=1", "ray.enabled=false",
+            "storage.lease_s=2", f"out={out}"]
     lease = (tmp_path / "run" / LEASE) if where == "local" else None
     first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -57,6 +57,6 @@ def test_two_drivers_on_one_run_folder(where, trained, tiny_overrides, tmp_path,
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     assert lease is None or lease.exists()  # the killed driver's lease is left behind ...
-    time.sleep(5)  # ... and lapses
+    time.sleep(3)  # ... and lapses
     third = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
     assert third.returncode == 0 and "distill: done" in third.stdout, third.stderr[-2000:]

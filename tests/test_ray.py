@@ -214,7 +214,7 @@ def test_killed_driver_resumes_from_the_store(two_actor_run, tiny_overrides, s3_
     out = Location(s3_uri(s3_endpoint, new_bucket(s3_endpoint), "run"))
     # the driver joins this module's Ray (as `ray job submit` joins a cluster) instead of starting its own
     args = [sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, *ONE_STAGE, f"out={out}",
-            "ray.actors=1", f"ray.address={ray.get_runtime_context().gcs_address}", "storage.lease_s=4"]
+            "ray.actors=1", f"ray.address={ray.get_runtime_context().gcs_address}", "storage.lease_s=2"]
 
     def stage_1_started():  # stage 0 is trained and a chunk of stage 1 is written
         m = read_manifest(out)
@@ -227,7 +227,7 @@ def test_killed_driver_resumes_from_the_store(two_actor_run, tiny_overrides, s3_
     victim.write_bytes(victim.read_bytes()[:700])
     mtime = lambda loc: loc.fs.get_file_info(loc.path).mtime
     kept = {r["path"]: mtime(out / r["path"]) for r in before["shards"][1:] if r["stage"] == 0}
-    time.sleep(5)  # the killed driver's lease (storage.lease_s 4) lapses: no clean-up needed
+    time.sleep(3)  # the killed driver's lease (storage.lease_s 2) lapses: no clean-up needed
     r = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     after = read_manifest(out)
