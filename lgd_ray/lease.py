@@ -119,15 +119,7 @@ class Lease:
         """Write the lease where none is; False if one is there."""
         data = json.dumps(body).encode()
         if self._s3:
-            client, bucket, key = self._s3
-            try:
-                etag = client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")["ETag"]
-            except client.exceptions.ClientError as e:
-                if _status(e) in (409, 412):
-                    return False
-                raise
-            self.tag = (etag, body["expires"])
-            return True
+            return self._s3_put(data, body, IfNoneMatch="*")
         if self.loc.is_local:
             with self._local_lock():
                 try:
@@ -162,16 +154,7 @@ class Lease:
         """Write our lease over the version `current` read; False if another driver changed it since."""
         data = json.dumps(body).encode()
         if self._s3:
-            client, bucket, key = self._s3
-            try:
-                kwargs = {"IfMatch": current[1]} if current else {"IfNoneMatch": "*"}
-                etag = client.put_object(Bucket=bucket, Key=key, Body=data, **kwargs)["ETag"]
-            except client.exceptions.ClientError as e:
-                if _status(e) in (409, 412):
-                    return False
-                raise
-            self.tag = (etag, body["expires"])
-            return True
+            return self._s3_put(data, body, **({"IfMatch": current[1]} if current else {"IfNoneMatch": "*"}))
         if self.loc.is_local:
             with self._local_lock():
                 now = self._read()
@@ -181,6 +164,18 @@ class Lease:
             self.tag = (data, body["expires"])
             return True
         return self._write_and_read_back(data, body)
+
+    def _s3_put(self, data: bytes, body: dict, **condition) -> bool:
+        """A conditional put (If-None-Match or If-Match); False if the condition failed (412, or 409 on a race)."""
+        client, bucket, key = self._s3
+        try:
+            etag = client.put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+        except client.exceptions.ClientError as e:
+            if _status(e) in (409, 412):
+                return False
+            raise
+        self.tag = (etag, body["expires"])
+        return True
 
     def _write_and_read_back(self, data: bytes, body: dict) -> bool:
         """Stores without conditional writes: write, wait, read back; whoever wrote last holds the lease."""
