@@ -74,12 +74,13 @@ class ActorPool:
         self.actors: list = []
         self._inflight: dict = {}  # chunk result ref -> (actor, chunk task)
         self.resubmitted = 0  # chunks run again because their actor died
-        self.retried = 0  # chunks run again because their code raised
+        self.retried = 0  # chunks run again after an error that may pass (I/O, network, CUDA)
 
     def _launch(self, starting: dict):
         r = self.cfg.ray
         actor = SamplerActor.options(
-            **ray_options(actor_resources(self.cfg)), max_restarts=r.max_restarts, max_task_retries=0,  # a chunk goes to the next free actor, not back to this one
+            **ray_options(actor_resources(self.cfg)), max_restarts=r.max_restarts,
+            max_task_retries=0,  # a chunk goes to the next free actor, not back to this one
         ).remote(self.maker, to_dict(self.cfg), self.run_dir, max(1, round(r.num_cpus_per_actor)))
         self.actors.append(actor)
         starting[actor.ping.remote()] = actor
@@ -167,7 +168,7 @@ class ActorPool:
                     continue
                 idle.append(actor)
                 waiting_since = time.time()
-                slowest = max(slowest, waiting_since - started[ref])
+                slowest = max(slowest, waiting_since - started.pop(ref))
                 yield row
         finally:
             self.shutdown()

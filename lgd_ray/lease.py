@@ -44,7 +44,7 @@ class Lease:
         self.run_dir, self.ttl_s = as_location(run_dir), ttl_s
         self.loc = self.run_dir / LEASE
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.tag = None  # what the store holds now: our body (local, other stores) or its ETag (s3)
+        self.tag = None  # (our version in the store: its bytes, or its ETag on s3; its expiry), set when written
         self.lost: str | None = None  # why the renewal failed
         self._stop = threading.Event()
         self._thread = None
@@ -106,13 +106,9 @@ class Lease:
                     self.lost = f"{LEASE} now names {current[0]['holder'] if current else 'nobody'}"
                     return
             except Exception as e:  # a store outage longer than storage.retry_s: the next round tries again
-                if time.time() > (self._last_expiry or 0):
+                if time.time() > self.tag[1]:
                     self.lost = f"not renewed in time: {str(e).splitlines()[0]}"
                     return
-
-    @property
-    def _last_expiry(self) -> float | None:
-        return self.tag[1] if isinstance(self.tag, tuple) else None
 
     # -- the backends ----------------------------------------------------------------------------------------------
     def _create(self, body: dict) -> bool:

@@ -238,6 +238,14 @@ def require_prior(cfg: Config) -> str:
     return model_id
 
 
+def prior_weights_sha256(model_id: str | None) -> str | None:
+    """sha256 of a prior's transformer weights (a folder or store URI; None for a hub id or no prior)."""
+    if model_id is None:
+        return None
+    weights = Location(model_id) / "transformer" / "diffusion_pytorch_model.safetensors"
+    return weights.sha256() if weights.exists() else None
+
+
 if __name__ == "__main__":  # `python -m lgd_ray.prior`: the command lives with the making of priors
     from lgd_ray.prior_make import main
 

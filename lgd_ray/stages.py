@@ -22,6 +22,7 @@ from lgd_ray.data import check_data, class_chunks, class_names, load_split, num_
 from lgd_ray.lease import Lease
 from lgd_ray.methods import ChunkMaker
 from lgd_ray.plan import ChunkTask, stage_plan
+from lgd_ray.prior import prior_weights_sha256
 from lgd_ray.prior_make import ensure_prior
 from lgd_ray.reference import ensure_reference, fit_job, new_classifier, reference_path
 from lgd_ray.report import write_report
@@ -59,14 +60,6 @@ def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif a.get(k) != b.get(k):
             keys.append(prefix + k)
     return keys
-
-
-def prior_weights_sha256(model_id: str | None) -> str | None:
-    """sha256 of a prior's transformer weights (a folder or store URI; None for a hub id or no prior)."""
-    if model_id is None:
-        return None
-    weights = Location(model_id) / "transformer" / "diffusion_pytorch_model.safetensors"
-    return weights.sha256() if weights.exists() else None
 
 
 def check_models(manifest: dict, found: dict):
