@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import timm
 import torch
 from torch import nn
 
@@ -73,6 +72,8 @@ class ResNetAP10(nn.Module):
 
 def resnet18_gn(channels: int, image_size: int, num_classes: int) -> nn.Module:
     """timm ResNet-18 with instance-norm GroupNorm; small inputs get a 3x3 stride-1 stem and no max pool."""
+    import timm  # here, not at the top: timm (with torchvision) adds ~1.4 s to every process that imports the config
+
     model = timm.create_model("resnet18", pretrained=False, num_classes=num_classes, in_chans=channels,
                               norm_layer=instance_norm)
     if image_size < 128:
