@@ -42,10 +42,12 @@ def error_kind(error: BaseException) -> str:
 class SamplerActor:
     """Holds the DiT prior (+ VAE) and the reference model; makes chunks with the stage's student weights."""
 
-    def __init__(self, maker: type, cfg_tree: dict, run_dir: Location, num_threads: int):
+    def __init__(self, maker: type, cfg_tree: dict, run_dir: Location, num_threads: int, node_check=None):
         torch.set_num_threads(num_threads)
         self.maker, self.error = None, None
         try:
+            if node_check is not None:  # every node, one that joined after the start-up check too
+                node_check.verify()
             self.maker = maker(from_dict(cfg_tree), run_dir)
         except ConfigError as e:  # a missing prior or reference, a GPU torch cannot see: said by the first call
             self.error = e
@@ -66,11 +68,12 @@ class SamplerActor:
 class ActorPool:
     """SamplerActors with dynamic chunk dispatch, started and released per stage; call it as a stage loop ChunkRunner.
 
-    maker: the ChunkMaker class the actors hold (a subclass may add behaviour, e.g. faults in tests).
+    maker: the ChunkMaker class the actors hold (a subclass may add behaviour, e.g. faults in tests); node_check: the
+    run's cluster.NodeCheck, which every actor runs on its node before its first chunk.
     """
 
-    def __init__(self, cfg: Config, run_dir: Location, maker: type = ChunkMaker):
-        self.cfg, self.run_dir, self.maker = cfg, as_location(run_dir), maker
+    def __init__(self, cfg: Config, run_dir: Location, maker: type = ChunkMaker, node_check=None):
+        self.cfg, self.run_dir, self.maker, self.node_check = cfg, as_location(run_dir), maker, node_check
         self.actors: list = []
         self._inflight: dict = {}  # chunk result ref -> (actor, chunk task)
         self.resubmitted = 0  # chunks run again because their actor died
@@ -81,7 +84,7 @@ class ActorPool:
         actor = SamplerActor.options(
             **ray_options(actor_resources(self.cfg)), max_restarts=r.max_restarts,
             max_task_retries=0,  # a chunk goes to the next free actor, not back to this one
-        ).remote(self.maker, to_dict(self.cfg), self.run_dir, max(1, round(r.num_cpus_per_actor)))
+        ).remote(self.maker, to_dict(self.cfg), self.run_dir, max(1, round(r.num_cpus_per_actor)), self.node_check)
         self.actors.append(actor)
         starting[actor.ping.remote()] = actor
 
@@ -109,7 +112,8 @@ class ActorPool:
                     inflight[ref], started[ref] = (actor, task), now
                 if not inflight and not idle and now - waiting_since > r.schedule_timeout_s:
                     raise shortage(f"{r.actors} sampler actors", actor_resources(self.cfg), r.schedule_timeout_s)
-                deadline = r.chunk_timeout_s or 10 * slowest
+                # 0: 10x the slowest chunk yet, and what a chunk may spend waiting out a store outage
+                deadline = r.chunk_timeout_s or (10 * slowest + self.cfg.storage.retry_s if slowest else 0)
                 for ref, (actor, task) in inflight.items():  # a chunk past its deadline: its actor is restarted
                     if deadline and ref not in given_up and now - started[ref] > deadline:
                         given_up.add(ref)

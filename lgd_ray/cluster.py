@@ -2,22 +2,24 @@
 reach the run's storage and data.
 
 A relative path is refused at once (under `ray job submit --working-dir` each node has its own copy of the working
-folder). Then the driver writes a marker under `out` and `cache`, and one small task pinned to each alive node reads
-both back and checks the data set: a node-local folder, a mount missing on one node or a store a node cannot reach
-fails the run in seconds with the node's address and the path.
+folder). Then the driver writes a marker named by the run under `out` and `cache`, and one small task pinned to each
+alive node reads both back and checks the data set: a node-local folder, a mount missing on one node or a store a node
+cannot reach fails the run in seconds with the node's address and the path. Nodes that join later (the autoscaler's)
+run the same check when they first take work (a sampler actor or a Ray Train worker starting there).
 """
 from __future__ import annotations
 
 import os
 import re
 import uuid
+from dataclasses import dataclass
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.data import check_data
-from lgd_ray.storage import Location, StorageError
+from lgd_ray.storage import Location, StorageError, no_retry
 
 MARKER = ".lgd_ray-node-check"
 
@@ -74,38 +76,65 @@ def refuse_relative(cfg: Config, n_nodes: int):
                               "folder mounted on every node")
 
 
-def _check_on_node(markers: list[tuple[Location, str]], cfg_data) -> str:
-    """Run on one node: '' if it reads every marker and finds the data, else the reason."""
-    for loc, token in markers:
+@dataclass(frozen=True)
+class NodeCheck:
+    """The run's markers (each location with the token the driver wrote there) and its data set, for a node to check
+    that it sees them as the driver does."""
+    markers: tuple[tuple[Location, str], ...]
+    data: object  # DataConfig
+
+    def problem(self) -> str:
+        """'' if this node reads every marker and finds the data, else the reason."""
+        for loc, token in self.markers:
+            try:
+                found = loc.read_text() if loc.exists() else None
+            except StorageError as e:
+                return str(e)
+            if found != token:
+                return f"cannot read {loc} (written by the driver): this node does not share that folder"
         try:
-            found = loc.read_text() if loc.exists() else None
-        except StorageError as e:
+            check_data(self.data)
+        except ConfigError as e:
             return str(e)
-        if found != token:
-            return f"cannot read {loc} (written by the driver): this node does not share that folder"
-    try:
-        check_data(cfg_data)
-    except ConfigError as e:
-        return str(e)
-    return ""
+        return ""
+
+    def verify(self):
+        """Raise StorageError, naming this node, unless it sees the run's storage and data (run where work starts)."""
+        problem = self.problem()
+        if problem:
+            node = ray.get_runtime_context().get_node_id()
+            raise StorageError(f"storage: node {ray.util.get_node_ip_address()} ({node[:8]}), which joined the run "
+                               f"later: {problem}")
+
+    def remove(self):
+        """Delete the markers, at once or not at all: a marker left behind (the store gone at the end of a failed
+        run) is harmless, and the run's own error must not wait for it or be hidden by it."""
+        with no_retry():
+            for loc, _ in self.markers:
+                try:
+                    loc.delete()
+                except StorageError:
+                    return
 
 
-def check_cluster_storage(cfg: Config, out: Location, cache: Location, timeout_s: float = 60.0):
+def check_cluster_storage(cfg: Config, out: Location, cache: Location,
+                          timeout_s: float = 60.0) -> NodeCheck | None:
     """On a cluster joined by address, or any cluster of several alive nodes, fail fast unless every node reaches out,
     cache and the data (relative paths are refused before anything is written). A cluster file's head starts alone
-    (workers come with the autoscaler), so one alive node is no sign of a single machine."""
+    (workers come with the autoscaler), so one alive node is no sign of a single machine. Returns the check for nodes
+    that join later (its markers stay until remove()), or None when Ray is this machine alone."""
     nodes = alive_nodes()
     if len(nodes) < 2 and not joins_a_cluster(cfg):
-        return
+        return None
     refuse_relative(cfg, len(nodes))
     token = uuid.uuid4().hex
-    markers = [(loc / MARKER, token) for loc in (out, cache)]
-    for loc, _ in markers:
+    check = NodeCheck(tuple((loc / f"{MARKER}-{token[:12]}", token) for loc in (out, cache)), cfg.data)
+    for loc, _ in check.markers:
         loc.write_text(token)
-    task = ray.remote(num_cpus=0, max_retries=0)(_check_on_node)
+    task = ray.remote(num_cpus=0, max_retries=0)(NodeCheck.problem)
     try:
         refs = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-            markers, cfg.data): n for n in nodes}
+            check): n for n in nodes}
         ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         for ref in ready:
             problem = ray.get(ref)
@@ -114,6 +143,7 @@ def check_cluster_storage(cfg: Config, out: Location, cache: Location, timeout_s
         if late:
             raise StorageError(f"storage: node {refs[late[0]]['NodeManagerAddress']} did not answer the storage check "
                                f"within {timeout_s:.0f} s")
-    finally:
-        for loc, _ in markers:
-            loc.delete()
+    except BaseException:
+        check.remove()
+        raise
+    return check

@@ -192,6 +192,14 @@ class StorageConfig:
 
 
 @dataclass
+class PrepareConfig:
+    """`python -m lgd_ray.prepare`: decoding an ImageFolder tree into shards."""
+
+    bad_images: str = _f("fail", choices=["fail", "skip"])  # a file that does not decode: stop, naming it, or skip it
+    #                                                        (listed in bad_images.txt beside the index)
+
+
+@dataclass
 class RayConfig:
     """Resources. Sampler actors hold their resources only while a stage samples; they are released before each
     classifier fit, so sampling and training never wait on each other. The number of actors never changes the output;
@@ -206,6 +214,7 @@ class RayConfig:
     chunk_retries: int = _f(2, min=0)  # a chunk whose I/O failed is retried this often, with back-off, then fails
     chunk_timeout_s: float = _f(0.0, min=0.0)  # a chunk running longer (a hung kernel) is given up: its actor restarts
     #                                            and the chunk goes elsewhere; 0 = 10x the stage's slowest chunk yet
+    #                                            plus storage.retry_s (a chunk may wait out a store outage)
     schedule_timeout_s: float = _f(600.0, min_excl=0.0)  # longest wait for resources (e.g. autoscaling), then one line
     accelerator_type: str = ""  # e.g. H100: actors and train workers only on nodes of that type ("" = any)
     gpu_memory_gb: float = _f(0.0, min=0.0)  # memory of one GPU; 0 = by accelerator_type (H100 if unset)
@@ -233,6 +242,7 @@ class Config:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     name: str = ""  # filled from the config file name
 
@@ -424,9 +434,9 @@ def config_hash(tree) -> str:
 
 def run_identity(cfg: Config) -> dict:
     """What decides a run's output: the config less its resources (the `ray` keys but train_workers, local_cache),
-    evaluation, sweep and storage retries."""
+    evaluation, sweep, storage retries and prepare (the prepared set's own index says what it holds)."""
     tree = to_dict(cfg)
-    del tree["evaluate"], tree["sweep"], tree["local_cache"], tree["storage"]
+    del tree["evaluate"], tree["sweep"], tree["local_cache"], tree["storage"], tree["prepare"]
     tree["ray"] = {"train_workers": cfg.ray.train_workers}
     return tree
 

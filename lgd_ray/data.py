@@ -7,6 +7,7 @@ Label index = position in the class list, never directory order.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import struct
@@ -30,6 +31,7 @@ FASHION_MNIST_FILES = {
 DIGITS_TRAIN = 1347  # digits has no official split: the first 1347 images (sklearn order) train, the last 450 test
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
 PREPARED_INDEX = "index.json"  # written last by `prepare`: its presence means every shard is there
+BAD_IMAGES = "bad_images.txt"  # beside the index: the files prepare skipped (prepare.bad_images=skip)
 Choose = Callable[[int], list[int]]  # class_images: given a class's n images, the positions (0..n-1) to read
 
 
@@ -107,18 +109,32 @@ class PreparedSplit(torch.utils.data.Dataset):
     def __init__(self, root: Location, split: str, index: dict):
         self.root, self.split = root, split
         self.by_class = index.get("by_class", {})  # str(size) -> the class-sorted copy of train at that size
-        self.shards = index["splits"][split]["shards"]
+        part = index["splits"][split]
+        self.shards = part["shards"]
         self.num_classes = len(index["classes"])
         self.offsets = np.cumsum([0] + [s["count"] for s in self.shards])
-        self.labels = torch.from_numpy(np.load(io.BytesIO((root / split / "labels.npy").read_bytes())))
+        self.labels = torch.from_numpy(np.load(io.BytesIO((root / part["labels"]).read_bytes())))
         self._cached = (-1, None)
+        self._verified: set[str] = set()
 
     def __len__(self):
         return int(self.offsets[-1])
 
+    def _read(self, row: dict) -> bytes:
+        """An object of the index, its sha256 checked on this process's first read of it."""
+        data = (self.root / row["path"]).read_bytes()
+        if row["path"] not in self._verified:
+            found = hashlib.sha256(data).hexdigest()
+            if found != row["sha256"]:
+                raise ConfigError(f"data: {self.root / row['path']} has sha256 {found[:12]}, not the "
+                                  f"{row['sha256'][:12]} of {self.root / PREPARED_INDEX}: the prepared set is damaged; "
+                                  "run prepare again")
+            self._verified.add(row["path"])
+        return data
+
     def _shard(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._cached[0] != k:
-            with np.load(io.BytesIO((self.root / self.split / self.shards[k]["path"]).read_bytes())) as z:
+            with np.load(io.BytesIO(self._read(self.shards[k]))) as z:
                 self._cached = (k, (z["images"], z["labels"]))
         return self._cached[1]
 
@@ -151,14 +167,9 @@ class PreparedSplit(torch.utils.data.Dataset):
         """Class c's images chosen by `choose`, read from the class's one object in the copy at `size` px (made by
         `prepare --by-class SIZE`): (indices in this split, uint8)."""
         self.require_by_class(size)
-        with np.load(io.BytesIO((by_class_dir(self.root, size) / by_class_name(c)).read_bytes())) as z:
+        with np.load(io.BytesIO(self._read(self.by_class[str(size)]["shards"][c]))) as z:
             pos = choose(len(z["index"]))
             return z["index"][pos].tolist(), torch.from_numpy(z["images"][pos])
-
-
-def by_class_dir(prepared: Location, size: int) -> Location:
-    """The class-sorted copy of a prepared train split at `size` px: one object per class (images, train indices)."""
-    return prepared / f"by-class-{size}px"
 
 
 def by_class_name(c: int) -> str:
@@ -170,6 +181,21 @@ def _class_members(labels: torch.Tensor, c: int, choose: Choose) -> list[int]:
     return idx[choose(len(idx))].tolist()
 
 
+def root_relative(index: dict) -> dict:
+    """A prepared index with every object's path relative to data.prepared (indexes written before generation
+    folders named them relative to their split's folder)."""
+    if index.get("layout") == "root-relative":
+        return index
+    for split, part in index.get("splits", {}).items():
+        part["labels"] = f"{split}/labels.npy"
+        for row in part["shards"]:
+            row["path"] = f"{split}/{row['path']}"
+    for size, part in index.get("by_class", {}).items():
+        for row in part["shards"]:
+            row["path"] = f"by-class-{size}px/{row['path']}"
+    return {**index, "layout": "root-relative"}
+
+
 def open_prepared(cfg: DataConfig, split: str) -> PreparedSplit:
     """The prepared split of the config's class list and image size (refused if it was made for others)."""
     root = Location(cfg.prepared)
@@ -177,7 +203,10 @@ def open_prepared(cfg: DataConfig, split: str) -> PreparedSplit:
     if not index_loc.exists():
         raise ConfigError(f"data: no prepared data at {root} (no {PREPARED_INDEX}); make it with "
                           f"`python -m lgd_ray.prepare CONFIG data.prepared={root}`")
-    index = json.loads(index_loc.read_text())
+    try:
+        index = root_relative(json.loads(index_loc.read_text()))
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"data: {index_loc} is damaged ({type(e).__name__}: {e}); run prepare again") from None
     if index["image_size"] != cfg.image_size or index["classes"] != read_classlist(cfg.classes):
         raise ConfigError(f"data: {root} was prepared for {len(index['classes'])} classes at {index['image_size']} px, "
                           f"the config asks {num_classes(cfg)} classes at {cfg.image_size} px: run prepare again")

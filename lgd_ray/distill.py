@@ -39,8 +39,9 @@ def distill(cfg: Config, resume: bool = False) -> dict:
         from lgd_ray.ray_train import ray_fitter
 
         connect(cfg)
-        check_cluster_storage(cfg, out, cache)  # relative paths, node-local folders, nodes without the data
-        pool, fitter = ActorPool(cfg, out), ray_fitter(cfg, out)
+        # relative paths, node-local folders, nodes without the data: now, and on nodes that join later
+        node_check = check_cluster_storage(cfg, out, cache)
+        pool, fitter = ActorPool(cfg, out, node_check=node_check), ray_fitter(cfg, out, node_check)
     try:
         with Lease(out, cfg.storage.lease_s) as lease:  # one driver per run folder
             manifest = run_stages(cfg, out, resume=resume, runner=pool, fitter=fitter,
@@ -48,6 +49,8 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     finally:
         if pool is not None:
             pool.shutdown()
+            if pool.node_check is not None:
+                pool.node_check.remove()
     final = manifest["stages"][max(manifest["stages"], key=int)]
     print(f"distill: done in {time.time() - start:.0f} s: {final['total_images']} images, "
           f"student test acc {100 * final['student_acc']:.2f}% (reference {100 * manifest['reference']['test_acc']:.2f}%)"

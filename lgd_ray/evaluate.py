@@ -22,10 +22,11 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
+import yaml
 
 from lgd_ray.cli import Parser, one_line_errors
 from lgd_ray.config import (Config, ConfigError, TrainConfig, apply_overrides, build_config, config_hash, from_dict,
-                            load_config, run_identity, to_dict)
+                            load_config, resolve_path, run_identity, to_dict)
 from lgd_ray.data import load_split, num_classes
 from lgd_ray.models import build_classifier
 from lgd_ray.ray_tasks import map_jobs
@@ -90,14 +91,26 @@ def epochs_for(cfg: Config, ipc: int) -> int:
 def load_run(run_dir: Location, overrides: list[str] = ()) -> tuple[Config, dict]:
     """(the run's config with overrides applied, its manifest); bare keys (`repeats=5`) mean `evaluate.<key>`.
 
-    Where to connect comes from this command line only (`ray.address=`, or RAY_ADDRESS): a run folder, perhaps in a
-    shared bucket, never decides it, so the stored ray.address is dropped."""
+    Where to connect and what to ask of the cluster (`ray.*`) come from this machine's config of the run's name (its
+    YAML's `ray` keys) and this command line (`ray.address=`, or RAY_ADDRESS), never from the run folder: one perhaps
+    in a shared bucket, written on another cluster, decides neither."""
     manifest = read_manifest(run_dir)
     if manifest is None:
         raise ConfigError(f"evaluate: {run_dir} holds no run (no manifest.json)")
     tree = copy.deepcopy(manifest["config"])
-    tree.get("ray", {}).pop("address", None)
+    tree["ray"] = _local_ray_keys(tree.get("name", ""))
     return build_config(apply_overrides(tree, overrides, "evaluate")), manifest
+
+
+def _local_ray_keys(name: str) -> dict:
+    """The `ray` keys of this machine's config `name` less ray.address ({} if there is none: the defaults)."""
+    try:
+        tree = yaml.safe_load(resolve_path(name).read_text()) if name else {}
+    except (ConfigError, yaml.YAMLError):
+        return {}
+    keys = dict((tree or {}).get("ray") or {})
+    keys.pop("address", None)
+    return keys
 
 
 def prefix_shards(manifest: dict, ipc: int) -> tuple[int, list[str]]:

@@ -1,12 +1,18 @@
 """`python -m lgd_ray.prepare CONFIG [key=value ...]`: an ImageFolder tree -> uint8 shards at data.image_size, once.
 
-Under `data.prepared` (a folder or a store URI):
+Under `data.prepared` (a folder or a store URI), each call's objects in a fresh generation folder `gen-<id>/`:
 
-    train/shard-000000.npz   images uint8 (N, 3, S, S) and labels int64 (N,), the split's files in a seeded random order
-    train/labels.npy         every label of the split, in shard order
-    test/...                 the same for the test split (data.test_split)
-    by-class-<P>px/c00000.npz one object per class: its train images at P px and their train indices (--by-class P)
-    index.json               classes, image size, per split the shards (path, count, sha256); written last
+    gen-<id>/train/shard-000000.npz   images uint8 (N, 3, S, S) and labels int64 (N,), the split's files in a seeded
+                                      random order
+    gen-<id>/train/labels.npy         every label of the split, in shard order
+    gen-<id>/test/...                 the same for the test split (data.test_split)
+    gen-<id>/by-class-<P>px/c00000.npz one object per class: its train images at P px and their train indices
+                                      (--by-class P)
+    index.json                        classes, image size, per split the objects (path, count, sha256), the files
+                                      skipped; written last, so a crash leaves the previous index and its objects whole
+    bad_images.txt                    the files that did not decode, with prepare.bad_images=skip
+
+Readers check each object's sha256 against the index when they first read it.
 
 Decoding runs as a Ray Data pipeline across the cluster, one task per shard (read the files, decode, resize, write one
 object); without Ray (`ray.enabled=false`) the shards are made one by one here. Afterwards reference training,
@@ -18,8 +24,10 @@ import argparse
 import hashlib
 import io
 import json
+import re
 import sys
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -27,7 +35,8 @@ from tqdm.auto import tqdm
 
 from lgd_ray.cli import run_cli
 from lgd_ray.config import Config, ConfigError
-from lgd_ray.data import PREPARED_INDEX, by_class_dir, by_class_name, decode_image, image_files, read_classlist
+from lgd_ray.data import (BAD_IMAGES, PREPARED_INDEX, by_class_name, decode_image, image_files, read_classlist,
+                          root_relative)
 from lgd_ray.seeding import generator
 from lgd_ray.storage import Location, as_location
 
@@ -48,26 +57,24 @@ def split_order(cfg: Config, split: str) -> list[tuple[str, int]]:
     return [(str(files[i][0]), files[i][1]) for i in order]
 
 
-def plan_shards(cfg: Config, split: str, files: list[tuple[str, int]], shard_images: int) -> list[dict]:
+def plan_shards(cfg: Config, gen: str, split: str, files: list[tuple[str, int]], shard_images: int) -> list[dict]:
     """The shards of one split: its files (in the split's order) cut into runs of shard_images."""
-    out_dir = as_location(cfg.data.prepared) / split
-    return [{"split": split, "shard": k, "target": str(out_dir / f"shard-{k:06d}.npz"), "size": cfg.data.image_size,
+    return [{"split": split, "shard": k, "path": f"{gen}/{split}/shard-{k:06d}.npz", "size": cfg.data.image_size,
              "files": [f for f, _ in files[i:i + shard_images]], "labels": [y for _, y in files[i:i + shard_images]]}
             for k, i in enumerate(range(0, len(files), shard_images))]
 
 
-def plan_by_class(cfg: Config, files: list[tuple[str, int]], size: int, per_class: int) -> list[dict]:
+def plan_by_class(cfg: Config, gen: str, files: list[tuple[str, int]], size: int, per_class: int) -> list[dict]:
     """The class-sorted copy of train (its files in train order) at `size` px: one object per class holding its images
     (the first `per_class` in train order, 0 = all) and their indices in the train split."""
-    out_dir = by_class_dir(as_location(cfg.data.prepared), size)
     members = [[] for _ in read_classlist(cfg.data.classes)]
     for i, (_, y) in enumerate(files):
         members[y].append(i)
     items = []
     for c, index in enumerate(members):
         index = index[:per_class or None]
-        items.append({"split": f"by-class-{size}", "shard": c, "target": str(out_dir / by_class_name(c)), "size": size,
-                      "files": [files[i][0] for i in index], "labels": [c] * len(index), "index": index})
+        items.append({"split": f"by-class-{size}", "shard": c, "path": f"{gen}/by-class-{size}px/{by_class_name(c)}",
+                      "size": size, "files": [files[i][0] for i in index], "labels": [c] * len(index), "index": index})
     return items
 
 
@@ -76,22 +83,35 @@ def decode_file(path: str, size: int) -> np.ndarray:
     try:
         return decode_image(Location(path).read_bytes(), size).numpy()
     except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated or not an image (UnidentifiedImageError)
-        raise ConfigError(f"prepare: cannot decode {path} ({str(e).splitlines()[0]}); remove or replace the file") \
-            from None
+        raise ConfigError(f"prepare: cannot decode {path} ({str(e).splitlines()[0]}); remove or replace the file, or "
+                          "skip such files with prepare.bad_images=skip") from None
 
 
 def make_shard(item: dict) -> dict:
-    """Decode and resize one shard's files, write it as one object; returns its index row."""
-    images = np.stack([decode_file(f, item["size"]) for f in item["files"]])
+    """Decode and resize one shard's files, write it as one object under item["root"]; returns its index row (with
+    the labels it holds and the files skipped when item["skip"]: those that do not decode)."""
+    images, labels, index, skipped = [], [], [], []
+    for k, f in enumerate(item["files"]):
+        try:
+            images.append(decode_file(f, item["size"]))
+        except ConfigError:
+            if not item["skip"]:
+                raise
+            skipped.append(f)
+            continue
+        labels.append(item["labels"][k])
+        if "index" in item:
+            index.append(item["index"][k])
     buf = io.BytesIO()
-    arrays = {"images": images, "labels": np.asarray(item["labels"], dtype=np.int64)}
+    arrays = {"images": np.stack(images) if images else np.zeros((0, 3, item["size"], item["size"]), np.uint8),
+              "labels": np.asarray(labels, dtype=np.int64)}
     if "index" in item:
-        arrays["index"] = np.asarray(item["index"], dtype=np.int64)
+        arrays["index"] = np.asarray(index, dtype=np.int64)
     np.savez(buf, **arrays)
     data = buf.getvalue()
-    Location(item["target"]).write_bytes(data)
-    return {"split": item["split"], "shard": item["shard"], "path": Location(item["target"]).name,
-            "count": len(images), "sha256": hashlib.sha256(data).hexdigest()}
+    (Location(item["root"]) / item["path"]).write_bytes(data)
+    return {"split": item["split"], "shard": item["shard"], "path": item["path"], "count": len(images),
+            "sha256": hashlib.sha256(data).hexdigest(), "labels": labels, "skipped": skipped}
 
 
 def _made_for(index: dict, cfg: Config) -> bool:
@@ -100,11 +120,42 @@ def _made_for(index: dict, cfg: Config) -> bool:
         str(as_location(cfg.data.root)), read_classlist(cfg.data.classes), cfg.data.image_size, cfg.seed)
 
 
+def _make(cfg: Config, items: list[dict]) -> list[dict]:
+    """Every item's object (Ray Data tasks across the cluster, or here one by one); their index rows."""
+    if not items:
+        return []
+    if not cfg.ray.enabled:
+        return [make_shard(i) for i in tqdm(items, desc="prepare", disable=None)]
+    # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
+    import ray
+
+    from lgd_ray.cluster import connect, remote_cause
+
+    connect(cfg)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    try:
+        return ds.map(make_shard, num_cpus=1).take_all()  # a task per object, one decoding thread each
+    except Exception as e:  # Ray Data wraps the task's error: a bad file is still one line
+        cause = remote_cause(e, ConfigError)
+        if cause is None:
+            raise
+        raise ConfigError(str(cause)) from None
+
+
+def _rows(rows: list[dict], split: str) -> list[dict]:
+    return sorted((r for r in rows if r["split"] == split), key=lambda r: r["shard"])
+
+
+def _entries(rows: list[dict]) -> list[dict]:
+    return [{k: r[k] for k in ("path", "count", "sha256")} for r in rows]
+
+
 def prepare(cfg: Config, shard_images: int = 1000, by_class: tuple[int, ...] = (), per_class: int = 0) -> dict:
     """Prepare both splits of the config's ImageFolder data set, and the class-sorted copies of train at the sizes
     `by_class` (what methods random, dds and mgd3 read); returns the index (also written to index.json).
 
-    Parts an existing index already holds for the same source, classes, size and seed are kept, not made again.
+    Parts an existing index already holds for the same source, classes, size and seed are kept, not made again; new
+    objects go to a fresh generation folder, and the index, written last, is the switch from the old ones to them.
     """
     d = cfg.data
     if d.name != "folder" or not d.root or not d.prepared:
@@ -112,60 +163,66 @@ def prepare(cfg: Config, shard_images: int = 1000, by_class: tuple[int, ...] = (
                           "(where the shards go)")
     start = time.time()
     root = as_location(d.prepared)
-    old = json.loads((root / PREPARED_INDEX).read_text()) if (root / PREPARED_INDEX).exists() else {}
+    old = root_relative(json.loads((root / PREPARED_INDEX).read_text())) if (root / PREPARED_INDEX).exists() else {}
     keep = _made_for(old, cfg)
     have = old.get("by_class", {}) if keep else {}
     sizes = [s for s in by_class if have.get(str(s), {}).get("per_class") != per_class]
-    train = split_order(cfg, "train") if sizes or not keep else []
-    items = [] if keep else plan_shards(cfg, "train", train, shard_images) + plan_shards(
-        cfg, "test", split_order(cfg, "test"), shard_images)
-    for size in sizes:
-        items += plan_by_class(cfg, train, size, per_class)
-    n_images = sum(len(i["files"]) for i in items)
-    print(f"prepare: {n_images} images of {d.root} in {len(items)} objects at {d.image_size} px"
-          + (f" and class-sorted at {', '.join(map(str, by_class))} px" if by_class else "") + f" -> {d.prepared}"
+    gen, skip = f"gen-{uuid.uuid4().hex[:8]}", cfg.prepare.bad_images == "skip"
+    print(f"prepare: {d.root} at {d.image_size} px"
+          + (f" and class-sorted at {', '.join(map(str, by_class))} px" if by_class else "") + f" -> {root}/{gen}"
           + (" (the splits are already there)" if keep else ""), flush=True)
-    if not items:
+    if keep and not sizes:
         return old
-    if cfg.ray.enabled:
-        # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
-        import ray
-
-        from lgd_ray.cluster import connect, remote_cause
-
-        connect(cfg)
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        try:
-            rows = ds.map(make_shard, num_cpus=1).take_all()  # a task per object, one decoding thread each
-        except Exception as e:  # Ray Data wraps the task's error: a bad file is still one line
-            cause = remote_cause(e, ConfigError)
-            if cause is None:
-                raise
-            raise ConfigError(str(cause)) from None
-    else:
-        rows = [make_shard(i) for i in tqdm(items, desc="prepare", disable=None)]
-    index = old if keep else {"classes": read_classlist(d.classes), "image_size": d.image_size,
-                              "source": str(as_location(d.root)), "seed": cfg.seed, "splits": {}}
-    for split in () if keep else ("train", "test"):
-        mine = sorted((r for r in rows if r["split"] == split), key=lambda r: r["shard"])
-        labels = np.concatenate([np.asarray(i["labels"], dtype=np.int64)
-                                 for i in sorted((i for i in items if i["split"] == split), key=lambda i: i["shard"])])
-        buf = io.BytesIO()
-        np.save(buf, labels)
-        (root / split / "labels.npy").write_bytes(buf.getvalue())
-        index["splits"][split] = {"count": int(len(labels)), "shards": [
-            {k: r[k] for k in ("path", "count", "sha256")} for r in mine]}
+    index = old if keep else {"layout": "root-relative", "classes": read_classlist(d.classes),
+                              "image_size": d.image_size, "source": str(as_location(d.root)), "seed": cfg.seed,
+                              "splits": {}, "skipped": []}
+    index.setdefault("skipped", [])
+    train = split_order(cfg, "train")
+    n_images = 0
+    if not keep:  # the splits, then (below) the class-sorted copies of what train holds
+        items = [dict(i, root=str(root), skip=skip) for i in plan_shards(cfg, gen, "train", train, shard_images)
+                 + plan_shards(cfg, gen, "test", split_order(cfg, "test"), shard_images)]
+        rows = _make(cfg, items)
+        n_images += sum(len(i["files"]) for i in items)
+        for split in ("train", "test"):
+            mine = _rows(rows, split)
+            buf = io.BytesIO()
+            np.save(buf, np.asarray([y for r in mine for y in r["labels"]], dtype=np.int64))
+            (root / gen / split / "labels.npy").write_bytes(buf.getvalue())
+            index["splits"][split] = {"count": sum(r["count"] for r in mine), "labels": f"{gen}/{split}/labels.npy",
+                                      "shards": _entries(mine)}
+        index["skipped"] = sorted(f for r in rows for f in r["skipped"])
+    skipped = set(index.get("skipped", []))
+    kept_train = [(f, y) for f, y in train if f not in skipped]  # the train split's files, in its order
+    items = [dict(i, root=str(root), skip=False) for size in sizes
+             for i in plan_by_class(cfg, gen, kept_train, size, per_class)]
+    rows = _make(cfg, items)
+    n_images += sum(len(i["files"]) for i in items)
     index["by_class"] = dict(have)
-    for size in by_class:
-        mine = sorted((r for r in rows if r["split"] == f"by-class-{size}"), key=lambda r: r["shard"])
-        if mine:
-            index["by_class"][str(size)] = {"per_class": per_class, "count": sum(r["count"] for r in mine), "shards": [
-                {k: r[k] for k in ("path", "count", "sha256")} for r in mine]}
+    for size in sizes:
+        mine = _rows(rows, f"by-class-{size}")
+        index["by_class"][str(size)] = {"per_class": per_class, "count": sum(r["count"] for r in mine),
+                                        "shards": _entries(mine)}
     seconds = time.time() - start
     index["seconds"] = round(seconds, 1)
-    (root / PREPARED_INDEX).write_text(json.dumps(index, indent=1))  # last: its presence means the shards are complete
+    if index["skipped"]:
+        (root / BAD_IMAGES).write_text("".join(f"{f}\n" for f in index["skipped"]))
+        print(f"prepare: skipped {len(index['skipped'])} files that do not decode (prepare.bad_images=skip), listed "
+              f"in {root / BAD_IMAGES}", flush=True)
+    (root / PREPARED_INDEX).write_text(json.dumps(index, indent=1))  # last: the switch to the new objects
+    _drop_unlisted(root, index)
     print(f"prepare: {n_images} images in {seconds:.1f} s ({n_images / seconds:.1f} images/s) -> {root}", flush=True)
     return index
+
+
+def _drop_unlisted(root: Location, index: dict):
+    """Delete the folders of earlier generations (and of the layout before them) that the index no longer lists;
+    nothing else in the folder is touched."""
+    listed = {path.split("/")[0] for part in [*index["splits"].values(), *index["by_class"].values()]
+              for path in [part.get("labels", ""), *(r["path"] for r in part["shards"])] if path}
+    for child in root.iterdir():
+        if child.name not in listed and re.fullmatch(r"gen-[0-9a-f]{8}|train|test|by-class-\d+px", child.name):
+            child.delete()
 
 
 def positive(text: str) -> int:

@@ -1,6 +1,7 @@
 """Independent jobs (evaluation repeats, redundancy rows) run in parallel as Ray tasks, or one by one without Ray."""
 from __future__ import annotations
 
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -16,7 +17,9 @@ def _run_with_threads(fn: Callable, item, num_threads: int):
 
 def map_jobs(cfg: Config, fn: Callable, items: Sequence, desc: str) -> list:
     """[fn(item) for item in items]: as Ray tasks with a Train worker's resources if cfg.ray.enabled, in order
-    (a task lost with its node is run again, up to ray.max_restarts times)."""
+    (a task lost with its node is run again, up to ray.max_restarts times). When no task finishes for
+    ray.chunk_timeout_s (0: 10x the longest wait for one so far plus storage.retry_s), a task hangs: the rest are
+    cancelled, one line."""
     if not cfg.ray.enabled:
         return [fn(item) for item in tqdm(items, desc=desc, disable=None)]
     # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
@@ -31,9 +34,20 @@ def map_jobs(cfg: Config, fn: Callable, items: Sequence, desc: str) -> list:
     wait_for_resources([resources], r.schedule_timeout_s, f"{desc}: a task")  # never a silent hang
     task = ray.remote(**ray_options(resources), max_retries=r.max_restarts)(_run_with_threads)
     refs = [task.remote(fn, item, max(1, round(r.train_cpus_per_worker))) for item in items]
-    pending = list(refs)
+    pending, last, longest = list(refs), time.monotonic(), 0.0
     with tqdm(total=len(refs), desc=desc, disable=None) as bar:
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            bar.update(len(done))
-    return ray.get(refs)
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            now = time.monotonic()
+            if done:
+                longest, last = max(longest, now - last), now
+                bar.update(len(done))
+                continue
+            limit = r.chunk_timeout_s or (10 * longest + cfg.storage.retry_s if longest else 0)
+            if limit and now - last > limit:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                rule = "ray.chunk_timeout_s" if r.chunk_timeout_s else "10x the longest wait so far + storage.retry_s; ray.chunk_timeout_s"
+                raise RuntimeError(f"{desc}: no task finished for {now - last:.0f} s, past {limit:.0f} s ({rule}): "
+                                   f"{len(pending)} hung task(s) cancelled")
+    return ray.get(refs, timeout=60)  # all finished: their results are in

@@ -18,7 +18,7 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.experimental import tqdm_ray
-from ray.train import Checkpoint, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.execution import context as train_context
 from safetensors.torch import load_file
@@ -58,6 +58,8 @@ def _progress(state: dict) -> str:
 
 def _worker_loop(config: dict):
     job = config["job"]
+    if config["node_check"] is not None:  # every node, one that joined after the start-up check too
+        config["node_check"].verify()
     torch.set_num_threads(config["threads"])
     # Ray Train logs each report at INFO under its module's file name, which LoggingConfig does not reach
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
@@ -85,10 +87,10 @@ def _worker_loop(config: dict):
     _report(done, latest[1]() if rank == 0 and latest[1] else None, last)
 
 
-def ray_fitter(cfg: Config, run_dir: Location) -> Fitter:
+def ray_fitter(cfg: Config, run_dir: Location, node_check=None) -> Fitter:
     """A Fitter that trains each job with TorchTrainer (workers, GPU or CPU from cfg.ray); runs and checkpoints are kept
     in the job's `checkpoints` folder, else in run_dir/train, on a store every node reaches (a shared folder or an
-    object store)."""
+    object store). node_check: the run's cluster.NodeCheck, run by every worker before it trains."""
     r = cfg.ray
     resources = train_resources(cfg)
 
@@ -107,7 +109,7 @@ def ray_fitter(cfg: Config, run_dir: Location) -> Fitter:
         trainer = TorchTrainer(
             _worker_loop,
             train_loop_config={"job": job, "threads": max(1, round(r.train_cpus_per_worker)),
-                               "start_from": str(found) if found else ""},
+                               "start_from": str(found) if found else "", "node_check": node_check},
             scaling_config=ScalingConfig(num_workers=r.train_workers, use_gpu=r.train_use_gpu,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if r.train_use_gpu else "gloo"),
@@ -116,6 +118,8 @@ def ray_fitter(cfg: Config, run_dir: Location) -> Fitter:
                                  storage_filesystem=None if storage.is_local else storage.fs,
                                  failure_config=FailureConfig(max_failures=r.max_restarts,
                                                               controller_failure_limit=r.max_restarts),
+                                 # the newest two only: a resumed fit needs the last (a prior's is ~4x its weights)
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  # Ray Train's INFO lines go to its log files; warnings and errors reach the console
                                  logging_config=LoggingConfig(log_level="WARNING")),
         )

@@ -280,7 +280,7 @@ class Location:
     def _call(self, action: str, fn):
         """fn(), its transient errors retried with exponential back-off for up to storage.retry_s; any other error,
         or one that lasts longer, is one line (StorageError). A missing file stays FileNotFoundError."""
-        start, wait = time.monotonic(), 0.5
+        start, wait, said = time.monotonic(), 0.5, False
         while True:
             try:
                 return fn()
@@ -292,6 +292,10 @@ class Location:
                 if not transient(e) or waited + wait > budget:
                     tried = f" (retried for {waited:.0f} s: storage.retry_s {budget:g})" if transient(e) and budget else ""
                     raise StorageError(f"storage: cannot {action} {self}: {_reason(e)}{tried}") from e
+                if not said:  # once a call, so that a long wait is not silent
+                    print(f"storage: cannot {action} {self} yet: {_reason(e)}; retrying for up to {budget:g} s "
+                          "(storage.retry_s)", file=sys.stderr, flush=True)
+                    said = True
                 time.sleep(wait)
                 wait = min(2 * wait, 30.0)
 

@@ -248,25 +248,31 @@ def s3_cache_of(cfg, endpoint: str) -> Location:
     return cache
 
 
+def wait_until(ready, proc, log, what: str, timeout: float = 600):
+    """Poll ready() until true; fail with the tail of the process's output if it exits first or ready() stays false
+    for `timeout` seconds (generous: 2 shared cores are slow)."""
+    import time
+
+    deadline = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None or time.time() > deadline:
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-3000:]
+            why = f"exited with {proc.returncode}" if proc.returncode is not None else f"not in {timeout:.0f} s"
+            pytest.fail(f"the driver made no progress ({what}; {why}):\n{tail}")
+        time.sleep(0.25)
+
+
 def kill_when(args: list[str], ready, what: str, timeout: float = 600):
-    """Start `args` in its own session, SIGKILL it (and its children) once ready() is true; fail (with the tail of
-    its output) if it exits first or ready() stays false for `timeout` seconds (generous: 2 shared cores are slow)."""
+    """Start `args` in its own session, SIGKILL it (and its children) once ready() is true (see wait_until)."""
     import signal
     import subprocess
     import tempfile
-    import time
 
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.time() + timeout
-            while not ready():
-                if proc.poll() is not None or time.time() > deadline:
-                    log.seek(0)
-                    tail = log.read().decode(errors="replace")[-3000:]
-                    why = f"exited with {proc.returncode}" if proc.returncode is not None else f"not in {timeout:.0f} s"
-                    pytest.fail(f"the driver made no progress ({what}; {why}):\n{tail}")
-                time.sleep(0.25)
+            wait_until(ready, proc, log, what, timeout)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -116,13 +116,15 @@ def cfg_overrides(cfg, out) -> list[str]:
 
 
 def test_evaluation_never_connects_where_a_manifest_says(run_copy):
-    """A run folder (perhaps in a shared bucket) does not decide where evaluate and redundancy connect."""
+    """A run folder (perhaps in a shared bucket) decides neither where evaluate and redundancy connect nor what they
+    ask of the cluster: this machine's config of the run's name and the command line do."""
     _, run, _ = run_copy
     manifest = json.loads((run / "manifest.json").read_text())
-    manifest["config"]["ray"]["address"] = "203.0.113.7:6379"
+    manifest["config"]["ray"].update(address="203.0.113.7:6379", accelerator_type="H100", num_gpus_per_actor=8)
     (run / "manifest.json").write_text(json.dumps(manifest))
     cfg, _ = evaluate.load_run(Location(str(run)))
-    assert cfg.ray.address == ""
+    assert cfg.ray.address == "" and cfg.ray.accelerator_type == "" and cfg.ray.num_gpus_per_actor == 0
+    assert cfg.ray == load_config("digits").ray  # configs/digits.yaml's own
     cfg, _ = evaluate.load_run(Location(str(run)), ["ray.address=127.0.0.1:6379"])  # the command line's own
     assert cfg.ray.address == "127.0.0.1:6379"
 

@@ -74,8 +74,9 @@ def test_autoscaler_yaml_is_valid_and_runs_the_project_image(name):
     commands = [c for k in ("initialization_commands", "setup_commands", "head_setup_commands",
                             "worker_setup_commands") for c in raw[k]]
     assert not any("pip install" in c for c in commands) and raw["file_mounts"] == {}
-    # the dashboard on the head's loopback only
+    # the dashboard on the head's loopback only; nothing open to the world (SSH from the user's CIDR only)
     assert "--dashboard-host=127.0.0.1" in " ".join(raw["head_start_ray_commands"]) and "0.0.0.0" not in text
+    _check_token_auth(raw)
     types = raw["available_node_types"]
     head = raw["head_node_type"]
     assert types[head]["resources"] == {"CPU": 0}
@@ -85,9 +86,18 @@ def test_autoscaler_yaml_is_valid_and_runs_the_project_image(name):
         node = t["node_config"]
         if raw["provider"]["type"] == "aws":  # a current GPU AMI (driver for the image's CUDA), never Ray's default
             assert node["ImageId"].startswith(DLAMI) or re.match(r"ami-[0-9a-f]{17}$", node["ImageId"])
+            # a security group the user made (SSH from their CIDR): Ray's own opens SSH to 0.0.0.0/0
+            assert node["SecurityGroupIds"] == types[head]["node_config"]["SecurityGroupIds"]
+            # roles of this cluster's, never Ray's broad default head role
+            assert node["IamInstanceProfile"]["Name"] == ("lgd-ray-head" if n == head else "lgd-ray-worker")
         else:
             source = node["disks"][0]["initializeParams"]["sourceImage"]
             assert source.startswith("projects/deeplearning-platform-release/global/images/family/common-" + cuda)
+            # the cluster's own network and firewall tag (the default network lets SSH in from anywhere)
+            (nic,) = node["networkInterfaces"]
+            assert nic["network"].endswith("/networks/lgd-ray") and node["tags"]["items"] == ["lgd-ray"]
+            (account,) = node["serviceAccounts"]  # the head's own account, not Ray's project-wide default
+            assert account["email"].startswith("lgd-ray-head@" if n == head else "lgd-ray@")
         if n == head:
             continue
         # declared, so the autoscaler launches GPU nodes for GPU demand and a pinned accelerator picks its type
@@ -105,6 +115,21 @@ def test_autoscaler_yaml_is_valid_and_runs_the_project_image(name):
     assert documented
     for argv in documented:
         _check_command(argv, gpu_types)
+
+
+def _check_token_auth(raw: dict):
+    """Every process of every node (one image, one `docker run`) runs with RAY_AUTH_MODE=token and reads the token
+    from a file that each node's host fetched from the provider's secret store before the container started."""
+    options = raw["docker"]["run_options"]
+    assert "--env=RAY_AUTH_MODE=token" in options
+    (path,) = [o.split("=", 2)[2] for o in options if o.startswith("--env=RAY_AUTH_TOKEN_PATH=")]
+    (volume,) = [o for o in options if o.startswith("--volume=") and f":{path}:" in o]
+    assert volume.endswith(":ro")
+    host_path = volume.removeprefix("--volume=").split(":")[0]
+    fetch = [c for c in raw["initialization_commands"] if "auth_token" in c]  # run on every node, head and workers
+    assert len(fetch) == 1 and "umask 077" in fetch[0] and host_path.endswith(fetch[0].split("> ~")[1].split(")")[0])
+    assert re.search(r"aws secretsmanager get-secret-value|gcloud secrets versions access", fetch[0])
+    assert not any(k.startswith("RAY_AUTH_TOKEN=") for o in options for k in [o.removeprefix("--env=")])
 
 
 def test_readme_cluster_commands_use_shared_uris():
@@ -135,12 +160,25 @@ def test_kuberay_rayjob_is_what_the_operator_reads():
     # Service internal, and a NetworkPolicy in front of the head
     assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0" and head.get("serviceType", "ClusterIP") == "ClusterIP"
     assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
-    head_labels = {**head["template"]["metadata"]["labels"], "ray.io/node-type": "head"}
-    assert policy["spec"]["podSelector"]["matchLabels"].items() <= head_labels.items()
+    templates = [head["template"], spec["submitterPodTemplate"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    # the policy covers every pod of the job (a worker's ports are as open as the head's)
+    assert all(selector.items() <= t["metadata"]["labels"].items() for t in templates)
     rules = policy["spec"]["ingress"]
     submitter_labels = spec["submitterPodTemplate"]["metadata"]["labels"]
     assert any(all(f.get("podSelector", {}).get("matchLabels", {"-": "-"}).items() <= submitter_labels.items()
                    for f in r["from"]) for r in rules)
+    # token auth: the operator knows the Secret; every container (head, workers, submitter) has the mode and the
+    # token from that Secret, none has a literal token
+    assert cluster["authOptions"]["mode"] == "token"
+    secret = cluster["authOptions"]["secretName"]
+    for t in templates:
+        (container,) = t["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "auth_token"}
+        assert t["spec"]["securityContext"]["runAsNonRoot"] is True  # the image's user `ray`, never root
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     operator = [r for r in rules if any("namespaceSelector" in f for f in r["from"])]
     assert operator and {p["port"] for r in operator for p in r["ports"]} >= {8265}
     image = head["template"]["spec"]["containers"][0]["image"]
@@ -150,7 +188,7 @@ def test_kuberay_rayjob_is_what_the_operator_reads():
     for pod in pods:
         container = pod["containers"][0]
         assert container["image"] == image
-        env = {e["name"]: e["value"] for e in container["env"]}
+        env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["HF_HOME"] and "expandable_segments" in env["PYTORCH_CUDA_ALLOC_CONF"]
         shm = {m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"}
         assert any(v["name"] in shm and v["emptyDir"]["medium"] == "Memory" for v in pod["volumes"])

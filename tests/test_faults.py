@@ -20,6 +20,7 @@ from lgd_ray.distill import distill
 from lgd_ray.data import class_chunks
 from lgd_ray.methods import ChunkMaker
 from lgd_ray.plan import ChunkTask, stage_plan
+from lgd_ray.ray_tasks import map_jobs
 from lgd_ray.ray_train import ray_fitter
 from lgd_ray.reference import fit_job
 from lgd_ray.resources import ResourceError, train_resources
@@ -195,6 +196,22 @@ def test_a_chunk_past_its_deadline_is_rescheduled(cluster, trained, tiny_overrid
     rows = list(pool(tasks, None, lambda t: []))
     assert sorted(r["chunk"] for r in rows) == [0, 1] and pool.resubmitted == 1
     assert time.time() - start < 120
+
+
+def test_ray_tasks_that_stop_finishing_are_given_up(cluster, tiny_overrides):
+    """map_jobs (evaluation repeats, redundancy rows) with a task that hangs: cancelled after ray.chunk_timeout_s."""
+    def _sleep_if_two(i: int) -> int:  # defined here: Ray ships it by value
+        if i == 2:
+            time.sleep(600)
+        return i
+
+    cfg = load_config("digits", tiny_overrides + RUN + ["ray.chunk_timeout_s=4"])
+    start = time.time()
+    with pytest.raises(RuntimeError, match=r"^hang: no task finished for \d+ s, past 4 s \(ray.chunk_timeout_s\): "
+                                           r"1 hung task\(s\) cancelled$"):
+        map_jobs(cfg, _sleep_if_two, [0, 1, 2], "hang")
+    assert time.time() - start < 60
+    assert map_jobs(cfg, _sleep_if_two, [0, 1], "fine") == [0, 1]
 
 
 def test_requests_no_node_can_hold_fail_in_the_configured_time(cluster, trained, tiny_overrides, tmp_path):

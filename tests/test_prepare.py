@@ -150,11 +150,91 @@ def test_a_corrupt_image_is_named_and_a_class_without_train_images_refused(local
     bad = next(p for p, _ in files["train"] if p.suffix == ".JPEG")
     bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG
     cfg = _cfg(tmp_path / "data", classes, tmp_path / "prepared", f"ray.enabled={str(with_ray).lower()}")
-    with pytest.raises(ConfigError, match=rf"prepare: cannot decode {bad}.*remove or replace the file") as e:
+    with pytest.raises(ConfigError, match=rf"prepare: cannot decode {bad}.*remove or replace the file, or skip such "
+                                          r"files with prepare.bad_images=skip$") as e:
         prepare(cfg, shard_images=4)
     assert "\n" not in str(e.value) and not (tmp_path / "prepared" / "index.json").exists()
+    # skipped instead: listed beside the index, and in no split, share or class-sorted copy
+    index = prepare(_cfg(tmp_path / "data", classes, tmp_path / "prepared", f"ray.enabled={str(with_ray).lower()}",
+                         "prepare.bad_images=skip"), shard_images=4, by_class=(16,))
+    assert index["skipped"] == [str(bad)] and (tmp_path / "prepared" / "bad_images.txt").read_text() == f"{bad}\n"
+    train = load_split(cfg.data, "train")
+    assert len(train) == index["splits"]["train"]["count"] == 14 and len(train.labels) == 14
+    assert whole_labels(train) == train.labels.tolist()
+    rows = [train.class_images(c, 16, lambda n: list(range(n))) for c in range(3)]
+    assert sum(len(i) for i, _ in rows) == 14 and sorted(j for i, _ in rows for j in i) == list(range(14))
+    assert all(int(train.labels[j]) == c for c, (i, _) in enumerate(rows) for j in i)
     bad.unlink()
     for p in (tmp_path / "data" / "train" / WNIDS[1]).iterdir():
         p.unlink()
     with pytest.raises(ConfigError, match=rf"prepare: class {WNIDS[1]} has no image files under .*train/{WNIDS[1]}"):
-        prepare(cfg, shard_images=4)
+        prepare(_cfg(tmp_path / "data", classes, tmp_path / "fresh", f"ray.enabled={str(with_ray).lower()}"),
+                shard_images=4)
+
+
+def test_prepare_again_switches_generations_at_the_index_and_reads_check_sha256(tmp_path):
+    """A second prepare into the same folder (another seed: other shards) writes a fresh generation and switches at
+    the index; one that fails half-way leaves the previous index and every object it lists whole. A damaged object
+    is refused on its first read, in one line."""
+    import json
+
+    files = _tree(tmp_path / "data")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(WNIDS) + "\n")
+    prepared = tmp_path / "prepared"
+    (prepared / "notes").mkdir(parents=True)  # something of the user's in the folder: never touched
+    cfg = _cfg(tmp_path / "data", classes, prepared, "ray.enabled=false")
+    first = prepare(cfg, shard_images=4)
+    (gen,) = {r["path"].split("/")[0] for r in first["splits"]["train"]["shards"]}
+    before = whole_labels(load_split(cfg.data, "train"))
+    bad = next(p for p, _ in files["val"] if p.suffix == ".JPEG")  # the test split (val) is made after train
+    good = bad.read_bytes()
+    bad.write_bytes(good[:200])
+    other = _cfg(tmp_path / "data", classes, prepared, "ray.enabled=false", "seed=1")
+    with pytest.raises(ConfigError, match="cannot decode"):
+        prepare(other, shard_images=4)
+    assert json.loads((prepared / "index.json").read_text()) == first  # the old index, and what it lists:
+    assert whole_labels(load_split(cfg.data, "train")) == before
+    bad.write_bytes(good)
+    second = prepare(other, shard_images=4)
+    (new,) = {r["path"].split("/")[0] for r in second["splits"]["train"]["shards"]}
+    assert new != gen and not (prepared / gen).exists() and (prepared / "notes").is_dir()
+    assert sorted(p.name for p in prepared.iterdir()) == sorted([new, "index.json", "notes"])
+    shard = prepared / second["splits"]["train"]["shards"][1]["path"]
+    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
+    train = load_split(other.data, "train")
+    train[0]  # the first shard is whole
+    with pytest.raises(ConfigError, match=rf"^data: {shard} has sha256 \w{{12}}, not the \w{{12}} of {prepared}/index.json: "
+                                          r"the prepared set is damaged; run prepare again$"):
+        train[4]
+
+
+def test_an_index_from_before_generations_is_still_read(tmp_path):
+    """Prepared sets written before generation folders (paths relative to their split's folder) load unchanged."""
+    import json
+    import shutil
+
+    _tree(tmp_path / "data")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(WNIDS) + "\n")
+    prepared = tmp_path / "prepared"
+    cfg = _cfg(tmp_path / "data", classes, prepared, "ray.enabled=false")
+    index = prepare(cfg, shard_images=4, by_class=(16,))
+    expected = whole_labels(load_split(cfg.data, "train"))
+    (gen,) = {r["path"].split("/")[0] for r in index["splits"]["train"]["shards"]}
+    for part in ("train", "test", "by-class-16px"):  # the layout of then
+        shutil.move(prepared / gen / part, prepared / part)
+    old = json.loads(json.dumps(index))
+    del old["layout"]
+    for split, part in old["splits"].items():
+        del part["labels"]
+        for row in part["shards"]:
+            row["path"] = row["path"].rsplit("/", 1)[1]
+    for row in old["by_class"]["16"]["shards"]:
+        row["path"] = row["path"].rsplit("/", 1)[1]
+    (prepared / "index.json").write_text(json.dumps(old))
+    train = load_split(cfg.data, "train")
+    assert whole_labels(train) == expected and len(train.class_images(2, 16, lambda n: [0])[0]) == 1
+    again = prepare(cfg, shard_images=4, by_class=(16, 8))  # adds a copy; the old objects are kept and listed
+    assert again["splits"]["train"]["shards"][0]["path"] == "train/shard-000000.npz"
+    assert whole_labels(load_split(cfg.data, "train")) == expected

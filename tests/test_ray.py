@@ -1,8 +1,11 @@
 """The Ray layer on a real local Ray: actor pool, pool-size independence, actor death, driver death + resume; the same
 run with out= and cache= on a real S3 server (moto, loopback): equal images, resume from the store, every reader, and a
 bad store or a missing model said in one line."""
+import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from pathlib import Path
@@ -11,7 +14,7 @@ import pytest
 import ray
 import webdataset as wds
 
-from conftest import kill_when, new_bucket, s3_cache_of, s3_uri
+from conftest import TcpProxy, new_bucket, s3_cache_of, s3_uri, wait_until
 from lgd_ray.config import ConfigError, load_config
 from lgd_ray.distill import distill
 from lgd_ray.shards import read_manifest, shard_urls
@@ -23,6 +26,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]  # Ray Tra
 
 # Every Ray Train fit costs ~15 s of start-up here: keep their number small. One class per chunk: 10 chunks a stage.
 ONE_STAGE = ["distill.stages=1", "distill.classes_per_chunk=1"]
+# the full-run outage test (seconds): a short outage within the lease (renewed every third of it), a long one past
+# storage.retry_s
+RETRY_S, LEASE_S, SHORT_OUTAGE_S = 15, 12, 5
 
 
 def _cfg(overrides, out, *more):
@@ -112,13 +118,14 @@ def test_ray_train_ddp_two_workers(trained, tiny_cfg, tmp_path):
     from lgd_ray.train import accuracy
 
     cfg = load_config("digits", [f"cache={tiny_cfg.cache}", "ray.train_workers=2", "ray.train_cpus_per_worker=1",
-                                 "reference.train.epochs=3"])
+                                 "reference.train.epochs=3", "ray.checkpoint_every=1"])
     job = fit_job(cfg, "reference", 10, partial(load_split, cfg.data, "train"), seed=0)
     state, _ = ray_fitter(cfg, tmp_path)(job)
     model = new_classifier(cfg, "reference", 10)
     model.load_state_dict(state)
     assert accuracy(model, load_split(cfg.data, "test")) > 0.8
-    assert list((tmp_path / "train").iterdir())  # the Ray Train run and its checkpoint are kept in the run folder
+    (run,) = (tmp_path / "train").iterdir()  # the Ray Train run and its checkpoints are kept in the run folder,
+    assert len(list(run.glob("checkpoint_*/"))) == 2  # the newest two of the three (one an epoch)
 
 
 def test_killed_actor_loses_nothing(two_actor_run, tiny_overrides, tmp_path):
@@ -209,30 +216,54 @@ def test_cli_refuses_a_missing_bucket_in_one_line(tiny_overrides, s3_endpoint):
     assert "error: storage: cannot write s3://no-such-bucket/run/" in r.stderr and "bucket does not exist" in r.stderr
 
 
-def test_killed_driver_resumes_from_the_store(two_actor_run, tiny_overrides, s3_endpoint):
+def test_store_outages_mid_run_then_resume(two_actor_run, tiny_overrides, s3_endpoint):
+    """The run on the S3 server behind a TCP proxy: an outage shorter than storage.retry_s while stage 0's chunks are
+    written is waited out by the driver and the actors alike; one that outlasts it once stage 1 has started ends the
+    run by itself in one line, the manifest listing only objects that exist, with their sha256. --resume then
+    redoes a shard damaged meanwhile (and so stage 0's student and all of stage 1) and gives the undisturbed images."""
     _, undisturbed = two_actor_run
-    out = Location(s3_uri(s3_endpoint, new_bucket(s3_endpoint), "run"))
-    # the driver joins this module's Ray (as `ray job submit` joins a cluster) instead of starting its own
-    args = [sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, *ONE_STAGE, f"out={out}",
-            "ray.actors=1", f"ray.address={ray.get_runtime_context().gcs_address}", "storage.lease_s=2"]
-
-    def stage_1_started():  # stage 0 is trained and a chunk of stage 1 is written
-        m = read_manifest(out)
-        return bool(m and "0" in m["stages"] and any(r["stage"] == 1 for r in m["shards"]))
-
-    kill_when(args, stage_1_started, "no chunk of stage 1")
-    before = read_manifest(out)
-    assert "1" not in before["stages"]
-    victim = out / before["shards"][0]["path"]  # a stage-0 shard, truncated on the store
-    victim.write_bytes(victim.read_bytes()[:700])
-    mtime = lambda loc: loc.fs.get_file_info(loc.path).mtime
-    kept = {r["path"]: mtime(out / r["path"]) for r in before["shards"][1:] if r["stage"] == 0}
-    time.sleep(3)  # the killed driver's lease (storage.lease_s 2) lapses: no clean-up needed
-    r = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
-    after = read_manifest(out)
-    assert _hashes(after) == _hashes(undisturbed) and victim.sha256() == before["shards"][0]["sha256"]
-    assert all(mtime(out / p) == t for p, t in kept.items())  # intact chunks of stage 0 were not redone
+    with TcpProxy(int(s3_endpoint.rsplit(":", 1)[1])) as proxy:
+        out = Location(s3_uri(f"127.0.0.1:{proxy.port}", new_bucket(s3_endpoint), "run"))
+        # the driver joins this module's Ray (as `ray job submit` joins a cluster) instead of starting its own
+        args = [sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, *ONE_STAGE, f"out={out}",
+                "ray.actors=1", f"ray.address={ray.get_runtime_context().gcs_address}", f"storage.lease_s={LEASE_S}",
+                f"storage.retry_s={RETRY_S}"]
+        rows = lambda stage: [r for r in (read_manifest(out) or {"shards": []})["shards"] if r["stage"] == stage]
+        with tempfile.TemporaryFile() as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                wait_until(lambda: rows(0), proc, log, "no chunk of stage 0")
+                proxy.stop()  # 1. shorter than storage.retry_s: waited out
+                time.sleep(SHORT_OUTAGE_S)
+                proxy.start()
+                wait_until(lambda: rows(1), proc, log, "no chunk of stage 1 after the short outage")
+                proxy.stop()  # 2. for good: the run ends by itself once storage.retry_s has passed
+                assert proc.wait(timeout=RETRY_S + 120) == 2
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                if proxy.listener is None:
+                    proxy.start()
+            log.seek(0)
+            text = log.read().decode(errors="replace")
+        said = [line for line in text.splitlines() if "yet: the endpoint does not answer" in line]
+        assert said and all(f"retrying for up to {RETRY_S} s (storage.retry_s)" in line for line in said)
+        last = text.strip().splitlines()[-1]
+        assert last.startswith("error: storage: cannot") and f"storage.retry_s {RETRY_S})" in last, text[-3000:]
+        assert "Traceback" not in text.split("error: storage:")[-1]
+        before = read_manifest(out)
+        assert "0" in before["stages"] and "1" not in before["stages"]
+        assert all((out / r["path"]).sha256() == r["sha256"] for r in before["shards"])  # listed = written, whole
+        victim = out / before["shards"][0]["path"]  # a stage-0 shard, truncated on the store
+        victim.write_bytes(victim.read_bytes()[:700])
+        mtime = lambda loc: loc.fs.get_file_info(loc.path).mtime
+        kept = {r["path"]: mtime(out / r["path"]) for r in before["shards"][1:] if r["stage"] == 0}
+        time.sleep(LEASE_S)  # the lease of a driver that could not reach the store to release it lapses
+        r = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-2000:]
+        after = read_manifest(out)
+        assert _hashes(after) == _hashes(undisturbed) and victim.sha256() == before["shards"][0]["sha256"]
+        assert all(mtime(out / p) == t for p, t in kept.items())  # intact chunks of stage 0 were not redone
     assert f"resume: {before['shards'][0]['path']}: expected sha256" in r.stdout  # said, with both sha256s
     assert "stage 0/1" in r.stdout and "stage 1/1" in r.stdout  # stage 0 retrained: one of its shards was damaged
 

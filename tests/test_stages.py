@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import webdataset as wds
@@ -85,6 +86,26 @@ def test_rerun_refuses_and_resume_checks_config(run, tiny_overrides):
     try:
         again = run_stages(cfg, out, resume=True)
         assert again["stages"] == made["stages"] and again["shards"] == made["shards"]
+    finally:
+        write_manifest(out, made)
+
+
+def test_resume_refuses_a_prior_or_reference_other_than_the_stages_were_made_with(run):
+    """The cache's prior or theta* is not the one recorded (re-made after it went missing, or replaced): one line
+    naming which, with both sha256s; nothing in the run folder is touched."""
+    cfg, out, _, _ = run
+    made = read_manifest(out)
+    files = {p: p.stat().st_mtime_ns for p in Path(str(out)).rglob("*") if p.is_file()}
+    try:
+        for key, what in (("prior_sha256", "prior"), ("reference_sha256", r"reference model theta\*")):
+            other = {**made, key: "0" * 64}  # as if the stages had been made with another one
+            write_manifest(out, other)
+            files[Path(str(out)) / "manifest.json"] = (Path(str(out)) / "manifest.json").stat().st_mtime_ns
+            with pytest.raises(ConfigError, match=rf"^--resume: the {what} in the cache \(sha256 "
+                                                  rf"{made[key][:12]}\) is not the one this run's stages were made "
+                                                  r"with \(000000000000\): restore it, or start anew with out=NEW_DIR$"):
+                run_stages(cfg, out, resume=True)
+            assert {p: p.stat().st_mtime_ns for p in Path(str(out)).rglob("*") if p.is_file()} == files
     finally:
         write_manifest(out, made)
 
