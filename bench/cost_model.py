@@ -58,7 +58,7 @@ def convnet_macs(depth: int, size: int, channels: int = 3, width: int = 128, cla
 
 
 def paper_plan(classes=1000, seed_ipc=10, ipc_per_stage=10, stages=4, steps=50, window=(10, 45), kappa=3,
-               student_epochs=300) -> dict:
+               student_epochs=300, gamma=50.0) -> dict:
     """FLOPs of every stage of LGD on ImageNet-1K (configs/imagenet1k.yaml's settings), through the denoiser."""
     dit, dec, cls = 2 * DIT_XL_2_MACS, 2 * sd_vae_decoder_macs(), 2 * convnet_macs(6, 128)
     dit_grad = 2 * dit + 2 * DIT_XL_2_ATTENTION  # forward + backward to the input
@@ -66,6 +66,8 @@ def paper_plan(classes=1000, seed_ipc=10, ipc_per_stage=10, stages=4, steps=50, 
     cls_train = 3 * cls - 2 * conv(128, 3, 128)  # no gradient for the images themselves
     unguided = 2 * dit  # classifier-free guidance: the conditional and the null-class forward
     guided = 2 * dit_grad + dec_grad + 2 * cls_grad  # the CFG pair, decoder, student and reference, each with backward
+    # deviation guidance (gamma > 0), from stage 1 on: g_D's second backward through the CFG pair's retained graph
+    deviation = 2 * (dit_grad - dit) if gamma else 0.0
     score = dec + 2 * cls  # every candidate's final image is decoded and scored once
     w = window[1] - window[0] + 1
     rows, images = [], 0
@@ -74,10 +76,11 @@ def paper_plan(classes=1000, seed_ipc=10, ipc_per_stage=10, stages=4, steps=50, 
         images += n
         traj = n * (1 if s == 0 else kappa)
         g_steps = 0 if s == 0 else traj * w
-        sample = (traj * steps - g_steps) * unguided + g_steps * guided + traj * score
+        sample = (traj * steps - g_steps) * unguided + g_steps * (guided + deviation) + traj * score
         rows.append({"stage": s, "sample": sample, "train": cls_train * images * student_epochs})
     return {"dit": dit, "dit_grad": dit_grad, "decoder": dec, "decoder_grad": dec_grad, "classifier": cls,
-            "classifier_train": cls_train, "unguided": unguided, "guided": guided, "window": w, "stages": rows,
+            "classifier_train": cls_train, "unguided": unguided, "guided": guided, "deviation": deviation, "window": w,
+            "stages": rows,
             "total": sum(r["sample"] + r["train"] for r in rows)}
 
 
@@ -97,7 +100,8 @@ def main():
             ("ConvNet-6 at 128 px", paper["classifier"], c["student"] * 1e9),
             ("ConvNet-6 training step", paper["classifier_train"], c["student_train"] * 1e9),
             ("unguided step (CFG pair)", paper["unguided"], dry["unguided_step_gflops"] * 1e9),
-            ("guided step (denoiser path)", paper["guided"], dry["guided_step_gflops"] * 1e9)]
+            ("guided step (denoiser path)", paper["guided"], dry["guided_step_gflops"] * 1e9),
+            ("+ deviation guidance (gamma 50)", paper["deviation"], dry["deviation_step_gflops"] * 1e9)]
     for s_p, s_d in zip(paper["stages"], dry["stages"]):
         rows += [(f"stage {s_p['stage']} sampling (PFLOPs)", s_p["sample"] / 1e6, s_d["sample_flops"] / 1e6),
                  (f"stage {s_p['stage']} student training (PFLOPs)", s_p["train"] / 1e6, s_d["train_flops"] / 1e6)]

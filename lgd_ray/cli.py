@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Callable
 
-from lgd_ray import storage
+from lgd_ray import storage, torch_build
 from lgd_ray.config import Config, ConfigError, load_config
 
 
@@ -15,6 +15,26 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def unusable_gpu() -> str:
+    """'' unless this machine has an NVIDIA GPU that the installed torch cannot use (a CPU build, or a CUDA newer than
+    the driver runs), else what to do. Asks torch without creating a CUDA context."""
+    driver = torch_build.driver_version()
+    if driver is None:
+        return ""
+    import torch  # here: light commands (report) need not import it where there is no GPU
+
+    if torch.cuda.is_available():
+        return ""
+    try:
+        build = torch_build.cuda_build(driver)
+    except ValueError as e:
+        return str(e)
+    have = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build"
+    return (f"device: this machine has an NVIDIA GPU (driver {driver[0]}.{driver[1]}) that torch {torch.__version__} "
+            f"({have}) cannot use, so everything runs on the CPU; install the {build} build: `make venv` picks it "
+            f"(TORCH_INDEX={torch_build.index_url(build)})")
 
 
 def run_cli(prog: str, description: str, argv: list[str], work: Callable[[Config, argparse.Namespace], None],
@@ -36,7 +56,11 @@ def run_cli(prog: str, description: str, argv: list[str], work: Callable[[Config
 
 
 def one_line_errors(work: Callable[[], object]):
-    """Run `work`; a ConfigError exits 2 with its one-line message instead of a traceback."""
+    """Run `work` (after saying, in one line, if this machine's GPU is one torch cannot use); a ConfigError exits 2
+    with its one-line message instead of a traceback."""
+    problem = unusable_gpu()
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
     try:
         work()
     except ConfigError as e:

@@ -23,9 +23,12 @@ from lgd_ray.storage import Location
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+AUTO = 0  # an `auto` key's value until the Ray layer sizes it from the cluster (lgd_ray.resources.resolve_auto)
+
+
 def _f(default, **meta):
     """A dataclass field with validation metadata: choices=, min=, max=, min_excl=, length=; lists: item_min=,
-    nonempty=."""
+    nonempty=; auto=True: the value may be "auto" (stored as AUTO)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -207,7 +210,8 @@ class RayConfig:
 
     enabled: bool = True  # false: chunks run one after another in this process, without Ray
     address: str = ""  # "" = RAY_ADDRESS (set under `ray job submit`), else a local Ray
-    actors: int = _f(2, min=1)  # sampler actors, each holding the prior and the reference model
+    actors: int = _f(2, min=1, auto=True)  # sampler actors, each holding the prior and the reference model; auto: one
+    #                                        per num_gpus_per_actor of the GPUs the cluster has or can scale to
     num_cpus_per_actor: float = _f(1.0, min=0.0)  # logical CPUs; the actor uses max(1, round(n)) torch threads
     num_gpus_per_actor: float = _f(0.0, min=0.0)  # > 0: the actor runs on CUDA (and fails fast if torch sees none)
     max_restarts: int = _f(2, min=0)  # per actor, and the failures a Ray Train fit recovers from (from its checkpoint)
@@ -218,7 +222,8 @@ class RayConfig:
     schedule_timeout_s: float = _f(600.0, min_excl=0.0)  # longest wait for resources (e.g. autoscaling), then one line
     accelerator_type: str = ""  # e.g. H100: actors and train workers only on nodes of that type ("" = any)
     gpu_memory_gb: float = _f(0.0, min=0.0)  # memory of one GPU; 0 = by accelerator_type (H100 if unset)
-    train_workers: int = _f(1, min=1)  # Ray Train workers (DDP) per fit; each takes batch_size / train_workers a step
+    train_workers: int = _f(1, min=1, auto=True)  # Ray Train workers (DDP) per fit; each takes batch_size /
+    #                                               train_workers a step; auto: one per train_gpus_per_worker GPUs
     train_use_gpu: bool = False
     train_cpus_per_worker: float = _f(1.0, min=0.0)
     train_gpus_per_worker: float = _f(1.0, min=0.0)  # used with train_use_gpu; NCCL needs one whole GPU per worker
@@ -252,6 +257,8 @@ def _key(f: dataclasses.Field) -> str:
 
 
 def _check_value(path: str, value, tp, meta):
+    if meta.get("auto") and value in ("auto", AUTO):
+        return AUTO
     origin = typing.get_origin(tp) or tp
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -400,7 +407,7 @@ def _check_cross(cfg: Config):
     if r.train_use_gpu and r.train_workers > 1 and r.train_gpus_per_worker != int(r.train_gpus_per_worker):
         raise ConfigError(f"config: 'ray.train_gpus_per_worker' is {r.train_gpus_per_worker} with {r.train_workers} "
                           "NCCL workers: NCCL refuses two ranks on one GPU; use whole GPUs (1)")
-    if r.enabled:
+    if r.enabled and r.train_workers != AUTO:  # auto: checked once sized (lgd_ray.resources.resolve_auto)
         for key in ("reference", "student"):
             batch = getattr(cfg, key).train.batch_size
             if batch % r.train_workers:

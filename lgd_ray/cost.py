@@ -160,6 +160,11 @@ def run_cost(cfg: Config) -> dict:
     guided = (cfg_mult * costs.dit_grad if g.through == "denoiser" else plain) + head
     if g.checkpointing:  # the checkpointed blocks run their forward again in the backward
         guided += (cfg_mult * costs.dit_forward if g.through == "denoiser" else 0.0) + costs.decoder
+    # deviation guidance (gamma > 0), in stages with earlier images of the class to deviate from: g_D takes a second
+    # backward through the retained graph of the CFG pair (on the denoiser path; on x0^ it is a similarity's only)
+    deviation = 0.0
+    if g.gamma > 0 and g.through == "denoiser":
+        deviation = cfg_mult * (costs.dit_grad - costs.dit_forward + (costs.dit_forward if g.checkpointing else 0.0))
     stages, total_images = [], 0
     for st in stage_plan(cfg):
         images = n * st.ipc
@@ -173,13 +178,16 @@ def run_cost(cfg: Config) -> dict:
         g_steps = trajectories * sum(i >= pause for i in gradient) + survivors * sum(i < pause for i in gradient)
         all_steps = trajectories * (steps - pause) + survivors * pause
         scored = trajectories + (survivors if early else 0)
-        sample_f = ((all_steps - g_steps) * plain + g_steps * guided + scored * score) * 1e9
+        d_steps = g_steps if deviation and st.index > 0 else 0  # the seed stage has nothing to deviate from
+        sample_f = ((all_steps - g_steps) * plain + g_steps * guided + d_steps * deviation + scored * score) * 1e9
         train_f = costs.student_train * 1e9 * total_images * cfg.student.train.epochs
         stages.append({"stage": st.index, "ipc": st.ipc, "images": images, "trajectories": trajectories,
-                       "guided_steps": g_steps, "unguided_steps": all_steps - g_steps, "sample_flops": sample_f,
+                       "guided_steps": g_steps, "deviation_steps": d_steps, "unguided_steps": all_steps - g_steps,
+                       "sample_flops": sample_f,
                        "train_images": total_images, "train_flops": train_f})
     return {"classes": n, "chunks": len(class_chunks(n, cfg.distill.classes_per_chunk)), "stages": stages,
-            "window_steps": len(guided_at), "costs": costs.__dict__, "guided_step_gflops": guided, "unguided_step_gflops": plain,
+            "window_steps": len(guided_at), "costs": costs.__dict__, "guided_step_gflops": guided,
+            "deviation_step_gflops": deviation, "unguided_step_gflops": plain,
             "total_flops": sum(s["sample_flops"] + s["train_flops"] for s in stages)}
 
 
@@ -204,15 +212,19 @@ def format_cost(cfg: Config, plan: dict, tflops: float, utilisation: float) -> s
     """The plan as text, with GPU-hours at `tflops` peak and `utilisation`."""
     c, r = plan["costs"], cfg.ray
     lines = [f"plan: {cfg.name}, method {cfg.distill.method}, {plan['classes']} classes in {plan['chunks']} chunks "
-             f"of <= {cfg.distill.classes_per_chunk}; {r.actors} sampler actors x ({r.num_cpus_per_actor} CPU, "
-             f"{r.num_gpus_per_actor} GPU); student fits on {r.train_workers} Ray Train worker(s) "
+             f"of <= {cfg.distill.classes_per_chunk}; {r.actors or 'auto (one per GPU)'} sampler actors x "
+             f"({r.num_cpus_per_actor} CPU, {r.num_gpus_per_actor} GPU); student fits on "
+             f"{r.train_workers or 'auto (one per GPU)'} Ray Train worker(s) "
              f"({'GPU ' + str(r.train_gpus_per_worker) if r.train_use_gpu else 'CPU'})",
              f"per image GFLOPs ({c['source']}), forward / with backward to the input: DiT {c['dit_forward']:.1f} / "
              f"{c['dit_grad']:.1f}, VAE decoder {c['decoder']:.1f} / {c['decoder_grad']:.1f}, student {c['student']:.2f} / "
              f"{c['student_grad']:.2f}, reference {c['reference']:.2f} / {c['reference_grad']:.2f}; "
              f"a student training step {c['student_train']:.2f}",
              f"per trajectory step: unguided {plan['unguided_step_gflops']:.1f} GFLOPs (CFG x{2 if cfg.prior.cfg_scale > 1 else 1}), "
-             f"guided ({cfg.guidance.through}) {plan['guided_step_gflops']:.1f} GFLOPs; {plan['window_steps']} guided of "
+             f"guided ({cfg.guidance.through}) {plan['guided_step_gflops']:.1f} GFLOPs"
+             + (f", + {plan['deviation_step_gflops']:.1f} for deviation guidance (gamma {cfg.guidance.gamma:g}: a second "
+                "backward through the DiT, stages 1 on)" if plan["deviation_step_gflops"] else "")
+             + f"; {plan['window_steps']} guided of "
              f"{cfg.prior.num_steps} steps (window {cfg.guidance.window}, every {cfg.guidance.every}); "
              + (f"candidates cut to the best after {cfg.guidance.select_after} steps"
                 if 0 < cfg.guidance.select_after < cfg.prior.num_steps else "all candidates run to the end"), "",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from lgd_ray.batching import BatchSize
 from lgd_ray.data import to_uint8
 from lgd_ray.guidance import classifier_input
 from lgd_ray.kmeans import largest_first
@@ -76,19 +77,28 @@ def crop(image: torch.Tensor, top: int, left: int, size: int, out_size: int) -> 
     return classifier_input(image[None, :, top:top + size, left:left + size], out_size)[0]
 
 
+def relevance_batch_size(size: int) -> BatchSize:
+    """Real images per batch of the relevance pass (dds.batch_size), halved on out-of-memory."""
+    return BatchSize(size, "dds", "images per relevance batch", "dds.batch_size",
+                     "dds: out of GPU memory with one image per relevance batch: set prior.dtype=bfloat16, or give "
+                     "each actor more GPU (ray.num_gpus_per_actor)")
+
+
 def class_candidates(prior: Prior, images: torch.Tensor, cls: int, indices: list[int], run_seed: int,
-                     timesteps: list[int], crop_size: int, per_image: int, batch_size: int,
+                     timesteps: list[int], crop_size: int, per_image: int, batch_size: int | BatchSize,
                      out_size: int) -> list[Candidate]:
     """Stage I for one class: candidates (crops of crop_size px) of every real image (float, [-1, 1], at the prior's
-    resolution)."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size]
-        idx = indices[i:i + batch_size]
-        gens = [generator(run_seed, "dds", cls, j) for j in idx]
+    resolution); the relevance pass in batches of `batch_size` (a BatchSize: halved on out-of-memory)."""
+    sizes = batch_size if isinstance(batch_size, BatchSize) else relevance_batch_size(batch_size)
+
+    def candidates(i: int, k: int) -> list[Candidate]:
+        x, idx, out = images[i:k], indices[i:k], []
+        gens = [generator(run_seed, "dds", cls, j) for j in idx]  # per image: the same noise in any batch
         maps = relevance_maps(prior, x, torch.full((len(x),), cls), timesteps, gens)
         for img, j, crops in zip(x, idx, top_crops(maps, crop_size, per_image)):
             for relevance, top, left in crops:
                 out.append(Candidate(to_uint8(crop(img.cpu(), top, left, crop_size, out_size)), relevance, j,
                                      (top, left, crop_size)))
-    return out
+        return out
+
+    return [c for part in sizes.run(len(images), candidates, prior.device) for c in part]

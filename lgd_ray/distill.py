@@ -7,7 +7,7 @@ import sys
 import time
 
 from lgd_ray.cli import run_cli
-from lgd_ray.config import Config, ConfigError, run_dir
+from lgd_ray.config import AUTO, Config, ConfigError, run_dir
 from lgd_ray.cost import PEAK_TFLOPS, format_cost, run_cost
 from lgd_ray.data import check_data
 from lgd_ray.lease import Lease
@@ -30,7 +30,14 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     for where in (out, cache):
         if not where.is_local:
             check_writable(where)  # an unreachable endpoint, a missing bucket, refused credentials: one line, in seconds
-    open_manifest(out, cfg, resume)  # a run folder that cannot be (re)started: one line, before Ray starts
+    if cfg.ray.enabled and AUTO in (cfg.ray.actors, cfg.ray.train_workers):
+        # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
+        from lgd_ray.cluster import connect
+        from lgd_ray.resources import resolve_auto
+
+        connect(cfg)  # sized from the cluster before the run folder is opened: the sizes are part of its config
+        cfg = resolve_auto(cfg)
+    open_manifest(out, cfg, resume)  # a run folder that cannot be (re)started: one line, before sampling starts
     pool = fitter = None
     if cfg.ray.enabled:
         # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lgd_ray.config import Config, ConfigError
+from lgd_ray.batching import BatchSize
+from lgd_ray.config import Config
 from lgd_ray.prior import Prior
 from lgd_ray.seeding import derive_seed, generator
 from lgd_ray.train import augment
@@ -49,11 +50,19 @@ class Scorer:
         return ce_student - self.omega * ce_reference, ce_student, ce_reference
 
 
+def batch_classes(labels: torch.Tensor, memory: dict[int, torch.Tensor]) -> list[int]:
+    """The classes of a batch; on the meta device (the dry-run's memory count), which has no values: the memory's."""
+    return list(memory) if labels.device.type == "meta" else labels.unique().tolist()
+
+
 def nearest_cosine(x0: torch.Tensor, labels: torch.Tensor, memory: dict[int, torch.Tensor]) -> torch.Tensor:
     """Per sample, the largest cosine similarity between x0 and the memory latents of its class (0 if none)."""
     flat = F.normalize(x0.flatten(1), dim=1)
     sims = torch.zeros(len(x0), dtype=x0.dtype, device=x0.device)
-    for c in labels.unique().tolist():
+    if x0.device.type == "meta":  # shapes only: every sample against one class's memory
+        mem = next(iter(memory.values()))
+        return torch.maximum(sims, (flat @ F.normalize(mem.to(x0).flatten(1), dim=1).T).amax(1))
+    for c in batch_classes(labels, memory):
         mem = memory.get(c)
         if mem is None or len(mem) == 0:
             continue
@@ -72,12 +81,6 @@ def in_window(step_index: int, window: tuple[int, int], every: int) -> bool:
 def guided_steps(window: tuple[int, int], every: int, num_steps: int) -> list[int]:
     """The step indices that follow the gradient, noisiest first."""
     return [s for s in reversed(range(num_steps)) if in_window(s, window, every)]
-
-
-def free_cached_memory(device: torch.device):
-    """Return the CUDA allocator's cached blocks (no-op elsewhere)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _unit(g: torch.Tensor) -> torch.Tensor:
@@ -124,22 +127,14 @@ class Guide:
         (kept for the later steps), down to one trajectory. slots: each trajectory's slot (what seeds its views)."""
         if self.views and slots is None:
             raise ValueError("augmented guidance needs each trajectory's slot")
-        while True:
-            n = self.batch or len(x_t)
-            try:
-                return torch.cat([self._eps(prior, x_t[i:i + n], t, labels[i:i + n], cfg_scale,
-                                            slots[i:i + n] if slots is not None else None)
-                                  for i in range(0, len(x_t), n)])
-            except torch.OutOfMemoryError:
-                if n == 1:
-                    raise ConfigError("guidance: out of GPU memory with one trajectory per guided backward: set "
-                                      "prior.dtype=bfloat16 or guidance.checkpointing=true, or give each actor more "
-                                      "GPU (ray.num_gpus_per_actor)") from None
-            # outside the except block: its traceback no longer holds the failed attempt's tensors
-            self.batch = n // 2
-            free_cached_memory(x_t.device)
-            print(f"guidance: out of memory at {n} trajectories per guided backward; now {self.batch} "
-                  "(set guidance.batch to start there)", flush=True)
+        sizes = BatchSize(self.batch or len(x_t), "guidance", "trajectories per guided backward", "guidance.batch",
+                          "guidance: out of GPU memory with one trajectory per guided backward: set prior.dtype=bfloat16 "
+                          "or guidance.checkpointing=true, or give each actor more GPU (ray.num_gpus_per_actor)")
+        eps = sizes.run(len(x_t), lambda i, j: self._eps(prior, x_t[i:j], t, labels[i:j], cfg_scale,
+                                                         slots[i:j] if slots is not None else None), x_t.device)
+        if sizes.size < (self.batch or len(x_t)):
+            self.batch = sizes.size  # kept for the later steps
+        return torch.cat(eps)
 
     def score(self, images: torch.Tensor, labels: torch.Tensor, slots: list[int] | None, t: int) -> torch.Tensor:
         """S of each image, or with views > 0 the mean S of its random views."""
@@ -155,7 +150,8 @@ class Guide:
     def _eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float,
              slots: list[int] | None):
         _, sigma = prior.signal_noise(t, x_t)
-        use_memory = self.gamma > 0 and bool(self.memory) and any(len(self.memory.get(c, ())) for c in labels.unique().tolist())
+        use_memory = self.gamma > 0 and bool(self.memory) and any(len(self.memory.get(c, ()))
+                                                                   for c in batch_classes(labels, self.memory))
         with torch.enable_grad():
             if self.through == "denoiser":
                 wrt = x_t.detach().requires_grad_(True)

@@ -136,18 +136,19 @@ class ActorMemory:
     guidance_batch: int  # trajectories per guided backward (guidance.batch, or the sample batch)
     sample_batch: int
     guided: bool  # the run has guided steps
+    deviation_held: int = 0  # the chunk's earlier latents that deviation guidance (gamma > 0) compares with
 
     def peak(self, guidance_batch: int | None = None) -> int:
         """Allocated bytes at the actor's peak (torch's allocator; the CUDA context not included)."""
         g = self.guidance_batch if guidance_batch is None else guidance_batch
         steps = self.sample_batch * self.unguided_per_trajectory
         if self.guided:
-            steps = max(steps, self.guided_fixed + g * self.guided_per_trajectory)
+            steps = max(steps, self.deviation_held + self.guided_fixed + g * self.guided_per_trajectory)
         return self.weights + steps
 
     def largest_guidance_batch(self, budget: float) -> int:
         """The most trajectories per guided backward whose peak fits `budget` bytes of GPU (0: not even one)."""
-        room = USABLE * (budget - CONTEXT_BYTES) - self.weights - self.guided_fixed
+        room = USABLE * (budget - CONTEXT_BYTES) - self.weights - self.deviation_held - self.guided_fixed
         return max(0, min(self.sample_batch, int(room // self.guided_per_trajectory)))
 
 
@@ -161,13 +162,25 @@ def _meta_prior(cfg: Config):
     return prior, m
 
 
-def guided_step_bytes(cfg: Config, prior, student: torch.nn.Module, reference: torch.nn.Module, batch: int) -> int:
+def deviation_images(cfg: Config) -> int:
+    """Earlier images per class a guided step deviates from at most (gamma > 0: the last guided stage's), else 0."""
+    if cfg.guidance.gamma <= 0:
+        return 0
+    stages = stage_plan(cfg)
+    return max((sum(s.ipc for s in stages[:st.index]) for st in stages if st.gradient and st.index > 0), default=0)
+
+
+def guided_step_bytes(cfg: Config, prior, student: torch.nn.Module, reference: torch.nn.Module, batch: int,
+                      memory_images: int = 0) -> int:
     """Saved-tensor bytes of one guided step (the configured path, omega and sizes) of `batch` trajectories on
-    `prior`'s device: meta for the estimate, a real device for a measurement (the batch in one backward)."""
-    guide = Guide.from_config(cfg, Scorer(student, reference, cfg.guidance.omega), batch=0)
+    `prior`'s device: meta for the estimate, a real device for a measurement (the batch in one backward).
+    memory_images > 0: with deviation guidance from that many earlier latents per class (the graph kept for g_D)."""
     device = prior.device
     x = torch.randn(batch, *prior.latent_shape, device=device)
     labels = torch.arange(batch, device=device) % prior.num_classes
+    classes = range(min(batch, prior.num_classes))
+    memory = {c: torch.randn(memory_images, *prior.latent_shape, device=device) for c in classes} if memory_images else None
+    guide = Guide.from_config(cfg, Scorer(student, reference, cfg.guidance.omega), memory, batch=0)
     t = prior.scheduler.timesteps[len(prior.scheduler.timesteps) // 2]
     models = [prior.transformer, student, reference] + ([prior.vae] if prior.vae is not None else [])
     return saved_bytes(lambda: guide.eps(prior, x, t, labels, cfg.prior.cfg_scale, list(range(batch))), models)
@@ -178,7 +191,10 @@ def actor_memory(cfg: Config) -> ActorMemory:
     prior, m = _meta_prior(cfg)
     weights = sum(t.numel() * t.element_size() for mod in (m.dit, m.vae, m.student, m.reference) if mod is not None
                   for t in (*mod.parameters(), *mod.buffers()))
-    one, two = (guided_step_bytes(cfg, prior, m.student, m.reference, b) for b in (1, 2))
+    k = deviation_images(cfg)
+    one, two = (guided_step_bytes(cfg, prior, m.student, m.reference, b, k) for b in (1, 2))
+    # the chunk's earlier latents that deviation guidance compares with, held for the chunk's whole run
+    held = min(cfg.distill.classes_per_chunk, prior.num_classes) * k * torch.Size(prior.latent_shape).numel() * 4
     with torch.no_grad():
         x = torch.randn(2 if cfg.prior.cfg_scale > 1 else 1, *prior.latent_shape, device="meta")
         t = prior.scheduler.timesteps[0]
@@ -187,7 +203,7 @@ def actor_memory(cfg: Config) -> ActorMemory:
     g = cfg.guidance
     guided = any(st.gradient for st in stage_plan(cfg))
     return ActorMemory(weights, max(0, 2 * one - two), two - one, 4 * unguided, min(g.batch or cfg.distill.sample_batch,
-                       cfg.distill.sample_batch), cfg.distill.sample_batch, guided)
+                       cfg.distill.sample_batch), cfg.distill.sample_batch, guided, held)
 
 
 def actor_gpu_bytes(cfg: Config) -> tuple[float, str]:
@@ -232,7 +248,9 @@ def format_memory(cfg: Config, mem: ActorMemory) -> str:
             f"batch of {mem.sample_batch}: {mem.sample_batch * mem.unguided_per_trajectory / GIB:.2f} GiB")
     if mem.guided:
         line += (f"; guided step {mem.guided_per_trajectory / GIB:.3f} GiB per trajectory + {mem.guided_fixed / GIB:.2f} "
-                 f"GiB, at guidance.batch {mem.guidance_batch}: peak {mem.peak() / GIB:.1f} GiB")
+                 + (f"GiB + {mem.deviation_held / GIB:.2f} GiB of earlier latents (gamma {cfg.guidance.gamma:g}, its "
+                    "graph kept for a second backward) " if mem.deviation_held else "GiB ")
+                 + f"at guidance.batch {mem.guidance_batch}: peak {mem.peak() / GIB:.1f} GiB")
     if cfg.ray.num_gpus_per_actor <= 0:
         return line + " (CPU actors: host memory)"
     budget, what = actor_gpu_bytes(cfg)

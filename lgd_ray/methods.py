@@ -11,14 +11,15 @@ import torch
 from lgd_ray import storage
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.data import load_split, num_classes, open_prepared, to_float
-from lgd_ray.dds import class_candidates, select
-from lgd_ray.guidance import Guide, Scorer, free_cached_memory
+from lgd_ray.batching import free_cached_memory
+from lgd_ray.dds import class_candidates, relevance_batch_size, select
+from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.models import penultimate
 from lgd_ray.modes import ModeGuide, class_modes
 from lgd_ray.plan import ChunkTask, Stage
 from lgd_ray.prior import load_prior, pipeline_image_size, prior_class_map, prior_id, require_prior
 from lgd_ray.reference import load_reference, new_classifier
-from lgd_ray.sampler import generate
+from lgd_ray.sampler import generate, sample_batch_size
 from lgd_ray.seeding import derive_seed, generator
 from lgd_ray.shards import read_shards, sample_record, shard_path, write_shard
 from lgd_ray.storage import Location
@@ -78,7 +79,10 @@ class ChunkMaker:
         self.reference = reference.to(self.device).requires_grad_(False)
         self._train_set = None
         self._modes: dict[int, torch.Tensor] = {}  # mgd3: per class, kept for the actor's lifetime
-        self.guidance_batch = cfg.guidance.batch  # halved on a CUDA out-of-memory error, for the actor's lifetime
+        # halved on a CUDA out-of-memory error, for the actor's lifetime
+        self.guidance_batch = cfg.guidance.batch
+        self.sample_batch = sample_batch_size(cfg.distill.sample_batch)
+        self.dds_batch = relevance_batch_size(cfg.dds.batch_size)
 
     @property
     def train_set(self):
@@ -100,19 +104,26 @@ class ChunkMaker:
             student.load_state_dict(student_state)
             scorer = Scorer(student.to(self.device).eval().requires_grad_(False), self.reference, cfg.guidance.omega)
         start = time.time()
-        if stage.method == "random":
-            samples = self._real(task, items, scorer)
-        elif stage.method == "dds":
-            samples = self._selected(task)
-        else:
-            samples = self._generated(task, stage, items, scorer, previous_shards)
-        free_cached_memory(self.device)  # the next chunk (or the fit after the stage) starts from a clean allocator
+        try:
+            if stage.method == "random":
+                samples = self._real(task, items, scorer)
+            elif stage.method == "dds":
+                samples = self._selected(task)
+            else:
+                samples = self._generated(task, stage, items, scorer, previous_shards)
+        finally:  # the next chunk (a retry of this one too) or the fit after the stage starts from a clean allocator
+            free_cached_memory(self.device)
         row = write_shard(self.run_dir, shard_path(stage.index, task.chunk), samples)
         scores = [x["meta"]["S"] for x in samples if x["meta"]["S"] is not None]
         row.update(stage=stage.index, chunk=task.chunk, classes=list(task.classes), seconds=round(time.time() - start, 2),
                    mean_S=sum(scores) / len(scores) if scores else None, S=[round(v, 4) for v in scores])
+        # the batch sizes used, after any halving on out-of-memory
+        if stage.method in ("dit", "mgd3", "lgd"):
+            row["sample_batch"] = self.sample_batch.size
+        if stage.method == "dds":
+            row["dds_batch"] = self.dds_batch.size
         if stage.gradient:
-            row["guidance_batch"] = self.guidance_batch  # after any halving on out-of-memory
+            row["guidance_batch"] = self.guidance_batch
         return row
 
     def _real(self, task: ChunkTask, items: list[tuple[int, int]], scorer: Scorer | None) -> list[dict]:
@@ -148,7 +159,7 @@ class ChunkMaker:
             guide = ModeGuide({c: self._class_modes(c) for c in task.classes}, g.mode_lambda, g.mode_stop)
             params.update(mode_lambda=g.mode_lambda, mode_stop=g.mode_stop)
         out = generate(self.prior, items, run_seed=cfg.seed, stage=stage.index, num_steps=cfg.prior.num_steps,
-                       cfg_scale=cfg.prior.cfg_scale, batch_size=cfg.distill.sample_batch,
+                       cfg_scale=cfg.prior.cfg_scale, batch_size=self.sample_batch,
                        image_size=cfg.data.image_size, kappa=stage.kappa, scorer=scorer, guide=guide,
                        select_after=g.select_after if stage.method == "lgd" else 0)
         if isinstance(guide, Guide):
@@ -170,7 +181,7 @@ class ChunkMaker:
             idx, x = self._class_real(c, d.max_images, "dds-subset")
             x = to_float(x)
             cands = class_candidates(self.prior, x, c, idx, cfg.seed, d.timesteps, crop_size, d.candidates,
-                                     d.batch_size, cfg.data.image_size)
+                                     self.dds_batch, cfg.data.image_size)
             crops = to_float(torch.stack([k.image for k in cands]))
             feats = (penultimate(self.reference, crops.to(self.device)).cpu() if d.features == "reference"
                      else crops.flatten(1))

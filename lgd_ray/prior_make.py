@@ -23,7 +23,7 @@ from lgd_ray.prior import PIPELINE_MARKER, prior_checkpoints, prior_dir, prior_s
 from lgd_ray.prior_fit import PriorJob, train_prior
 from lgd_ray.seeding import derive_seed
 from lgd_ray.storage import Location
-from lgd_ray.train import Fitter, in_process_fitter, pick_device
+from lgd_ray.train import Fitter, in_process_fitter, process_device
 
 
 def build_pixel_dit(cfg: Config, n_classes: int) -> DiTTransformer2DModel:
@@ -99,10 +99,12 @@ def main(argv: list[str]):
             # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
             from lgd_ray.cluster import connect
             from lgd_ray.ray_train import ray_fitter
+            from lgd_ray.resources import resolve_auto
 
             connect(cfg)
+            cfg = resolve_auto(cfg)
             fitter = ray_fitter(cfg, Location(cfg.cache))
-        print(ensure_prior(cfg, pick_device(cfg.device), fitter))
+        print(ensure_prior(cfg, process_device(cfg.device), fitter))
 
     run_cli("lgd_ray.prior", "Train the config's prior, or fine-tune prior.base on its classes (skipped if made).",
             argv, work)

@@ -80,8 +80,11 @@ def _worker_loop(config: dict):
 
     latest = [last, None]
     device = process_device()  # fails fast when Ray gave GPUs that torch cannot see
-    device = ray.train.torch.get_device() if device.type == "cuda" else device  # this rank's GPU among the node's
-    _, metrics = job.run(device, rank, world, wrap=ray.train.torch.prepare_model, on_round=on_round, resume=resume,
+    if device.type == "cuda":
+        device, wrap = ray.train.torch.get_device(), ray.train.torch.prepare_model  # this rank's GPU among the node's
+    else:  # a CPU worker, perhaps on a GPU node: plain DDP (Ray Train's prepare_model would call cuda.set_device there)
+        wrap = torch.nn.parallel.DistributedDataParallel if world > 1 else None
+    _, metrics = job.run(device, rank, world, wrap=wrap, on_round=on_round, resume=resume,
                          bar=driver_bar if rank == 0 else silent_bar)
     done = {"round": last, "resumed_after": _progress(resume) if resume else "", **metrics}
     _report(done, latest[1]() if rank == 0 and latest[1] else None, last)

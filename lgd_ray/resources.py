@@ -1,10 +1,13 @@
 """What the run asks of a Ray cluster, and a bounded wait for it: never a silent hang on resources no node can give."""
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from lgd_ray.config import Config, ConfigError
+from lgd_ray.config import AUTO, Config, ConfigError, build_config, to_dict
 
 
 class ResourceError(ConfigError):
@@ -59,3 +62,43 @@ def wait_for_resources(bundles: list[dict], timeout_s: float, what: str):
             raise shortage(what, bundles[0], timeout_s)
     finally:
         remove_placement_group(pg)
+
+
+def cluster_gpus(accelerator_type: str = "") -> tuple[float, str]:
+    """GPUs the cluster has (alive nodes of the accelerator type, if one is set) or, with an autoscaler, can scale to
+    (its node types' max_workers x GPUs); the larger, and which it is."""
+    alive = sum(n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"] and (
+        not accelerator_type or f"accelerator_type:{accelerator_type}" in n["Resources"]))
+    scalable = 0.0
+    try:  # the autoscaler's node types (Ray's own bookkeeping; absent on a cluster without an autoscaler)
+        from ray._private.state import state  # no public API gives the node types' limits
+
+        config = state.get_cluster_config()
+        for group in (config.node_group_configs if config else []):
+            if not accelerator_type or f"accelerator_type:{accelerator_type}" in group.resources:
+                scalable += group.max_count * group.resources.get("GPU", 0)
+    except Exception:  # an older or newer Ray without it: the alive nodes decide
+        scalable = 0.0
+    return (scalable, "the autoscaler can scale to") if scalable > alive else (alive, "the cluster has")
+
+
+def resolve_auto(cfg: Config) -> Config:
+    """The config with `ray.actors: auto` and `ray.train_workers: auto` sized from the cluster's GPUs: one actor per
+    ray.num_gpus_per_actor, one Train worker per ray.train_gpus_per_worker, as many as divide every global batch (at
+    least one of each; CPU actors and workers: 2 actors, 1 worker). Said in one line; the sized config is checked as
+    any other."""
+    r = cfg.ray
+    if r.actors != AUTO and r.train_workers != AUTO:
+        return cfg
+    gpus, where = cluster_gpus(r.accelerator_type)
+    actors = r.actors or (max(1, math.floor(gpus / r.num_gpus_per_actor + 1e-9)) if r.num_gpus_per_actor else 2)
+    workers = r.train_workers or (max(1, math.floor(gpus / r.train_gpus_per_worker + 1e-9))
+                                  if r.train_use_gpu and r.train_gpus_per_worker else 1)
+    batches = (cfg.reference.train.batch_size, cfg.student.train.batch_size, cfg.prior.batch_size)
+    while r.train_workers == AUTO and workers > 1 and any(b % workers for b in batches):
+        workers -= 1  # each DDP worker takes an equal part of every global batch
+    print(f"ray: {where} {gpus:g} GPU{' of type ' + r.accelerator_type if r.accelerator_type else ''}: "
+          + ", ".join(f"{key} auto -> {n}" for key, n, was in (("ray.actors", actors, r.actors),
+                                                               ("ray.train_workers", workers, r.train_workers))
+                      if was == AUTO), flush=True)
+    return build_config(to_dict(replace(cfg, ray=replace(r, actors=actors, train_workers=workers))))

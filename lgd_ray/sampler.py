@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lgd_ray.batching import BatchSize
 from lgd_ray.data import to_float, to_uint8
 from lgd_ray.guidance import Guide, Scorer, classifier_input
 from lgd_ray.modes import ModeGuide
@@ -60,12 +61,21 @@ class Generated:
     candidate_scores: list[float]
 
 
+def sample_batch_size(size: int) -> BatchSize:
+    """The trajectories per batch of unguided sampling, the final decode and scoring, and early selection."""
+    return BatchSize(size, "sampler", "trajectories per batch", "distill.sample_batch",
+                     "sampler: out of GPU memory with one trajectory per batch: set prior.dtype=bfloat16, or give each "
+                     "actor more GPU (ray.num_gpus_per_actor)")
+
+
 def generate(prior: Prior, items: list[tuple[int, int]], *, run_seed: int, stage: int, num_steps: int,
-             cfg_scale: float, batch_size: int, image_size: int, kappa: int = 1, scorer: Scorer | None = None,
-             guide: Guide | ModeGuide | None = None, select_after: int = 0) -> list[Generated]:
+             cfg_scale: float, batch_size: int | BatchSize, image_size: int, kappa: int = 1,
+             scorer: Scorer | None = None, guide: Guide | ModeGuide | None = None,
+             select_after: int = 0) -> list[Generated]:
     """Sample kappa candidates for each (class, slot), keep the one with the highest S (learnability rank selection).
 
-    Candidates run in batches of `batch_size` trajectories; with no scorer kappa must be 1 and scores are None.
+    Candidates run in batches of `batch_size` trajectories (a BatchSize: halved on out-of-memory, the same images);
+    with no scorer kappa must be 1 and scores are None.
     select_after (early rejection, guidance.select_after): with 0 < select_after < num_steps, the candidates run that
     many steps, the one whose x0^ has the highest S is kept and only it runs the rest (candidate_scores are then the
     candidates' S at that point); 0 = every candidate runs to the end and the final images are ranked (the paper's).
@@ -75,7 +85,8 @@ def generate(prior: Prior, items: list[tuple[int, int]], *, run_seed: int, stage
     trajectories = [(c, s, k) for c, s in items for k in range(kappa)]
     gens = [generator(run_seed, "noise", stage, c, s, k) for c, s, k in trajectories]
     early = kappa > 1 and 0 < select_after < num_steps
-    run = lambda rows, **kw: _batched(prior, [trajectories[r] for r in rows], [gens[r] for r in rows], batch_size,
+    sizes = batch_size if isinstance(batch_size, BatchSize) else sample_batch_size(batch_size)
+    run = lambda rows, **kw: _batched(prior, [trajectories[r] for r in rows], [gens[r] for r in rows], sizes,
                                       num_steps, cfg_scale, guide, **kw)
     rows = list(range(len(trajectories)))
     chosen = [j * kappa for j in range(len(items))]
@@ -85,25 +96,26 @@ def generate(prior: Prior, items: list[tuple[int, int]], *, run_seed: int, stage
         x, x0 = run(rows, last=pause)
         with torch.no_grad():
             labels = torch.tensor([c for c, _, _ in trajectories], device=prior.device)
-            early_scores = torch.cat([scorer(classifier_input(prior.decode(x0[i:i + batch_size]), image_size),
-                                             labels[i:i + batch_size])[0] for i in range(0, len(rows), batch_size)])
+            early_scores = torch.cat(sizes.run(len(rows), lambda i, j: scorer(
+                classifier_input(prior.decode(x0[i:j].to(prior.device)), image_size), labels[i:j])[0].cpu(), prior.device))
         early_scores = early_scores.view(len(items), kappa).cpu()
         chosen = [j * kappa + int(early_scores[j].argmax()) for j in range(len(items))]
         x, _ = run(chosen, x=x[chosen], first=pause - 1)
         rows = chosen
     else:
         x, _ = run(rows)
-    images, scores = [], []
+
+    def final(i: int, j: int) -> tuple[torch.Tensor, list]:
+        labels = torch.tensor([trajectories[r][0] for r in rows[i:j]], device=prior.device)
+        img = to_uint8(classifier_input(prior.decode(x[i:j].to(prior.device)), image_size).float()).cpu()
+        if scorer is None:
+            return img, []
+        s, ce_s, ce_r = scorer(to_float(img).to(prior.device), labels)  # score what is stored
+        return img, list(zip(s.tolist(), ce_s.tolist(), ce_r.tolist()))
+
     with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            z = x[i:i + batch_size].to(prior.device)
-            labels = torch.tensor([trajectories[r][0] for r in rows[i:i + batch_size]], device=prior.device)
-            img = to_uint8(classifier_input(prior.decode(z), image_size).float()).cpu()  # score what is stored
-            if scorer is not None:
-                s, ce_s, ce_r = scorer(to_float(img).to(prior.device), labels)
-                scores += list(zip(s.tolist(), ce_s.tolist(), ce_r.tolist()))
-            images.append(img)
-    images = torch.cat(images)
+        parts = sizes.run(len(rows), final, prior.device)
+    images, scores = torch.cat([p[0] for p in parts]), [s for p in parts for s in p[1]]
     out = []
     for j, (c, s) in enumerate(items):
         if scorer is None:
@@ -118,15 +130,21 @@ def generate(prior: Prior, items: list[tuple[int, int]], *, run_seed: int, stage
     return out
 
 
-def _batched(prior: Prior, trajectories: list[tuple[int, int, int]], gens: list[torch.Generator], batch_size: int,
+def _batched(prior: Prior, trajectories: list[tuple[int, int, int]], gens: list[torch.Generator], sizes: BatchSize,
              num_steps: int, cfg_scale: float, guide, x: torch.Tensor | None = None, first: int | None = None,
              last: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sample` over (class, slot, candidate) trajectories in batches of batch_size; (x, x0^) of all, on the CPU."""
-    xs, x0s = [], []
-    for i in range(0, len(trajectories), batch_size):
-        batch = trajectories[i:i + batch_size]
-        xb, x0b = sample(prior, torch.tensor([c for c, _, _ in batch]), gens[i:i + batch_size], num_steps, cfg_scale,
-                         guide, [s for _, s, _ in batch], None if x is None else x[i:i + batch_size], first, last)
-        xs.append(xb.cpu())
-        x0s.append(x0b.cpu())
-    return torch.cat(xs), torch.cat(x0s)
+    """`sample` over (class, slot, candidate) trajectories in batches of sizes.size; (x, x0^) of all, on the CPU."""
+    states = [g.get_state() for g in gens]  # a batch run again at a smaller size draws the same noise
+
+    def one(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = trajectories[i:j]
+        xb, x0b = sample(prior, torch.tensor([c for c, _, _ in batch]), gens[i:j], num_steps, cfg_scale, guide,
+                         [s for _, s, _ in batch], None if x is None else x[i:j], first, last)
+        return xb.cpu(), x0b.cpu()
+
+    def rewind(i: int, j: int):
+        for g, state in zip(gens[i:j], states[i:j]):
+            g.set_state(state)
+
+    parts = sizes.run(len(trajectories), one, prior.device, rewind)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

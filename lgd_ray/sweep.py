@@ -24,8 +24,10 @@ from lgd_ray.data import num_classes
 from lgd_ray.prior_make import ensure_prior
 from lgd_ray.ray_train import ray_fitter
 from lgd_ray.reference import ensure_reference
+from lgd_ray.resources import resolve_auto
 from lgd_ray.stages import run_stages
 from lgd_ray.storage import Location, as_location
+from lgd_ray.train import process_device
 
 
 def trial_config(base: dict, omega: float, lambda_: float, out: str) -> Config:
@@ -50,15 +52,16 @@ def sweep(cfg: Config) -> dict:
     """Run the sweep; returns {"rows": [...], "best": {...}, "best_config": path}."""
     s = cfg.sweep
     root = as_location(cfg.out or f"runs/sweep-{cfg.name}-{config_hash(run_identity(cfg))}")
+    connect(cfg)
+    cfg = resolve_auto(cfg)  # the trials get the sizes, as distill's run would
     base = to_dict(cfg)
     base["cache"] = str(as_location(cfg.cache))  # trials run in their own working folders
     for key in ("root", "prepared"):
         if base["data"][key]:
             base["data"][key] = str(as_location(base["data"][key]))
-    connect(cfg)
-    # the prior and the reference are made once, before the trials (which only load them from the cache): theta*
-    # with Ray Train as in `distill` (GPU workers when configured), not on this process's CPU
-    ensure_prior(cfg)
+    # the prior and the reference are made once, before the trials (which only load them from the cache), with Ray
+    # Train as in `distill` and `python -m lgd_ray.prior` (GPU workers when configured), not on this process's CPU
+    ensure_prior(cfg, process_device(cfg.device), ray_fitter(cfg, Location(cfg.cache)))
     ensure_reference(cfg, num_classes(cfg.data), fitter=ray_fitter(cfg, root))
     if s.search == "grid":
         space = {"omega": tune.grid_search(s.omega), "lambda": tune.grid_search(s.lambda_)}

@@ -29,17 +29,21 @@ def pick_device(name: str = "auto") -> torch.device:
     (as cuDNN's convolutions already do), the rate `distill --dry-run` assumes."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
     return device
 
 
 def process_device(name: str = "auto") -> torch.device:
     """This process's device. In a process Ray started (actor, task, Train worker): CUDA when Ray gave it GPUs, and
     then torch must see one (else one line naming torch's CUDA build), the CPU when it gave none (the GPUs are hidden
-    from it). Elsewhere (the driver, a run without Ray): `name`, the config's `device` key."""
+    from it). The driver of a Ray run: the CPU, never touching CUDA (its fits and chunks run in Ray's processes; a
+    driver holding GPU memory outside Ray's accounting would shrink the next actor's). A run without Ray: `name`, the
+    config's `device` key."""
     ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+    if ray is None or not ray.is_initialized():
         return pick_device(name)
+    if ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return torch.device("cpu")
     gpus = ray.get_gpu_ids()
     if not gpus:
         if not torch.cuda.is_initialized():

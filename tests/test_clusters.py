@@ -58,6 +58,10 @@ def test_dockerfile_pins_agree_with_pyproject():
     assert "FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-${CUDA_TAG}" in text
     assert "--index-url \"https://download.pytorch.org/whl/${CUDA_TAG}\"" in text
     assert "HF_HOME=" in text and "pip install -e /home/ray/lgd_ray" in text
+    # what the image holds, the build context lets in (bench/: `make gpu-check` on a node)
+    ignore = (CLUSTERS / "Dockerfile.dockerignore").read_text()
+    for folder in ("lgd_ray", "configs", "bench"):
+        assert f"COPY --chown=ray:users {folder} /home/ray/lgd_ray/{folder}" in text and f"!{folder}/" in ignore
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])

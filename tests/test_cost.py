@@ -48,6 +48,7 @@ def test_plan_agrees_with_the_cost_model_on_paper():
     assert paper["decoder"] == pytest.approx(dry["costs"]["decoder"] * 1e9, rel=1e-3)
     assert paper["dit_grad"] == pytest.approx(dry["costs"]["dit_grad"] * 1e9, rel=1e-3)
     assert paper["guided"] == pytest.approx(dry["guided_step_gflops"] * 1e9, rel=1e-3)
+    assert paper["deviation"] == pytest.approx(dry["deviation_step_gflops"] * 1e9, rel=5e-3)  # a difference of two
     for p, d in zip(paper["stages"], dry["stages"], strict=True):
         assert p["sample"] == pytest.approx(d["sample_flops"], rel=1e-3)
         assert p["train"] == pytest.approx(d["train_flops"], rel=1e-3)
@@ -66,3 +67,19 @@ def test_dry_run_command_prints_the_plan():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "1000 classes in 100 chunks" in r.stdout and "GPU-hours" in r.stdout and "NOT FOUND" in r.stdout
     assert "memory per sampler actor" in r.stdout and "the largest guidance.batch that fits" in r.stdout
+
+
+def test_deviation_guidance_is_counted_in_flops():
+    """gamma > 0 adds, to every guided step of the stages after the seed, a second backward through the DiT's CFG pair
+    (denoiser path); the imagenet1k dry-run's total says what it costs."""
+    with_gamma, without = (run_cost(load_config("imagenet1k", [f"guidance.gamma={g}"])) for g in (50, 0))
+    c = with_gamma["costs"]
+    assert with_gamma["deviation_step_gflops"] == pytest.approx(2 * (c["dit_grad"] - c["dit_forward"]))
+    assert without["deviation_step_gflops"] == 0
+    for a, b in zip(with_gamma["stages"], without["stages"]):
+        assert a["deviation_steps"] == (a["guided_steps"] if a["stage"] > 0 else 0) and b["deviation_steps"] == 0
+        extra = a["deviation_steps"] * with_gamma["deviation_step_gflops"] * 1e9
+        assert a["sample_flops"] - b["sample_flops"] == pytest.approx(extra)
+    assert with_gamma["total_flops"] > 1.15 * without["total_flops"]
+    x0 = run_cost(load_config("imagenet1k", ["guidance.gamma=50", "guidance.through=decoder"]))
+    assert x0["deviation_step_gflops"] == 0  # on x0^ (through the decoder only) g_D needs no backward through the DiT

@@ -67,3 +67,28 @@ def test_dds_run_gives_ipc_distinct_images_per_class(trained, tiny_overrides, tm
         assert all(s["image"].shape == (1, 8, 8) for s in mine)
     again = run_stages(load_config("digits", keys + [f"out={tmp_path / 'b'}"]), tmp_path / "b", log=lambda _: None)
     assert [r["sha256"] for r in again["shards"]] == [r["sha256"] for r in manifest["shards"]]
+
+
+def test_out_of_memory_in_the_relevance_pass_halves_the_batch_with_the_same_candidates(trained, monkeypatch, capsys):
+    """The DiT raises torch's out-of-memory error on more than 2 images: the relevance batch of 8 halves to 4 and 2
+    and the candidates are those of a run at batch 2."""
+    from lgd_ray.dds import class_candidates, relevance_batch_size
+
+    prior, _, train_set, _ = trained
+    idx = (train_set.labels == 3).nonzero()[:8, 0].tolist()
+    images = to_float(train_set.images[idx])
+    run = lambda batch: class_candidates(prior, images, 3, idx, 0, [100, 300], 6, 2, batch, 8)
+    small = run(2)
+    eps = prior.eps
+
+    def capped(x, *a, **k):
+        if len(x) > 2:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test cap 2, asked {len(x)})")
+        return eps(x, *a, **k)
+
+    monkeypatch.setattr(prior, "eps", capped)
+    sizes = relevance_batch_size(8)
+    halved = run(sizes)
+    assert sizes.size == 2 and "dds: out of memory at 8 images per relevance batch; now 4" in capsys.readouterr().out
+    assert [(c.source, c.box) for c in halved] == [(c.source, c.box) for c in small]
+    assert all(torch.equal(a.image, b.image) and abs(a.relevance - b.relevance) < 1e-4 for a, b in zip(small, halved))

@@ -39,7 +39,7 @@ def test_ray_job_submit_with_token_auth(trained, tiny_overrides, tmp_path):
                                capture_output=True, text=True, timeout=120)
             assert r.returncode != 0 and said in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
         out = tmp_path / "job-run"
-        entry = [sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, "distill.stages=1",
+        entry = [sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, "distill.stages=0",
                  "ray.actors=1", f"out={out}"]
         r = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
                             "--runtime-env-json", '{"excludes": [".venv", "runs", ".git"]}', "--", *entry],
@@ -47,6 +47,6 @@ def test_ray_job_submit_with_token_auth(trained, tiny_overrides, tmp_path):
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
         assert "succeeded" in r.stdout + r.stderr and "Connecting to existing Ray cluster" in r.stdout + r.stderr
         manifest = read_manifest(out)
-        assert manifest["stages"]["1"]["trained"] and sum(s["count"] for s in manifest["shards"]) == 40
+        assert manifest["stages"]["0"]["trained"] and sum(s["count"] for s in manifest["shards"]) == 20
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)

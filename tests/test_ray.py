@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 from pathlib import Path
 
@@ -28,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]  # Ray Tra
 ONE_STAGE = ["distill.stages=1", "distill.classes_per_chunk=1"]
 # the full-run outage test (seconds): a short outage within the lease (renewed every third of it), a long one past
 # storage.retry_s
-RETRY_S, LEASE_S, SHORT_OUTAGE_S = 15, 12, 5
+RETRY_S, LEASE_S, SHORT_OUTAGE_S = 8, 12, 5
 
 
 def _cfg(overrides, out, *more):
@@ -41,9 +42,14 @@ def _hashes(manifest):
 
 @pytest.fixture(scope="module")
 def two_actor_run(trained, tiny_overrides, tmp_path_factory):
+    """The digits run on 2 actors, its driver on a machine that seems to have a GPU: torch here claims one, and any
+    CUDA initialisation in this process fails the run. The driver of a Ray run never touches CUDA (its fits and
+    chunks run in Ray's processes, which the claim does not reach)."""
     out = tmp_path_factory.mktemp("ray2")
     start = time.time()
-    manifest = distill(_cfg(tiny_overrides, out, "ray.actors=2"))
+    with mock.patch("torch.cuda.is_available", return_value=True), \
+            mock.patch("torch.cuda._lazy_init", side_effect=AssertionError("the driver initialised CUDA")):
+        manifest = distill(_cfg(tiny_overrides, out, "ray.actors=2", "device=auto"))
     print(f"\ndigits run, 2 actors, local Ray, local folder: {time.time() - start:.1f} s")
     return out, manifest
 
@@ -219,8 +225,8 @@ def test_cli_refuses_a_missing_bucket_in_one_line(tiny_overrides, s3_endpoint):
 def test_store_outages_mid_run_then_resume(two_actor_run, tiny_overrides, s3_endpoint):
     """The run on the S3 server behind a TCP proxy: an outage shorter than storage.retry_s while stage 0's chunks are
     written is waited out by the driver and the actors alike; one that outlasts it once stage 1 has started ends the
-    run by itself in one line, the manifest listing only objects that exist, with their sha256. --resume then
-    redoes a shard damaged meanwhile (and so stage 0's student and all of stage 1) and gives the undisturbed images."""
+    run by itself in one line, the manifest listing only objects that exist, with their sha256. --resume then keeps
+    every listed shard and gives the undisturbed images (a damaged shard's resume: tests/test_stages.py)."""
     _, undisturbed = two_actor_run
     with TcpProxy(int(s3_endpoint.rsplit(":", 1)[1])) as proxy:
         out = Location(s3_uri(f"127.0.0.1:{proxy.port}", new_bucket(s3_endpoint), "run"))
@@ -254,18 +260,15 @@ def test_store_outages_mid_run_then_resume(two_actor_run, tiny_overrides, s3_end
         before = read_manifest(out)
         assert "0" in before["stages"] and "1" not in before["stages"]
         assert all((out / r["path"]).sha256() == r["sha256"] for r in before["shards"])  # listed = written, whole
-        victim = out / before["shards"][0]["path"]  # a stage-0 shard, truncated on the store
-        victim.write_bytes(victim.read_bytes()[:700])
         mtime = lambda loc: loc.fs.get_file_info(loc.path).mtime
-        kept = {r["path"]: mtime(out / r["path"]) for r in before["shards"][1:] if r["stage"] == 0}
+        kept = {r["path"]: mtime(out / r["path"]) for r in before["shards"]}
         time.sleep(LEASE_S)  # the lease of a driver that could not reach the store to release it lapses
         r = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, r.stderr[-2000:]
         after = read_manifest(out)
-        assert _hashes(after) == _hashes(undisturbed) and victim.sha256() == before["shards"][0]["sha256"]
-        assert all(mtime(out / p) == t for p, t in kept.items())  # intact chunks of stage 0 were not redone
-    assert f"resume: {before['shards'][0]['path']}: expected sha256" in r.stdout  # said, with both sha256s
-    assert "stage 0/1" in r.stdout and "stage 1/1" in r.stdout  # stage 0 retrained: one of its shards was damaged
+        assert _hashes(after) == _hashes(undisturbed)
+        assert all(mtime(out / p) == t for p, t in kept.items())  # what the failed run listed was kept, not redone
+    assert "stage 0/1" not in r.stdout and "stage 1/1" in r.stdout  # stage 0 was trained before the outage
 
 
 def test_storage_check_runs_on_a_cluster_joined_by_address_even_with_one_node(tiny_overrides, tmp_path):

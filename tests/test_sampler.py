@@ -239,3 +239,37 @@ def test_augmented_guidance_raises_s_and_its_views_are_seeded_per_image(setup):
     again = _generate(prior, cfg, items=ITEMS[5:17], scorer=scorer, guide=guide(), batch_size=5)
     d = torch.stack([(a.image.int() - b.image.int()).abs() for a, b in zip(augmented[5:17], again)])
     assert d.max() <= 3 and d.float().mean() < 0.1
+
+
+@pytest.mark.parametrize("step", ["unguided sampling", "final decode", "early selection"])
+def test_out_of_memory_in_a_batched_step_halves_the_batch_with_the_same_images(setup, monkeypatch, capsys, step):
+    """The DiT (unguided steps) or the decoder (the final decode and scoring, or early selection's x0^) raises torch's
+    out-of-memory error on more than 3 images: the batch of 12 halves to 6 and 3, the generators rewound, and the
+    chunk gives the images of a run at batch 3; the smaller size is kept (a chunk's sizes are recorded in its row)."""
+    from lgd_ray.sampler import sample_batch_size
+
+    prior, scorer, cfg = setup
+    items = ITEMS[:8]
+    kw = dict(scorer=scorer, kappa=3, select_after=cfg.prior.num_steps // 2 if step == "early selection" else 0)
+    small = _generate(prior, cfg, items, batch_size=3, **kw)
+    eps, decode = prior.eps, prior.decode
+
+    def capped_eps(x, *a, **k):
+        if step == "unguided sampling" and len(x) > 3:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test cap 3, asked {len(x)})")
+        return eps(x, *a, **k)
+
+    def capped_decode(z):  # with early selection, its decode of every candidate's x0^ is the first to run out
+        if step != "unguided sampling" and len(z) > 3:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test cap 3, asked {len(z)})")
+        return decode(z)
+
+    monkeypatch.setattr(prior, "eps", capped_eps)
+    monkeypatch.setattr(prior, "decode", capped_decode)
+    sizes = sample_batch_size(12)
+    halved = _generate(prior, cfg, items, batch_size=sizes, **kw)
+    said = capsys.readouterr().out
+    assert sizes.size == 3 and "sampler: out of memory at 12 trajectories per batch; now 6 (set distill.sample_batch" in said
+    assert [(o.cls, o.slot, o.candidate) for o in halved] == [(o.cls, o.slot, o.candidate) for o in small]
+    d = torch.stack([(a.image.int() - b.image.int()).abs() for a, b in zip(small, halved)])
+    assert d.max() <= 3 and d.float().mean() < 0.1  # float sums of other batch shapes: a rounding apart at most
