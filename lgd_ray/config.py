@@ -72,6 +72,9 @@ class PriorConfig:
     label_dropout: float = _f(0.1, min_excl=0.0, max=1.0)  # > 0 so the null class exists for CFG
     ema_decay: float = _f(0.999, min=0.0, max=1.0)  # the saved prior is the EMA of the weights (with warm-up)
     min_snr_gamma: float = _f(0.0, min=0.0)  # min-SNR-gamma loss weights (Hang et al. 2023; 5 there); 0 = plain MSE
+    autocast: str = _f("", choices=["", "bfloat16"])  # the fit's forward under torch.autocast in this dtype (weights,
+    #                                                   optimizer and EMA stay float32): about half the activations
+    checkpointing: bool = False  # the fit recomputes the DiT's blocks in its backward (the same weights, less memory)
     seed: int = _f(-1, min=-1)  # the prior's own seed (its init, batches and noise); -1 = the run seed. Fixed, it
                                 # shares one prior between runs of different seeds
     checkpoint_steps: int = _f(500, min=1)  # steps between checkpoints (weights, EMA, optimizer, step): a crashed fit

@@ -11,7 +11,7 @@ allowance for the CUDA context and cuBLAS workspaces; bench/gpu_check.py measure
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -22,7 +22,7 @@ from lgd_ray.config import Config, ConfigError
 from lgd_ray.cost import meta_models
 from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.plan import stage_plan
-from lgd_ray.prior import CHECKPOINT_COUNTS, Prior
+from lgd_ray.prior import CHECKPOINT_COUNTS, Prior, checkpointed
 
 GIB = 1 << 30
 # GPU memory by Ray accelerator type (ray.util.accelerators), GB as sold; ray.gpu_memory_gb overrides
@@ -206,9 +206,10 @@ def actor_memory(cfg: Config) -> ActorMemory:
                        cfg.distill.sample_batch), cfg.distill.sample_batch, guided, held)
 
 
-def actor_gpu_bytes(cfg: Config) -> tuple[float, str]:
-    """GPU memory one sampler actor may use (bytes) and how that was decided."""
+def actor_gpu_bytes(cfg: Config, gpus: float | None = None) -> tuple[float, str]:
+    """GPU memory one sampler actor (or a process given `gpus` GPUs) may use (bytes) and how that was decided."""
     r = cfg.ray
+    gpus = r.num_gpus_per_actor if gpus is None else gpus
     if r.gpu_memory_gb:
         gb, what = r.gpu_memory_gb, f"ray.gpu_memory_gb {r.gpu_memory_gb:g}"
     else:
@@ -217,7 +218,7 @@ def actor_gpu_bytes(cfg: Config) -> tuple[float, str]:
             raise ConfigError(f"config: GPU memory of accelerator type {kind!r} unknown; set ray.gpu_memory_gb")
         gb = GPU_MEMORY_GB[kind]
         what = f"{kind} {gb} GB" + ("" if r.accelerator_type else " (ray.accelerator_type unset: assumed)")
-    return r.num_gpus_per_actor * gb * 1e9, f"{r.num_gpus_per_actor:g} x {what}"
+    return gpus * gb * 1e9, f"{gpus:g} x {what}"
 
 
 def check_fits(cfg: Config, mem: ActorMemory | None = None) -> ActorMemory | None:
@@ -258,3 +259,55 @@ def format_memory(cfg: Config, mem: ActorMemory) -> str:
     if mem.guided:
         line += f"; the largest guidance.batch that fits: {mem.largest_guidance_batch(budget)}"
     return line
+
+
+@dataclass
+class FitMemory:
+    """Estimated bytes of one Ray Train worker of the prior's fit (the pixel DiT, or prior.base fine-tuned)."""
+
+    state: int  # float32 weights, their gradients, AdamW's two moments and the EMA copy
+    fixed: int  # saved activations that do not grow with the batch
+    per_image: int  # saved activations per image of the worker's batch
+    batch: int  # images per worker and step (prior.batch_size / ray.train_workers)
+
+    def peak(self) -> int:
+        return self.state + self.fixed + self.batch * self.per_image
+
+
+def prior_fit_memory(cfg: Config, workers: int) -> FitMemory:
+    """Count a prior fit's memory per worker on the meta device, with prior.checkpointing and prior.autocast (bfloat16
+    activations counted as such; ops autocast keeps in float32 make the real count a little higher)."""
+    p = cfg.prior
+    m = meta_models(replace(cfg, prior=replace(p, model_id=p.base, dtype="float32")))
+    dit = m.dit.train().requires_grad_(True)
+    params = sum(t.numel() for t in dit.parameters())
+    if p.checkpointing:
+        dit.enable_gradient_checkpointing(checkpointed)
+    dtype = torch.bfloat16 if p.autocast == "bfloat16" else torch.float32
+    net = torch.nn.Module.to(dit, dtype)  # the count's stand-in for autocast: activations in its dtype
+    s, c = net.config.sample_size, net.config.in_channels
+
+    def step(b: int) -> int:
+        x = torch.randn(b, c, s, s, device="meta", dtype=dtype)
+        t, y = torch.zeros(b, dtype=torch.long, device="meta"), torch.zeros(b, dtype=torch.long, device="meta")
+        return saved_bytes(lambda: net(x, timestep=t, class_labels=y).sample.float().pow(2).mean(), [net])
+
+    one, two = step(1), step(2)
+    return FitMemory(params * 4 * 5, max(0, 2 * one - two), two - one, max(1, p.batch_size // max(1, workers)))
+
+
+def check_fit_fits(cfg: Config, workers: int) -> FitMemory | None:
+    """Refuse, in one line naming the keys to change, a prior fit on GPU workers that cannot fit one worker's GPU
+    share (the samplers' check, for the fit); None (nothing checked) for CPU workers."""
+    r = cfg.ray
+    if not (r.enabled and r.train_use_gpu):
+        return None
+    mem = prior_fit_memory(cfg, workers)
+    budget, what = actor_gpu_bytes(cfg, r.train_gpus_per_worker)
+    if mem.peak() > USABLE * (budget - CONTEXT_BYTES):
+        raise ConfigError(f"config: the prior's fit needs {mem.peak() / GIB:.1f} GiB per Ray Train worker "
+                          f"({mem.state / GIB:.1f} GiB weights, gradients, AdamW and EMA + {mem.per_image / GIB:.2f} GiB "
+                          f"per image x {mem.batch} images of prior.batch_size {cfg.prior.batch_size} / {workers} "
+                          f"workers); it has {budget / GIB:.1f} GiB ({what}): set prior.checkpointing=true or "
+                          "prior.autocast=bfloat16, or more ray.train_workers")
+    return mem

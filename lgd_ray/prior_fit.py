@@ -117,6 +117,9 @@ def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=N
         block.norm1.emb.class_embedder.dropout_prob = 0.0
     model.to(device).train().requires_grad_(True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if p.checkpointing:  # after the copy: the EMA model never runs a backward
+        model.enable_gradient_checkpointing()
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.autocast == "bfloat16")
     noise_sched = DDPMScheduler.from_config(job.noise)
     alphas = noise_sched.alphas_cumprod.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.0)
@@ -143,8 +146,9 @@ def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=N
     for step in range(first, p.train_steps):
         x0, noise, t, y = _step_inputs(data, batch, null, p.label_dropout, noise_sched.config.num_train_timesteps,
                                        generator(job.seed, "step", step, rank), device)
-        pred = net(noise_sched.add_noise(x0, noise, t), timestep=t, class_labels=y).sample[:, :x0.shape[1]]
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        with autocast():
+            pred = net(noise_sched.add_noise(x0, noise, t), timestep=t, class_labels=y).sample[:, :x0.shape[1]]
+        per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * loss_weights(alphas, t, p.min_snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

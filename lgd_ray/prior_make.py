@@ -19,6 +19,7 @@ from lgd_ray.cli import Parser, one_line_errors, run_cli
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.data import TensorSet, check_data, load_split, num_classes
 from lgd_ray.finetune import finetune_prior
+from lgd_ray.memory import check_fit_fits
 from lgd_ray.prior import PIPELINE_MARKER, prior_checkpoints, prior_dir, prior_seed, require_prior
 from lgd_ray.prior_fit import PriorJob, train_prior
 from lgd_ray.seeding import derive_seed
@@ -53,6 +54,7 @@ def ensure_prior(cfg: Config, device="cpu", fitter: Fitter | None = None) -> str
         return require_prior(cfg)
     out = prior_dir(cfg)
     if not (out / PIPELINE_MARKER).exists():
+        check_fit_fits(cfg, cfg.ray.train_workers or 1)  # GPU workers: the fit's memory, before any work
         fitter = fitter or in_process_fitter(device)
         if cfg.prior.base:
             info = finetune_prior(cfg, out, fitter)

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from lgd_ray.config import Config
+from lgd_ray.config import Config, ConfigError
 
 
 def _run_with_threads(fn: Callable, item, num_threads: int):
@@ -25,7 +25,7 @@ def map_jobs(cfg: Config, fn: Callable, items: Sequence, desc: str) -> list:
     # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
     import ray
 
-    from lgd_ray.cluster import connect
+    from lgd_ray.cluster import connect, remote_cause
     from lgd_ray.resources import ray_options, train_resources, wait_for_resources
 
     connect(cfg)
@@ -50,4 +50,10 @@ def map_jobs(cfg: Config, fn: Callable, items: Sequence, desc: str) -> list:
                 rule = "ray.chunk_timeout_s" if r.chunk_timeout_s else "10x the longest wait so far + storage.retry_s; ray.chunk_timeout_s"
                 raise RuntimeError(f"{desc}: no task finished for {now - last:.0f} s, past {limit:.0f} s ({rule}): "
                                    f"{len(pending)} hung task(s) cancelled")
-    return ray.get(refs, timeout=60)  # all finished: their results are in
+    try:
+        return ray.get(refs, timeout=60)  # all finished: their results are in
+    except ray.exceptions.RayTaskError as e:  # a task's bad input (a missing shard...) is one line, as here
+        cause = remote_cause(e, ConfigError)
+        if cause is None:
+            raise
+        raise cause from None

@@ -121,3 +121,25 @@ def test_checkpointing_gives_the_same_guidance_with_a_smaller_count(latent_pipel
     assert torch.allclose(results["plain"][0], results["ckpt"][0], atol=1e-5)
     assert results["ckpt"][1] < results["plain"][1]
     print({k: v[1] for k, v in results.items()})
+
+
+def test_a_prior_fit_that_cannot_fit_its_gpu_is_refused_and_the_keys_shrink_it():
+    """DiT-XL/2 fine-tuned at 64 images per worker in float32 (weights, gradients, AdamW and EMA: 20 bytes a parameter,
+    plus the activations): refused on a 40 GB GPU, naming the keys; activation checkpointing and bf16 autocast each
+    shrink the activations; CPU workers are not checked."""
+    from lgd_ray.memory import check_fit_fits, prior_fit_memory
+
+    keys = ["data.name=folder", "data.root=/nowhere", "data.classes=imagenette", "prior.model_id=",
+            "prior.base=facebook/DiT-XL-2-256", "prior.batch_size=64", "ray.train_use_gpu=true", "ray.train_workers=1"]
+    cfg = load_config("folder", keys + ["ray.gpu_memory_gb=40"])
+    plain = prior_fit_memory(cfg, 1)
+    assert 12 * GIB < plain.state < 15 * GIB  # ~700 M parameters x 20 bytes
+    assert plain.batch == 64 and plain.per_image > 0.2 * GIB  # 256 tokens x 1152 x 28 blocks of saved activations
+    with pytest.raises(ConfigError, match=r"^config: the prior's fit needs [\d.]+ GiB per Ray Train worker .* it has "
+                                          r"37.3 GiB \(1 x ray.gpu_memory_gb 40\): set prior.checkpointing=true or prior.autocast=bfloat16"):
+        check_fit_fits(cfg, 1)
+    ckpt = prior_fit_memory(load_config("folder", keys + ["prior.checkpointing=true"]), 1)
+    bf16 = prior_fit_memory(load_config("folder", keys + ["prior.autocast=bfloat16"]), 1)
+    assert ckpt.per_image < 0.3 * plain.per_image and bf16.per_image < 0.7 * plain.per_image
+    assert check_fit_fits(load_config("folder", keys + ["ray.gpu_memory_gb=40", "prior.checkpointing=true"]), 1)
+    assert check_fit_fits(load_config("folder", keys + ["ray.train_use_gpu=false"]), 1) is None

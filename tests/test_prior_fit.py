@@ -90,3 +90,15 @@ def test_a_killed_prior_fit_continues_from_its_checkpoint(where, tmp_path, unint
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)  # as if never interrupted (the CPU)
     assert json.loads((prior_dir(cfg) / "train_info.json").read_text())["steps"] == 300
     assert not prior_checkpoints(cfg).exists()
+
+
+def test_prior_fit_keys_checkpointing_and_autocast(tmp_path):
+    """prior.checkpointing gives the same weights as the plain fit (the same arithmetic, recomputed); prior.autocast
+    bfloat16 fits too (its loss falls), and is part of the prior's identity (its own cache folder)."""
+    plain, ckpt, bf16 = (load_config("digits", [f"cache={tmp_path}", "prior.train_steps=20", "prior.checkpoint_steps=20",
+                                                "prior.batch_size=16", "prior.depth=2", *more])
+                         for more in ([], ["prior.checkpointing=true"], ["prior.autocast=bfloat16"]))
+    fit = lambda cfg: pixel_job(cfg, partial(load_split, cfg.data, "train"), 10).run("cpu")
+    (w_plain, _), (w_ckpt, _), (_, m_bf16) = fit(plain), fit(ckpt), fit(bf16)
+    assert all(torch.allclose(w_plain[k], w_ckpt[k], atol=1e-6) for k in w_plain)
+    assert m_bf16["final_loss"] < 1.0 and prior_dir(bf16) != prior_dir(plain) == prior_dir(ckpt)

@@ -282,3 +282,21 @@ def test_storage_check_runs_on_a_cluster_joined_by_address_even_with_one_node(ti
         check_cluster_storage(cfg, Location("runs/x"), Location(cfg.cache))
     local = load_config("digits", tiny_overrides + ["out=runs/x"])  # a local Ray of one node: nothing to check
     check_cluster_storage(local, Location(str(tmp_path / "x")), Location(local.cache))
+
+
+def test_a_task_s_bad_input_is_one_line(two_actor_run, tmp_path, capsys):
+    """evaluate's repeats run as Ray tasks: a shard gone missing, found inside a task, is still one line (exit 2)."""
+    import shutil
+
+    from lgd_ray import evaluate
+
+    out, manifest = two_actor_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    victim = sorted(r["path"] for r in manifest["shards"])[1]
+    (run / victim).unlink()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(run), "train.epochs=1", "epochs_by_ipc=[]", "repeats=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: run folder: ") and victim in err[-1]
+    assert not any("Traceback" in line for line in err)
