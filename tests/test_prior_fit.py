@@ -19,7 +19,7 @@ from lgd_ray.prior_fit import denoising_loss, loss_weights
 from lgd_ray.ray_train import ray_fitter
 from lgd_ray.train import in_process_fitter
 
-PRIOR = ["prior.depth=2", "prior.num_heads=2", "prior.head_dim=32", "prior.batch_size=64", "prior.train_steps=300",
+PRIOR = ["prior.depth=2", "prior.num_heads=2", "prior.head_dim=32", "prior.batch_size=64", "prior.train_steps=150",
          "prior.checkpoint_steps=50", "ray.train_cpus_per_worker=1"]  # two DDP workers on the 2 cores
 
 
@@ -52,7 +52,7 @@ def uninterrupted(tmp_path_factory):
         cfg = _cfg(root / name, f"ray.train_workers={workers}")
         ensure_prior(cfg, fitter=in_process_fitter() if name == "in-process" else ray_fitter(cfg, root))
         info = json.loads((prior_dir(cfg) / "train_info.json").read_text())
-        assert info["steps"] == 300 and info["workers"] == workers
+        assert info["steps"] == 150 and info["workers"] == workers
         assert not prior_checkpoints(cfg).exists()  # the checkpoints go once the prior is saved
         weights[name] = load_prior(str(prior_dir(cfg)), "ddpm").transformer
     return weights
@@ -88,7 +88,7 @@ def test_a_killed_prior_fit_continues_from_its_checkpoint(where, tmp_path, unint
     resumed = load_prior(str(prior_dir(cfg)), "ddpm").transformer.state_dict()
     whole = uninterrupted["ray-1" if where == "ray" else "in-process"].state_dict()
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)  # as if never interrupted (the CPU)
-    assert json.loads((prior_dir(cfg) / "train_info.json").read_text())["steps"] == 300
+    assert json.loads((prior_dir(cfg) / "train_info.json").read_text())["steps"] == 150
     assert not prior_checkpoints(cfg).exists()
 
 

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]  # Ray Tra
 ONE_STAGE = ["distill.stages=1", "distill.classes_per_chunk=1"]
 # the full-run outage test (seconds): a short outage within the lease (renewed every third of it), a long one past
 # storage.retry_s
-RETRY_S, LEASE_S, SHORT_OUTAGE_S = 8, 12, 5
+RETRY_S, LEASE_S, SHORT_OUTAGE_S = 8, 8, 4
 
 
 def _cfg(overrides, out, *more):
