@@ -4,17 +4,22 @@
 #   bash docs/seeds_table.sh digits 0 1 2                  # CONFIG SEED...; runs in runs/seeds-CONFIG/VARIANT/seedN
 #   ONLY="dit lgd" bash docs/seeds_table.sh digits 3 4     # only these variants
 #   SET="prior.seed=0 distill.stages=1" bash docs/seeds_table.sh fashion-mnist 0 1 2   # overrides for every run
+#   EVAL_IPC="10" ONLY="random dit" bash docs/seeds_table.sh fashion-mnist 0 1 2     # also evaluated at IPC 10
 # In-process (ray.enabled=false): one run at a time, so the seconds are comparable. The prior and the reference are
 # trained once per seed (cached in runs/cache) and shared by every variant of that seed: the differences are paired.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 CONFIG=$1; shift; SEEDS=("$@")
 ONLY=${ONLY:-}
+read -r -a EVAL_IPC <<< "${EVAL_IPC:-}"
 read -r -a SET <<< "${SET:-}"
 OUT=runs/seeds-$CONFIG
 VARIANTS=(
   "random distill.method=random"
   "dit distill.method=dit"
+  "mgd3 distill.method=mgd3"
+  "dds distill.method=dds"
+  "real-seed distill.seed_from=real"
   "rank-only guidance.lambda=0"
   "gradient-only guidance.kappa=1"
   "lgd"
@@ -30,11 +35,19 @@ for v in "${VARIANTS[@]}"; do
   for s in "${SEEDS[@]}"; do runs+=("$OUT/$name/seed$s"); done
   todo=()
   for s in "${SEEDS[@]}"; do ls "$OUT/$name/seed$s/eval/"*-hard.json >/dev/null 2>&1 || todo+=("$s"); done
-  [ ${#todo[@]} -eq 0 ] && continue
-  echo "== $name: $overrides (seeds ${todo[*]})"
-  $PY -m lgd_ray.distill $CONFIG --seeds "$(IFS=,; echo "${todo[*]}")" out=$OUT/$name "${SET[@]}" $overrides ray.enabled=false --resume 2>&1 \
-    | grep -E "^distill: done|error" || true
-  for s in "${todo[@]}"; do $PY -m lgd_ray.evaluate $OUT/$name/seed$s ray.enabled=false | tail -1; done
+  if [ ${#todo[@]} -gt 0 ]; then
+    echo "== $name: $overrides (seeds ${todo[*]})"
+    $PY -m lgd_ray.distill $CONFIG --seeds "$(IFS=,; echo "${todo[*]}")" out=$OUT/$name "${SET[@]}" $overrides ray.enabled=false --resume 2>&1 \
+      | grep -E "^distill: done|error" || true
+    for s in "${todo[@]}"; do $PY -m lgd_ray.evaluate $OUT/$name/seed$s ray.enabled=false | tail -1; done
+  fi
+  for ipc in "${EVAL_IPC[@]}"; do  # a prefix of the set (the seed increment at its seed_ipc)
+    [ "$name" = dds ] && continue  # one increment: no prefix of stages
+    for s in "${SEEDS[@]}"; do
+      ls "$OUT/$name/seed$s/eval/"*-ipc$ipc-hard.json >/dev/null 2>&1 \
+        || $PY -m lgd_ray.evaluate $OUT/$name/seed$s evaluate.ipc=$ipc ray.enabled=false | tail -1
+    done
+  done
 done
 $PY -m lgd_ray.report "$OUT"/*/seed* > "$OUT/report.md"
 sed -n '/## Over run seeds/,$p' "$OUT/report.md"

@@ -22,7 +22,7 @@ import torch
 from lgd_ray.config import Config, ConfigError, from_dict, to_dict
 from lgd_ray.methods import ChunkMaker
 from lgd_ray.plan import ChunkTask
-from lgd_ray.resources import actor_resources, ray_options, shortage
+from lgd_ray.resources import actor_resources, ray_options, resolve_auto, shortage
 from lgd_ray.storage import PERMANENT, Location, as_location
 
 
@@ -73,7 +73,7 @@ class ActorPool:
     """
 
     def __init__(self, cfg: Config, run_dir: Location, maker: type = ChunkMaker, node_check=None):
-        self.cfg, self.run_dir, self.maker, self.node_check = cfg, as_location(run_dir), maker, node_check
+        self.cfg, self.run_dir, self.maker, self.node_check = resolve_auto(cfg), as_location(run_dir), maker, node_check
         self.actors: list = []
         self._inflight: dict = {}  # chunk result ref -> (actor, chunk task)
         self.resubmitted = 0  # chunks run again because their actor died

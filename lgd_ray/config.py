@@ -23,12 +23,13 @@ from lgd_ray.storage import Location
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-AUTO = 0  # an `auto` key's value until the Ray layer sizes it from the cluster (lgd_ray.resources.resolve_auto)
+AUTO = 0  # an `auto` count's value until the Ray layer sizes it from the cluster (lgd_ray.resources.resolve_auto)
+AUTO_GPU = -1  # the same for the GPU keys, where 0 (none) is a value of its own
 
 
 def _f(default, **meta):
     """A dataclass field with validation metadata: choices=, min=, max=, min_excl=, length=; lists: item_min=,
-    nonempty=; auto=True: the value may be "auto" (stored as AUTO)."""
+    nonempty=; auto=SENTINEL: the value may be "auto", stored as SENTINEL (AUTO or AUTO_GPU)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -75,6 +76,8 @@ class PriorConfig:
     autocast: str = _f("", choices=["", "bfloat16"])  # the fit's forward under torch.autocast in this dtype (weights,
     #                                                   optimizer and EMA stay float32): about half the activations
     checkpointing: bool = False  # the fit recomputes the DiT's blocks in its backward (the same weights, less memory)
+    compile: bool = False  # the fit's DiT under torch.compile (inductor; needs a C++ compiler on CPU): faster steps
+    #                        after a one-off compilation, float sums in another order (part of the prior's identity)
     seed: int = _f(-1, min=-1)  # the prior's own seed (its init, batches and noise); -1 = the run seed. Fixed, it
                                 # shares one prior between runs of different seeds
     checkpoint_steps: int = _f(500, min=1)  # steps between checkpoints (weights, EMA, optimizer, step): a crashed fit
@@ -106,6 +109,8 @@ class ClassifierConfig:
 class DistillConfig:
     method: str = _f("lgd", choices=["random", "dit", "mgd3", "dds", "lgd"])  # see DESIGN.md section 2
     seed_ipc: int = _f(10, min=1)  # images per class of the unguided seed increment I_0
+    seed_from: str = _f("generated", choices=["generated", "real"])  # I_0 of dit, mgd3 and lgd: generated without
+    #                                  guidance, or real train images (method random's seeded subset, the same bytes)
     ipc_per_stage: int = _f(10, min=1)
     stages: int = _f(4, min=0)  # guided increments I_1..I_K
     sample_batch: int = _f(64, min=1)  # trajectories per sampler batch (candidates included)
@@ -213,10 +218,11 @@ class RayConfig:
 
     enabled: bool = True  # false: chunks run one after another in this process, without Ray
     address: str = ""  # "" = RAY_ADDRESS (set under `ray job submit`), else a local Ray
-    actors: int = _f(2, min=1, auto=True)  # sampler actors, each holding the prior and the reference model; auto: one
+    actors: int = _f(2, min=1, auto=AUTO)  # sampler actors, each holding the prior and the reference model; auto: one
     #                                        per num_gpus_per_actor of the GPUs the cluster has or can scale to
     num_cpus_per_actor: float = _f(1.0, min=0.0)  # logical CPUs; the actor uses max(1, round(n)) torch threads
-    num_gpus_per_actor: float = _f(0.0, min=0.0)  # > 0: the actor runs on CUDA (and fails fast if torch sees none)
+    num_gpus_per_actor: float = _f(0.0, min=0.0, auto=AUTO_GPU)  # > 0: the actor runs on CUDA (and fails fast if
+    #                                  torch sees none); auto: an equal share of a GPU if the cluster has any, else 0
     max_restarts: int = _f(2, min=0)  # per actor, and the failures a Ray Train fit recovers from (from its checkpoint)
     chunk_retries: int = _f(2, min=0)  # a chunk whose I/O failed is retried this often, with back-off, then fails
     chunk_timeout_s: float = _f(0.0, min=0.0)  # a chunk running longer (a hung kernel) is given up: its actor restarts
@@ -225,9 +231,9 @@ class RayConfig:
     schedule_timeout_s: float = _f(600.0, min_excl=0.0)  # longest wait for resources (e.g. autoscaling), then one line
     accelerator_type: str = ""  # e.g. H100: actors and train workers only on nodes of that type ("" = any)
     gpu_memory_gb: float = _f(0.0, min=0.0)  # memory of one GPU; 0 = by accelerator_type (H100 if unset)
-    train_workers: int = _f(1, min=1, auto=True)  # Ray Train workers (DDP) per fit; each takes batch_size /
+    train_workers: int = _f(1, min=1, auto=AUTO)  # Ray Train workers (DDP) per fit; each takes batch_size /
     #                                               train_workers a step; auto: one per train_gpus_per_worker GPUs
-    train_use_gpu: bool = False
+    train_use_gpu: bool = _f(False, auto=AUTO_GPU)  # auto: if the cluster has GPUs
     train_cpus_per_worker: float = _f(1.0, min=0.0)
     train_gpus_per_worker: float = _f(1.0, min=0.0)  # used with train_use_gpu; NCCL needs one whole GPU per worker
     checkpoint_every: int = _f(10, min=1)  # epochs between a Ray Train fit's checkpoints (resumed after a failure)
@@ -260,8 +266,8 @@ def _key(f: dataclasses.Field) -> str:
 
 
 def _check_value(path: str, value, tp, meta):
-    if meta.get("auto") and value in ("auto", AUTO):
-        return AUTO
+    if "auto" in meta and not isinstance(value, bool) and value in ("auto", meta["auto"]):
+        return meta["auto"]
     origin = typing.get_origin(tp) or tp
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -402,12 +408,15 @@ def _check_cross(cfg: Config):
         problem = check_model_name(name) or check_model_input(name, cfg.data.image_size)
         if problem:
             raise ConfigError(f"config: '{key}' {problem}")
+    if cfg.distill.seed_from == "real" and cfg.distill.method == "dds":
+        raise ConfigError("config: 'distill.seed_from' real needs a staged method (dit, mgd3, lgd): dds selects all "
+                          "its images in one increment")
     g = cfg.guidance
     if cfg.prior.dtype == "float16" and cfg.distill.method == "lgd" and g.active:
         raise ConfigError("config: 'prior.dtype' float16 with guided lgd: its gradients underflow without loss "
                           "scaling (guidance silently off); use bfloat16")
     r = cfg.ray
-    if r.train_use_gpu and r.train_workers > 1 and r.train_gpus_per_worker != int(r.train_gpus_per_worker):
+    if r.train_use_gpu is True and r.train_workers > 1 and r.train_gpus_per_worker != int(r.train_gpus_per_worker):
         raise ConfigError(f"config: 'ray.train_gpus_per_worker' is {r.train_gpus_per_worker} with {r.train_workers} "
                           "NCCL workers: NCCL refuses two ranks on one GPU; use whole GPUs (1)")
     if r.enabled and r.train_workers != AUTO:  # auto: checked once sized (lgd_ray.resources.resolve_auto)
@@ -422,11 +431,22 @@ def _check_cross(cfg: Config):
                           f"entries, got {e.epochs_by_ipc}")
 
 
+def auto_keys(cfg: Config) -> list[str]:
+    """The `ray` keys left at `auto` (sized by resolve_auto once Ray is connected)."""
+    r = cfg.ray
+    return [f"ray.{key}" for key, value, sentinel in (
+        ("actors", r.actors, AUTO), ("train_workers", r.train_workers, AUTO),
+        ("num_gpus_per_actor", r.num_gpus_per_actor, AUTO_GPU), ("train_use_gpu", r.train_use_gpu, AUTO_GPU))
+        if not isinstance(value, bool) and value == sentinel]
+
+
 def to_dict(cfg) -> dict:
-    """The config as a plain dict with YAML spelling of keys."""
+    """The config as a plain dict with YAML spelling of keys (an unsized `auto` key as "auto")."""
     out = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if "auto" in f.metadata and not isinstance(value, bool) and value == f.metadata["auto"]:
+            value = "auto"
         out[_key(f)] = to_dict(value) if dataclasses.is_dataclass(value) else value
     return out
 

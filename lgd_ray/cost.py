@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from lgd_ray.config import Config
+from lgd_ray.config import AUTO_GPU, Config
 from lgd_ray.data import class_chunks, num_classes
 from lgd_ray.guidance import guided_steps
 from lgd_ray.models import build_classifier
@@ -46,8 +46,9 @@ def _flops(fn) -> float:
 
 
 def _pipeline_configs(cfg: Config) -> tuple[dict, dict | None, str]:
-    """(transformer config, vae config or None, where they came from) without loading weights."""
-    model_id = cfg.prior.model_id
+    """(transformer config, vae config or None, where they came from) without loading weights. A prior made by
+    fine-tuning prior.base has the base's shape."""
+    model_id = cfg.prior.model_id or cfg.prior.base
     if model_id == "facebook/DiT-XL-2-256":
         return DIT_XL_2_256["transformer"], DIT_XL_2_256["vae"], "DiT-XL/2-256 with its VAE"
     if not model_id:
@@ -213,9 +214,9 @@ def format_cost(cfg: Config, plan: dict, tflops: float, utilisation: float) -> s
     c, r = plan["costs"], cfg.ray
     lines = [f"plan: {cfg.name}, method {cfg.distill.method}, {plan['classes']} classes in {plan['chunks']} chunks "
              f"of <= {cfg.distill.classes_per_chunk}; {r.actors or 'auto (one per GPU)'} sampler actors x "
-             f"({r.num_cpus_per_actor} CPU, {r.num_gpus_per_actor} GPU); student fits on "
-             f"{r.train_workers or 'auto (one per GPU)'} Ray Train worker(s) "
-             f"({'GPU ' + str(r.train_gpus_per_worker) if r.train_use_gpu else 'CPU'})",
+             f"({r.num_cpus_per_actor} CPU, {'auto' if r.num_gpus_per_actor == AUTO_GPU else r.num_gpus_per_actor} GPU); "
+             f"student fits on {r.train_workers or 'auto (one per GPU)'} Ray Train worker(s) "
+             f"({'GPU if the cluster has one' if r.train_use_gpu == AUTO_GPU else 'GPU ' + str(r.train_gpus_per_worker) if r.train_use_gpu else 'CPU'})",
              f"per image GFLOPs ({c['source']}), forward / with backward to the input: DiT {c['dit_forward']:.1f} / "
              f"{c['dit_grad']:.1f}, VAE decoder {c['decoder']:.1f} / {c['decoder_grad']:.1f}, student {c['student']:.2f} / "
              f"{c['student_grad']:.2f}, reference {c['reference']:.2f} / {c['reference_grad']:.2f}; "

@@ -11,7 +11,8 @@ from lgd_ray.config import AUTO, Config, ConfigError, run_dir
 from lgd_ray.cost import PEAK_TFLOPS, format_cost, run_cost
 from lgd_ray.data import check_data
 from lgd_ray.lease import Lease
-from lgd_ray.memory import actor_memory, check_fits, format_memory
+from lgd_ray.memory import (actor_memory, check_fit_fits, check_fits, format_fit_memory, format_memory,
+                            prior_fit_memory)
 from lgd_ray.methods import check_real_images
 from lgd_ray.stages import open_manifest, run_stages
 from lgd_ray.storage import as_location, check_writable
@@ -44,8 +45,10 @@ def distill(cfg: Config, resume: bool = False) -> dict:
         from lgd_ray.actors import ActorPool
         from lgd_ray.cluster import check_cluster_storage, connect
         from lgd_ray.ray_train import ray_fitter
+        from lgd_ray.resources import resolve_auto
 
         connect(cfg)
+        cfg = resolve_auto(cfg)  # the GPU keys (not part of the run's identity): once, for the actors and the fits
         # relative paths, node-local folders, nodes without the data: now, and on nodes that join later
         node_check = check_cluster_storage(cfg, out, cache)
         pool, fitter = ActorPool(cfg, out, node_check=node_check), ray_fitter(cfg, out, node_check)
@@ -83,6 +86,14 @@ def dry_run(cfg: Config, tflops: float | None, utilisation: float) -> dict:
     if mem is not None:
         print(format_memory(cfg, mem), flush=True)
         check_fits(cfg, mem)  # a config that cannot fit: one line naming the key to change, exit status 1
+    if mem is not None and not cfg.prior.model_id:  # the prior is trained (or prior.base fine-tuned) by the run
+        sized = not (cfg.ray.enabled and cfg.ray.train_workers == AUTO)  # auto: sized from the cluster when it runs
+        workers = (cfg.ray.train_workers or 1) if cfg.ray.enabled else 1
+        fit = prior_fit_memory(cfg, workers)
+        print(format_fit_memory(cfg, fit, workers) + ("" if sized else " (ray.train_workers auto: at 1 worker)"),
+              flush=True)
+        if sized:
+            check_fit_fits(cfg, workers, fit)
     return cost
 
 

@@ -253,7 +253,8 @@ def format_memory(cfg: Config, mem: ActorMemory) -> str:
                     "graph kept for a second backward) " if mem.deviation_held else "GiB ")
                  + f"at guidance.batch {mem.guidance_batch}: peak {mem.peak() / GIB:.1f} GiB")
     if cfg.ray.num_gpus_per_actor <= 0:
-        return line + " (CPU actors: host memory)"
+        return line + (" (CPU actors: host memory)" if cfg.ray.num_gpus_per_actor == 0 else
+                       " (ray.num_gpus_per_actor auto: a share of the cluster's GPUs, host memory without)")
     budget, what = actor_gpu_bytes(cfg)
     line += f"; the actor's GPU share: {budget / GIB:.1f} GiB ({what})"
     if mem.guided:
@@ -296,13 +297,30 @@ def prior_fit_memory(cfg: Config, workers: int) -> FitMemory:
     return FitMemory(params * 4 * 5, max(0, 2 * one - two), two - one, max(1, p.batch_size // max(1, workers)))
 
 
-def check_fit_fits(cfg: Config, workers: int) -> FitMemory | None:
+def format_fit_memory(cfg: Config, mem: FitMemory, workers: int) -> str:
+    """The dry-run's line for the prior's fit."""
+    line = (f"memory per Ray Train worker of the prior's fit (estimate, meta-device count): {mem.state / GIB:.2f} GiB "
+            f"weights, gradients, AdamW and EMA + {mem.per_image / GIB:.3f} GiB per image x {mem.batch} images "
+            f"(prior.batch_size {cfg.prior.batch_size} / {workers} workers): peak {mem.peak() / GIB:.1f} GiB")
+    r = cfg.ray
+    if not (r.enabled and r.train_use_gpu is True):
+        return line + " (CPU workers: host memory)"
+    budget, what = actor_gpu_bytes(cfg, r.train_gpus_per_worker)
+    line += f"; the worker's GPU share: {budget / GIB:.1f} GiB ({what})"
+    room, batch = USABLE * (budget - CONTEXT_BYTES), cfg.prior.batch_size
+    if mem.peak() > room:  # the fewest workers (each an equal part of the batch) whose share fits
+        fits = [w for w in range(1, batch + 1) if not batch % w and mem.state + mem.fixed + batch // w * mem.per_image <= room]
+        line += f": fits from {fits[0]} workers" if fits else ": does not fit at any number of workers"
+    return line
+
+
+def check_fit_fits(cfg: Config, workers: int, mem: FitMemory | None = None) -> FitMemory | None:
     """Refuse, in one line naming the keys to change, a prior fit on GPU workers that cannot fit one worker's GPU
     share (the samplers' check, for the fit); None (nothing checked) for CPU workers."""
     r = cfg.ray
-    if not (r.enabled and r.train_use_gpu):
+    if not (r.enabled and r.train_use_gpu is True):  # not False, not an unsized auto
         return None
-    mem = prior_fit_memory(cfg, workers)
+    mem = mem or prior_fit_memory(cfg, workers)
     budget, what = actor_gpu_bytes(cfg, r.train_gpus_per_worker)
     if mem.peak() > USABLE * (budget - CONTEXT_BYTES):
         raise ConfigError(f"config: the prior's fit needs {mem.peak() / GIB:.1f} GiB per Ray Train worker "

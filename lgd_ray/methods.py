@@ -16,7 +16,7 @@ from lgd_ray.dds import class_candidates, relevance_batch_size, select
 from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.models import penultimate
 from lgd_ray.modes import ModeGuide, class_modes
-from lgd_ray.plan import ChunkTask, Stage
+from lgd_ray.plan import ChunkTask, Stage, stage_plan
 from lgd_ray.prior import load_prior, pipeline_image_size, prior_class_map, prior_id, require_prior
 from lgd_ray.reference import load_reference, new_classifier
 from lgd_ray.sampler import generate, sample_batch_size
@@ -42,14 +42,13 @@ def subset_positions(n: int, cap: int, run_seed: int, tag: str, c: int) -> list[
 
 
 def real_image_sizes(cfg: Config) -> list[int]:
-    """The sizes at which the method reads real images class by class: random at data.image_size; dds and mgd3 at
-    the prior's resolution (when the prior is a folder or store URI the caller can read; a hub id says nothing)."""
-    if cfg.distill.method == "random":
-        return [cfg.data.image_size]
+    """The sizes at which the method reads real images class by class: random (and a real seed increment) at
+    data.image_size; dds and mgd3 at the prior's resolution (when the prior is a folder or store URI the caller can read; a hub id says nothing)."""
+    sizes = [cfg.data.image_size] if "random" in {s.method for s in stage_plan(cfg)} else []
     if cfg.distill.method in ("dds", "mgd3"):
         size = pipeline_image_size(prior_id(cfg)) if cfg.prior.model_id else cfg.data.image_size
-        return [size] if size else []
-    return []
+        sizes += [size] if size else []
+    return list(dict.fromkeys(sizes))
 
 
 def check_real_images(cfg: Config):

@@ -13,7 +13,8 @@ class Stage:
     index: int
     ipc: int  # images per class generated in this stage
     slot0: int  # first slot of this stage: slots are numbered across the whole run, so keys are unique
-    method: str  # what makes this stage's images: random | dit | mgd3 | dds | lgd (lgd's seed stage is dit)
+    method: str  # what makes this stage's images: random | dit | mgd3 | dds | lgd (lgd's seed stage is dit, or
+    #              random with distill.seed_from real)
     kappa: int  # candidates per slot (rank selection by S keeps the best)
     gradient: bool  # the sampler follows grad S (and the deviation gradient) inside the guidance window
 
@@ -33,7 +34,7 @@ def stage_plan(cfg: Config) -> list[Stage]:
     if d.method == "dds":
         return [Stage(0, d.total_ipc, 0, "dds", 1, False)]
     lgd = d.method == "lgd"
-    seed = Stage(0, d.seed_ipc, 0, "dit" if lgd else d.method, 1, False)
+    seed = Stage(0, d.seed_ipc, 0, "random" if d.seed_from == "real" else "dit" if lgd else d.method, 1, False)
     return [seed] + [Stage(i, d.ipc_per_stage, d.seed_ipc + (i - 1) * d.ipc_per_stage, d.method, g.kappa if lgd else 1,
                            lgd and g.active)
                      for i in range(1, d.stages + 1)]

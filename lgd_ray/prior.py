@@ -199,7 +199,7 @@ def prior_class_map(cfg: Config, prior: Prior) -> torch.Tensor | None:
 
 PRIOR_TRAIN_KEYS = ("patch_size", "num_heads", "head_dim", "depth", "train_timesteps", "train_steps", "batch_size",
                     "lr", "label_dropout", "ema_decay")
-LATER_TRAIN_KEYS = ("base", "min_snr_gamma", "autocast")  # in the key only when set: priors cached before these keys stay valid
+LATER_TRAIN_KEYS = ("base", "min_snr_gamma", "autocast", "compile")  # in the key only when set: priors cached before these keys stay valid
 
 
 def prior_seed(cfg: Config) -> int:

@@ -134,6 +134,8 @@ def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=N
         sched.load_state_dict(resume["scheduler"])
         first = resume["step"]
     net = wrap(model) if wrap else model
+    if p.compile:
+        net = torch.compile(net)
     data = rank_slice(job.load_data(), rank, world, job.seed)
     data = TensorSet(data.images.to(device), data.labels.to(device), data.num_classes)
     batch, losses, start = p.batch_size // world, [], time.time()
@@ -177,14 +179,23 @@ def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=N
 
 
 def train_prior(job: PriorJob, out: Location, fitter: Fitter, vae: AutoencoderKL | None = None) -> dict:
-    """Fit the job's DiT (with `fitter`: in this process or on Ray Train) and save its EMA weights as a DiTPipeline
-    with `vae` and the training noise schedule to `out` (model_index.json last); returns the fit's info."""
+    """Fit the job's DiT (with `fitter`: in this process or on Ray Train) and save its EMA weights (save_prior);
+    returns the fit's info."""
     weights, metrics = fitter(job)
+    info = {"steps": metrics["step"], **{k: metrics[k] for k in ("workers", "seconds", "params", "final_loss",
+                                                                  "eval_loss")}}
+    save_prior(job, weights, info, out, vae)
+    if job.checkpoints:
+        Location(job.checkpoints).delete()
+    return info
+
+
+def save_prior(job: PriorJob, weights: dict, info: dict, out: Location, vae: AutoencoderKL | None = None):
+    """The job's DiT with `weights` as a DiTPipeline with `vae` and the training noise schedule, in `out`
+    (model_index.json last), beside train_info.json (`info`)."""
     torch.manual_seed(job.seed)
     transformer = job.build()
     transformer.load_state_dict(weights)
-    info = {"steps": metrics["step"], **{k: metrics[k] for k in ("workers", "seconds", "params", "final_loss",
-                                                                  "eval_loss")}}
     with tempfile.TemporaryDirectory() as tmp:
         pipe = DiTPipeline(transformer=transformer.eval(), vae=vae, scheduler=DDPMScheduler.from_config(job.noise))
         verbosity = diffusers_logging.get_verbosity()
@@ -195,6 +206,3 @@ def train_prior(job: PriorJob, out: Location, fitter: Fitter, vae: AutoencoderKL
             diffusers_logging.set_verbosity(verbosity)
         (Path(tmp) / "train_info.json").write_text(json.dumps(info, indent=1))
         as_location(out).upload_dir(Path(tmp), last=PIPELINE_MARKER)
-    if job.checkpoints:
-        Location(job.checkpoints).delete()
-    return info

@@ -26,9 +26,10 @@ def map_jobs(cfg: Config, fn: Callable, items: Sequence, desc: str) -> list:
     import ray
 
     from lgd_ray.cluster import connect, remote_cause
-    from lgd_ray.resources import ray_options, train_resources, wait_for_resources
+    from lgd_ray.resources import ray_options, resolve_auto, train_resources, wait_for_resources
 
     connect(cfg)
+    cfg = resolve_auto(cfg)  # a config of this machine's with `auto` keys (evaluate --full)
     r = cfg.ray
     resources = train_resources(cfg)
     wait_for_resources([resources], r.schedule_timeout_s, f"{desc}: a task")  # never a silent hang

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from lgd_ray.checkpoints import latest_checkpoint, load_from, read_checkpoint, write_checkpoint
 from lgd_ray.config import Config
-from lgd_ray.resources import train_resources, wait_for_resources
+from lgd_ray.resources import resolve_auto, train_resources, wait_for_resources
 from lgd_ray.storage import Location, as_location
 from lgd_ray.train import Fitter, process_device
 
@@ -94,6 +94,7 @@ def ray_fitter(cfg: Config, run_dir: Location, node_check=None) -> Fitter:
     """A Fitter that trains each job with TorchTrainer (workers, GPU or CPU from cfg.ray); runs and checkpoints are kept
     in the job's `checkpoints` folder, else in run_dir/train, on a store every node reaches (a shared folder or an
     object store). node_check: the run's cluster.NodeCheck, run by every worker before it trains."""
+    cfg = resolve_auto(cfg)  # a no-op for a run's config (sized before its folder was opened)
     r = cfg.ray
     resources = train_resources(cfg)
 

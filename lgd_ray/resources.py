@@ -7,7 +7,7 @@ from dataclasses import replace
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from lgd_ray.config import AUTO, Config, ConfigError, build_config, to_dict
+from lgd_ray.config import AUTO, AUTO_GPU, Config, ConfigError, auto_keys, build_config, to_dict
 
 
 class ResourceError(ConfigError):
@@ -83,22 +83,29 @@ def cluster_gpus(accelerator_type: str = "") -> tuple[float, str]:
 
 
 def resolve_auto(cfg: Config) -> Config:
-    """The config with `ray.actors: auto` and `ray.train_workers: auto` sized from the cluster's GPUs: one actor per
-    ray.num_gpus_per_actor, one Train worker per ray.train_gpus_per_worker, as many as divide every global batch (at
-    least one of each; CPU actors and workers: 2 actors, 1 worker). Said in one line; the sized config is checked as
-    any other."""
-    r = cfg.ray
-    if r.actors != AUTO and r.train_workers != AUTO:
+    """The config with its `auto` ray keys sized from the cluster's GPUs (G): ray.num_gpus_per_actor an equal share
+    of them, at most 1 (0 without GPUs); ray.train_use_gpu G > 0 (ray.train_gpus_per_worker at most G);
+    ray.actors one per ray.num_gpus_per_actor (CPU actors: 2); ray.train_workers one per ray.train_gpus_per_worker
+    (CPU: 1), as many as divide every global batch. Said in one line; the sized config is checked as any other."""
+    autos = auto_keys(cfg)
+    if not autos:
         return cfg
+    r = cfg.ray
     gpus, where = cluster_gpus(r.accelerator_type)
-    actors = r.actors or (max(1, math.floor(gpus / r.num_gpus_per_actor + 1e-9)) if r.num_gpus_per_actor else 2)
-    workers = r.train_workers or (max(1, math.floor(gpus / r.train_gpus_per_worker + 1e-9))
-                                  if r.train_use_gpu and r.train_gpus_per_worker else 1)
+    share = r.num_gpus_per_actor
+    if share == AUTO_GPU:  # sampler actors never run beside a Train fit: the actors split the GPUs between them
+        share = min(1.0, gpus / (r.actors or max(1, math.floor(gpus)))) if gpus else 0.0
+    actors = r.actors or (max(1, math.floor(gpus / share + 1e-9)) if share else 2)
+    use_gpu, train_share = r.train_use_gpu, r.train_gpus_per_worker
+    if use_gpu == AUTO_GPU:
+        use_gpu, train_share = gpus > 0, min(train_share, gpus) if gpus else train_share
+    workers = r.train_workers or (max(1, math.floor(gpus / train_share + 1e-9)) if use_gpu and train_share else 1)
     batches = (cfg.reference.train.batch_size, cfg.student.train.batch_size, cfg.prior.batch_size)
     while r.train_workers == AUTO and workers > 1 and any(b % workers for b in batches):
         workers -= 1  # each DDP worker takes an equal part of every global batch
+    sized = replace(r, actors=actors, train_workers=workers, num_gpus_per_actor=share, train_use_gpu=use_gpu,
+                    train_gpus_per_worker=train_share)
     print(f"ray: {where} {gpus:g} GPU{' of type ' + r.accelerator_type if r.accelerator_type else ''}: "
-          + ", ".join(f"{key} auto -> {n}" for key, n, was in (("ray.actors", actors, r.actors),
-                                                               ("ray.train_workers", workers, r.train_workers))
-                      if was == AUTO), flush=True)
-    return build_config(to_dict(replace(cfg, ray=replace(r, actors=actors, train_workers=workers))))
+          + ", ".join(f"{key} auto -> {str(v).lower() if isinstance(v := getattr(sized, key[4:]), bool) else f'{v:g}'}"
+                      for key in autos), flush=True)
+    return build_config(to_dict(replace(cfg, ray=sized)))

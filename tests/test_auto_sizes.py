@@ -1,5 +1,5 @@
-"""`ray.actors: auto` and `ray.train_workers: auto`: sized from the GPUs of a real multi-node Ray (ray.cluster_utils,
-logical GPUs)."""
+"""`auto` ray keys (actors, train_workers, num_gpus_per_actor, train_use_gpu): sized from the GPUs of a real
+multi-node Ray (ray.cluster_utils, logical GPUs)."""
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -28,12 +28,21 @@ def test_auto_sizes_follow_the_cluster_gpus(tiny_overrides):
             gpus = 1 + (extra and (1 if extra == 1 else 3))
             sized = resolve_auto(cfg)
             assert (sized.ray.actors, sized.ray.train_workers) == (gpus, gpus)
+            if gpus == 1:  # fashion-mnist's defaults on one GPU: both actors on it, the Train worker a whole one
+                r = resolve_auto(load_config("fashion-mnist")).ray
+                assert (r.actors, r.num_gpus_per_actor, r.train_use_gpu, r.train_gpus_per_worker) == (2, 0.5, True, 1)
         half = resolve_auto(load_config("digits", tiny_overrides + gpu + ["ray.num_gpus_per_actor=0.5"]))
         assert half.ray.actors == 8
         with pytest.raises(ConfigError, match="ray.train_gpus_per_worker' is 0.5 with 8"):
             resolve_auto(load_config("digits", tiny_overrides + gpu + ["ray.train_gpus_per_worker=0.5"]))
-        cpu = resolve_auto(load_config("digits", tiny_overrides + ["ray.actors=auto", "ray.train_workers=auto"]))
+        cpu = resolve_auto(load_config("digits", tiny_overrides + ["ray.actors=auto", "ray.train_workers=auto",
+                                                                   "ray.num_gpus_per_actor=0", "ray.train_use_gpu=false"]))
         assert (cpu.ray.actors, cpu.ray.train_workers) == (2, 1)
+        # the CPU configs' own `auto` GPU keys: 2 actors sharing what there is, at most a GPU each; none without GPUs
+        for extra_type, gpus, share in (("", 4, 1.0), ("ray.accelerator_type=A100", 0, 0.0)):
+            small = resolve_auto(load_config("digits", tiny_overrides + ([extra_type] if extra_type else [])))
+            r = small.ray
+            assert (r.actors, r.num_gpus_per_actor, r.train_use_gpu, r.train_workers) == (2, share, gpus > 0, 1)
     finally:
         ray.shutdown()
         c.shutdown()

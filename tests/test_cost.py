@@ -1,11 +1,12 @@
 """`distill --dry-run`: the plan and its FLOP count, with no model loaded (works for imagenet1k on a CPU machine)."""
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import load_bench
-from lgd_ray.config import load_config
+from lgd_ray.config import ConfigError, load_config
 from lgd_ray.cost import run_cost
 
 
@@ -67,6 +68,25 @@ def test_dry_run_command_prints_the_plan():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "1000 classes in 100 chunks" in r.stdout and "GPU-hours" in r.stdout and "NOT FOUND" in r.stdout
     assert "memory per sampler actor" in r.stdout and "the largest guidance.batch that fits" in r.stdout
+
+
+def test_dry_run_of_a_fine_tune_counts_the_base_and_the_fit(tmp_path, capsys):
+    """folder (prior.base fine-tuned): the samplers are counted with the base's shape (DiT-XL/2, not the pixel-DiT
+    keys), and the prior's fit says its memory per worker; ray.train_workers auto says from how many workers it fits,
+    a fixed count that cannot fit is refused in one line."""
+    from lgd_ray.distill import dry_run
+
+    keys = [f"data.root={tmp_path}", "data.classes=imagenette"]
+    dry_run(load_config("folder", keys), None, 0.3)
+    out = capsys.readouterr().out
+    assert "weights 3.11 GiB" in out  # DiT-XL/2 and its VAE in float32
+    assert re.search(r"prior's fit .* 13\.97 GiB weights, gradients, AdamW and EMA \+ 0\.730 GiB per image x 256 images "
+                     r"\(prior.batch_size 256 / 1 workers\): peak 200\.7 GiB; .*: fits from 4 workers "
+                     r"\(ray.train_workers auto: at 1 worker\)", out)
+    with pytest.raises(ConfigError, match="the prior's fit needs 107.3 GiB per Ray Train worker"):
+        dry_run(load_config("folder", keys + ["ray.train_workers=2"]), None, 0.3)
+    dry_run(load_config("folder", keys + ["ray.train_workers=2", "prior.checkpointing=true"]), None, 0.3)
+    assert "peak 21.7 GiB" in capsys.readouterr().out
 
 
 def test_deviation_guidance_is_counted_in_flops():

@@ -1,10 +1,16 @@
 """Fidelity metrics in the reference's feature space: real-vs-real splits are near zero distance and near-full
 precision / recall, far from what noise images give; bench/prior_fidelity.py runs on the tiny digits prior."""
+import json
+
 import torch
 
 from conftest import load_bench
-from lgd_ray.data import to_float
+from lgd_ray.checkpoints import write_checkpoint
+from lgd_ray.config import load_config
+from lgd_ray.data import load_split, to_float
 from lgd_ray.fidelity import features, fidelity, frechet_distance, precision_recall
+from lgd_ray.prior import load_prior
+from lgd_ray.prior_make import pixel_job
 
 
 def _per_class(data, n):
@@ -30,3 +36,26 @@ def test_prior_fidelity_bench_on_the_tiny_prior(trained, tiny_overrides):
     rows = load_bench("prior_fidelity").main(["digits", *tiny_overrides, "--per-class", "8", "--schedulers", "ddim", "--cfg-scales", "2"])
     assert [r["setting"] for r in rows] == ["real train vs real test", "ddim CFG 2.0"]
     assert all(r["n"] == 80 and 0 <= r["precision"] <= 1 and r["fd"] >= 0 for r in rows)
+
+
+def test_prior_curve_bench_measures_each_checkpoint_of_a_fit(trained, tiny_overrides, tmp_path):
+    """bench/prior_curve.py: each checkpoint's EMA saved as a prior (loaded by prior.model_id) and measured; the
+    last checkpoint's prior is the fit's own saved prior."""
+    keys = [k for k in tiny_overrides if not k.startswith(("prior.train_steps", "cache="))]
+    keys += ["prior.train_steps=20", "prior.checkpoint_steps=10", f"cache={tmp_path / 'cache'}"]
+    cfg = load_config("digits", keys)
+    job = pixel_job(cfg, lambda: load_split(cfg.data, "train"), 10)
+    saved = {}
+    weights, _ = job.run(on_round=lambda r, m, state: saved.__setitem__(r, state()))
+    folders = []
+    for r, state in saved.items():
+        folders.append(tmp_path / f"checkpoint_{r:06d}")
+        folders[-1].mkdir()
+        write_checkpoint(folders[-1], state, r)
+    load_bench("prior_curve").main(["digits", *map(str, folders), *keys, "--out", str(tmp_path / "curve"),
+                                    "--per-class", "8", "--cfg-scale", "2"])
+    curve = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    assert [r["steps"] for r in curve["rows"]] == [10, 20] and curve["floor"]["setting"] == "real train vs real test"
+    assert all(r["n"] == 80 and r["fd"] >= 0 for r in curve["rows"]) and (tmp_path / "curve" / "curve.png").exists()
+    last = load_prior(curve["rows"][-1]["prior"]).transformer.state_dict()
+    assert all(torch.equal(last[k], weights[k]) for k in weights)  # the fit's returned (EMA) weights

@@ -40,6 +40,24 @@ def test_random_method_run(trained, tiny_overrides, tmp_path):
     assert [r["sha256"] for r in manifest2["shards"]] == [r["sha256"] for r in manifest["shards"]]
 
 
+def test_a_real_seed_increment_is_randoms_and_the_guided_stages_start_from_it(trained, tiny_overrides, tmp_path):
+    """distill.seed_from=real: lgd's I_0 is method random's (the same shard bytes for the same run seed), the student
+    theta_0 is trained on it as random's is, and I_1 is guided; dds has no seed increment to take."""
+    runs = {}
+    for name, keys in (("random", ["distill.method=random", "distill.stages=0"]),
+                       ("real-seed", ["distill.seed_from=real", "distill.stages=1"])):
+        out = tmp_path / name
+        runs[name] = run_stages(load_config("digits", tiny_overrides + [f"out={out}"] + keys), out, log=lambda _: None)
+    random, real_seed = runs["random"], runs["real-seed"]
+    seed_shards = lambda m: [(r["path"], r["sha256"]) for r in m["shards"] if r["stage"] == 0]
+    assert seed_shards(real_seed) == seed_shards(random) and seed_shards(random)
+    assert real_seed["stages"]["0"]["student_acc"] == random["stages"]["0"]["student_acc"]
+    guided = read_shards(tmp_path / "real-seed", [r["path"] for r in real_seed["shards"] if r["stage"] == 1])
+    assert {s["meta"]["params"]["method"] for s in guided} == {"lgd"} and all(s["meta"]["S"] is not None for s in guided)
+    with pytest.raises(ConfigError, match="'distill.seed_from' real needs a staged method"):
+        load_config("digits", ["distill.method=dds", "distill.seed_from=real"])
+
+
 def test_class_modes_kmeans():
     torch.manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])

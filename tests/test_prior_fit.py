@@ -11,7 +11,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from conftest import kill_when
-from lgd_ray.config import load_config
+from lgd_ray.config import ConfigError, load_config
 from lgd_ray.data import load_split
 from lgd_ray.prior import load_prior, prior_checkpoints, prior_dir
 from lgd_ray.prior_make import ensure_prior, pixel_job
@@ -102,3 +102,41 @@ def test_prior_fit_keys_checkpointing_and_autocast(tmp_path):
     (w_plain, _), (w_ckpt, _), (_, m_bf16) = fit(plain), fit(ckpt), fit(bf16)
     assert all(torch.allclose(w_plain[k], w_ckpt[k], atol=1e-6) for k in w_plain)
     assert m_bf16["final_loss"] < 1.0 and prior_dir(bf16) != prior_dir(plain) == prior_dir(ckpt)
+
+
+def test_prior_width_depth_patch_and_compile_keys_each_fit(tmp_path):
+    """prior.head_dim (width), depth, patch_size and compile: each a tiny fit whose DiT has that shape, whose
+    denoising loss falls, and whose prior has its own cache folder; compile gives the plain fit's weights up to float
+    order; bad values are one line."""
+    base = [f"cache={tmp_path}", "prior.train_steps=40", "prior.checkpoint_steps=40", "prior.batch_size=16",
+            "prior.depth=2", "prior.num_heads=2"]
+    train = load_split(load_config("digits").data, "train")
+
+    def fit(cfg):
+        """(EMA weights, denoising loss before, after) on fixed draws."""
+        job = pixel_job(cfg, lambda: train, 10)
+        torch.manual_seed(job.seed)
+        model, noise = job.build(), DDPMScheduler.from_config(job.noise)
+        before = denoising_loss(model, train, noise, 7, n=256)
+        weights, _ = job.run("cpu")
+        model.load_state_dict(weights)
+        return weights, before, denoising_loss(model, train, noise, 7, n=256)
+
+    plain = load_config("digits", base)
+    w_plain, *_ = fit(plain)
+    folders = {str(prior_dir(plain))}
+    for key, value, check in (("head_dim", 64, lambda m: m.inner_dim == 128),
+                              ("depth", 3, lambda m: len(m.transformer_blocks) == 3),
+                              ("patch_size", 2, lambda m: m.pos_embed.height == 4),
+                              ("compile", "true", lambda m: True)):
+        cfg = load_config("digits", base + [f"prior.{key}={value}"])
+        assert check(pixel_job(cfg, None, 10).build()), key
+        weights, before, after = fit(cfg)
+        assert after < 0.7 * before, (key, before, after)
+        folders.add(str(prior_dir(cfg)))
+    assert len(folders) == 5  # each key is part of the prior's identity
+    assert all(torch.allclose(w_plain[k], weights[k], atol=1e-3) for k in w_plain)  # compile: the same fit
+    with pytest.raises(ConfigError, match="'prior.patch_size' 3 must divide data.image_size 8"):
+        pixel_job(load_config("digits", base + ["prior.patch_size=3"]), None, 10).build()
+    with pytest.raises(ConfigError, match="'prior.head_dim' must be >= 8"):
+        load_config("digits", base + ["prior.head_dim=4"])

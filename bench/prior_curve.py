@@ -1,0 +1,90 @@
+"""Fidelity of one prior fit along its checkpoints: each checkpoint's EMA weights saved as a prior (a DiTPipeline
+folder, loaded as any prior.model_id) and measured by bench/prior_fidelity.py at one scheduler and CFG scale.
+
+    python bench/prior_curve.py CONFIG CHECKPOINT_DIR... [key=value ...] --out runs/curve [--cfg-scale 1] [--per-class 50]
+
+CHECKPOINT_DIR: checkpoint_NNNNNN folders of the fit of CONFIG with these overrides (its prior.* keys decide the DiT's
+shape). Writes OUT/step-N/ (the priors), OUT/curve.json (one row per checkpoint, the floor first) and OUT/curve.png.
+The checkpoints of one fit are mid-schedule: a fit of N steps anneals its learning rate by step N, so its prior is
+better than the checkpoint at step N of a longer fit.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+import torch
+from safetensors.torch import load_file
+
+from lgd_ray.config import load_config
+from lgd_ray.data import num_classes
+from lgd_ray.prior import PIPELINE_MARKER
+from lgd_ray.prior_fit import save_prior
+from lgd_ray.prior_make import pixel_job
+from lgd_ray.storage import Location
+
+matplotlib.use("Agg")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import prior_fidelity  # noqa: E402  (bench/ is not a package)
+
+
+def export(cfg, checkpoint: Path, out: Path) -> tuple[int, Path]:
+    """The checkpoint's EMA weights as a prior folder under `out` (once); its step."""
+    state = torch.load(checkpoint / "train_state.pt", weights_only=True)
+    folder = out / f"step-{state['step']:06d}"
+    if not (folder / PIPELINE_MARKER).exists():
+        info = {"steps": state["step"], "checkpoint": str(checkpoint), "mid_schedule_of": cfg.prior.train_steps}
+        save_prior(pixel_job(cfg, None, num_classes(cfg.data)), load_file(str(checkpoint / "ema.safetensors")), info,
+                   Location(str(folder)))
+    return state["step"], folder
+
+
+def plot(rows: list[dict], floor: dict, path: Path):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    steps = [r["steps"] for r in rows]
+    for ax, key, label in zip(axes, ("fd", "recall", "reference_acc"), ("FD (lower is better)", "recall",
+                                                                         "theta* accuracy on samples")):
+        ax.plot(steps, [r[key] for r in rows], "o-", label="prior checkpoint")
+        ax.axhline(floor[key], ls="--", c="grey", label="real train vs real test")
+        ax.set_xlabel("prior fit steps")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(prog="bench/prior_curve.py")
+    parser.add_argument("config")
+    parser.add_argument("items", nargs="+", help="checkpoint folders, then key=value overrides")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cfg-scale", type=float, default=1.0)
+    parser.add_argument("--scheduler", default="ddpm")
+    parser.add_argument("--per-class", type=int, default=50)
+    args = parser.parse_intermixed_args(argv)
+    overrides = [i for i in args.items if "=" in i]
+    checkpoints = sorted(Path(i) for i in args.items if "=" not in i)
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, floor = [], None
+    for checkpoint in checkpoints:
+        step, folder = export(cfg, checkpoint, out)
+        measured = prior_fidelity.main([args.config, *overrides, f"prior.model_id={folder}", "--per-class",
+                                        str(args.per_class), "--schedulers", args.scheduler, "--cfg-scales",
+                                        str(args.cfg_scale)])
+        floor = floor or measured[0]
+        rows.append({"steps": step, "prior": str(folder), **measured[1]})
+    (out / "curve.json").write_text(json.dumps({"floor": floor, "rows": rows}, indent=1))
+    plot(rows, floor, out / "curve.png")
+    for r in [floor] + rows:
+        print(" | ".join(f"{k} {r[k]}" for k in ("steps", "setting", "reference_acc", "fd", "precision", "recall")
+                         if k in r))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
