@@ -212,11 +212,12 @@ def stage_cost(cfg: Config, planned: dict, rows: list[dict]) -> dict:
 def format_cost(cfg: Config, plan: dict, tflops: float, utilisation: float) -> str:
     """The plan as text, with GPU-hours at `tflops` peak and `utilisation`."""
     c, r = plan["costs"], cfg.ray
+    train_on = ("GPU if the cluster has one" if r.train_use_gpu == AUTO_GPU else
+                f"GPU {r.train_gpus_per_worker}" if r.train_use_gpu else "CPU")
     lines = [f"plan: {cfg.name}, method {cfg.distill.method}, {plan['classes']} classes in {plan['chunks']} chunks "
              f"of <= {cfg.distill.classes_per_chunk}; {r.actors or 'auto (one per GPU)'} sampler actors x "
              f"({r.num_cpus_per_actor} CPU, {'auto' if r.num_gpus_per_actor == AUTO_GPU else r.num_gpus_per_actor} GPU); "
-             f"student fits on {r.train_workers or 'auto (one per GPU)'} Ray Train worker(s) "
-             f"({'GPU if the cluster has one' if r.train_use_gpu == AUTO_GPU else 'GPU ' + str(r.train_gpus_per_worker) if r.train_use_gpu else 'CPU'})",
+             f"student fits on {r.train_workers or 'auto (one per GPU)'} Ray Train worker(s) ({train_on})",
              f"per image GFLOPs ({c['source']}), forward / with backward to the input: DiT {c['dit_forward']:.1f} / "
              f"{c['dit_grad']:.1f}, VAE decoder {c['decoder']:.1f} / {c['decoder_grad']:.1f}, student {c['student']:.2f} / "
              f"{c['student_grad']:.2f}, reference {c['reference']:.2f} / {c['reference_grad']:.2f}; "

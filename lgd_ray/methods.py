@@ -43,7 +43,8 @@ def subset_positions(n: int, cap: int, run_seed: int, tag: str, c: int) -> list[
 
 def real_image_sizes(cfg: Config) -> list[int]:
     """The sizes at which the method reads real images class by class: random (and a real seed increment) at
-    data.image_size; dds and mgd3 at the prior's resolution (when the prior is a folder or store URI the caller can read; a hub id says nothing)."""
+    data.image_size; dds and mgd3 at the prior's resolution (when the prior is a folder or store URI the caller can
+    read; a hub id says nothing)."""
     sizes = [cfg.data.image_size] if "random" in {s.method for s in stage_plan(cfg)} else []
     if cfg.distill.method in ("dds", "mgd3"):
         size = pipeline_image_size(prior_id(cfg)) if cfg.prior.model_id else cfg.data.image_size
