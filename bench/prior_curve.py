@@ -4,7 +4,8 @@ folder, loaded as any prior.model_id) and measured by bench/prior_fidelity.py at
     python bench/prior_curve.py CONFIG CHECKPOINT_DIR... [key=value ...] --out runs/curve [--cfg-scale 1] [--per-class 50]
 
 CHECKPOINT_DIR: checkpoint_NNNNNN folders of the fit of CONFIG with these overrides (its prior.* keys decide the DiT's
-shape). Writes OUT/step-N/ (the priors), OUT/curve.json (one row per checkpoint, the floor first) and OUT/curve.png.
+shape). Writes OUT/step-N/ (the priors), OUT/curve.json (one row per checkpoint and the floor) and OUT/curve.png;
+a checkpoint OUT/curve.json already holds at the same setting is not measured again.
 The checkpoints of one fit are mid-schedule: a fit of N steps anneals its learning rate by step N, so its prior is
 better than the checkpoint at step N of a longer fit.
 """
@@ -71,14 +72,24 @@ def main(argv):
     cfg = load_config(args.config, overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, floor = [], None
+    setting = f"{args.scheduler} CFG {args.cfg_scale}"
+    earlier = json.loads((out / "curve.json").read_text()) if (out / "curve.json").exists() else {"rows": []}
+    n = min(10, num_classes(cfg.data)) * args.per_class  # prior_fidelity's samples: the first 10 classes at most
+    done = {r["steps"]: r for r in earlier["rows"] if (r["setting"], r["n"]) == (setting, n)}
+    rows, floor = [], earlier.get("floor")
     for checkpoint in checkpoints:
         step, folder = export(cfg, checkpoint, out)
+        if step in done:  # measured by an earlier call with the same setting (the same seeded samples)
+            rows.append(done[step])
+            continue
         measured = prior_fidelity.main([args.config, *overrides, f"prior.model_id={folder}", "--per-class",
                                         str(args.per_class), "--schedulers", args.scheduler, "--cfg-scales",
                                         str(args.cfg_scale)])
-        floor = floor or measured[0]
+        floor = measured[0]
         rows.append({"steps": step, "prior": str(folder), **measured[1]})
+    listed = {r["steps"] for r in rows}
+    rows += [r for step, r in done.items() if step not in listed]  # earlier checkpoints not named this time
+    rows.sort(key=lambda r: r["steps"])
     (out / "curve.json").write_text(json.dumps({"floor": floor, "rows": rows}, indent=1))
     plot(rows, floor, out / "curve.png")
     for r in [floor] + rows:
