@@ -4,16 +4,21 @@ folder data set's classes (lgd_ray/finetune.py), each a fit in this process or o
 `facebook/DiT-XL-2-256` does; and staging a hub pipeline to a store once.
 
     python -m lgd_ray.prior CONFIG [key=value ...]     make the config's prior (skipped if made)
+    python -m lgd_ray.prior CONFIG ... --package       and ship its EMA weights in lgd_ray/priors/
     python -m lgd_ray.prior stage HUB_ID_OR_FOLDER URI  copy a DiT pipeline to a store
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import shlex
 import sys
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from diffusers import DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel
+from safetensors.torch import load
 
 from lgd_ray.cli import Parser, one_line_errors, run_cli
 from lgd_ray.config import Config, ConfigError
@@ -21,10 +26,14 @@ from lgd_ray.data import TensorSet, check_data, load_split, num_classes
 from lgd_ray.finetune import finetune_prior
 from lgd_ray.memory import check_fit_fits
 from lgd_ray.prior import PIPELINE_MARKER, prior_checkpoints, prior_dir, prior_seed, require_prior
-from lgd_ray.prior_fit import PriorJob, train_prior
+from lgd_ray.prior_fit import PriorJob, save_prior, train_prior
 from lgd_ray.seeding import derive_seed
 from lgd_ray.storage import Location
 from lgd_ray.train import Fitter, in_process_fitter, process_device
+
+
+PACKAGED = Path(__file__).resolve().parent / "priors"  # shipped priors: <cache folder name>.safetensors and .json
+WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"  # a saved pixel prior's (EMA) weights
 
 
 def build_pixel_dit(cfg: Config, n_classes: int) -> DiTTransformer2DModel:
@@ -53,6 +62,8 @@ def ensure_prior(cfg: Config, device="cpu", fitter: Fitter | None = None) -> str
     if cfg.prior.model_id:
         return require_prior(cfg)
     out = prior_dir(cfg)
+    if not (out / PIPELINE_MARKER).exists() and (PACKAGED / f"{out.name}.json").exists():
+        install_packaged(cfg, out)
     if not (out / PIPELINE_MARKER).exists():
         check_fit_fits(cfg, cfg.ray.train_workers or 1)  # GPU workers: the fit's memory, before any work
         fitter = fitter or in_process_fitter(device)
@@ -68,6 +79,37 @@ def ensure_prior(cfg: Config, device="cpu", fitter: Fitter | None = None) -> str
         print(f"prior: {info['params'] / 1e6:.2f} M params, loss {info['final_loss']:.4f} (unweighted, fixed draws "
               f"{info['eval_loss']:.4f}), {info['seconds']} s", flush=True)
     return str(out)
+
+
+def package_prior(cfg: Config, command: str) -> Path:
+    """Ship the config's made pixel prior with lgd_ray: its EMA weights as lgd_ray/priors/<cache folder>.safetensors
+    and, beside them, a JSON of their sha256, the command that made them and the fit's info."""
+    out = prior_dir(cfg)
+    if cfg.prior.base or not (out / PIPELINE_MARKER).exists():
+        raise ConfigError(f"prior: no pixel prior of this config at {out} to package: make it first")
+    data = (out / WEIGHTS).read_bytes()
+    PACKAGED.mkdir(exist_ok=True)
+    (PACKAGED / f"{out.name}.safetensors").write_bytes(data)
+    meta = {"sha256": hashlib.sha256(data).hexdigest(), "command": command,
+            "train_info": json.loads((out / "train_info.json").read_text())}
+    (PACKAGED / f"{out.name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"prior: {out} -> {PACKAGED / out.name}.safetensors ({len(data) / 1e6:.1f} MB, sha256 {meta['sha256']})",
+          flush=True)
+    return PACKAGED / f"{out.name}.safetensors"
+
+
+def install_packaged(cfg: Config, out: Location):
+    """Save the prior shipped in lgd_ray/priors/ for this config to `out` (its cache folder), instead of training it;
+    weights whose sha256 is not the recorded one are refused in one line."""
+    meta = json.loads((PACKAGED / f"{out.name}.json").read_text())
+    data = (PACKAGED / f"{out.name}.safetensors").read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != meta["sha256"]:
+        raise ConfigError(f"prior: {PACKAGED / out.name}.safetensors has sha256 {digest}, not the {meta['sha256']} "
+                          "recorded beside it: restore it (git checkout), or delete both files to train the prior")
+    info = {**meta["train_info"], "packaged": f"lgd_ray/priors/{out.name}.safetensors", "sha256": digest}
+    save_prior(pixel_job(cfg, None, num_classes(cfg.data)), load(data), info, out)
+    print(f"prior: the packaged weights of {meta['train_info']['steps']} steps ({meta['command']}) -> {out}", flush=True)
 
 
 def stage_prior(source: str, uri: str) -> Location:
@@ -107,9 +149,13 @@ def main(argv: list[str]):
             cfg = resolve_auto(cfg)
             fitter = ray_fitter(cfg, Location(cfg.cache))
         print(ensure_prior(cfg, process_device(cfg.device), fitter))
+        if args.package:
+            package_prior(cfg, shlex.join(["python", "-m", "lgd_ray.prior", *argv]))
 
     run_cli("lgd_ray.prior", "Train the config's prior, or fine-tune prior.base on its classes (skipped if made).",
-            argv, work)
+            argv, work, lambda parser: parser.add_argument(
+                "--package", action="store_true", help="then ship its EMA weights in lgd_ray/priors/ (under 10 MB: "
+                "commit them; `ensure_prior` installs them into any cache instead of training)"))
 
 
 if __name__ == "__main__":

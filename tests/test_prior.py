@@ -103,3 +103,27 @@ def test_latent_prior_in_bfloat16(latent_pipeline_dir):
     with torch.no_grad():
         plain = half.eps(x, t, labels, 4.0)
     assert eps.dtype == torch.float32 and torch.isfinite(eps).all() and not torch.equal(eps, plain)
+
+
+def test_a_packaged_prior_is_installed_instead_of_trained(trained, tiny_cfg, tiny_overrides, tmp_path, monkeypatch):
+    """`python -m lgd_ray.prior CONFIG --package` ships the made prior's EMA weights (safetensors + sha256 and the
+    command); a cache without the prior gets it from there, not from a fit; weights that changed are one line."""
+    from dataclasses import replace
+
+    from lgd_ray import prior_make
+    from lgd_ray.prior import prior_dir
+
+    monkeypatch.setattr(prior_make, "PACKAGED", tmp_path / "priors")
+    shipped = prior_make.package_prior(tiny_cfg, "python -m lgd_ray.prior digits ...")
+    meta = json.loads(shipped.with_suffix(".json").read_text())
+    assert shipped.stat().st_size < 10e6 and meta["train_info"]["steps"] == tiny_cfg.prior.train_steps
+    fresh = replace(tiny_cfg, cache=str(tmp_path / "cache"))
+    assert prior_dir(fresh).name == prior_dir(tiny_cfg).name  # the same prior's folder, in another cache
+    monkeypatch.setattr(prior_make, "train_prior", None)  # a fit would fail
+    installed = load_prior(prior_make.ensure_prior(fresh), tiny_cfg.prior.scheduler)
+    made = trained[0].transformer.state_dict()
+    assert all(torch.equal(installed.transformer.state_dict()[k], made[k]) for k in made)
+    assert json.loads((prior_dir(fresh) / "train_info.json").read_text())["sha256"] == meta["sha256"]
+    shipped.write_bytes(shipped.read_bytes()[:-1] + b" ")
+    with pytest.raises(ConfigError, match=r"has sha256 \w+, not the \w+ recorded beside it"):
+        prior_make.ensure_prior(replace(tiny_cfg, cache=str(tmp_path / "other")))
