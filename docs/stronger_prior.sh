@@ -17,6 +17,11 @@ TAG=$(echo "$*" | tr ' =' '_-'); OUT=runs/prior30k${TAG:+-$TAG}
 mkdir -p "$OUT/ckpts"
 cache_dir() { $PY -c "import sys; from lgd_ray.config import load_config; from lgd_ray.prior import prior_checkpoints
 print(prior_checkpoints(load_config('fashion-mnist', sys.argv[1:])).local_path)" "${KEYS[@]}"; }
+ready() {  # the fit has finished (else `sampling` and `dit10` would start a second fit of the same prior)
+  $PY -c "import sys; from lgd_ray.config import load_config; from lgd_ray.prior import PIPELINE_MARKER, prior_dir
+sys.exit(not (prior_dir(load_config('fashion-mnist', sys.argv[1:])) / PIPELINE_MARKER).exists())" "${KEYS[@]}" \
+    || { echo "the prior of ${KEYS[*]} is not made yet: run the fit step first" >&2; exit 2; }
+}
 case $STEP in
   fit)  # the fit deletes its checkpoints once the prior is saved: hard links keep every one of them for the curve
     CKPTS=$(cache_dir)
@@ -29,11 +34,13 @@ case $STEP in
     mapfile -t C < <(ls -d "$OUT"/ckpts/checkpoint_* | awk -F_ '($NF + 1) % 5 == 0')  # every 5th: 2,500 steps
     $PY bench/prior_curve.py fashion-mnist "${C[@]}" "${KEYS[@]}" --out "$OUT/curve" --cfg-scale 1 ;;
   sampling)
+    ready
     for n in 50 100 250; do
       $PY bench/prior_fidelity.py fashion-mnist "${KEYS[@]}" prior.num_steps=$n --schedulers ddpm --cfg-scales 1 1.5 2 \
         | sed "s/^/steps $n: /" | tee -a "$OUT/sampling.txt"
     done ;;
   dit10)
+    ready
     RUN=$OUT/dit10-cfg$CFG-steps$N
     ls "$RUN"/eval/*-ipc10-hard.json >/dev/null 2>&1 || {
       $PY -m lgd_ray.distill fashion-mnist "${KEYS[@]}" distill.method=dit distill.stages=0 prior.cfg_scale=$CFG \
