@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-NEEDED = ("torch", "diffusers", "safetensors", "yaml", "webdataset", "timm", "sklearn", "boto3", "pyarrow")
+NEEDED = ("torch", "diffusers", "safetensors", "yaml", "webdataset", "timm", "sklearn", "pyarrow")  # (boto3: S3 leases only)
 missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
 if missing:  # a bare GPU machine: say what to bring, install nothing
     sys.exit(f"gpu-check: missing Python packages: {', '.join(missing)} (pip install them, or bring their wheels: "
@@ -166,7 +166,7 @@ def forced_oom(small: bool, folder: str) -> dict:
     return row
 
 
-def distill_on_ray(out: Path) -> dict:
+def distill_on_ray(out: Path, timeout: int) -> dict:
     """A digits distillation through Ray, GPU sampler actors and GPU Ray Train workers (all of the machine's GPUs)."""
     if importlib.util.find_spec("ray") is None:
         return {"check": "digits on Ray with GPUs", "ok": False, "why": "ray is not installed (bring its wheel)"}
@@ -177,7 +177,13 @@ def distill_on_ray(out: Path) -> dict:
             "prior.train_steps=300", "ray.actors=auto", "ray.train_workers=auto", "ray.num_gpus_per_actor=1",
             "ray.num_cpus_per_actor=1", "ray.train_use_gpu=true", "ray.train_gpus_per_worker=1", "device=cuda"]
     start = time.time()
-    r = subprocess.run(args, capture_output=True, text=True, timeout=480, cwd=ROOT)
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        row = {"check": "digits on Ray with GPUs", "gpus": gpus, "ok": False, "why": f"over {timeout} s",
+               "error": (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or "")[-1500:]}
+        print(json.dumps(row), flush=True)
+        return row
     row = {"check": "digits on Ray with GPUs", "gpus": gpus, "ddp_backend": "nccl", "seconds": round(time.time() - start),
            "ok": r.returncode == 0, "last_line": (r.stdout.strip().splitlines() or [""])[-1][:300]}
     if r.returncode:
@@ -205,6 +211,7 @@ def main(argv: list[str]) -> list[dict]:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-distill", action="store_true", help="leave out the digits distillation on Ray")
+    parser.add_argument("--distill-timeout", type=int, default=480, help="seconds the digits distillation may take")
     parser.add_argument("--out", default="", help="write the rows as JSON here, and a Markdown table beside it")
     args = parser.parse_args(argv)
     problem = unusable_gpu()
@@ -220,7 +227,7 @@ def main(argv: list[str]) -> list[dict]:
             rows += check(args.small, variant, batches, args.repeats, folder)
         rows.append(forced_oom(args.small, folder))
         if not args.no_distill:
-            rows.append(distill_on_ray(Path(folder) / "digits-gpu"))
+            rows.append(distill_on_ray(Path(folder) / "digits-gpu", args.distill_timeout))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
         Path(args.out).with_suffix(".md").write_text(table(rows))

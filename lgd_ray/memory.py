@@ -2,18 +2,21 @@
 
 A guided step holds, from its forward until its backward, every tensor autograd saved on the way from x_t through
 the DiT (the CFG pair), the VAE decoder and both classifiers. `saved_bytes` counts them with a saved-tensors hook
-(once per storage; weights excluded) while the real guided step (`Guide`) runs on models built on the meta device;
-two batch sizes give the bytes per trajectory and the fixed part. Unguided steps and the final decode save nothing:
+(once per storage; weights excluded) while the real guided step (`Guide`) runs on models built on the meta device
+(attention as CUDA runs it; a retained backward's working set on top: `_AsOnCuda`); two batch sizes give the bytes per trajectory and the fixed part. Unguided steps and the final decode save nothing:
 their peak is a few live activations, bounded here by 4 x the largest tensor one op makes per image.
 The result is an estimate of torch's allocated memory (what torch.cuda.max_memory_allocated reports), plus a fixed
 allowance for the CUDA context and cuBLAS workspaces; bench/gpu_check.py measures both on a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusers import DDIMScheduler
@@ -84,24 +87,77 @@ class _Count:
             block(*args)
         self.largest_block = max(self.largest_block, inner.total)
 
+    @staticmethod
+    def contexts():
+        """torch.utils.checkpoint's context_fn: the forward runs inside saved_bytes' modes already; the recompute in
+        the backward (autograd's own thread on the meta device) must enter them again."""
+        return contextlib.nullcontext(), _AsOnCuda()
+
     @property
     def total(self) -> int:
         return self.peak + self.largest_block
 
 
+class _Live(TorchDispatchMode):
+    """The most bytes that storages made by ops while active hold at once (`_Count.keep` on every op's outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = _Count([])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.count.keep(t)
+        return out
+
+
+class _AsOnCuda(TorchFunctionMode):
+    """What a count must see as CUDA runs it (each measured against an H200, torch 2.11, DiT-XL/2 guided step):
+
+    - scaled_dot_product_attention on the meta device runs the memory-efficient kernel (saves its output and
+      log-sum-exp), not the math path meta would take (saves the attention matrix: 0.16 float32 / 0.29 bfloat16 GiB
+      more per trajectory than CUDA, whose default kernel saved what the efficient one saves; flash was refused);
+    - a backward that retains its graph (deviation guidance's first one) frees no saved tensor on its way, so its own
+      working set (gradients in flight) comes on top of them: `retained_backward`, its most live bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.retained_backward = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.autograd.grad and kwargs.get("retain_graph"):
+            with _Live() as live:
+                out = func(*args, **kwargs)
+            self.retained_backward = max(self.retained_backward, live.count.peak)
+            return out
+        if func is not F.scaled_dot_product_attention or args[0].device.type != "meta":
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+        a = {**dict(zip(names, args)), **kwargs}
+        if a.get("enable_gqa"):
+            return func(*args, **kwargs)
+        grad = torch.is_grad_enabled() and any(a[n].requires_grad for n in ("query", "key", "value"))
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            a["query"], a["key"], a["value"], a.get("attn_mask"), grad, a.get("dropout_p", 0.0),
+            a.get("is_causal", False), scale=a.get("scale"))[0]
+
+
 def saved_bytes(fn, exclude: list[torch.nn.Module] = ()) -> int:
     """Bytes autograd keeps for the backward of what fn() runs: the most that the storages it saves hold at once
     (parameters and buffers of `exclude` not counted) and, for checkpointed blocks (lgd_ray.prior.checkpointed),
-    their inputs plus the largest block's activations (one block is recomputed at a time). Works on the meta device
-    and on real devices alike."""
-    count = _Count(exclude)
+    their inputs plus the largest block's activations (one block is recomputed at a time), plus the working set of
+    a backward that retains its graph (`_AsOnCuda`). Works on the meta device and on real devices alike."""
+    count, cuda = _Count(exclude), _AsOnCuda()
     CHECKPOINT_COUNTS.append(count)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t), cuda:
             fn()
     finally:
         CHECKPOINT_COUNTS.pop()
-    return count.total
+    return count.total + cuda.retained_backward
 
 
 class _LargestOutput(TorchDispatchMode):
@@ -120,7 +176,7 @@ class _LargestOutput(TorchDispatchMode):
 
 
 def largest_output(fn) -> int:
-    with _LargestOutput() as mode:
+    with _AsOnCuda(), _LargestOutput() as mode:
         fn()
     return mode.largest
 

@@ -120,9 +120,11 @@ CHECKPOINT_COUNTS: list = []  # while a memory count runs (lgd_ray.memory.saved_
 def checkpointed(block, *args):
     """Run `block` under non-reentrant activation checkpointing (the models are in eval mode: nothing random to
     replay). Its inputs stay alive until the backward, which runs the block again and holds its activations then."""
-    if CHECKPOINT_COUNTS:
+    extra = {}
+    if CHECKPOINT_COUNTS:  # counted: the recompute in the backward runs under the count's modes too
         CHECKPOINT_COUNTS[-1].block(block, args)
-    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False)
+        extra["context_fn"] = CHECKPOINT_COUNTS[-1].contexts
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False, **extra)
 
 
 def image_size_of(transformer_config, vae_config=None) -> int:

@@ -7,9 +7,26 @@ import torch
 
 from conftest import load_bench
 from lgd_ray.config import ConfigError, load_config
-from lgd_ray.memory import GIB, actor_memory, check_fits, deviation_images, guided_step_bytes
+from lgd_ray.memory import GIB, actor_memory, check_fits, deviation_images, guided_step_bytes, saved_bytes
 from lgd_ray.models import build_classifier
 from lgd_ray.prior import load_prior
+
+
+def test_the_count_sees_attention_and_a_retained_backward_as_cuda_runs_them():
+    """On the meta device attention is counted as CUDA's memory-efficient kernel runs it (an H200 measured that
+    kernel's saved bytes, bench/gpu-runs/2026-11-30): no attention matrix saved, unlike the math path. A backward that
+    keeps its graph adds its own working set, which a freeing backward does not."""
+    q = torch.randn(2, 4, 64, 16, device="meta", requires_grad=True)
+    matrix = 2 * 4 * 64 * 64 * 4  # one float32 attention matrix
+    fused = saved_bytes(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    math = saved_bytes(lambda: (q @ q.transpose(-1, -2) / 4).softmax(-1) @ q)
+    assert 0 < fused < matrix < math  # the math path holds the matrix, the fused kernel its output and log-sum-exp
+    x = torch.randn(8, 256, device="meta", requires_grad=True)
+
+    def step(retain: bool):
+        torch.autograd.grad((x.exp() * x).sum(), x, retain_graph=retain)
+
+    assert saved_bytes(lambda: step(True)) > saved_bytes(lambda: step(False))
 
 
 @pytest.mark.parametrize("through, gamma", [("denoiser", 0), ("decoder", 0), ("denoiser", 50)])
@@ -113,7 +130,7 @@ def test_checkpointing_gives_the_same_guidance_with_a_smaller_count(latent_pipel
         t = prior.scheduler.timesteps[5]
         guide = Guide.from_config(cfg, Scorer(*nets, omega=1.0), batch=0)
         eps = guide.eps(prior, x, t, labels, 4.0)
-        measured = guided_step_bytes(cfg, prior, *nets, 6)
+        measured = guided_step_bytes(cfg, prior, *nets, 6, deviation_images(cfg))  # imagenette: gamma > 0
         mem = actor_memory(cfg)
         estimate = mem.guided_fixed + 6 * mem.guided_per_trajectory
         assert abs(estimate - measured) / measured < 0.10, (name, estimate, measured)
