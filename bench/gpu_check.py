@@ -184,7 +184,7 @@ def distill_on_ray(out: Path, timeout: int) -> dict:
                "error": (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or "")[-1500:]}
         print(json.dumps(row), flush=True)
         return row
-    row = {"check": "digits on Ray with GPUs", "gpus": gpus, "ddp_backend": "nccl", "seconds": round(time.time() - start),
+    row = {"check": "digits on Ray with GPUs", "gpus": gpus, "ddp": "nccl" if gpus > 1 else "none (1 worker)", "seconds": round(time.time() - start),
            "ok": r.returncode == 0, "last_line": (r.stdout.strip().splitlines() or [""])[-1][:300]}
     if r.returncode:
         row["error"] = r.stderr.strip()[-1500:]
