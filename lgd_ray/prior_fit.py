@@ -101,8 +101,8 @@ def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=N
     AdamW with warm-up and cosine decay, gradient clipping and an EMA of the weights (with warm-up).
 
     on_round(round, metrics, state) after every prior.checkpoint_steps steps; state() is what resumes the fit (weights,
-    EMA, optimizer, scheduler, step; CPU tensors); bar: the progress bar of the steps (with the loss). Returns (EMA state
-    dict on the CPU, metrics).
+    EMA, optimizer, scheduler, step, seconds so far; CPU tensors); bar: the progress bar of the steps (with the loss).
+    Returns (EMA state dict on the CPU, metrics); metrics' seconds count every sitting of a resumed fit.
     """
     p = job.prior
     if p.batch_size % world:
@@ -126,13 +126,13 @@ def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=N
     warmup = max(1, p.train_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / p.train_steps)))
-    first = 0
+    first, before = 0, 0.0  # before: seconds the fit ran in earlier sittings
     if resume is not None:
         model.load_state_dict(resume["model"])
         ema.load_state_dict(resume["ema"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
-        first = resume["step"]
+        first, before = resume["step"], float(resume.get("seconds", 0.0))  # (checkpoints before 2026-11-30 lack it)
     net = wrap(model) if wrap else model
     if p.compile:
         net = torch.compile(net)
@@ -141,8 +141,9 @@ def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=N
     batch, losses, start = p.batch_size // world, [], time.time()
 
     def state(step: int) -> dict:
-        return {"step": step, "model": to_cpu(model.state_dict()), "ema": to_cpu(ema.state_dict()),
-                "optimizer": to_cpu(opt.state_dict()), "scheduler": to_cpu(sched.state_dict())}
+        return {"step": step, "seconds": before + time.time() - start, "model": to_cpu(model.state_dict()),
+                "ema": to_cpu(ema.state_dict()), "optimizer": to_cpu(opt.state_dict()),
+                "scheduler": to_cpu(sched.state_dict())}
 
     progress = bar(p.train_steps, job.name, first)
     for step in range(first, p.train_steps):
@@ -171,7 +172,7 @@ def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=N
                      {"step": done, "loss": torch.stack(losses[-p.checkpoint_steps:]).mean().item()},
                      lambda done=done: state(done))
     progress.close()
-    metrics = {"step": p.train_steps, "workers": world, "seconds": round(time.time() - start, 1),
+    metrics = {"step": p.train_steps, "workers": world, "seconds": round(before + time.time() - start, 1),
                "params": sum(x.numel() for x in model.parameters()),
                "final_loss": torch.stack(losses[-100:]).mean().item() if losses else float("nan"),
                "eval_loss": denoising_loss(ema, data, noise_sched, job.seed)}

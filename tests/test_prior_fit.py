@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from functools import partial
+from pathlib import Path
 
 import pytest
 import ray
@@ -11,6 +12,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from conftest import kill_when
+from lgd_ray.checkpoints import read_checkpoint
 from lgd_ray.config import ConfigError, load_config
 from lgd_ray.data import load_split
 from lgd_ray.prior import load_prior, prior_checkpoints, prior_dir
@@ -81,6 +83,8 @@ def test_a_killed_prior_fit_continues_from_its_checkpoint(where, tmp_path, unint
 
     kill_when(args, checkpointed, "no checkpoint", timeout=180)
     assert not (prior_dir(cfg) / "model_index.json").exists()
+    first_sitting = max(read_checkpoint(Path(c.local_path))["seconds"] for run in prior_checkpoints(cfg).iterdir()
+                        for c in run.iterdir() if (c / "progress.json").exists())
     r = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     said = [line for line in r.stdout.splitlines() if "continu" in line]
@@ -88,7 +92,8 @@ def test_a_killed_prior_fit_continues_from_its_checkpoint(where, tmp_path, unint
     resumed = load_prior(str(prior_dir(cfg)), "ddpm").transformer.state_dict()
     whole = uninterrupted["ray-1" if where == "ray" else "in-process"].state_dict()
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)  # as if never interrupted (the CPU)
-    assert json.loads((prior_dir(cfg) / "train_info.json").read_text())["steps"] == 150
+    info = json.loads((prior_dir(cfg) / "train_info.json").read_text())
+    assert info["steps"] == 150 and info["seconds"] > first_sitting > 0  # the time of both sittings
     assert not prior_checkpoints(cfg).exists()
 
 
