@@ -133,11 +133,11 @@ class _AsOnCuda(TorchFunctionMode):
                 out = func(*args, **kwargs)
             self.retained_backward = max(self.retained_backward, live.count.peak)
             return out
-        if func is not F.scaled_dot_product_attention or args[0].device.type != "meta":
+        if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
         a = {**dict(zip(names, args)), **kwargs}
-        if a.get("enable_gqa"):
+        if a["query"].device.type != "meta" or a.get("enable_gqa"):
             return func(*args, **kwargs)
         grad = torch.is_grad_enabled() and any(a[n].requires_grad for n in ("query", "key", "value"))
         return torch.ops.aten._scaled_dot_product_efficient_attention(
