@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-NEEDED = ("torch", "diffusers", "safetensors", "yaml", "webdataset", "timm", "sklearn", "pyarrow")  # (boto3: S3 leases only)
+# boto3 is left out: only the S3 run-folder lease imports it
+NEEDED = ("torch", "diffusers", "safetensors", "yaml", "webdataset", "timm", "sklearn", "pyarrow")
 missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
 if missing:  # a bare GPU machine: say what to bring, install nothing
     sys.exit(f"gpu-check: missing Python packages: {', '.join(missing)} (pip install them, or bring their wheels: "
@@ -176,16 +177,16 @@ def distill_on_ray(out: Path, timeout: int) -> dict:
     args = [sys.executable, "-m", "lgd_ray.distill", "digits", f"out={out}", f"cache={out}-cache", "distill.stages=1",
             "prior.train_steps=300", "ray.actors=auto", "ray.train_workers=auto", "ray.num_gpus_per_actor=1",
             "ray.num_cpus_per_actor=1", "ray.train_use_gpu=true", "ray.train_gpus_per_worker=1", "device=cuda"]
-    start = time.time()
+    start, row = time.time(), {"check": "digits on Ray with GPUs", "gpus": gpus}
     try:
         r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired as e:
-        row = {"check": "digits on Ray with GPUs", "gpus": gpus, "ok": False, "why": f"over {timeout} s",
-               "error": (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or "")[-1500:]}
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        row.update(ok=False, why=f"over {timeout} s", error=err[-1500:])
         print(json.dumps(row), flush=True)
         return row
-    row = {"check": "digits on Ray with GPUs", "gpus": gpus, "ddp": "nccl" if gpus > 1 else "none (1 worker)", "seconds": round(time.time() - start),
-           "ok": r.returncode == 0, "last_line": (r.stdout.strip().splitlines() or [""])[-1][:300]}
+    row.update(ddp="nccl" if gpus > 1 else "none (1 worker)", seconds=round(time.time() - start), ok=r.returncode == 0,
+               last_line=(r.stdout.strip().splitlines() or [""])[-1][:300])
     if r.returncode:
         row["error"] = r.stderr.strip()[-1500:]
     print(json.dumps(row), flush=True)

@@ -3,8 +3,9 @@
 A guided step holds, from its forward until its backward, every tensor autograd saved on the way from x_t through
 the DiT (the CFG pair), the VAE decoder and both classifiers. `saved_bytes` counts them with a saved-tensors hook
 (once per storage; weights excluded) while the real guided step (`Guide`) runs on models built on the meta device
-(attention as CUDA runs it; a retained backward's working set on top: `_AsOnCuda`); two batch sizes give the bytes per trajectory and the fixed part. Unguided steps and the final decode save nothing:
-their peak is a few live activations, bounded here by 4 x the largest tensor one op makes per image.
+(attention as CUDA runs it; a retained backward's working set on top: `_AsOnCuda`); two batch sizes give the bytes
+per trajectory and the fixed part. Unguided steps and the final decode save nothing: their peak is a few live
+activations, bounded here by 4 x the largest tensor one op makes per image.
 The result is an estimate of torch's allocated memory (what torch.cuda.max_memory_allocated reports), plus a fixed
 allowance for the CUDA context and cuBLAS workspaces; bench/gpu_check.py measures both on a GPU.
 """
