@@ -5,6 +5,7 @@
 #   ONLY="dit lgd" bash docs/seeds_table.sh digits 3 4     # only these variants
 #   SET="prior.seed=0 distill.stages=1" bash docs/seeds_table.sh fashion-mnist 0 1 2   # overrides for every run
 #   EVAL_IPC="10" ONLY="random dit" bash docs/seeds_table.sh fashion-mnist 0 1 2     # also evaluated at IPC 10
+#   REDUNDANCY="dit lgd" bash docs/seeds_table.sh fashion-mnist 0 1 2   # and these variants' increment redundancy
 # In-process (ray.enabled=false): one run at a time, so the seconds are comparable. The prior and the reference are
 # trained once per seed (cached in runs/cache) and shared by every variant of that seed: the differences are paired.
 set -euo pipefail
@@ -12,6 +13,7 @@ PY=${PY:-.venv/bin/python}
 CONFIG=$1; shift; SEEDS=("$@")
 ONLY=${ONLY:-}
 read -r -a EVAL_IPC <<< "${EVAL_IPC:-}"
+REDUNDANCY=${REDUNDANCY:-}
 read -r -a SET <<< "${SET:-}"
 OUT=runs/seeds-$CONFIG
 VARIANTS=(
@@ -48,6 +50,12 @@ for v in "${VARIANTS[@]}"; do
         || $PY -m lgd_ray.evaluate $OUT/$name/seed$s evaluate.ipc=$ipc ray.enabled=false | tail -1
     done
   done
+  if [[ " $REDUNDANCY " == *" $name "* ]]; then
+    for s in "${SEEDS[@]}"; do
+      [ -f "$OUT/$name/seed$s/redundancy/redundancy.json" ] \
+        || $PY -m lgd_ray.redundancy $OUT/$name/seed$s ray.enabled=false | tail -1
+    done
+  fi
 done
 $PY -m lgd_ray.report "$OUT"/*/seed* > "$OUT/report.md"
 sed -n '/## Over run seeds/,$p' "$OUT/report.md"

@@ -19,7 +19,7 @@ from torchvision.utils import make_grid
 
 from lgd_ray.cli import Parser, one_line_errors
 from lgd_ray.config import ConfigError
-from lgd_ray.seeds import METHOD_ORDER, seeds_tables
+from lgd_ray.seeds import METHOD_ORDER, seeds_tables, stages_table
 from lgd_ray.shards import MANIFEST, paths, read_manifest, read_shards, stage_rows
 from lgd_ray.storage import Location, as_location
 
@@ -181,6 +181,9 @@ def compare(runs: list) -> str:
     pooled = seeds_tables(runs)
     if pooled:
         lines += ["", "## Over run seeds", "", pooled]
+    staged = stages_table(runs)
+    if staged:
+        lines += ["", "### The incremental student over run seeds", "", staged]
     return "\n".join(lines)
 
 

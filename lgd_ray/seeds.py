@@ -43,6 +43,22 @@ class Group:
         return {s: statistics.fmean(r[key] for r in rows) for s, rows in self.by_seed.items()}
 
 
+@dataclass
+class Stages:
+    """The incremental student of one configuration (less its seed), stage by stage, by run seed."""
+
+    data: str
+    method: str
+    config: dict
+    label: str = ""
+    by_seed: dict = field(default_factory=dict)  # run seed -> [(student acc %, mean S or None) per trained stage]
+    redundancy: dict = field(default_factory=dict)  # run seed -> mean off-diagonal accuracy (%), where computed
+
+    def stage_count(self) -> int:
+        """The stages every seed has trained."""
+        return min(map(len, self.by_seed.values()))
+
+
 def paired(a: dict, b: dict) -> tuple[float, float, float, int] | None:
     """Mean of a[s] - b[s] over the seeds both have, with its 95 % t interval: (mean, low, high, n); None if n < 2."""
     seeds = sorted(set(a) & set(b))
@@ -63,27 +79,80 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def collect(runs: list) -> list[Group]:
-    """The groups of the runs' evaluations (run folders, paths or URIs); evaluations on the full data set excluded."""
-    groups: dict[tuple, Group] = {}
+def _runs(runs: list):
+    """(manifest, config, identity less the seed) of each run folder that holds a run."""
     for run in map(as_location, runs):
         manifest = read_manifest(run)
         if manifest is None:
             continue
         cfg = build_config(manifest["config"])  # today's keys: runs made before a key existed group with later ones
-        identity = {k: v for k, v in run_identity(cfg).items() if k not in NOT_IDENTITY}
+        yield run, manifest, cfg, {k: v for k, v in run_identity(cfg).items() if k not in NOT_IDENTITY}
+
+
+def _labelled(groups: list) -> list:
+    """Each group's label: its method plus the keys in which the method's groups of the same data set differ."""
+    for g in groups:
+        peers = [h for h in groups if (h.data, h.method) == (g.data, g.method)]
+        varying = sorted(k for k in g.config if len({h.config.get(k) for h in peers}) > 1)
+        g.label = " ".join([g.method] + [f"{k}={json.loads(g.config[k])}" for k in varying])
+    return groups
+
+
+def collect(runs: list) -> list[Group]:
+    """The groups of the runs' evaluations (run folders, paths or URIs); evaluations on the full data set excluded."""
+    groups: dict[tuple, Group] = {}
+    for run, _, cfg, identity in _runs(runs):
         for p in (run / "eval").files(".json"):
             r = json.loads(p.read_text())
             key = (config_hash(identity), str(r["ipc"]), r["model"], r["labels"])
             g = groups.setdefault(key, Group(cfg.data.name, r["method"], str(r["ipc"]), r["model"], r["labels"],
                                              _flat(identity)))
             g.by_seed[cfg.seed] = [(100 * x["last"], 100 * x["best"]) for x in r["repeats"]]
-    out = list(groups.values())
-    for g in out:  # label: the keys in which the method's groups of the same data set differ
-        peers = [h for h in out if (h.data, h.method) == (g.data, g.method)]
-        varying = sorted(k for k in g.config if len({h.config.get(k) for h in peers}) > 1)
-        g.label = " ".join([g.method] + [f"{k}={json.loads(g.config[k])}" for k in varying])
-    return out
+    return _labelled(list(groups.values()))
+
+
+def collect_stages(runs: list) -> list[Stages]:
+    """The incremental student's real test accuracy and mean S per trained stage, and the redundancy of the
+    increments where `python -m lgd_ray.redundancy` ran, grouped as `collect` groups."""
+    groups: dict[str, Stages] = {}
+    for run, manifest, cfg, identity in _runs(runs):
+        stages = [manifest["stages"][k] for k in sorted(manifest.get("stages", {}), key=int)]
+        rows = [(100 * s["student_acc"], s.get("mean_S")) for s in stages if s.get("trained")]
+        if rows:
+            g = groups.setdefault(config_hash(identity), Stages(cfg.data.name, cfg.distill.method, _flat(identity)))
+            g.by_seed[cfg.seed] = rows
+            if (path := run / "redundancy" / "redundancy.json").exists():
+                g.redundancy[cfg.seed] = 100 * json.loads(path.read_text())["redundancy"]
+    return _labelled(list(groups.values()))
+
+
+def stages_table(runs: list) -> str:
+    """Markdown: the incremental student after each stage (mean ± std over seeds), the mean S of each stage's chosen
+    images (mean over seeds; – where a stage has none, as unguided ones) and the redundancy (mean ± std over the
+    seeds that have it), for groups with two or more seeds."""
+    groups = [g for g in collect_stages(runs) if len(g.by_seed) > 1]
+    if not groups:
+        return ""
+    groups.sort(key=lambda g: (g.data, METHOD_ORDER.get(g.method, 9), g.label))
+    n = max(g.stage_count() for g in groups)
+    lines = ["| data | method | seeds | " + " | ".join(f"student after stage {i} (%)" for i in range(n))
+             + " | " + " | ".join(f"mean S, stage {i}" for i in range(n)) + " | redundancy (%) |",
+             "|---|---|---|" + "---|" * (2 * n + 1)]
+    for g in groups:
+        k, seeds = g.stage_count(), sorted(g.by_seed)
+        accs = [[g.by_seed[s][i][0] for s in seeds] for i in range(k)]
+        scores = [[g.by_seed[s][i][1] for s in seeds] for i in range(k)]
+        acc_cells = [f"{statistics.fmean(a):.2f} ± {statistics.stdev(a):.2f}" for a in accs] + [""] * (n - k)
+        s_cells = ["–" if None in v else f"{statistics.fmean(v):.3f}" for v in scores] + [""] * (n - k)
+        r = list(g.redundancy.values())
+        red = (f"{statistics.fmean(r):.2f} ± {statistics.stdev(r):.2f} ({len(r)} seeds)" if len(r) > 1
+               else f"{r[0]:.2f} (1 seed)" if r else "–")
+        lines.append(f"| {g.data} | {g.label} | {','.join(map(str, seeds))} | " + " | ".join(acc_cells + s_cells)
+                     + f" | {red} |")
+    lines += ["", "From the runs' manifests: the student each stage trains (continued from the stage before) on the "
+              "set so far, tested on the real test split; mean ± sample std over run seeds. Redundancy: the mean off-diagonal "
+              "accuracy of `python -m lgd_ray.redundancy` (a classifier trained on one increment, tested on another)."]
+    return "\n".join(lines)
 
 
 def seeds_tables(runs: list) -> str:

@@ -2,11 +2,16 @@
 
 The run folders here hold what `distill` and `evaluate` write (a manifest with the run's config, eval/*.json by
 evaluate's own writer) with accuracies chosen by the test, so the expected numbers are computed by hand below."""
+import json
+
+import torch
+
 from lgd_ray.config import load_config, to_dict
 from lgd_ray.distill import per_seed
 from lgd_ray.evaluate import summarise, write_results
+from lgd_ray.redundancy import redundancy_of
 from lgd_ray.report import compare
-from lgd_ray.seeds import collect, paired
+from lgd_ray.seeds import collect, paired, stages_table
 from lgd_ray.shards import write_manifest
 from lgd_ray.storage import as_location
 
@@ -15,10 +20,10 @@ RANKED = {0: [80, 82], 1: [84, 86], 2: [78, 80]}  # lgd, kappa 3: seed means 81,
 GRADIENT_ONLY = {0: [79, 79], 1: [82, 84], 2: [77, 79]}  # lgd, kappa 1: seed means 79, 83, 78
 
 
-def _run(folder, overrides: list[str], seed: int, accs: list[float]) -> str:
+def _run(folder, overrides: list[str], seed: int, accs: list[float], stages: dict | None = None) -> str:
     cfg = load_config("digits", overrides + [f"seed={seed}", f"out={folder}"])
     run = as_location(str(folder))
-    write_manifest(run, {"config": to_dict(cfg), "stages": {}, "shards": []})
+    write_manifest(run, {"config": to_dict(cfg), "stages": stages or {}, "shards": []})
     rows = [{"seed": i, "last": a / 100, "best": (a + 1) / 100, "best_epoch": 10} for i, a in enumerate(accs)]
     write_results(run / "eval", "convnet2-ipc20-hard", {"method": "lgd", "model": "convnet2", "ipc": 20,
                                                        "labels": "hard", "config_hash": "", "epochs": 30, "seconds": 1.0,
@@ -44,6 +49,29 @@ def test_pooled_and_paired_by_hand(tmp_path):
     assert paired({0: 1.0}, {0: 0.0}) is None  # one common seed: no interval
     table = compare(runs)
     assert "## Over run seeds" in table and "81.67 ± 2.94" in table and "+1.67 [+0.23, +3.10]" in table
+
+
+def test_the_incremental_student_pooled_by_hand(tmp_path):
+    """Stage rows from the manifests: pooled over the seeds' trained stages; a stage not yet trained is left out."""
+    stage = lambda acc, s, trained=True: {"trained": trained, "student_acc": acc, "mean_S": s}
+    runs = [_run(tmp_path / f"s{seed}", [], seed, [80, 80], {"0": stage(0.60, None), "1": stage(a, s)})
+            for seed, a, s in ((0, 0.70, 2.0), (1, 0.74, 1.0))]
+    runs.append(_run(tmp_path / "s2", [], 2, [80, 80], {"0": stage(0.62, None), "1": stage(0.9, 9.0, False)}))
+    runs += [_run(tmp_path / f"k1-s{seed}", ["guidance.kappa=1"], seed, [80, 80], {"0": stage(0.60, None),
+                                                                                  "1": stage(0.70, 1.0)})
+             for seed in (0, 1)]
+    for seed, off in ((0, 0.9), (1, 0.8)):  # what `python -m lgd_ray.redundancy` writes, for two increments
+        matrix = [[1.0, off], [off, 1.0]]
+        result = {"method": "lgd", "model": "convnet2", "epochs": [30, 30], "stages": [0, 1], "matrix": matrix,
+                  "redundancy": redundancy_of(torch.tensor(matrix)), "real_test": [0.6, 0.7], "seeds": [0, 1]}
+        (as_location(runs[-2 + seed]) / "redundancy" / "redundancy.json").write_text(json.dumps(result))
+    rows = stages_table(runs).splitlines()
+    # kappa 3, seeds 0-2: stage 0 60, 60, 62 -> 60.67 ± 1.15; seed 2 has one trained stage, so its group stops there
+    assert rows[2] == "| digits | lgd guidance.kappa=1 | 0,1 | 60.00 ± 0.00 | 70.00 ± 0.00 | – | 1.000 | 85.00 ± 7.07 (2 seeds) |"
+    assert rows[3] == "| digits | lgd guidance.kappa=3 | 0,1,2 | 60.67 ± 1.15 |  | – |  | – |"
+    # without seed 2: stage 1 over seeds 0-1, 70 and 74 -> 72 ± 2.83, mean S 1.5
+    assert stages_table(runs[:2]).splitlines()[2] == "| digits | lgd | 0,1 | 60.00 ± 0.00 | 72.00 ± 2.83 | – | 1.500 | – |"
+    assert "### The incremental student over run seeds" in compare(runs)
 
 
 def test_per_seed_runs_get_their_own_folders():
