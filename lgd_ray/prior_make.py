@@ -150,7 +150,8 @@ def main(argv: list[str]):
             fitter = ray_fitter(cfg, Location(cfg.cache))
         print(ensure_prior(cfg, process_device(cfg.device), fitter))
         if args.package:
-            package_prior(cfg, shlex.join(["python", "-m", "lgd_ray.prior", *argv]))
+            made_by = [a for a in argv if not a.startswith("cache=")]  # where this machine caches it is no recipe
+            package_prior(cfg, shlex.join(["python", "-m", "lgd_ray.prior", *made_by]))
 
     run_cli("lgd_ray.prior", "Train the config's prior, or fine-tune prior.base on its classes (skipped if made).",
             argv, work, lambda parser: parser.add_argument(

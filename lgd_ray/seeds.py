@@ -150,8 +150,9 @@ def stages_table(runs: list) -> str:
         lines.append(f"| {g.data} | {g.label} | {','.join(map(str, seeds))} | " + " | ".join(acc_cells + s_cells)
                      + f" | {red} |")
     lines += ["", "From the runs' manifests: the student each stage trains (continued from the stage before) on the "
-              "set so far, tested on the real test split; mean ± sample std over run seeds. Redundancy: the mean off-diagonal "
-              "accuracy of `python -m lgd_ray.redundancy` (a classifier trained on one increment, tested on another)."]
+              "set so far, tested on the real test split; mean ± sample std over run seeds. Redundancy: the mean "
+              "off-diagonal accuracy of `python -m lgd_ray.redundancy` (a classifier trained on one increment, tested "
+              "on another)."]
     return "\n".join(lines)
 
 

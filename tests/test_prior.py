@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DiTPipeline
 
-from lgd_ray.config import ConfigError
+from lgd_ray.config import ConfigError, load_config
 from lgd_ray.prior import load_prior
 from lgd_ray.sampler import sample
 from lgd_ray.seeding import generator
@@ -127,3 +127,21 @@ def test_a_packaged_prior_is_installed_instead_of_trained(trained, tiny_cfg, tin
     shipped.write_bytes(shipped.read_bytes()[:-1] + b" ")
     with pytest.raises(ConfigError, match=r"has sha256 \w+, not the \w+ recorded beside it"):
         prior_make.ensure_prior(replace(tiny_cfg, cache=str(tmp_path / "other")))
+
+
+def test_fashion_mnist_default_prior_is_the_shipped_one(tmp_path):
+    """configs/fashion-mnist.yaml's prior is the one in lgd_ray/priors/ (so `distill fashion-mnist` installs it, no
+    2.5-h fit): weights under 10 MB, their sha256 as recorded, loaded through the cache path into a working DiT."""
+    from lgd_ray import prior_make
+    from lgd_ray.prior import prior_dir
+
+    cfg = load_config("fashion-mnist", [f"cache={tmp_path}"])
+    shipped = prior_make.PACKAGED / f"{prior_dir(cfg).name}.safetensors"
+    meta = json.loads(shipped.with_suffix(".json").read_text())
+    assert shipped.stat().st_size < 10e6 and meta["train_info"]["steps"] == cfg.prior.train_steps == 30000
+    pipe = load_prior(prior_make.ensure_prior(cfg), cfg.prior.scheduler)
+    assert json.loads((prior_dir(cfg) / "train_info.json").read_text())["sha256"] == meta["sha256"]
+    with torch.no_grad():
+        out = pipe.transformer(torch.zeros(2, 1, 28, 28), timestep=torch.tensor([500, 500]),
+                               class_labels=torch.tensor([0, 9])).sample
+    assert out.shape == (2, 1, 28, 28) and torch.isfinite(out).all()
