@@ -59,3 +59,18 @@ def test_prior_curve_bench_measures_each_checkpoint_of_a_fit(trained, tiny_overr
     assert all(r["n"] == 80 and r["fd"] >= 0 for r in curve["rows"]) and (tmp_path / "curve" / "curve.png").exists()
     last = load_prior(curve["rows"][-1]["prior"]).transformer.state_dict()
     assert all(torch.equal(last[k], weights[k]) for k in weights)  # the fit's returned (EMA) weights
+    # bench/prior_ema.py on the same checkpoints: the fit's EMA, the raw weights (decay 0) and a post-hoc EMA
+    ema = load_bench("prior_ema")
+    rows = ema.main(["digits", *map(str, folders), *keys, "--out", str(tmp_path / "ema"), "--decays", "0", "0.9",
+                     "--per-class", "8", "--cfg-scale", "2"])
+    assert [r["weights"] for r in rows] == ["the fit's EMA 0.999", "post-hoc 0.0", "post-hoc 0.9"]
+    fit_ema, raw, mixed = (load_prior(r["prior"]).transformer.state_dict() for r in rows)
+    assert all(torch.equal(fit_ema[k], weights[k]) for k in weights)
+    raw_last = saved[max(saved)]["model"]
+    assert all(torch.equal(raw[k], raw_last[k].float()) for k in raw_last)
+    w = ema.ema_weights([10, 20], 0.9)  # 0.9^0 - 0.9^10 and 0.9^10 - 0.9^20, normalised
+    assert abs(w[1] / w[0] - 1 / 0.9 ** 10) < 1e-9 and abs(sum(w) - 1) < 1e-12
+    first = saved[min(saved)]["model"]
+    assert all(torch.allclose(mixed[k].double(), w[0] * first[k].double() + w[1] * raw_last[k].double(), atol=1e-6)
+               for k in raw_last)
+    assert ema.ema_weights([10, 20, 30], 0.0) == [0.0, 0.0, 1.0]
