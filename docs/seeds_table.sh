@@ -5,6 +5,8 @@
 #   ONLY="dit lgd" bash docs/seeds_table.sh digits 3 4     # only these variants
 #   SET="prior.seed=0 distill.stages=1" bash docs/seeds_table.sh fashion-mnist 0 1 2   # overrides for every run
 #   EVAL_IPC="10" ONLY="random dit" bash docs/seeds_table.sh fashion-mnist 0 1 2     # also evaluated at IPC 10
+#     (at the seed IPC only the methods are: a guidance variant's seed increment is dit's and real-seed's is random's,
+#     byte for byte, so their evaluations would repeat those)
 #   REDUNDANCY="dit lgd" bash docs/seeds_table.sh fashion-mnist 0 1 2   # and these variants' increment redundancy
 # In-process (ray.enabled=false): one run at a time, so the seconds are comparable. The prior and the reference are
 # trained once per seed (cached in runs/cache) and shared by every variant of that seed: the differences are paired.
@@ -15,6 +17,8 @@ ONLY=${ONLY:-}
 read -r -a EVAL_IPC <<< "${EVAL_IPC:-}"
 REDUNDANCY=${REDUNDANCY:-}
 read -r -a SET <<< "${SET:-}"
+SEED_IPC=$($PY -c "import sys; from lgd_ray.config import load_config
+print(load_config(sys.argv[1], sys.argv[2:]).distill.seed_ipc)" "$CONFIG" "${SET[@]}")
 OUT=runs/seeds-$CONFIG
 VARIANTS=(
   "random distill.method=random"
@@ -45,6 +49,7 @@ for v in "${VARIANTS[@]}"; do
   fi
   for ipc in "${EVAL_IPC[@]}"; do  # a prefix of the set (the seed increment at its seed_ipc)
     [ "$name" = dds ] && continue  # one increment: no prefix of stages
+    [ "$ipc" = "$SEED_IPC" ] && [[ "$overrides" != *distill.method=* ]] && continue  # dit's or random's seed increment
     for s in "${SEEDS[@]}"; do
       ls "$OUT/$name/seed$s/eval/"*-ipc$ipc-hard.json >/dev/null 2>&1 \
         || $PY -m lgd_ray.evaluate $OUT/$name/seed$s evaluate.ipc=$ipc ray.enabled=false | tail -1
