@@ -37,26 +37,34 @@ VARIANTS=(
 for v in "${VARIANTS[@]}"; do
   read -r name overrides <<< "$v"
   [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]] && continue
-  runs=()
-  for s in "${SEEDS[@]}"; do runs+=("$OUT/$name/seed$s"); done
+  evaluated() { ls "$OUT/$name/seed$1/eval/"*-hard.json >/dev/null 2>&1; }  # a finished run, evaluated
   todo=()
-  for s in "${SEEDS[@]}"; do ls "$OUT/$name/seed$s/eval/"*-hard.json >/dev/null 2>&1 || todo+=("$s"); done
+  for s in "${SEEDS[@]}"; do evaluated "$s" || todo+=("$s"); done
   if [ ${#todo[@]} -gt 0 ]; then
     echo "== $name: $overrides (seeds ${todo[*]})"
-    $PY -m lgd_ray.distill $CONFIG --seeds "$(IFS=,; echo "${todo[*]}")" out=$OUT/$name "${SET[@]}" $overrides ray.enabled=false --resume 2>&1 \
-      | grep -E "^distill: done|error" || true
-    for s in "${todo[@]}"; do $PY -m lgd_ray.evaluate $OUT/$name/seed$s ray.enabled=false | tail -1; done
+    said=$($PY -m lgd_ray.distill $CONFIG --seeds "$(IFS=,; echo "${todo[*]}")" out=$OUT/$name "${SET[@]}" $overrides \
+      ray.enabled=false --resume 2>&1 | grep -E "^distill: done|error" || true)
+    echo "$said"
+    for s in "${todo[@]}"; do  # only finished runs: evaluate alone would take a stopped run's finished stages
+      if grep -q "^distill: done.*/$name/seed$s\$" <<< "$said"; then
+        $PY -m lgd_ray.evaluate $OUT/$name/seed$s ray.enabled=false | tail -1
+      else
+        echo "== $name seed $s: the distillation did not finish (above); not evaluated"
+      fi
+    done
   fi
   for ipc in "${EVAL_IPC[@]}"; do  # a prefix of the set (the seed increment at its seed_ipc)
     [ "$name" = dds ] && continue  # one increment: no prefix of stages
     [ "$ipc" = "$SEED_IPC" ] && [[ "$overrides" != *distill.method=* ]] && continue  # dit's or random's seed increment
     for s in "${SEEDS[@]}"; do
+      evaluated "$s" || continue
       ls "$OUT/$name/seed$s/eval/"*-ipc$ipc-hard.json >/dev/null 2>&1 \
         || $PY -m lgd_ray.evaluate $OUT/$name/seed$s evaluate.ipc=$ipc ray.enabled=false | tail -1
     done
   done
   if [[ " $REDUNDANCY " == *" $name "* ]]; then
     for s in "${SEEDS[@]}"; do
+      evaluated "$s" || continue
       [ -f "$OUT/$name/seed$s/redundancy/redundancy.json" ] \
         || $PY -m lgd_ray.redundancy $OUT/$name/seed$s ray.enabled=false | tail -1
     done
