@@ -14,6 +14,7 @@ from itertools import combinations
 from scipy.stats import t as student_t
 
 from lgd_ray.config import build_config, config_hash, run_identity
+from lgd_ray.plan import stage_plan
 from lgd_ray.shards import read_manifest
 from lgd_ray.storage import as_location
 
@@ -55,7 +56,7 @@ class Stages:
     redundancy: dict = field(default_factory=dict)  # run seed -> mean off-diagonal accuracy (%), where computed
 
     def stage_count(self) -> int:
-        """The stages every seed has trained."""
+        """The stages every seed has (runs of one group plan the same stages; dds's have one)."""
         return min(map(len, self.by_seed.values()))
 
 
@@ -112,13 +113,13 @@ def collect(runs: list) -> list[Group]:
 
 
 def collect_stages(runs: list) -> list[Stages]:
-    """The incremental student's real test accuracy and mean S per trained stage, and the redundancy of the
-    increments where `python -m lgd_ray.redundancy` ran, grouped as `collect` groups."""
+    """The incremental student's real test accuracy and mean S per stage, and the redundancy of the increments where
+    `python -m lgd_ray.redundancy` ran, grouped as `collect` groups; runs with a stage not yet trained are left out."""
     groups: dict[str, Stages] = {}
     for run, manifest, cfg, identity in _runs(runs):
         stages = [manifest["stages"][k] for k in sorted(manifest.get("stages", {}), key=int)]
         rows = [(100 * s["student_acc"], s.get("mean_S")) for s in stages if s.get("trained")]
-        if rows:
+        if len(rows) == len(stage_plan(cfg)):
             g = groups.setdefault(config_hash(identity), Stages(cfg.data.name, cfg.distill.method, _flat(identity)))
             g.by_seed[cfg.seed] = rows
             if (path := run / "redundancy" / "redundancy.json").exists():
