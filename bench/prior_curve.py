@@ -36,9 +36,49 @@ def export(cfg, checkpoint: Path, out: Path) -> tuple[int, Path]:
     folder = out / f"step-{state['step']:06d}"
     if not (folder / PIPELINE_MARKER).exists():
         info = {"steps": state["step"], "checkpoint": str(checkpoint), "mid_schedule_of": cfg.prior.train_steps}
-        save_prior(pixel_job(cfg, None, num_classes(cfg.data)), load_file(str(checkpoint / "ema.safetensors")), info,
-                   Location(str(folder)))
+        save_weights(cfg, load_file(str(checkpoint / "ema.safetensors")), info, folder)
     return state["step"], folder
+
+
+def save_weights(cfg, state: dict, info: dict, folder: Path):
+    """DiT weights of cfg.prior's shape saved as a prior folder (a DiTPipeline, loaded by prior.model_id)."""
+    save_prior(pixel_job(cfg, None, num_classes(cfg.data)), state, info, Location(str(folder)))
+
+
+def checkpoint_parser(prog: str) -> argparse.ArgumentParser:
+    """The arguments of a bench on one fit's checkpoints: CONFIG CHECKPOINT_DIR... [key=value ...] --out DIR."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("config")
+    parser.add_argument("items", nargs="+", help="checkpoint folders, then key=value overrides")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cfg-scale", type=float, default=1.0)
+    parser.add_argument("--per-class", type=int, default=50)
+    return parser
+
+
+def parse_checkpoint_args(parser: argparse.ArgumentParser, argv):
+    """(args, overrides, checkpoint folders in order, the config, the --out folder (made))."""
+    args = parser.parse_intermixed_args(argv)
+    overrides = [i for i in args.items if "=" in i]
+    checkpoints = sorted(Path(i) for i in args.items if "=" not in i)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return args, overrides, checkpoints, load_config(args.config, overrides), out
+
+
+def measure(args, overrides: list[str], folder: Path, scheduler: str) -> tuple[dict, dict]:
+    """bench/prior_fidelity.py on the prior in `folder` at `scheduler` and --cfg-scale: (the real floor, its row)."""
+    floor, row = prior_fidelity.main([args.config, *overrides, f"prior.model_id={folder}", "--per-class",
+                                      str(args.per_class), "--schedulers", scheduler, "--cfg-scales",
+                                      str(args.cfg_scale)])
+    return floor, row
+
+
+def print_rows(rows: list[dict], first: str):
+    """One line per row: `first`, the setting and the fidelity measures."""
+    for r in rows:
+        print(" | ".join(f"{k} {r[k]}" for k in (first, "setting", "reference_acc", "fd", "precision", "recall")
+                         if k in r))
 
 
 def plot(rows: list[dict], floor: dict, path: Path):
@@ -59,19 +99,9 @@ def plot(rows: list[dict], floor: dict, path: Path):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="bench/prior_curve.py")
-    parser.add_argument("config")
-    parser.add_argument("items", nargs="+", help="checkpoint folders, then key=value overrides")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--cfg-scale", type=float, default=1.0)
+    parser = checkpoint_parser("bench/prior_curve.py")
     parser.add_argument("--scheduler", default="ddpm")
-    parser.add_argument("--per-class", type=int, default=50)
-    args = parser.parse_intermixed_args(argv)
-    overrides = [i for i in args.items if "=" in i]
-    checkpoints = sorted(Path(i) for i in args.items if "=" not in i)
-    cfg = load_config(args.config, overrides)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args, overrides, checkpoints, cfg, out = parse_checkpoint_args(parser, argv)
     setting = f"{args.scheduler} CFG {args.cfg_scale}"
     earlier = json.loads((out / "curve.json").read_text()) if (out / "curve.json").exists() else {"rows": []}
     n = min(10, num_classes(cfg.data)) * args.per_class  # prior_fidelity's samples: the first 10 classes at most
@@ -82,20 +112,14 @@ def main(argv):
         if step in done:  # measured by an earlier call with the same setting (the same seeded samples)
             rows.append(done[step])
             continue
-        measured = prior_fidelity.main([args.config, *overrides, f"prior.model_id={folder}", "--per-class",
-                                        str(args.per_class), "--schedulers", args.scheduler, "--cfg-scales",
-                                        str(args.cfg_scale)])
-        floor = measured[0]
-        rows.append({"steps": step, "prior": str(folder), **measured[1]})
+        floor, row = measure(args, overrides, folder, args.scheduler)
+        rows.append({"steps": step, "prior": str(folder), **row})
     listed = {r["steps"] for r in rows}
     rows += [r for step, r in done.items() if step not in listed]  # earlier checkpoints not named this time
     rows.sort(key=lambda r: r["steps"])
     (out / "curve.json").write_text(json.dumps({"floor": floor, "rows": rows}, indent=1))
     plot(rows, floor, out / "curve.png")
-    for r in [floor] + rows:
-        print(" | ".join(f"{k} {r[k]}" for k in ("steps", "setting", "reference_acc", "fd", "precision", "recall")
-                         if k in r))
-
+    print_rows([floor] + rows, "steps")
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -11,7 +11,6 @@ normalised over the checkpoints given (so give enough of them: a horizon of 1 / 
 checkpoint's raw weights. The first row is the fit's own EMA (prior.ema_decay) at the same checkpoint.
 Writes OUT/decay-D/ and OUT/fit-ema/ (the priors) and OUT/ema.json.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,15 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lgd_ray.config import load_config
-from lgd_ray.data import num_classes
 from lgd_ray.prior import PIPELINE_MARKER
-from lgd_ray.prior_fit import save_prior
-from lgd_ray.prior_make import pixel_job
-from lgd_ray.storage import Location
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import prior_fidelity  # noqa: E402  (bench/ is not a package)
+from prior_curve import checkpoint_parser, measure, parse_checkpoint_args, print_rows, save_weights  # noqa: E402
 
 
 def ema_weights(steps: list[int], decay: float) -> list[float]:
@@ -58,39 +52,23 @@ def export(cfg, checkpoints: list[Path], decay: float | None, out: Path) -> Path
         state = {k: v.float() for k, v in state.items()}
     info = {"steps": steps[-1], "ema_decay": cfg.prior.ema_decay if decay is None else decay,
             "post_hoc": decay is not None, "checkpoints": len(steps)}
-    save_prior(pixel_job(cfg, None, num_classes(cfg.data)), state, info, Location(str(folder)))
+    save_weights(cfg, state, info, folder)
     return folder
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="bench/prior_ema.py")
-    parser.add_argument("config")
-    parser.add_argument("items", nargs="+", help="checkpoint folders, then key=value overrides")
-    parser.add_argument("--out", required=True)
+    parser = checkpoint_parser("bench/prior_ema.py")
     parser.add_argument("--decays", type=float, nargs="+", required=True)
-    parser.add_argument("--cfg-scale", type=float, default=1.0)
-    parser.add_argument("--per-class", type=int, default=50)
-    args = parser.parse_intermixed_args(argv)
-    overrides = [i for i in args.items if "=" in i]
-    checkpoints = sorted(Path(i) for i in args.items if "=" not in i)
-    cfg = load_config(args.config, overrides)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    priors = [(f"the fit's EMA {cfg.prior.ema_decay}", str(export(cfg, checkpoints, None, out)))]
-    priors += [(f"post-hoc {d}", str(export(cfg, checkpoints, d, out))) for d in args.decays]
+    args, overrides, checkpoints, cfg, out = parse_checkpoint_args(parser, argv)
+    priors = [(f"the fit's EMA {cfg.prior.ema_decay}", export(cfg, checkpoints, None, out))]
+    priors += [(f"post-hoc {d}", export(cfg, checkpoints, d, out)) for d in args.decays]
     rows, floor = [], None
     for name, folder in priors:
-        measured = prior_fidelity.main([args.config, *overrides, f"prior.model_id={folder}", "--per-class",
-                                        str(args.per_class), "--schedulers", cfg.prior.scheduler, "--cfg-scales",
-                                        str(args.cfg_scale)])
-        floor = measured[0]
-        rows.append({"weights": name, "prior": folder, **measured[1]})
+        floor, row = measure(args, overrides, folder, cfg.prior.scheduler)
+        rows.append({"weights": name, "prior": str(folder), **row})
     (out / "ema.json").write_text(json.dumps({"floor": floor, "rows": rows}, indent=1))
-    for r in [floor] + rows:
-        print(" | ".join(f"{k} {r[k]}" for k in ("weights", "setting", "reference_acc", "fd", "precision", "recall")
-                         if k in r))
+    print_rows([floor] + rows, "weights")
     return rows
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])
