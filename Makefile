@@ -24,7 +24,7 @@ demo: venv
 	$(PY) -m lgd_ray.distill digits
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15  # the slowest tests listed: where the suite's time goes
 
 test-fast: venv  # the daily loop: everything but the tests marked slow (clusters, Ray Train, prior fits, jobs)
 	$(PY) -m pytest -q -m "not slow"
