@@ -3,10 +3,7 @@
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-import scipy.linalg
 import torch
 
 from lgd_ray.models import penultimate
@@ -18,14 +15,16 @@ def features(model: torch.nn.Module, images: torch.Tensor, batch: int = 256) -> 
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2)) of two feature sets (rows are samples)."""
-    mu_a, mu_b = a.mean(0).numpy(), b.mean(0).numpy()
-    cov_a, cov_b = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
-    with warnings.catch_warnings():  # singular when there are fewer samples than dimensions (see `fidelity`)
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        root = scipy.linalg.sqrtm(cov_a @ cov_b)
-    root = root.real if np.iscomplexobj(root) else root  # numerical imaginary parts of a PSD product's root
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+    """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2)) of two feature sets (rows are samples).
+
+    With A, B the centred samples over sqrt(n - 1) (so C_a = A^T A) and R_a, R_b their QR factors (A = Q_a R_a),
+    Tr((C_a C_b)^(1/2)) is the nuclear norm of A B^T, that is of R_a R_b^T: exact, without a d x d matrix square
+    root (singular, and slow, whenever there are fewer samples than dimensions)."""
+    centred = lambda x: (x - x.mean(0)) / (len(x) - 1) ** 0.5
+    ra, rb = torch.linalg.qr(centred(a.double()), mode="r").R, torch.linalg.qr(centred(b.double()), mode="r").R
+    cross = torch.linalg.svdvals(ra @ rb.T).sum()
+    return float(((a.double().mean(0) - b.double().mean(0)) ** 2).sum() + ra.square().sum() + rb.square().sum()
+                 - 2 * cross)
 
 
 def _covered(points: torch.Tensor, manifold: torch.Tensor, k: int) -> float:

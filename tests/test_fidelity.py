@@ -2,6 +2,8 @@
 precision / recall, far from what noise images give; bench/prior_fidelity.py runs on the tiny digits prior."""
 import json
 
+import numpy as np
+import scipy.linalg
 import torch
 
 from conftest import load_bench
@@ -23,6 +25,13 @@ def test_real_splits_are_close_and_noise_is_far(trained):
     (xa, ya), (xb, yb) = _per_class(train, 40), _per_class(test, 40)
     a, b = features(reference, xa), features(reference, xb)
     assert abs(frechet_distance(a, a)) < 1e-4 and precision_recall(a, a) == (1.0, 1.0)
+    # the eigenvalue form equals the textbook one with a matrix square root (full-rank covariances here)
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(300, 16, generator=g, dtype=torch.float64), torch.randn(300, 16, generator=g, dtype=torch.float64)
+    v = v @ torch.randn(16, 16, generator=g, dtype=torch.float64) + 0.5
+    cu, cv = np.cov(u.numpy(), rowvar=False), np.cov(v.numpy(), rowvar=False)
+    textbook = ((u.mean(0) - v.mean(0)) ** 2).sum().item() + np.trace(cu + cv - 2 * scipy.linalg.sqrtm(cu @ cv).real)
+    assert abs(frechet_distance(u, v) - textbook) < 1e-8 * textbook
     real = fidelity(a, ya, b, yb)
     noise = fidelity(a, ya, features(reference, torch.rand_like(xb) * 2 - 1), yb)
     print(f"\nreal vs real: FD {real['fd']:.3f}, P {real['precision']:.2f}, R {real['recall']:.2f}; "
