@@ -178,11 +178,12 @@ class Location:
         """The whole file. An object replaced while it is read is read again: the S3 client takes the size from one
         request and the bytes from another, so a reader racing a writer can get the new object cut at the old size."""
         def read():
-            for _ in range(_READ_TRIES):
+            for attempt in range(_READ_TRIES):
                 with self.fs.open_input_stream(self.path, compression=None) as f:
                     data = f.read()
                 if self.is_local or len(data) == self.fs.get_file_info(self.path).size:
                     return data
+                time.sleep(0.01 * 2 ** attempt)  # let a writer replacing it back to back finish (2.6 s in all)
             raise StorageError(f"storage: {self} changed during each of {_READ_TRIES} reads")
 
         return self._call("read", read)
