@@ -20,11 +20,12 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     With A, B the centred samples over sqrt(n - 1) (so C_a = A^T A) and R_a, R_b their QR factors (A = Q_a R_a),
     Tr((C_a C_b)^(1/2)) is the nuclear norm of A B^T, that is of R_a R_b^T: exact, without a d x d matrix square
     root (singular, and slow, whenever there are fewer samples than dimensions)."""
-    centred = lambda x: (x - x.mean(0)) / (len(x) - 1) ** 0.5
-    ra, rb = torch.linalg.qr(centred(a.double()), mode="r").R, torch.linalg.qr(centred(b.double()), mode="r").R
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ra = torch.linalg.qr((a - mu_a) / (len(a) - 1) ** 0.5, mode="r").R
+    rb = torch.linalg.qr((b - mu_b) / (len(b) - 1) ** 0.5, mode="r").R
     cross = torch.linalg.svdvals(ra @ rb.T).sum()
-    return float(((a.double().mean(0) - b.double().mean(0)) ** 2).sum() + ra.square().sum() + rb.square().sum()
-                 - 2 * cross)
+    return float(((mu_a - mu_b) ** 2).sum() + ra.square().sum() + rb.square().sum() - 2 * cross)
 
 
 def _covered(points: torch.Tensor, manifold: torch.Tensor, k: int) -> float:
