@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 from lgd_ray.errors import ConfigError
-from lgd_ray.storage import as_location, file_lock
+from lgd_ray.storage import as_location, file_lock, s3_endpoint_url
 
 LEASE = "lease.json"
 LOCK = ".lease.lock"
@@ -54,7 +54,7 @@ class Lease:
             import boto3  # only for conditional puts, which pyarrow's S3 filesystem does not expose
 
             q = dict(parse_qsl(p.query))
-            endpoint = f"{q.get('scheme', 'https')}://{q['endpoint_override']}" if "endpoint_override" in q else None
+            endpoint = s3_endpoint_url(q, self.loc.uri)
             self._s3 = (boto3.client("s3", endpoint_url=endpoint, region_name=q.get("region")), p.netloc,
                         p.path.lstrip("/"))
 

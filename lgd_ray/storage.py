@@ -75,6 +75,21 @@ class StorageError(ConfigError):
     """A store that cannot be used as configured; the message is one line naming the URI and the fix."""
 
 
+def s3_endpoint_url(params: dict, uri: str) -> str | None:
+    """The endpoint URL of an s3:// URI's query, for clients other than pyarrow (boto3): `endpoint_override` as HOST:PORT
+    (with `scheme`, default https) or as a full http(s)://HOST:PORT URL, both of which pyarrow accepts; None: AWS."""
+    endpoint = params.get("endpoint_override")
+    if endpoint is None:
+        return None
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        scheme, rest = params.get("scheme", "https"), endpoint
+    if scheme not in ("http", "https") or not rest or "/" in rest.rstrip("/"):
+        raise StorageError(f"storage: endpoint_override={endpoint!r} in {uri}: give HOST:PORT (with scheme=http or "
+                           "https) or http(s)://HOST:PORT")
+    return f"{scheme}://{rest.rstrip('/')}"
+
+
 @lru_cache(maxsize=None)
 def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
     params = dict(parse_qsl(query))
@@ -86,6 +101,7 @@ def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
         if unknown:
             raise StorageError(f"storage: unknown option {sorted(unknown)[0]!r} in s3://{netloc}?{query} "
                                f"(allowed: {', '.join(sorted(S3_QUERY_KEYS))})")
+        s3_endpoint_url(params, f"s3://{netloc}?{query}")  # a malformed endpoint is said here, in one line
         # The endpoint comes from the URI only: pyarrow ignores AWS_ENDPOINT_URL (apache/arrow#49643).
         return pafs.S3FileSystem(endpoint_override=params.get("endpoint_override"), scheme=params.get("scheme", "https"),
                                  region=params.get("region"), connect_timeout=5, request_timeout=120,

@@ -60,3 +60,25 @@ def test_two_drivers_on_one_run_folder(where, trained, tiny_overrides, tmp_path,
     time.sleep(3)  # ... and lapses
     third = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
     assert third.returncode == 0 and "distill: done" in third.stdout, third.stderr[-2000:]
+
+
+@pytest.mark.parametrize("form", ["{host}&scheme=http", "http://{host}", "http://{host}/&scheme=https"])
+def test_every_endpoint_form_pyarrow_takes_works_for_the_lease(form, s3_endpoint):
+    """endpoint_override as HOST:PORT with scheme, or as a full URL (which pyarrow also accepts): the lease's boto3
+    client reaches the same server as the run's reads and writes (issue 42's regression)."""
+    from conftest import new_bucket
+
+    bucket = new_bucket(s3_endpoint)
+    run = Location(f"s3://{bucket}/run?endpoint_override=" + form.format(host=s3_endpoint))
+    (run / "probe.txt").write_text("written by pyarrow")
+    with Lease(run, ttl_s=2) as lease:
+        assert json.loads((run / LEASE).read_text())["holder"] == lease.holder
+    assert not (run / LEASE).exists() and (run / "probe.txt").read_text() == "written by pyarrow"
+
+
+def test_a_malformed_endpoint_is_one_line(s3_endpoint):
+    from lgd_ray.storage import StorageError
+
+    for bad in (f"ftp://{s3_endpoint}", f"http://{s3_endpoint}/path", "http://"):
+        with pytest.raises(StorageError, match=r"endpoint_override=.*give HOST:PORT"):
+            Lease(Location(f"s3://b/run?endpoint_override={bad}"), ttl_s=2)
