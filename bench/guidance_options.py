@@ -20,7 +20,7 @@ from lgd_ray.config import apply_overrides, build_config, load_config
 from lgd_ray.data import num_classes
 from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.plan import stage_plan
-from lgd_ray.cost import PEAK_TFLOPS, gpu_hours, run_cost
+from lgd_ray.cost import PEAK_TFLOPS, UTILISATION, gpu_hours, run_cost
 from lgd_ray.prior import load_prior, prior_id
 from lgd_ray.reference import ensure_reference, new_classifier
 from lgd_ray.sampler import generate
@@ -84,7 +84,8 @@ def main(argv):
     for name in names:
         flops = run_cost(cfgs[name])["stages"][a.stage]["sample_flops"]
         imagenet = load_config("imagenet1k", OPTIONS[name])
-        hours = gpu_hours(run_cost(imagenet)["total_flops"], PEAK_TFLOPS[imagenet.prior.dtype])
+        hours = gpu_hours(run_cost(imagenet)["total_flops"], PEAK_TFLOPS[imagenet.prior.dtype],
+                          UTILISATION[imagenet.prior.dtype])
         out = outputs[name]
         same = sum(x.candidate == y.candidate for x, y in zip(out, outputs["exact"])) / len(out)
         print(f"{name:<36} {med[name] / len(items):8.3f} {med['exact'] / med[name]:7.2f}x {exact_flops / flops:5.2f}x "

@@ -1,8 +1,9 @@
 """The Ray layer of generation: a pool of SamplerActors, each a ChunkMaker, for one stage's chunks at a time.
 
-The actors hold their resources only while a stage samples: they start when the stage's chunks are handed out (the
-prior comes from the node's local copy after the first stage) and are killed when the last chunk is in, so the
-student fit that follows gets every CPU and GPU, and sampling and training never wait on each other.
+A run's pool (`keep`) lives from stage to stage: each actor loads the prior and theta* once, gets the student's
+weights once per stage, and fits the students that one worker should fit (`ActorPool.fit`: no Ray Train start-up,
+the slot that sampled trains). A fit that needs several Ray Train workers releases the actors first, so that it
+gets every CPU and GPU; the next stage starts them again (the prior from the node's local copy).
 
 Chunks go to whichever actor is free; everything is awaited with one `ray.wait` (chunk results and actor start-ups),
 so a dead or restarting actor never blocks the others. Output does not depend on which actor ran a chunk, so a chunk
@@ -24,6 +25,8 @@ from lgd_ray.methods import ChunkMaker
 from lgd_ray.plan import ChunkTask
 from lgd_ray.resources import actor_resources, ray_options, resolve_auto, shortage
 from lgd_ray.storage import PERMANENT, Location, as_location
+from lgd_ray.timeline import timed
+from lgd_ray.train import job_spans, process_device
 
 
 def error_kind(error: BaseException) -> str:
@@ -42,38 +45,62 @@ def error_kind(error: BaseException) -> str:
 class SamplerActor:
     """Holds the DiT prior (+ VAE) and the reference model; makes chunks with the stage's student weights."""
 
-    def __init__(self, maker: type, cfg_tree: dict, run_dir: Location, num_threads: int, node_check=None):
+    def __init__(self, maker: type, cfg_tree: dict, run_dir: Location, num_threads: int, node_check=None,
+                 resources: dict | None = None):
         torch.set_num_threads(num_threads)
         self.maker, self.error = None, None
+        self.who = f"actor-{ray.get_runtime_context().get_actor_id()[:8]}"
+        self.resources = resources
+        self.spans = []  # timeline spans not yet handed back: they go with the next chunk's row
         try:
-            if node_check is not None:  # every node, one that joined after the start-up check too
-                node_check.verify()
-            self.maker = maker(from_dict(cfg_tree), run_dir)
+            with timed(self.spans.extend, "actor_start", who=self.who, resources=resources):  # the prior's load included
+                if node_check is not None:  # every node, one that joined after the start-up check too
+                    node_check.verify()
+                self.maker = maker(from_dict(cfg_tree), run_dir)
         except ConfigError as e:  # a missing prior or reference, a GPU torch cannot see: said by the first call
             self.error = e
 
     def make(self, task: ChunkTask, weights: dict | None, previous_shards: list[str]) -> dict:
         if self.error is not None:
             raise self.error
-        # weights: {name: numpy array} from the object store (read-only, zero-copy); torch needs writable memory
-        state = None if weights is None else {k: torch.from_numpy(v.copy()) for k, v in weights.items()}
-        row = self.maker.make(task, state, previous_shards)
+        with timed(self.spans.extend, "chunk", who=self.who, stage=task.stage.index, resources=self.resources):
+            # weights: {name: numpy array} from the object store (read-only, zero-copy); torch needs writable memory
+            state = None if weights is None else {k: torch.from_numpy(v.copy()) for k, v in weights.items()}
+            row = self.maker.make(task, state, previous_shards)
         row["node"] = ray.get_runtime_context().get_node_id()
+        row["spans"], self.spans = self.spans, []
         return row
+
+    def fit(self, job, threads: int) -> tuple[dict, dict]:
+        """Train a one-worker FitJob here, on this actor's CPU or GPU, with `threads` torch threads (a Ray Train
+        worker's count: the same arithmetic); returns (weights, metrics with the fit's timeline spans)."""
+        if self.error is not None:
+            raise self.error
+        before, start = torch.get_num_threads(), time.time()
+        torch.set_num_threads(threads)
+        try:
+            state, metrics = job.run(process_device())
+        finally:
+            torch.set_num_threads(before)
+        metrics["spans"] = job_spans(metrics, start, time.time(), self.who, self.resources)
+        return state, metrics
 
     def ping(self) -> bool:
         return True
 
 
 class ActorPool:
-    """SamplerActors with dynamic chunk dispatch, started and released per stage; call it as a stage loop ChunkRunner.
+    """SamplerActors with dynamic chunk dispatch; call it as a stage loop ChunkRunner.
 
     maker: the ChunkMaker class the actors hold (a subclass may add behaviour, e.g. faults in tests); node_check: the
-    run's cluster.NodeCheck, which every actor runs on its node before its first chunk.
+    run's cluster.NodeCheck, which every actor runs on its node before its first chunk. keep: the actors live from
+    stage to stage with their prior loaded (replaced only when they die) and can fit one-worker students
+    (`fit`) until `shutdown()`; else they are released when a stage's last chunk is in.
     """
 
-    def __init__(self, cfg: Config, run_dir: Location, maker: type = ChunkMaker, node_check=None):
+    def __init__(self, cfg: Config, run_dir: Location, maker: type = ChunkMaker, node_check=None, keep: bool = False):
         self.cfg, self.run_dir, self.maker, self.node_check = resolve_auto(cfg), as_location(run_dir), maker, node_check
+        self.keep = keep
         self.actors: list = []
         self._inflight: dict = {}  # chunk result ref -> (actor, chunk task)
         self.resubmitted = 0  # chunks run again because their actor died
@@ -84,7 +111,8 @@ class ActorPool:
         actor = SamplerActor.options(
             **ray_options(actor_resources(self.cfg)), max_restarts=r.max_restarts,
             max_task_retries=0,  # a chunk goes to the next free actor, not back to this one
-        ).remote(self.maker, to_dict(self.cfg), self.run_dir, max(1, round(r.num_cpus_per_actor)), self.node_check)
+        ).remote(self.maker, to_dict(self.cfg), self.run_dir, max(1, round(r.num_cpus_per_actor)), self.node_check,
+                 actor_resources(self.cfg))
         self.actors.append(actor)
         starting[actor.ping.remote()] = actor
 
@@ -97,7 +125,9 @@ class ActorPool:
         starting, idle = {}, deque()  # ping ref -> actor that is starting or restarting; actors ready for a chunk
         inflight = self._inflight = {}
         replacements = r.actors * (r.max_restarts + 1)  # actors that died for good may be replaced this often
-        for _ in range(min(r.actors, len(tasks))):
+        for actor in self.actors:  # kept from the last stage: ready once they answer (a dead one is replaced)
+            starting[actor.ping.remote()] = actor
+        for _ in range(min(r.actors, len(tasks)) - len(self.actors)):
             self._launch(starting)
         waiting_since = time.time()  # while no actor is ready: bounded by schedule_timeout_s
         started, slowest, given_up = {}, 0.0, set()  # chunk ref -> when it went out; the slowest chunk done
@@ -175,14 +205,51 @@ class ActorPool:
                 slowest = max(slowest, waiting_since - started.pop(ref))
                 yield row
         finally:
-            self.shutdown()
+            if not self.keep:
+                self.shutdown()
+
+    def can_fit(self) -> bool:
+        """Whether a one-worker fit may run on an actor: the pool is kept, and its actors have the device (CPU or
+        GPU) that the config gives Ray Train workers."""
+        return self.keep and (self.cfg.ray.num_gpus_per_actor > 0) == bool(self.cfg.ray.train_use_gpu)
+
+    def fit(self, job) -> tuple[dict, dict]:
+        """Train a one-worker FitJob on an actor of the pool (started if there is none), with no Ray Train start-up;
+        fitted again on a fresh actor if its actor dies (the result is a function of the job alone)."""
+        r, last = self.cfg.ray, None
+        for _ in range(r.max_restarts + 2):
+            actor = self._ready_actor()
+            try:
+                return ray.get(actor.fit.remote(job, max(1, round(r.train_cpus_per_worker))))
+            except ray.exceptions.RayActorError as e:
+                last = e
+                print(f"{job.name}: its actor died ({str(e).splitlines()[0]}): fitted again", flush=True)
+        raise RuntimeError(f"{job.name}: the fit lost its actor {r.max_restarts + 2} times; last: {last}")
+
+    def _ready_actor(self):
+        """An actor that answers: the first kept one, else a new one (bounded by ray.schedule_timeout_s)."""
+        r = self.cfg.ray
+        while self.actors:
+            try:
+                ray.get(self.actors[0].ping.remote(), timeout=r.schedule_timeout_s)
+                return self.actors[0]
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                ray.kill(self.actors.pop(0), no_restart=True)
+        starting = {}
+        self._launch(starting)
+        (ref, actor), = starting.items()
+        if not ray.wait([ref], timeout=r.schedule_timeout_s)[0]:
+            raise shortage("a sampler actor", actor_resources(self.cfg), r.schedule_timeout_s)
+        ray.get(ref)
+        return actor
 
     def running(self) -> list:
         """The actors running a chunk now (its result not in yet)."""
         return [actor for ref, (actor, _) in list(self._inflight.items()) if not ray.wait([ref], timeout=0)[0]]
 
     def shutdown(self):
-        """Kill the actors (no restart): their CPUs and GPUs go back to the cluster."""
+        """Kill the actors (no restart): their CPUs and GPUs go back to the cluster (a kept pool starts new ones
+        when it is next called)."""
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []

@@ -233,6 +233,8 @@ class RayConfig:
     gpu_memory_gb: float = _f(0.0, min=0.0)  # memory of one GPU; 0 = by accelerator_type (H100 if unset)
     train_workers: int = _f(1, min=1, auto=AUTO)  # Ray Train workers (DDP) per fit; each takes batch_size /
     #                                               train_workers a step; auto: one per train_gpus_per_worker GPUs
+    min_worker_batch: int = _f(32, min=1)  # a student fit takes at most one DDP worker per this many images of its
+    #                                        per-step batch and of its data (fewer workers for a small increment)
     train_use_gpu: bool = _f(False, auto=AUTO_GPU)  # auto: if the cluster has GPUs
     train_cpus_per_worker: float = _f(1.0, min=0.0)
     train_gpus_per_worker: float = _f(1.0, min=0.0)  # used with train_use_gpu; NCCL needs one whole GPU per worker
@@ -463,11 +465,14 @@ def config_hash(tree) -> str:
 
 
 def run_identity(cfg: Config) -> dict:
-    """What decides a run's output: the config less its resources (the `ray` keys but train_workers, local_cache),
+    """What decides a run's output: the config less its resources (the `ray` keys but train_workers and, with several,
+    min_worker_batch; local_cache),
     evaluation, sweep, storage retries and prepare (the prepared set's own index says what it holds)."""
     tree = to_dict(cfg)
     del tree["evaluate"], tree["sweep"], tree["local_cache"], tree["storage"], tree["prepare"]
     tree["ray"] = {"train_workers": cfg.ray.train_workers}
+    if cfg.ray.train_workers != 1:  # it sizes the student fits only where there may be several workers
+        tree["ray"]["min_worker_batch"] = cfg.ray.min_worker_batch
     return tree
 
 

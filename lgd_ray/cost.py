@@ -23,12 +23,22 @@ from lgd_ray.config import AUTO_GPU, Config
 from lgd_ray.data import class_chunks, num_classes
 from lgd_ray.guidance import guided_steps
 from lgd_ray.models import build_classifier
-from lgd_ray.plan import stage_plan
+from lgd_ray.plan import fit_workers, stage_plan
 from lgd_ray.prior import DTYPES
 from lgd_ray.storage import Location
 
 PEAK_TFLOPS = {"float32": 495.0, "bfloat16": 989.0, "float16": 989.0}  # H100 SXM dense: TF32, BF16, FP16
-UTILISATION = 0.3  # share of the peak the dry-run assumes (--utilisation)
+# Share of the peak the dry-run assumes (--utilisation), by the prior's dtype: the guided DiT-XL/2 step measured on an
+# H200 (bench/gpu-runs/2026-11-30, batch 16) ran 60.4-60.6 images/s x 2,218.6 GFLOP = 134 TFLOP/s = 27 % of TF32's
+# 495 (25 % with deviation guidance), bfloat16 85.9-100.6 images/s = 191-223 TFLOP/s = 19-23 % of 989.
+UTILISATION = {"float32": 0.25, "bfloat16": 0.20, "float16": 0.20}
+UTILISATION_SOURCE = "the guided step measured on an H200 (bench/gpu-runs/2026-11-30)"
+# What a cluster run pays besides the FLOPs (seconds), each an assumption the dry-run names, or a measurement
+NODE_START_S = 300.0  # a GPU node booting and pulling the image (assumed; clusters/ cloud VMs)
+ACTOR_START_S = 60.0  # a sampler actor starting and loading the prior (DiT-XL/2 + VAE, 2.8 GB) from its node's copy
+#                       (assumed); paid once per run: actors live from stage to stage unless a fit needs DDP workers
+RAY_TRAIN_START_S = 13.9  # a Ray Train fit's fixed cost (BENCHMARKS.md measure 10, on the CPU)
+TEST_IMAGES = {"imagenet1k": 50_000, "imagenette": 3_925, "imagewoof": 3_929, "fashion-mnist": 10_000, "digits": 450}
 
 # facebook/DiT-XL-2-256's architecture (its transformer/ and vae/ config.json), so planning needs no network
 DIT_XL_2_256 = {
@@ -192,8 +202,67 @@ def run_cost(cfg: Config) -> dict:
             "total_flops": sum(s["sample_flops"] + s["train_flops"] for s in stages)}
 
 
-def gpu_hours(flops: float, tflops: float, utilisation: float = UTILISATION) -> float:
+def gpu_hours(flops: float, tflops: float, utilisation: float) -> float:
     return flops / (tflops * 1e12 * utilisation) / 3600
+
+
+def cluster_cost(cfg: Config, plan: dict, gpus: int, tflops: float, utilisation: float) -> dict:
+    """Wall time and GPU-hours held and busy of the plan on `gpus` GPUs (one sampler actor per GPU, DDP student fits
+    on fit_workers(...) of them, the per-stage test on the fit's GPUs).
+
+    Held: every GPU from the nodes' start to the end; busy: sampling, fitting and testing at the rate `tflops` x
+    `utilisation`. A stage samples in rounds of `gpus` chunks (the last round waits for its slowest chunk), then fits
+    (on a kept actor if one worker, else on Ray Train after the actors are released: their restart is paid next stage).
+    """
+    rate = tflops * 1e12 * utilisation
+    sized = replace(cfg, ray=replace(cfg.ray, train_workers=gpus))
+    student_f = plan["costs"]["student"] * 1e9
+    test_images = TEST_IMAGES.get(cfg.data.name) or TEST_IMAGES.get(cfg.name, 0)  # imagenet1k: a folder data set
+    wall = NODE_START_S + ACTOR_START_S
+    busy, stages = 0.0, []
+    for s in plan["stages"]:
+        chunk_s = s["sample_flops"] / plan["chunks"] / rate
+        sample_s = -(-plan["chunks"] // gpus) * chunk_s
+        workers = fit_workers(sized, s["train_images"])
+        work_s = (s["train_flops"] + test_images * student_f) / rate
+        fit_s = work_s / workers + (0.0 if workers == 1 else RAY_TRAIN_START_S + ACTOR_START_S)
+        wall += sample_s + fit_s
+        busy += s["sample_flops"] / rate + work_s
+        stages.append({"stage": s["stage"], "sample_s": sample_s, "fit_workers": workers, "fit_s": fit_s})
+    return {"gpus": gpus, "wall_h": wall / 3600, "held_gpu_h": gpus * wall / 3600, "busy_gpu_h": busy / 3600,
+            "stages": stages, "test_images": test_images}
+
+
+def format_cluster_cost(cfg: Config, plan: dict, cost: dict, tflops: float, utilisation: float, measured: bool) -> str:
+    lines = [f"on {cost['gpus']} GPUs (one sampler actor each), at {tflops:.0f} TFLOPS x {utilisation:.0%} "
+             + (f"({UTILISATION_SOURCE})" if measured else "(--utilisation)") + ":",
+             "stage  sample h  fit workers  fit + test h"]
+    lines += [f"{s['stage']:>5}  {s['sample_s'] / 3600:>8.2f}  {s['fit_workers']:>11}  {s['fit_s'] / 3600:>12.2f}"
+              for s in cost["stages"]]
+    lines += [f"wall {cost['wall_h']:.2f} h",
+              f"held {cost['held_gpu_h']:.1f} GPU-h (every GPU from the nodes' start to the end)",
+              f"busy {cost['busy_gpu_h']:.1f} GPU-h (sampling, student fits, the test of "
+              f"{cost['test_images'] or 'an unknown number of'} images a stage): held / busy "
+              f"{cost['held_gpu_h'] / cost['busy_gpu_h']:.2f}x",
+              "other cluster sizes: " + "; ".join(
+                  f"{g} GPUs {c['wall_h']:.2f} h, held {c['held_gpu_h']:.1f} GPU-h ({c['held_gpu_h'] / c['busy_gpu_h']:.2f}x busy)"
+                  for g in (8, 16, 32, 64, 128) if g != cost["gpus"]
+                  for c in [cluster_cost(cfg, plan, g, tflops, utilisation)]),
+              f"assumed: nodes up {NODE_START_S:.0f} s after the request, an actor's start and prior load "
+              f"{ACTOR_START_S:.0f} s, a Ray Train fit's fixed cost {RAY_TRAIN_START_S} s (measured on the CPU), "
+              "DDP fits scaling linearly; reference training not included"]
+    return "\n".join(lines)
+
+
+def cluster_gpus_of(yaml_path: str, accelerator_type: str = "") -> int:
+    """GPUs a Ray cluster file can scale to: each worker node type's max_workers x its GPUs (of the accelerator
+    type, if set)."""
+    import yaml
+
+    with open(yaml_path) as f:
+        types = (yaml.safe_load(f) or {}).get("available_node_types") or {}
+    return int(sum(t.get("max_workers", 0) * (t.get("resources") or {}).get("GPU", 0) for t in types.values()
+                   if not accelerator_type or f"accelerator_type:{accelerator_type}" in (t.get("resources") or {})))
 
 
 def stage_cost(cfg: Config, planned: dict, rows: list[dict]) -> dict:
@@ -201,12 +270,12 @@ def stage_cost(cfg: Config, planned: dict, rows: list[dict]) -> dict:
     over chunks; on this run's hardware) and the GPU-hours the dry-run's rate gives the same work on an H100."""
     actor_seconds = sum(r.get("seconds", 0.0) for r in rows)
     images = sum(r["count"] for r in rows)
-    tflops = PEAK_TFLOPS[cfg.prior.dtype]
+    tflops, utilisation = PEAK_TFLOPS[cfg.prior.dtype], UTILISATION[cfg.prior.dtype]
     return {"trajectories": planned["trajectories"], "guided_steps": planned["guided_steps"],
             "unguided_steps": planned["unguided_steps"], "actor_seconds": round(actor_seconds, 2),
             "images_per_actor_second": round(images / actor_seconds, 3) if actor_seconds else None,
-            "h100_gpu_hours": float(f"{gpu_hours(planned['sample_flops'] + planned['train_flops'], tflops):.4g}"),
-            "h100_basis": f"{tflops:.0f} TFLOPS x {UTILISATION:.0%} (dry-run estimate, not measured)"}
+            "h100_gpu_hours": float(f"{gpu_hours(planned['sample_flops'] + planned['train_flops'], tflops, utilisation):.4g}"),
+            "h100_basis": f"{tflops:.0f} TFLOPS x {utilisation:.0%} (dry-run estimate from {UTILISATION_SOURCE})"}
 
 
 def format_cost(cfg: Config, plan: dict, tflops: float, utilisation: float) -> str:
@@ -237,6 +306,6 @@ def format_cost(cfg: Config, plan: dict, tflops: float, utilisation: float) -> s
                      f"{s['unguided_steps']:>14}  {s['sample_flops'] / 1e15:>13.1f}  {s['train_flops'] / 1e15:>12.1f}  {hours:>5.1f}")
     total_h = gpu_hours(plan["total_flops"], tflops, utilisation)
     lines += ["", f"total: {plan['total_flops'] / 1e15:.1f} PFLOPs = {total_h:.1f} GPU-hours at {tflops:.0f} TFLOPS peak x "
-              f"{utilisation:.0%} utilisation (reference training and evaluation not included); wall time with "
-              f"perfect scaling: " + ", ".join(f"{total_h / g:.1f} h on {g} GPUs" for g in (8, 32, 128))]
+              f"{utilisation:.0%} utilisation (reference training and evaluation not included); busy GPU-hours "
+              "only: what a cluster holds is below (--gpus N or --cluster YAML)"]
     return "\n".join(lines)

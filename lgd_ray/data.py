@@ -146,7 +146,10 @@ class PreparedSplit(torch.utils.data.Dataset):
     def share(self, rank: int = 0, world: int = 1) -> TensorSet:
         """Rows [rank * n, (rank + 1) * n) with n = len // world, in memory."""
         per = len(self) // world
-        lo, hi = rank * per, (rank + 1) * per
+        return self.rows(rank * per, (rank + 1) * per)
+
+    def rows(self, lo: int, hi: int) -> TensorSet:
+        """Rows [lo, hi), in memory (only the shards that hold them are read)."""
         parts = []
         for k in range(len(self.shards)):
             a, b = max(lo, self.offsets[k]), min(hi, self.offsets[k + 1])

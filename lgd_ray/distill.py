@@ -8,7 +8,8 @@ import time
 
 from lgd_ray.cli import run_cli
 from lgd_ray.config import AUTO, Config, ConfigError, run_dir
-from lgd_ray.cost import PEAK_TFLOPS, format_cost, run_cost
+from lgd_ray.cost import (PEAK_TFLOPS, UTILISATION, cluster_cost, cluster_gpus_of, format_cluster_cost, format_cost,
+                           run_cost)
 from lgd_ray.data import check_data
 from lgd_ray.lease import Lease
 from lgd_ray.memory import (actor_memory, check_fit_fits, check_fits, format_fit_memory, format_memory,
@@ -51,11 +52,12 @@ def distill(cfg: Config, resume: bool = False) -> dict:
         cfg = resolve_auto(cfg)  # the GPU keys (not part of the run's identity): once, for the actors and the fits
         # relative paths, node-local folders, nodes without the data: now, and on nodes that join later
         node_check = check_cluster_storage(cfg, out, cache)
-        pool, fitter = ActorPool(cfg, out, node_check=node_check), ray_fitter(cfg, out, node_check)
+        pool = ActorPool(cfg, out, node_check=node_check, keep=True)  # from stage to stage, prior loaded
+        fitter = ray_fitter(cfg, out, node_check, pool)
     try:
         with Lease(out, cfg.storage.lease_s) as lease:  # one driver per run folder
             manifest = run_stages(cfg, out, resume=resume, runner=pool, fitter=fitter,
-                                  log=lambda line: print(line, flush=True), lease=lease)
+                                  log=lambda line: print(line, flush=True), lease=lease, started=start)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -68,12 +70,16 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     return manifest
 
 
-def dry_run(cfg: Config, tflops: float | None, utilisation: float) -> dict:
-    """Print the run's stages and their cost (lgd_ray.cost) without loading any model; returns the cost.
+def dry_run(cfg: Config, tflops: float | None, utilisation: float | None, gpus: int = 0) -> dict:
+    """Print the run's stages and their cost (lgd_ray.cost) without loading any model, and with `gpus` > 0 what a
+    cluster of that many GPUs holds and keeps busy; returns the cost.
 
-    tflops: peak per GPU; None = an H100 SXM's dense peak for the prior's dtype (TF32 for float32).
+    tflops: peak per GPU; None = an H100 SXM's dense peak for the prior's dtype (TF32 for float32). utilisation: share
+    of it reached; None = the measured one for the dtype (lgd_ray.cost.UTILISATION).
     """
     tflops = tflops or PEAK_TFLOPS[cfg.prior.dtype]
+    measured = utilisation is None
+    utilisation = utilisation or UTILISATION[cfg.prior.dtype]
 
     try:
         check_data(cfg.data)
@@ -83,6 +89,9 @@ def dry_run(cfg: Config, tflops: float | None, utilisation: float) -> dict:
     cost = run_cost(cfg)
     mem = actor_memory(cfg) if cfg.distill.method != "random" else None
     print(f"{data}\nout: {run_dir(cfg)}\n{format_cost(cfg, cost, tflops, utilisation)}", flush=True)
+    if gpus:
+        print(format_cluster_cost(cfg, cost, cluster_cost(cfg, cost, gpus, tflops, utilisation), tflops, utilisation,
+                                  measured), flush=True)
     if mem is not None:
         print(format_memory(cfg, mem), flush=True)
         check_fits(cfg, mem)  # a config that cannot fit: one line naming the key to change, exit status 1
@@ -124,12 +133,20 @@ def _flags(parser: argparse.ArgumentParser):
     parser.add_argument("--gpu-tflops", type=float, default=None,
                         help="dry-run: peak TFLOPS per GPU (default: H100 SXM dense, 495 TF32 for a float32 prior, "
                              "989 for bfloat16 / float16)")
-    parser.add_argument("--utilisation", type=float, default=0.3, help="dry-run: share of the peak reached")
+    parser.add_argument("--utilisation", type=float, default=None,
+                        help="dry-run: share of the peak reached (default: measured, 0.25 TF32 / 0.20 bf16)")
+    parser.add_argument("--gpus", type=int, default=0, metavar="N",
+                        help="dry-run: wall time and GPU-hours held and busy on a cluster of N GPUs")
+    parser.add_argument("--cluster", metavar="YAML", default="",
+                        help="dry-run: as --gpus, with N the GPUs a Ray cluster file's worker node types scale to "
+                             "(clusters/aws.yaml)")
 
 
 def main(argv: list[str]):
     run_cli("lgd_ray.distill", "Distil a labelled image set with learnability-guided diffusion.", argv,
-            lambda cfg, args: [dry_run(c, args.gpu_tflops, args.utilisation) if args.dry_run else distill(c, args.resume)
+            lambda cfg, args: [dry_run(c, args.gpu_tflops, args.utilisation, args.gpus or (
+                cluster_gpus_of(args.cluster, c.ray.accelerator_type) if args.cluster else 0))
+                               if args.dry_run else distill(c, args.resume)
                                for c in per_seed(cfg, args.seeds)], _flags)
 
 

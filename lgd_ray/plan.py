@@ -38,3 +38,13 @@ def stage_plan(cfg: Config) -> list[Stage]:
     return [seed] + [Stage(i, d.ipc_per_stage, d.seed_ipc + (i - 1) * d.ipc_per_stage, d.method, g.kappa if lgd else 1,
                            lgd and g.active)
                      for i in range(1, d.stages + 1)]
+
+
+def fit_workers(cfg: Config, images: int) -> int:
+    """DDP workers of a student fit on `images` images: the most, up to ray.train_workers, that divide the batch and
+    leave each worker at least ray.min_worker_batch images of every step's batch and of the data."""
+    r, batch = cfg.ray, cfg.student.train.batch_size
+    workers = max(1, min(r.train_workers, batch // r.min_worker_batch, images // r.min_worker_batch))
+    while batch % workers:
+        workers -= 1
+    return workers

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from lgd_ray.checkpoints import latest_checkpoint, load_from, read_checkpoint, w
 from lgd_ray.config import Config
 from lgd_ray.resources import resolve_auto, train_resources, wait_for_resources
 from lgd_ray.storage import Location, as_location
-from lgd_ray.train import Fitter, process_device
+from lgd_ray.train import Fitter, job_spans, process_device
 
 
 def _report(metrics: dict, state: dict | None, round_: int):
@@ -84,16 +85,24 @@ def _worker_loop(config: dict):
         device, wrap = ray.train.torch.get_device(), ray.train.torch.prepare_model  # this rank's GPU among the node's
     else:  # a CPU worker, perhaps on a GPU node: plain DDP (Ray Train's prepare_model would call cuda.set_device there)
         wrap = torch.nn.parallel.DistributedDataParallel if world > 1 else None
+    start = time.time()
     _, metrics = job.run(device, rank, world, wrap=wrap, on_round=on_round, resume=resume,
                          bar=driver_bar if rank == 0 else silent_bar)
-    done = {"round": last, "resumed_after": _progress(resume) if resume else "", **metrics}
+    spans = job_spans(metrics, start, time.time(), f"worker{rank}", config["resources"])
+    if world > 1:  # every rank's spans, for rank 0's report (a collective: every rank calls it)
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, spans)
+        spans = [s for rank_spans in gathered for s in rank_spans]
+    done = {"round": last, "resumed_after": _progress(resume) if resume else "", **metrics, "spans": spans}
     _report(done, latest[1]() if rank == 0 and latest[1] else None, last)
 
 
-def ray_fitter(cfg: Config, run_dir: Location, node_check=None) -> Fitter:
-    """A Fitter that trains each job with TorchTrainer (workers, GPU or CPU from cfg.ray); runs and checkpoints are kept
-    in the job's `checkpoints` folder, else in run_dir/train, on a store every node reaches (a shared folder or an
-    object store). node_check: the run's cluster.NodeCheck, run by every worker before it trains."""
+def ray_fitter(cfg: Config, run_dir: Location, node_check=None, pool=None) -> Fitter:
+    """A Fitter that trains each job with TorchTrainer (job.workers workers, else ray.train_workers; GPU or CPU from
+    cfg.ray); runs and checkpoints are kept in the job's `checkpoints` folder, else in run_dir/train, on a store every
+    node reaches (a shared folder or an object store). node_check: the run's cluster.NodeCheck, run by every worker
+    before it trains. pool: the run's kept ActorPool: a one-worker fit runs on one of its actors (no Ray Train
+    start-up); before a Ray Train fit its actors are released, so that the fit gets every slot."""
     cfg = resolve_auto(cfg)  # a no-op for a run's config (sized before its folder was opened)
     r = cfg.ray
     resources = train_resources(cfg)
@@ -106,15 +115,21 @@ def ray_fitter(cfg: Config, run_dir: Location, node_check=None) -> Fitter:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
     def fit_on_ray(job) -> tuple[dict, dict]:
+        workers = getattr(job, "workers", 0) or r.train_workers
+        if pool is not None and workers == 1 and not job.checkpoints and pool.can_fit():
+            return pool.fit(job)
+        if pool is not None:
+            pool.shutdown()
         storage = Location(job.checkpoints) if job.checkpoints else as_location(run_dir) / "train"
         found = latest_checkpoint(storage, job.name) if job.checkpoints else None
         # Ray Train waits for a worker group without end; say within the configured time if the cluster cannot give it
-        wait_for_resources([resources] * r.train_workers, r.schedule_timeout_s, f"{r.train_workers} Ray Train workers")
+        wait_for_resources([resources] * workers, r.schedule_timeout_s, f"{workers} Ray Train workers")
         trainer = TorchTrainer(
             _worker_loop,
             train_loop_config={"job": job, "threads": max(1, round(r.train_cpus_per_worker)),
-                               "start_from": str(found) if found else "", "node_check": node_check},
-            scaling_config=ScalingConfig(num_workers=r.train_workers, use_gpu=r.train_use_gpu,
+                               "start_from": str(found) if found else "", "node_check": node_check,
+                               "resources": resources},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=r.train_use_gpu,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if r.train_use_gpu else "gloo"),
             # a fresh name per fit: a stage retrained after a crash starts from theta_{i-1}, not from a stale run

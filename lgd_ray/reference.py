@@ -11,7 +11,7 @@ from lgd_ray.config import Config, ConfigError, config_hash
 from lgd_ray.data import load_split
 from lgd_ray.seeding import derive_seed
 from lgd_ray.storage import Location
-from lgd_ray.train import FitJob, Fitter, accuracy, in_process_fitter, load_classifier, save_classifier
+from lgd_ray.train import FitJob, Fitter, in_process_fitter, load_classifier, save_classifier
 
 
 def reference_path(cfg: Config) -> Location:
@@ -22,11 +22,14 @@ def reference_path(cfg: Config) -> Location:
     return Location(cfg.cache).resolve() / f"reference-{cfg.data.name}-{cfg.reference.model}-{config_hash(key)}.safetensors"
 
 
-def fit_job(cfg: Config, role: str, num_classes: int, load_data, seed: int, init_state=None, name=None) -> FitJob:
-    """The FitJob of the reference ("reference") or the student ("student"), sized for the configured data set."""
+def fit_job(cfg: Config, role: str, num_classes: int, load_data, seed: int, init_state=None, name=None,
+            test: bool = False) -> FitJob:
+    """The FitJob of the reference ("reference") or the student ("student"), sized for the configured data set;
+    test: the job also tests the model on the real test split, read where it trains (metrics["test_acc"])."""
     section = getattr(cfg, role)
     return FitJob(section.model, cfg.data.channels, cfg.data.image_size, num_classes, derive_seed(cfg.seed, "init", role),
-                  section.train, load_data, seed, init_state, name or role, checkpoint_every=cfg.ray.checkpoint_every)
+                  section.train, load_data, seed, init_state, name or role, checkpoint_every=cfg.ray.checkpoint_every,
+                  load_test=partial(load_split, cfg.data, "test") if test else None)
 
 
 def new_classifier(cfg: Config, role: str, num_classes: int) -> torch.nn.Module:
@@ -53,10 +56,11 @@ def ensure_reference(cfg: Config, num_classes: int, device="cpu", fitter: Fitter
         return load_classifier(model, path)
     print(f"reference: training {cfg.reference.model} on the real train split -> {path}", flush=True)
     start = time.time()
-    job = fit_job(cfg, "reference", num_classes, partial(load_split, cfg.data, "train"), derive_seed(cfg.seed, "reference"))
-    model.load_state_dict((fitter or in_process_fitter(device))(job)[0])
-    info = {"model": cfg.reference.model, "test_acc": accuracy(model, load_split(cfg.data, "test"), device),
-            "seconds": round(time.time() - start, 1)}
+    job = fit_job(cfg, "reference", num_classes, partial(load_split, cfg.data, "train"), derive_seed(cfg.seed, "reference"),
+                  test=True)
+    state, metrics = (fitter or in_process_fitter(device))(job)
+    model.load_state_dict(state)
+    info = {"model": cfg.reference.model, "test_acc": metrics["test_acc"], "seconds": round(time.time() - start, 1)}
     save_classifier(model, path, info)
     print(f"reference: test accuracy {100 * info['test_acc']:.2f}% ({info['seconds']} s)", flush=True)
     return model.eval(), info

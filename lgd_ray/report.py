@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt
 import torch
 from torchvision.utils import make_grid
 
+from lgd_ray import timeline
 from lgd_ray.cli import Parser, one_line_errors
 from lgd_ray.config import ConfigError
 from lgd_ray.seeds import METHOD_ORDER, seeds_tables, stages_table
@@ -114,6 +115,42 @@ def _redundancy_section(run_dir: Location) -> list[str]:
             "![redundancy](redundancy/matrix.png)", "", "[matrix as CSV](redundancy/matrix.csv)", ""]
 
 
+PHASE_COLOURS = {"setup": "#bbbbbb", "sample": "#dddddd", "train": "#cccccc", "report": "#999999", "actor_start": "#f4a582",
+           "chunk": "#2166ac", "fit_start": "#fddbc7", "fit": "#1b7837", "test": "#762a83", "wait": "#d6604d"}
+
+
+def gantt_chart(rows: list[dict], loc: Location):
+    """PNG: one row per process (the driver, each actor, each Train worker slot), its spans coloured by phase."""
+    spans = [r for r in rows if r["phase"] != "node"]
+    t0 = min(r["start"] for r in spans)
+    lanes = sorted({(r["node"], r["who"]) for r in spans}, key=lambda k: (k[1] != "driver", k[1].startswith("worker"), k))
+    fig, ax = plt.subplots(figsize=(10, 1 + 0.3 * len(lanes)))
+    for i, lane in enumerate(lanes):
+        for r in spans:
+            if (r["node"], r["who"]) == lane:
+                ax.barh(i, r["end"] - r["start"], left=r["start"] - t0, height=0.8,
+                        color=PHASE_COLOURS.get(r["phase"], "#000000"), label=r["phase"])
+    handles = {h.get_label(): h for h in ax.containers}
+    ax.legend([handles[k] for k in handles], list(handles), loc="upper right", fontsize=7, ncol=4)
+    ax.set_yticks(range(len(lanes)), [f"{who} @ {node[:8]}" for node, who in lanes], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the run started")
+    u = timeline.usage(rows)
+    ax.set_title(f"{u['resource']} busy {100 * u['busy_share']:.0f} % of held ({u['busy']:.3g} of {u['held']:.3g} "
+                 f"{u['resource']}-h)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, loc)
+
+
+def _timeline_section(run_dir: Location) -> list[str]:
+    rows = timeline.read_timeline(run_dir)
+    if not any(r["phase"] == "node" for r in rows):
+        return []
+    gantt_chart(rows, run_dir / "report" / "timeline.png")
+    return ["## Where the time went", "", "Resource-hours held (every up node's slots) and busy (sampling, fitting, "
+            "testing), from timeline/:", "", timeline.usage_table(rows), "", "![timeline](report/timeline.png)", ""]
+
+
 def write_report(run_dir: Location):
     """(Re)write run_dir/report.md and its figures under run_dir/report/ from the manifest and the results."""
     run_dir = as_location(run_dir)
@@ -149,7 +186,7 @@ def write_report(run_dir: Location):
         if not grid.exists():  # a finished stage's images do not change
             stage_grid(run_dir, manifest, int(key), grid)
         lines += [f"![stage {key}](report/stage{key}.png)", ""]
-    lines += _eval_table(run_dir) + _redundancy_section(run_dir)
+    lines += _timeline_section(run_dir) + _eval_table(run_dir) + _redundancy_section(run_dir)
     (run_dir / "report.md").write_text("\n".join(lines))
 
 

@@ -11,6 +11,7 @@ rerunning a stopped run redoes only what is missing. The run folder is a storage
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Callable, Iterable
 
@@ -18,10 +19,10 @@ from tqdm.auto import tqdm
 
 from lgd_ray.config import Config, ConfigError, config_hash, from_dict, run_identity, to_dict
 from lgd_ray.cost import run_cost, stage_cost
-from lgd_ray.data import check_data, class_chunks, class_names, load_split, num_classes
+from lgd_ray.data import check_data, class_chunks, class_names, num_classes
 from lgd_ray.lease import Lease
 from lgd_ray.methods import ChunkMaker
-from lgd_ray.plan import ChunkTask, stage_plan
+from lgd_ray.plan import ChunkTask, fit_workers, stage_plan
 from lgd_ray.prior import prior_weights_sha256
 from lgd_ray.prior_make import ensure_prior
 from lgd_ray.reference import ensure_reference, fit_job, new_classifier, reference_path
@@ -30,7 +31,8 @@ from lgd_ray.seeding import derive_seed
 from lgd_ray.shards import (MANIFEST, load_tensor_set, paths, read_manifest, record, shard_sha256, shards_through,
                             stage_dir, stage_rows, write_manifest)
 from lgd_ray.storage import Location, as_location
-from lgd_ray.train import Fitter, accuracy, in_process_fitter, load_classifier, process_device, save_classifier
+from lgd_ray.timeline import Timeline, span, timed
+from lgd_ray.train import Fitter, in_process_fitter, load_classifier, process_device, save_classifier
 
 
 def open_manifest(run_dir: Location, cfg: Config, resume: bool) -> dict:
@@ -104,30 +106,51 @@ def forget_stage(manifest: dict, index: int, redone: int, log: Callable[[str], N
 ChunkRunner = Callable[[list[ChunkTask], dict | None, Callable[[ChunkTask], list[str]]], Iterable[dict]]
 
 
-def in_process_runner(maker_factory: Callable[[], ChunkMaker]) -> ChunkRunner:
-    """Run chunks one after another in this process (the Ray layer runs them on a pool of actors instead)."""
-    holder = []
+def in_process_runner(maker_factory: Callable[[], ChunkMaker], slot: dict) -> ChunkRunner:
+    """Run chunks one after another in this process (the Ray layer runs them on a pool of actors instead); each row
+    carries its timeline spans (the maker's start with the first chunk) in row["spans"], as an actor's does."""
+    holder, spans = [], []
 
     def run(tasks, student_state, previous_shards):
         if not holder:
-            holder.append(maker_factory())
+            with timed(spans.extend, "actor_start", who="in-process", resources=slot):
+                holder.append(maker_factory())
         for task in tasks:
-            yield holder[0].make(task, student_state, previous_shards(task))
+            with timed(spans.extend, "chunk", who="in-process", stage=task.stage.index, resources=slot):
+                row = holder[0].make(task, student_state, previous_shards(task))
+            row["spans"] = spans[:]
+            spans.clear()
+            yield row
 
     return run
 
 
+def recording(fitter: Fitter, timeline: Timeline, stage: list) -> Fitter:
+    """The fitter, its jobs' spans added to the timeline under the stage in stage[0] (None: set-up)."""
+    def fit_recorded(job):
+        state, metrics = fitter(job)
+        timeline.add(dict(s, stage=stage[0]) for s in metrics.pop("spans", []))
+        return state, metrics
+
+    return fit_recorded
+
+
 def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: ChunkRunner | None = None,
                fitter: Fitter | None = None, log: Callable[[str], None] = print,
-               on_stage: Callable[[int, dict], None] | None = None, lease: Lease | None = None) -> dict:
+               on_stage: Callable[[int, dict], None] | None = None, lease: Lease | None = None,
+               timeline: Timeline | None = None, started: float | None = None) -> dict:
     """Distil: seed increment + K guided stages into `run_dir`; returns the manifest (also in manifest.json).
 
-    runner makes chunks (default: in this process), fitter trains classifiers (default: in this process);
-    on_stage(index, info) is called after each stage is trained (e.g. to report to Ray Tune); lease: the run folder's
-    lease this driver holds (checked before every manifest write).
+    runner makes chunks (default: in this process), fitter trains classifiers (default: in this process) and tests
+    them where it trains them; on_stage(index, info) is called after each stage is trained (e.g. to report to Ray
+    Tune); lease: the run folder's lease this driver holds (checked before every manifest write); timeline: where the
+    phases go (run_dir/timeline/), its set-up phase counted from `started` (default: now).
     """
+    started = started or time.time()
     run_dir = as_location(run_dir)
     device = process_device(cfg.device)  # a sweep trial: the GPU Tune gave it, or the CPU
+    slot = {"GPU": 1} if device.type == "cuda" else {"CPU": 1}  # what a run without Ray holds
+    timeline = timeline or Timeline(run_dir, slot)
     check_data(cfg.data)
     n_classes = num_classes(cfg.data)
     manifest = open_manifest(run_dir, cfg, resume)
@@ -140,66 +163,95 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
     # Set-up, here in the driver before any chunk is made: prior and reference (trained and stored if absent)
     manifest["num_classes"] = n_classes
     manifest["classes"] = class_names(cfg.data)  # label i is the i-th name
-    fitter = fitter or in_process_fitter(device)
+    fit_stage = [None]
+    fitter = recording(fitter or in_process_fitter(device), timeline, fit_stage)
     manifest["prior"] = ensure_prior(cfg, device, fitter) if cfg.distill.method != "random" else None
     _, ref_info = ensure_reference(cfg, n_classes, device, fitter)
     manifest["reference"] = ref_info
     check_models(manifest, {"prior_sha256": prior_weights_sha256(manifest["prior"]),
                             "reference_sha256": reference_path(cfg).sha256()})
     save(manifest)
-    test_set = load_split(cfg.data, "test")  # read once for every stage's test
-    runner = runner or in_process_runner(lambda: ChunkMaker(cfg, run_dir, device))
+    runner = runner or in_process_runner(lambda: ChunkMaker(cfg, run_dir, device), slot)
     chunks = class_chunks(n_classes, cfg.distill.classes_per_chunk)
     student_state = None
     stages = stage_plan(cfg)
     costs = {s["stage"]: s for s in run_cost(cfg)["stages"]}  # the dry-run's counts, recorded with each stage
     redone = None  # the first stage made (again) in this call: every later stage rests on its student
-    for stage in tqdm(stages, desc="stages", disable=None):
-        if redone is not None:
-            forget_stage(manifest, stage.index, redone, log)
-        info = manifest["stages"].get(str(stage.index), {})
-        ckpt = run_dir / stage_dir(stage.index) / "student.safetensors"
-        done = {r["chunk"] for r in stage_rows(manifest, stage.index) if kept(run_dir, r, log)}
-        if info.get("trained") and len(done) == len(chunks) and student_kept(ckpt, info, log):
-            student_state = load_classifier(new_classifier(cfg, "student", n_classes), ckpt)[0].state_dict()
-            continue
-        redone = stage.index
-        # Generate I_i: every chunk whose shard is missing or does not match its sha256
-        start = time.time()
-        todo = [ChunkTask(stage, i, c) for i, c in enumerate(chunks) if i not in done]
-        earlier = shards_through(manifest, stage.index - 1)
-        previous = lambda t: paths(r for r in earlier if set(r["classes"]) & set(t.classes))
-        for row in tqdm(runner(todo, student_state, previous), total=len(todo), desc=f"stage {stage.index} chunks",
-                        leave=False, disable=None):
-            record(manifest, row)
-            save(manifest)
-        sample_seconds = time.time() - start
-        # Train theta_i on D_i, starting from theta_{i-1}
-        start = time.time()
-        d_i = shards_through(manifest, stage.index)
-        job = fit_job(cfg, "student", n_classes, partial(load_tensor_set, run_dir, paths(d_i), n_classes),
-                      derive_seed(cfg.seed, "student", stage.index), student_state, f"{stage_dir(stage.index)}-student")
-        student_state = fitter(job)[0]
-        student = new_classifier(cfg, "student", n_classes)
-        student.load_state_dict(student_state)
-        acc = accuracy(student, test_set, device)
-        new = stage_rows(manifest, stage.index)
-        total = sum(r["count"] for r in d_i)
-        save_classifier(student, ckpt, {"stage": stage.index, "test_acc": acc, "train_images": total})
-        scores = [(r["mean_S"], r["count"]) for r in new if r["mean_S"] is not None]
-        info = {"trained": True, "student_sha256": ckpt.sha256(), "images": sum(r["count"] for r in new),
-                "total_images": total,
-                "student_acc": acc, "sample_seconds": round(sample_seconds, 2),
-                "train_seconds": round(time.time() - start, 2),
-                "mean_S": sum(s * n for s, n in scores) / sum(n for _, n in scores) if scores else None,
-                "cost": stage_cost(cfg, costs[stage.index], new)}
-        manifest["stages"][str(stage.index)] = info
-        save(manifest)
-        write_report(run_dir)
-        s_text = f", mean S {info['mean_S']:.3f}" if info["mean_S"] is not None else ""
-        log(f"stage {stage.index}/{len(stages) - 1}: {info['images']} new images ({info['total_images']} in all), "
-            f"sample {info['sample_seconds']:.1f} s, train {info['train_seconds']:.1f} s, "
-            f"student test acc {100 * acc:.2f}%{s_text}")
-        if on_stage:
-            on_stage(stage.index, info)
+    timeline.add([span("setup", started, time.time(), who="driver")])
+    timeline.nodes()
+    # the report of a stage is drawn in a thread of its own while the next stage samples (matplotlib: one at a time)
+    reporter, report = ThreadPoolExecutor(1, thread_name_prefix="lgd_ray-report"), None
+    try:
+        for stage in tqdm(stages, desc="stages", disable=None):
+            if redone is not None:
+                forget_stage(manifest, stage.index, redone, log)
+            info = manifest["stages"].get(str(stage.index), {})
+            ckpt = run_dir / stage_dir(stage.index) / "student.safetensors"
+            done = {r["chunk"] for r in stage_rows(manifest, stage.index) if kept(run_dir, r, log)}
+            if info.get("trained") and len(done) == len(chunks) and student_kept(ckpt, info, log):
+                student_state = load_classifier(new_classifier(cfg, "student", n_classes), ckpt)[0].state_dict()
+                continue
+            redone = fit_stage[0] = stage.index
+            # Generate I_i: every chunk whose shard is missing or does not match its sha256
+            start = time.time()
+            todo = [ChunkTask(stage, i, c) for i, c in enumerate(chunks) if i not in done]
+            earlier = shards_through(manifest, stage.index - 1)
+            previous = lambda t: paths(r for r in earlier if set(r["classes"]) & set(t.classes))
+            with timeline.phase("sample", stage.index):
+                for row in tqdm(runner(todo, student_state, previous), total=len(todo),
+                                desc=f"stage {stage.index} chunks", leave=False, disable=None):
+                    timeline.add(row.pop("spans", []))
+                    record(manifest, row)
+                    save(manifest)
+            sample_seconds = time.time() - start
+            # Train theta_i on D_i, starting from theta_{i-1}, and test it where it is trained
+            start = time.time()
+            with timeline.phase("train", stage.index):
+                d_i = shards_through(manifest, stage.index)
+                job = fit_job(cfg, "student", n_classes, partial(load_tensor_set, run_dir, paths(d_i), n_classes),
+                              derive_seed(cfg.seed, "student", stage.index), student_state,
+                              f"{stage_dir(stage.index)}-student", test=True)
+                job.workers = fit_workers(cfg, sum(r["count"] for r in d_i))
+                student_state, metrics = fitter(job)
+                acc = metrics["test_acc"]
+                student = new_classifier(cfg, "student", n_classes)
+                student.load_state_dict(student_state)
+                new = stage_rows(manifest, stage.index)
+                total = sum(r["count"] for r in d_i)
+                save_classifier(student, ckpt, {"stage": stage.index, "test_acc": acc, "train_images": total})
+                scores = [(r["mean_S"], r["count"]) for r in new if r["mean_S"] is not None]
+                info = {"trained": True, "student_sha256": ckpt.sha256(), "images": sum(r["count"] for r in new),
+                        "total_images": total,
+                        "student_acc": acc, "sample_seconds": round(sample_seconds, 2),
+                        "train_seconds": round(time.time() - start, 2),
+                        "mean_S": sum(s * n for s, n in scores) / sum(n for _, n in scores) if scores else None,
+                        "cost": stage_cost(cfg, costs[stage.index], new)}
+                manifest["stages"][str(stage.index)] = info
+                save(manifest)
+                timeline.nodes()
+                timeline.flush()
+            if report is not None:
+                report.result()  # the previous stage's report (its error, if any, stops the run here)
+            report = reporter.submit(_report, run_dir, timeline, stage.index)
+            s_text = f", mean S {info['mean_S']:.3f}" if info["mean_S"] is not None else ""
+            log(f"stage {stage.index}/{len(stages) - 1}: {info['images']} new images ({info['total_images']} in all), "
+                f"sample {info['sample_seconds']:.1f} s, train {info['train_seconds']:.1f} s, "
+                f"student test acc {100 * acc:.2f}%{s_text}")
+            if on_stage:
+                on_stage(stage.index, info)
+        with timeline.phase("report"):  # the last stage's report: nothing left to overlap it with
+            if report is not None:
+                report.result()
+            timeline.nodes()
+            timeline.flush()
+            if report is not None:
+                write_report(run_dir)  # with the last spans in its table
+    finally:
+        reporter.shutdown(wait=True)
+        timeline.flush()
     return manifest
+
+
+def _report(run_dir: Location, timeline: Timeline, stage: int):
+    with timeline.phase("report", stage, who="driver-report"):
+        write_report(run_dir)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 import safetensors.torch
 from tqdm.auto import tqdm
 
+from lgd_ray import timeline
 from lgd_ray.checkpoints import latest_checkpoint, load_from, save_to
 from lgd_ray.config import ConfigError, TrainConfig
 from lgd_ray.data import PreparedSplit, TensorSet, to_float
@@ -212,6 +214,29 @@ def accuracy(model: torch.nn.Module, data, device="cpu") -> float:
     return (logits.argmax(1) == labels).float().mean().item()
 
 
+def test_share(data, rank: int, world: int):
+    """This rank's part of a test set: rows [len * rank // world, len * (rank + 1) // world), so that the ranks' parts
+    cover the whole set once (nothing dropped, unlike a training share)."""
+    if world == 1:
+        return data
+    lo, hi = len(data) * rank // world, len(data) * (rank + 1) // world
+    if isinstance(data, PreparedSplit):
+        return data.rows(lo, hi)
+    if isinstance(data, TensorSet):
+        return TensorSet(data.images[lo:hi], data.labels[lo:hi], data.num_classes)
+    return torch.utils.data.Subset(data, range(lo, hi))
+
+
+def ranked_accuracy(model: torch.nn.Module, data, device, rank: int, world: int) -> float:
+    """Top-1 accuracy on the whole of `data`, each of `world` DDP ranks testing its part (summed over the ranks)."""
+    logits, labels = predict(model, test_share(data, rank, world), device=device)
+    counts = torch.tensor([(logits.argmax(1) == labels).sum().item(), len(labels)], dtype=torch.float64)
+    if world > 1:
+        counts = counts.to(device)
+        torch.distributed.all_reduce(counts)
+    return (counts[0] / counts[1]).item()
+
+
 def info_location(weights: Location) -> Location:
     """The JSON beside a weights file: x.safetensors -> x.json."""
     return Location(as_location(weights).uri.replace(".safetensors", ".json"))
@@ -248,6 +273,8 @@ class FitJob:
     checkpoint_every: int = 10  # epochs between checkpoints (ray.checkpoint_every)
     checkpoints: str = ""  # "": the fitter's run folder, a fresh fit each time (see PriorJob.checkpoints)
     output: str = "model"  # the state returned: the trained weights
+    load_test: Callable[[], torch.utils.data.Dataset] | None = None  # tested where it is trained: metrics["test_acc"]
+    workers: int = 0  # DDP workers of a Ray fit (0: ray.train_workers)
 
     @property
     def rounds(self) -> int:
@@ -255,8 +282,16 @@ class FitJob:
 
     def run(self, device="cpu", rank: int = 0, world: int = 1, wrap=None, on_round=None, resume=None,
             bar: Bar = terminal_bar):
+        """(the weights, metrics): metrics["phases"] is [(phase, start, end)] of the fit and the test, and
+        metrics["test_acc"] the accuracy on load_test() (the ranks test a part each) when it is set."""
+        start = time.time()
         model = fit(self, device, rank, world, wrap, on_round, resume, bar)
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}, {}
+        module = model.module if hasattr(model, "module") else model
+        metrics, fitted = {"phases": [("fit", start, time.time())]}, time.time()
+        if self.load_test is not None:
+            metrics["test_acc"] = ranked_accuracy(module, self.load_test(), device, rank, world)
+            metrics["phases"].append(("test", fitted, time.time()))
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}, metrics
 
     def build(self) -> torch.nn.Module:
         model = build_classifier(self.model, self.channels, self.image_size, self.num_classes, seed=self.init_seed)
@@ -299,15 +334,29 @@ def fit(job: FitJob, device="cpu", rank: int = 0, world: int = 1, wrap=None,
                             batch_size=job.train.batch_size // world, resume=resume, bar=bar)
 
 
-# trains a FitJob or a PriorJob somewhere; returns (the job's output state dict on the CPU, its final metrics)
+# trains a FitJob or a PriorJob somewhere; returns (the job's output state dict on the CPU, its final metrics, with
+# metrics["spans"] the timeline spans of the processes that ran it: lgd_ray.timeline)
 Fitter = Callable[[FitJob], tuple[dict, dict]]
 
 
+def job_spans(metrics: dict, start: float, end: float, who: str, resources: dict) -> list[dict]:
+    """The spans of one process's run of a job: its own phases (metrics["phases"]), else the whole run as a fit."""
+    return [timeline.span(phase, a, b, who=who, resources=resources)
+            for phase, a, b in metrics.pop("phases", None) or [("fit", start, end)]]
+
+
 def in_process_fitter(device="cpu") -> Fitter:
-    """Fits in this process. A job with its own `checkpoints` folder gets a checkpoint there every
-    job.checkpoint_every rounds and continues from the newest one an earlier fit left."""
+    """Fits in this process (one slot: a CPU, or the device). A job with its own `checkpoints` folder gets a
+    checkpoint there every job.checkpoint_every rounds and continues from the newest one an earlier fit left."""
+    slot = {"GPU": 1} if torch.device(device).type == "cuda" else {"CPU": 1}
 
     def fit_here(job):
+        start = time.time()
+        state, metrics = run_here(job)
+        metrics["spans"] = job_spans(metrics, start, time.time(), "in-process", slot)
+        return state, metrics
+
+    def run_here(job):
         if not job.checkpoints:
             return job.run(device)
         storage = Location(job.checkpoints)

@@ -13,7 +13,7 @@ from lgd_ray.cost import run_cost
 def test_imagenet1k_plan_counts():
     cfg = load_config("imagenet1k")
     plan = run_cost(cfg)
-    assert plan["classes"] == 1000 and plan["chunks"] == 100 and plan["window_steps"] == 36
+    assert plan["classes"] == 1000 and plan["chunks"] == 500 and plan["window_steps"] == 36
     # DiT-XL/2 at 256 px: 118.6 G multiply-adds per forward (the DiT paper's "Gflops") = 237 GFLOPs
     assert plan["costs"]["dit_forward"] == pytest.approx(2 * 118.6, rel=0.01)
     # backward to the input through frozen weights: about one more forward; a training step about three forwards
@@ -63,10 +63,13 @@ def test_plan_reads_a_local_pipeline_folder(latent_pipeline_dir):
 
 
 def test_dry_run_command_prints_the_plan():
-    r = subprocess.run([sys.executable, "-m", "lgd_ray.distill", "imagenet1k", "--dry-run"], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "lgd_ray.distill", "imagenet1k", "--dry-run", "--gpus", "64"],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "1000 classes in 100 chunks" in r.stdout and "GPU-hours" in r.stdout and "NOT FOUND" in r.stdout
+    assert "1000 classes in 500 chunks" in r.stdout and "GPU-hours" in r.stdout and "NOT FOUND" in r.stdout
+    held = float(re.search(r"^held ([\d.]+) GPU-h", r.stdout, re.M).group(1))
+    busy = float(re.search(r"^busy ([\d.]+) GPU-h", r.stdout, re.M).group(1))
+    assert 0 < busy < held and "x 25% (the guided step measured on an H200" in r.stdout
     assert "memory per sampler actor" in r.stdout and "the largest guidance.batch that fits" in r.stdout
 
 
@@ -104,3 +107,37 @@ def test_deviation_guidance_is_counted_in_flops():
     assert with_gamma["total_flops"] > 1.15 * without["total_flops"]
     x0 = run_cost(load_config("imagenet1k", ["guidance.gamma=50", "guidance.through=decoder"]))
     assert x0["deviation_step_gflops"] == 0  # on x0^ (through the decoder only) g_D needs no backward through the DiT
+
+
+def test_cluster_cost_adds_barriers_start_up_and_idle_gpus_to_the_flops():
+    """The held/busy model by hand: rounds of chunks per stage, one-worker fits on a kept actor (no start-up), DDP fits
+    after a Ray Train start and an actor restart; held = GPUs x wall, busy = the FLOPs at the rate."""
+    from lgd_ray import cost
+
+    cfg = load_config("imagenet1k")
+    plan, rate = run_cost(cfg), 495e12 * 0.25
+    one = cost.cluster_cost(replace_student_batch(cfg, 32), plan, 3, 495, 0.25)  # 32 images a step: one worker
+    assert all(s["fit_workers"] == 1 for s in one["stages"])
+    test_f = 50_000 * plan["costs"]["student"] * 1e9
+    wall = cost.NODE_START_S + cost.ACTOR_START_S + sum(
+        -(-500 // 3) * s["sample_flops"] / 500 / rate + (s["train_flops"] + test_f) / rate for s in plan["stages"])
+    assert one["wall_h"] * 3600 == pytest.approx(wall) and one["held_gpu_h"] == pytest.approx(3 * one["wall_h"])
+    busy = sum(s["sample_flops"] + s["train_flops"] + test_f for s in plan["stages"]) / rate / 3600
+    assert one["busy_gpu_h"] == pytest.approx(busy)
+    ddp = cost.cluster_cost(cfg, plan, 3, 495, 0.25)  # batch 64: two workers on Ray Train, the actors restarted
+    s = plan["stages"][1]
+    assert ddp["stages"][1]["fit_workers"] == 2 and ddp["stages"][1]["fit_s"] == pytest.approx(
+        (s["train_flops"] + test_f) / rate / 2 + cost.RAY_TRAIN_START_S + cost.ACTOR_START_S)
+
+
+def replace_student_batch(cfg, batch):
+    from dataclasses import replace
+
+    return replace(cfg, student=replace(cfg.student, train=replace(cfg.student.train, batch_size=batch)))
+
+
+def test_cluster_file_gives_the_gpus_it_scales_to():
+    from lgd_ray.cost import cluster_gpus_of
+
+    assert cluster_gpus_of("clusters/aws.yaml", "H100") == 64  # gpu_h100: 8 nodes x 8 GPUs
+    assert cluster_gpus_of("clusters/aws.yaml") == 128  # and gpu_a100: 8 x 8

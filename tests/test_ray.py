@@ -20,6 +20,8 @@ from lgd_ray.config import ConfigError, load_config
 from lgd_ray.distill import distill
 from lgd_ray.shards import read_manifest, shard_urls
 from lgd_ray.storage import Location
+from lgd_ray.timeline import read_timeline
+from test_timeline import check_timeline
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]  # Ray Train fits
@@ -50,8 +52,12 @@ def two_actor_run(trained, tiny_overrides, tmp_path_factory):
     with mock.patch("torch.cuda.is_available", return_value=True), \
             mock.patch("torch.cuda._lazy_init", side_effect=AssertionError("the driver initialised CUDA")):
         manifest = distill(_cfg(tiny_overrides, out, "ray.actors=2", "device=auto"))
-    print(f"\ndigits run, 2 actors, local Ray, local folder: {time.time() - start:.1f} s")
+    WALL["two_actor_run"] = time.time() - start
+    print(f"\ndigits run, 2 actors, local Ray, local folder: {WALL['two_actor_run']:.1f} s")
     return out, manifest
+
+
+WALL = {}  # seconds a fixture's run took, from the outside
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +85,16 @@ def test_two_actors_give_every_sample_once(two_actor_run):
     assert len(keys) == 10 * 4 == len(set(keys))
     rows = ray.data.read_webdataset(paths).take_all()
     assert sorted(r["__key__"] for r in rows) == sorted(keys)
+
+
+def test_the_run_s_timeline_covers_its_wall_time_and_the_actors_do_the_work(two_actor_run):
+    """Every phase on record: the driver's phases cover the run's wall time (within 5 %, none counted twice); the
+    kept actors sample, fit and test every stage (the test split is read there, not in the driver)."""
+    out, manifest = two_actor_run
+    u = check_timeline(Location(str(out)), WALL["two_actor_run"], len(manifest["stages"]), "actor-")
+    actors = {r["who"] for r in read_timeline(out) if r["phase"] == "actor_start"}
+    assert len(actors) == 2  # started once for the run, not once per stage
+    assert u["resource"] == "CPU" and u["busy_share"] > 0
 
 
 def test_evaluation_repeats_as_ray_tasks(two_actor_run):
@@ -171,7 +187,10 @@ def test_s3_run_with_one_actor_gives_the_images_of_the_local_run_with_two(two_ac
     assert len(remote_png) == 40 and remote_png == local_png  # PNG bytes per key
     assert rm["stages"]["1"]["student_acc"] == lm["stages"]["1"]["student_acc"]
     assert (remote / "stage-01" / "student.safetensors").exists() and (remote / "report.md").exists()
-    assert (remote / "train").iterdir()  # Ray Train's runs and checkpoints on the store
+    # the one-worker student fits ran on the kept sampler actor, beside its resident prior: no Ray Train start-up
+    fits = [r for r in read_timeline(remote) if r["phase"] == "fit" and r["stage"] is not None]
+    assert len(fits) == 2 and all(r["who"].startswith("actor-") for r in fits)
+    assert not (remote / "train").iterdir()
     assert not Path("s3:").exists()  # no local folder named after the URI
 
 
