@@ -8,7 +8,8 @@ with TF32, bfloat16, float32 with guidance.checkpointing, float32 with deviation
 unguided step (the CFG pair, no grad) and a guided step (denoiser path: the pair, the VAE decoder at 256 px and the two
 classifiers at 128 px, forward and backward to x_t), timed after a warm-up; the allocator's peak during the guided step
 (on the CPU: the weights plus the step's saved tensors) against lgd_ray.memory's estimate, what `distill --dry-run`
-prints (within 15 %; 10 % on the CPU); every output finite. Then a forced out-of-memory (the decoder refusing more than
+prints (within 15 %; 10 % on the CPU); every output finite; at the largest batch, the seconds of each part of the
+guided step (DiT pair, VAE decoder, classifiers; forward and backward). Then a forced out-of-memory (the decoder refusing more than
 2 images) whose halved result equals a run at batch 2, and, with Ray and a GPU, a digits distillation through Ray with
 GPU sampler actors and GPU Ray Train workers (NCCL with two or more GPUs).
 Writes the rows as JSON (--out) and a Markdown table beside it; exits 1 if any check misses.
@@ -130,6 +131,8 @@ def check(small: bool, variant: str, batches: list[int], repeats: int, folder: s
             row.update(measured_peak_gib=round(measured / GIB, 3), unguided_images_per_s=round(b / unguided, 2),
                        guided_images_per_s=round(b / guided, 2), guided_over_unguided=round(guided / unguided, 2),
                        finite=bool(torch.isfinite(out).all()), guide_batch_used=guide.batch or b)
+            if b == max(batches):  # where the guided step's time goes, at the largest batch only (the time budget)
+                row.update(part_seconds(prior, nets, x, t, labels, cfg.data.image_size, device, repeats, guided))
             row["ok"] = (row["finite"] and abs(measured - mem.peak(b)) <= tolerance * measured
                          and row["guide_batch_used"] == b)  # a step that halved inside is not the asked batch
         except torch.OutOfMemoryError:
@@ -137,6 +140,25 @@ def check(small: bool, variant: str, batches: list[int], repeats: int, folder: s
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def part_seconds(prior, nets, x, t, labels, size: int, device, repeats: int, guided: float) -> dict:
+    """Median seconds of each part of a guided step, forward and backward to its input: the DiT's CFG pair, the VAE
+    decoder, the two classifiers (at their input size); and the share of the guided step they add up to (the rest:
+    the scheduler's arithmetic, the resize, the second backward of deviation guidance in the gamma variant)."""
+    def grad_of(fn, like):
+        wrt = like.detach().requires_grad_(True)
+        with torch.enable_grad():
+            torch.autograd.grad(fn(wrt).float().sum(), wrt)
+
+    z = prior.x0(x, t, prior.eps(x, t, labels, 4.0)).detach()
+    images = torch.randn(len(x), 3, size, size, device=device)
+    parts = {"dit_pair_s": lambda: grad_of(lambda w: prior.eps(w, t, labels, 4.0), x),
+             "vae_decoder_s": lambda: grad_of(prior.decode, z),
+             "classifiers_s": lambda: grad_of(lambda w: sum(net(w).logsumexp(1) for net in nets), images)}
+    out = {name: round(_timed(fn, device, repeats), 4) for name, fn in parts.items()}
+    out["parts_share_of_guided"] = round(sum(out.values()) / guided, 3)
+    return out
 
 
 def forced_oom(small: bool, folder: str) -> dict:

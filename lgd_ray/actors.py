@@ -23,7 +23,7 @@ import torch
 from lgd_ray.config import Config, ConfigError, from_dict, to_dict
 from lgd_ray.methods import ChunkMaker
 from lgd_ray.plan import ChunkTask
-from lgd_ray.resources import actor_resources, ray_options, resolve_auto, shortage
+from lgd_ray.resources import actor_resources, check_placeable, ray_options, resolve_auto, shortage
 from lgd_ray.storage import PERMANENT, Location, as_location
 from lgd_ray.timeline import timed
 from lgd_ray.train import job_spans, process_device
@@ -118,6 +118,7 @@ class ActorPool:
 
     def __call__(self, tasks: list[ChunkTask], student_state: dict | None, previous_shards) -> Iterator[dict]:
         r = self.cfg.ray
+        check_placeable(actor_resources(self.cfg), f"{r.actors} sampler actors")
         # One copy of the student in the object store for all actors (numpy arrays: zero-copy reads).
         weights = None if student_state is None else ray.put({k: v.numpy() for k, v in student_state.items()})
         pending, later = deque(tasks), []  # later: (not before, task) of chunks waiting out a back-off
@@ -235,6 +236,7 @@ class ActorPool:
                 return self.actors[0]
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 ray.kill(self.actors.pop(0), no_restart=True)
+        check_placeable(actor_resources(self.cfg), "a sampler actor")
         starting = {}
         self._launch(starting)
         (ref, actor), = starting.items()

@@ -212,8 +212,9 @@ class PrepareConfig:
 
 @dataclass
 class RayConfig:
-    """Resources. Sampler actors hold their resources only while a stage samples; they are released before each
-    classifier fit, so sampling and training never wait on each other. The number of actors never changes the output;
+    """Resources. A run's sampler actors live from stage to stage and fit the one-worker students; a fit of several
+    DDP workers releases them first, so that sampling and training never wait on each other. The number of actors
+    never changes the output;
     the number of DDP workers does (float arithmetic), though the recipe (global batch, learning rate) stays the same."""
 
     enabled: bool = True  # false: chunks run one after another in this process, without Ray

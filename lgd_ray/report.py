@@ -115,23 +115,24 @@ def _redundancy_section(run_dir: Location) -> list[str]:
             "![redundancy](redundancy/matrix.png)", "", "[matrix as CSV](redundancy/matrix.csv)", ""]
 
 
-PHASE_COLOURS = {"setup": "#bbbbbb", "sample": "#dddddd", "train": "#cccccc", "report": "#999999", "actor_start": "#f4a582",
-           "chunk": "#2166ac", "fit_start": "#fddbc7", "fit": "#1b7837", "test": "#762a83", "wait": "#d6604d"}
+PHASE_COLOURS = {"setup": "#bbbbbb", "sample": "#d1e5f0", "train": "#d9f0d3", "report": "#999999",
+                 "actor_start": "#f4a582", "chunk": "#2166ac", "fit": "#1b7837", "test": "#762a83"}
 
 
 def gantt_chart(rows: list[dict], loc: Location):
     """PNG: one row per process (the driver, each actor, each Train worker slot), its spans coloured by phase."""
     spans = [r for r in rows if r["phase"] != "node"]
     t0 = min(r["start"] for r in spans)
-    lanes = sorted({(r["node"], r["who"]) for r in spans}, key=lambda k: (k[1] != "driver", k[1].startswith("worker"), k))
-    fig, ax = plt.subplots(figsize=(10, 1 + 0.3 * len(lanes)))
+    lanes = sorted({(r["node"], r["who"]) for r in spans},
+                   key=lambda k: (not k[1].startswith("driver"), k[1].startswith("worker"), k[1], k[0]))
+    fig, ax = plt.subplots(figsize=(11, 1.5 + 0.3 * len(lanes)))
     for i, lane in enumerate(lanes):
         for r in spans:
             if (r["node"], r["who"]) == lane:
                 ax.barh(i, r["end"] - r["start"], left=r["start"] - t0, height=0.8,
                         color=PHASE_COLOURS.get(r["phase"], "#000000"), label=r["phase"])
     handles = {h.get_label(): h for h in ax.containers}
-    ax.legend([handles[k] for k in handles], list(handles), loc="upper right", fontsize=7, ncol=4)
+    ax.legend([handles[k] for k in handles], list(handles), loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
     ax.set_yticks(range(len(lanes)), [f"{who} @ {node[:8]}" for node, who in lanes], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the run started")

@@ -54,8 +54,39 @@ def shortage(what: str, asked: dict, timeout_s: float) -> ResourceError:
                          f"in all, {describe(ray.available_resources())} free now")
 
 
+def _node_types() -> list[tuple[dict, int]]:
+    """(resources, max_workers) of each node type the autoscaler may add; [] on a cluster without one (Ray's own
+    bookkeeping: no public API gives the node types' limits)."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+        return [(dict(g.resources), g.max_count) for g in (config.node_group_configs if config else []) if g.max_count]
+    except Exception:  # an older or newer Ray without it: the alive nodes decide
+        return []
+
+
+def check_placeable(asked: dict, what: str):
+    """Refuse at once (one line) a request that no alive node and no node type the autoscaler can add could hold:
+    waiting ray.schedule_timeout_s for it would only end in the same error."""
+    def holds(resources: dict) -> bool:
+        return all(resources.get(k, 0) >= v for k, v in asked.items() if v)
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    types = [res for res, _ in _node_types()]
+    if not any(map(holds, nodes + types)):
+        largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+        raise ResourceError(f"ray: {what} ({describe(asked)} each) fit on no node: the largest of the {len(nodes)} "
+                            f"alive has {describe(largest)}"
+                            + (", and no node type of the autoscaler holds it either" if types else
+                               ", and no autoscaler can add another")
+                            + "; lower ray.train_cpus_per_worker / ray.num_cpus_per_actor (or the GPU keys)")
+
+
 def wait_for_resources(bundles: list[dict], timeout_s: float, what: str):
-    """Block until the cluster can hold all bundles at once (as Ray Train's worker group will), at most timeout_s."""
+    """Block until the cluster can hold all bundles at once (as Ray Train's worker group will), at most timeout_s;
+    a bundle that no node can hold is refused at once."""
+    check_placeable(bundles[0], what)
     pg = placement_group([{k: v for k, v in b.items() if v} for b in bundles], strategy="PACK")
     try:
         if not pg.wait(timeout_seconds=timeout_s):
@@ -69,16 +100,8 @@ def cluster_gpus(accelerator_type: str = "") -> tuple[float, str]:
     (its node types' max_workers x GPUs); the larger, and which it is."""
     alive = sum(n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"] and (
         not accelerator_type or f"accelerator_type:{accelerator_type}" in n["Resources"]))
-    scalable = 0.0
-    try:  # the autoscaler's node types (Ray's own bookkeeping; absent on a cluster without an autoscaler)
-        from ray._private.state import state  # no public API gives the node types' limits
-
-        config = state.get_cluster_config()
-        for group in (config.node_group_configs if config else []):
-            if not accelerator_type or f"accelerator_type:{accelerator_type}" in group.resources:
-                scalable += group.max_count * group.resources.get("GPU", 0)
-    except Exception:  # an older or newer Ray without it: the alive nodes decide
-        scalable = 0.0
+    scalable = sum(count * res.get("GPU", 0) for res, count in _node_types()
+                   if not accelerator_type or f"accelerator_type:{accelerator_type}" in res)
     return (scalable, "the autoscaler can scale to") if scalable > alive else (alive, "the cluster has")
 
 

@@ -104,6 +104,9 @@ def test_gpu_check_runs_at_small_shapes_on_the_cpu(tmp_path):
     assert [(r["variant"], r["batch"]) for r in steps] == [(v, b) for v in bench.VARIANTS for b in (1, 3)]
     for r in steps:
         assert r["ok"] and r["finite"] and abs(r["measured_peak_gib"] - r["estimate_peak_gib"]) <= 0.1 * r["measured_peak_gib"], r
+    for r in steps:  # the parts of the guided step, timed at the largest batch
+        parts = ("dit_pair_s", "vae_decoder_s", "classifiers_s", "parts_share_of_guided")
+        assert all(r[k] > 0 for k in parts) if r["batch"] == 3 else not set(parts) & set(r), r
     checks = {r["check"]: r for r in rows if "check" in r}
     assert checks["forced out-of-memory"]["ok"] and checks["forced out-of-memory"]["batch_after"] == 2
     assert checks["digits on Ray with GPUs"]["ok"] is None  # no GPU here

@@ -157,23 +157,40 @@ def test_killed_actor_loses_nothing(two_actor_run, tiny_overrides, tmp_path):
 
     _, undisturbed = two_actor_run
     cfg = _cfg(tiny_overrides, tmp_path, "ray.actors=2", "ray.max_restarts=1")
-    pool = ActorPool(cfg, tmp_path)
+    from lgd_ray.methods import ChunkMaker
 
-    killed = []
+    class SlowMaker(ChunkMaker):  # chunks of ~0.5 s: both actors are mid-chunk while rows come in
+        def make(self, task, student_state, previous_shards):
+            time.sleep(0.5)
+            return super().make(task, student_state, previous_shards)
+
+    # as distill's pool: kept from stage to stage, fitting the students
+    pool = ActorPool(cfg, tmp_path, SlowMaker, keep=True)
+    fit_on_pool = ray_fitter(cfg, tmp_path, pool=pool)
+
+    def fitter(job):  # before each student fit, an actor of the kept pool dies: one for good, then one restarting
+        if pool.actors:
+            ray.kill(pool.actors[0], no_restart=not fit_kills)
+            fit_kills.append(job.name)
+        return fit_on_pool(job)
+
+    killed, fit_kills = [], []
 
     def runner(tasks, state, previous):
         for row in pool(tasks, state, previous):
-            if row["stage"] == 1 and not killed:  # kill an actor whose chunk is still being made
+            if row["stage"] == 0 and not killed:  # kill an actor whose chunk is still being made (both start now)
                 busy = pool.running()
                 if busy:
                     ray.kill(busy[0], no_restart=False)
                     killed.append(busy[0])
             yield row
 
-    manifest = run_stages(cfg, tmp_path, runner=runner, fitter=ray_fitter(cfg, tmp_path), log=lambda _: None)
+    manifest = run_stages(cfg, tmp_path, runner=runner, fitter=fitter, log=lambda _: None)
     pool.shutdown()
-    assert killed and pool.resubmitted >= 1
+    assert killed and pool.resubmitted >= 1 and len(fit_kills) == 2
     assert _hashes(manifest) == _hashes(undisturbed)
+    assert [manifest["stages"][k]["student_sha256"] for k in "01"] == [undisturbed["stages"][k]["student_sha256"]
+                                                                      for k in "01"]
     assert len(manifest["shards"]) == len(undisturbed["shards"])
     keys = [k for r in manifest["shards"] for k in r["keys"]]
     assert len(keys) == len(set(keys)) == 40
