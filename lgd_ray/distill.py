@@ -55,7 +55,9 @@ def distill(cfg: Config, resume: bool = False) -> dict:
         pool = ActorPool(cfg, out, node_check=node_check, keep=True)  # from stage to stage, prior loaded
         fitter = ray_fitter(cfg, out, node_check, pool)
     try:
-        with Lease(out, cfg.storage.lease_s) as lease:  # one driver per run folder
+        with Lease(out, cfg.storage.lease_s, cfg.storage.retry_s) as lease:  # one driver per run folder
+            if lease.took_over:
+                print(f"lease: took over the run folder from {lease.took_over}", flush=True)
             manifest = run_stages(cfg, out, resume=resume, runner=pool, fitter=fitter,
                                   log=lambda line: print(line, flush=True), lease=lease, started=start)
     finally:

@@ -6,7 +6,11 @@ its holder while it runs, taken over by another driver only once it has expired.
     other stores   written, then read back after a pause: the last writer holds it (no conditional writes there)
 
 A driver that crashed leaves its lease to lapse after `storage.lease_s`, so `--resume` after a crash needs no
-clean-up; a second driver on a held folder is refused in one line naming the holder and the expiry.
+clean-up; one on the same host whose process is gone is taken over at once. A second driver on a held folder is
+refused in one line naming the holder and the expiry. The holder checks its lease by the clock before it writes
+(`check`): one whose lease ran out (stopped, or cut off from the store) waits for a renewal, and stops once another
+holder is seen or `storage.retry_s` has passed; a renewal that finds the lease still its own after an outage takes it
+back, so an outage shorter than `storage.retry_s` never ends a run.
 """
 from __future__ import annotations
 
@@ -40,13 +44,15 @@ def _expiry(t: float) -> str:
 class Lease:
     """The lease of one run folder for this process; a context manager (acquire on entry, release on exit)."""
 
-    def __init__(self, run_dir, ttl_s: float):
-        self.run_dir, self.ttl_s = as_location(run_dir), ttl_s
+    def __init__(self, run_dir, ttl_s: float, wait_s: float = 0.0):
+        self.run_dir, self.ttl_s, self.wait_s = as_location(run_dir), ttl_s, wait_s
         self.loc = self.run_dir / LEASE
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.tag = None  # (our version in the store: its bytes, or its ETag on s3; its expiry), set when written
-        self.lost: str | None = None  # why the renewal failed
+        self.lost: str | None = None  # why the lease is lost: another holder was seen
+        self.took_over: str | None = None  # the holder whose lease this one replaced, and why
         self._stop = threading.Event()
+        self._renewed = threading.Event()  # set by every renewal (check() waits on it while the lease has lapsed)
         self._thread = None
         p = self.loc._parts
         self._s3 = None
@@ -54,9 +60,14 @@ class Lease:
             import boto3  # only for conditional puts, which pyarrow's S3 filesystem does not expose
 
             q = dict(parse_qsl(p.query))
+            from botocore.config import Config as BotoConfig
+
             endpoint = s3_endpoint_url(q, self.loc.uri)
-            self._s3 = (boto3.client("s3", endpoint_url=endpoint, region_name=q.get("region")), p.netloc,
-                        p.path.lstrip("/"))
+            # a renewal that hangs must not outlive the lease: time-outs well under a third of it, one retry
+            limit = max(0.5, ttl_s / 6)
+            client = boto3.client("s3", endpoint_url=endpoint, region_name=q.get("region"), config=BotoConfig(
+                connect_timeout=limit, read_timeout=limit, retries={"max_attempts": 2, "mode": "standard"}))
+            self._s3 = (client, p.netloc, p.path.lstrip("/"))
 
     # -- the lease -------------------------------------------------------------------------------------------------
     def acquire(self):
@@ -64,10 +75,13 @@ class Lease:
         body = self._body()
         if not self._create(body):
             current = self._read()
-            if current is not None and current[0]["holder"] != self.holder and current[0]["expires"] > time.time():
+            gone = current is not None and _holder_gone(current[0]["holder"])
+            if gone:
+                self.took_over = f"{current[0]['holder']}: {gone}"
+            elif current is not None and current[0]["holder"] != self.holder and current[0]["expires"] > time.time():
                 raise LeaseError(f"run folder {self.run_dir} is held by another driver ({current[0]['holder']}) "
                                  f"until {_expiry(current[0]['expires'])} ({LEASE}, renewed while it runs): wait for "
-                                 f"it to finish, or, if it died, for its lease to lapse (storage.lease_s {self.ttl_s:g})")
+                                 f"it to finish, or, if it died on another host, for its lease to lapse (storage.lease_s {self.ttl_s:g})")
             if not self._replace(body, current):
                 raise LeaseError(f"run folder {self.run_dir}: another driver took the lapsed lease first")
         self._thread = threading.Thread(target=self._renew_loop, daemon=True, name="lgd_ray-lease")
@@ -75,10 +89,22 @@ class Lease:
         return self
 
     def check(self):
-        """Raise LeaseError if this driver lost its lease (another driver took it after a renewal failed)."""
-        if self.lost:
-            raise LeaseError(f"run folder {self.run_dir}: this driver lost its lease ({self.lost}); stopped so that "
-                             "two drivers never write one run")
+        """Return while this driver's lease has not run out (by the clock, less a margin); while it has (a stopped
+        process, a store outage), wait up to wait_s for the renewal; raise LeaseError once another holder is seen or
+        the wait is over, so that a driver whose lease ran out never writes."""
+        deadline = time.time() + self.wait_s
+        while True:
+            if self.lost:
+                raise LeaseError(f"run folder {self.run_dir}: this driver lost its lease ({self.lost}); stopped so "
+                                 "that two drivers never write one run")
+            if time.time() < self.tag[1] - self.ttl_s / 6:
+                return
+            if time.time() >= deadline:
+                raise LeaseError(f"run folder {self.run_dir}: this driver's lease ran out at {_expiry(self.tag[1])} "
+                                 f"and was not renewed within {self.wait_s:g} s (storage.retry_s): stopped so that "
+                                 "two drivers never write one run")
+            self._renewed.clear()
+            self._renewed.wait(min(0.5, max(0.0, deadline - time.time())))
 
     def release(self):
         """Stop renewing and remove the lease if it is still ours."""
@@ -99,16 +125,29 @@ class Lease:
         return {"holder": self.holder, "expires": time.time() + self.ttl_s}
 
     def _renew_loop(self):
-        while not self._stop.wait(self.ttl_s / 3):
+        """Renew every ttl_s / 3 (every second while the lease has lapsed); an unreachable store is tried again, and
+        the lease is lost only when the store names another holder (or none: it was taken and released)."""
+        while not self._stop.wait(self.ttl_s / 3 if time.time() < self.tag[1] else min(1.0, self.ttl_s / 3)):
             try:
-                current = self._read()
-                if current is None or current[0]["holder"] != self.holder or not self._replace(self._body(), current):
-                    self.lost = f"{LEASE} now names {current[0]['holder'] if current else 'nobody'}"
-                    return
-            except Exception as e:  # a store outage longer than storage.retry_s: the next round tries again
-                if time.time() > self.tag[1]:
-                    self.lost = f"not renewed in time: {str(e).splitlines()[0]}"
-                    return
+                self.lost = self._renew(self._body())
+            except Exception:  # the store is out of reach: our lease, if it lapses, is taken back when it answers
+                continue
+            if self.lost:
+                return
+            self._renewed.set()
+
+    def _renew(self, body: dict) -> str | None:
+        """One renewal to `body`, conditional on the version read; None if it holds, else why the lease is lost."""
+        current = self._read()
+        if current is None or current[0]["holder"] != self.holder:
+            return f"{LEASE} now names {current[0]['holder'] if current else 'nobody'}"
+        if self._replace(body, current):
+            return None
+        now = self._read()  # the condition failed: our own write landed first (a reply lost, the put sent again)?
+        if now is not None and now[0] == body:
+            self.tag = (now[1], body["expires"])
+            return None
+        return f"{LEASE} now names {now[0]['holder'] if now else 'nobody'}"
 
     # -- the backends ----------------------------------------------------------------------------------------------
     def _create(self, body: dict) -> bool:
@@ -199,6 +238,22 @@ class Lease:
 
     def _local_lock(self):
         return file_lock(Path(self.run_dir.path) / LOCK, LOCK_WAIT_S)
+
+
+def _holder_gone(holder: str) -> str:
+    """Why the holder (host:pid:tag) is provably not running ("" if it may be): a process of this host that no longer
+    exists. A pid reused by another process counts as running: the lease then lapses as usual."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return ""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return f"process {pid} of this host ({host}) no longer exists"
+    except PermissionError:  # it exists, another user's
+        return ""
+    return ""
 
 
 def _status(error) -> int:

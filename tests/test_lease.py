@@ -3,6 +3,7 @@ in one line, a live driver's lease is renewed, a dead driver's lease lapses and 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,8 +39,8 @@ def test_a_lapsed_lease_is_taken_over(store):
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_two_drivers_on_one_run_folder(where, trained, tiny_overrides, tmp_path, s3_root):
-    """A driver started on a folder another driver is writing exits 2 in one line; after `kill -9` of the first and
-    the lapse of its lease, `--resume` finishes the run."""
+    """A driver started on a folder another driver is writing exits 2 in one line; after `kill -9` of the first,
+    `--resume` at once takes its lease over (its process on this host is gone) and finishes the run."""
     out = str(tmp_path / "run") if where == "local" else str(s3_root / "run")
     args = [sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, "distill.stages=1", "ray.enabled=false",
             "storage.lease_s=2", f"out={out}"]
@@ -56,10 +57,12 @@ def test_two_drivers_on_one_run_folder(where, trained, tiny_overrides, tmp_path,
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    assert lease is None or lease.exists()  # the killed driver's lease is left behind ...
-    time.sleep(3)  # ... and lapses
-    third = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert lease is None or lease.exists()  # the killed driver's lease is left behind, unexpired: on this host, its
+    third = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)  # process is provably gone
     assert third.returncode == 0 and "distill: done" in third.stdout, third.stderr[-2000:]
+    took = [line for line in third.stdout.splitlines() if line.startswith("lease:")]
+    assert took == [f"lease: took over the run folder from {socket.gethostname()}:{first.pid}:" + took[0].split(":")[3]
+                    + f": process {first.pid} of this host ({socket.gethostname()}) no longer exists"], third.stdout
 
 
 @pytest.mark.parametrize("form", ["{host}&scheme=http", "http://{host}", "http://{host}/&scheme=https"])
@@ -82,3 +85,108 @@ def test_a_malformed_endpoint_is_one_line(s3_endpoint):
     for bad in (f"ftp://{s3_endpoint}", f"http://{s3_endpoint}/path", "http://"):
         with pytest.raises(StorageError, match=r"endpoint_override=.*give HOST:PORT"):
             Lease(Location(f"s3://b/run?endpoint_override={bad}"), ttl_s=2)
+
+
+CHILD = """
+import sys, time
+from lgd_ray.lease import Lease, LeaseError
+from lgd_ray.storage import Location
+lease = Lease(Location(sys.argv[1]), ttl_s=1, wait_s=30).acquire()
+with open(sys.argv[2], "a") as log:
+    while True:
+        try:
+            lease.check()
+        except LeaseError as e:
+            print(e, file=sys.stderr)
+            sys.exit(3)
+        log.write(f"{time.time()}\\n")  # the time its check passed
+        log.flush()
+        time.sleep(0.05)
+"""
+
+
+def test_a_stopped_driver_whose_lease_was_taken_stops_at_its_next_check(store, tmp_path):
+    """Driver A is stopped (SIGSTOP) past its lease; B takes the run folder over; A, continued, finds its lease run
+    out by the clock, waits for its renewal, sees B and stops in one line: no check of A passes after B took over."""
+    run, log = store / "run", tmp_path / "a.log"
+    (tmp_path / "a.py").write_text(CHILD)
+    a = subprocess.Popen([sys.executable, str(tmp_path / "a.py"), str(run), str(log)], stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        deadline = time.time() + 60
+        while not (log.exists() and log.read_text().count("\n") > 3):
+            assert a.poll() is None and time.time() < deadline, a.stderr.read() if a.poll() is not None else "slow"
+            time.sleep(0.1)
+        os.kill(a.pid, signal.SIGSTOP)
+        time.sleep(2.5)  # past A's 1-s lease
+        with Lease(run, ttl_s=1) as b:
+            taken = time.time()
+            os.kill(a.pid, signal.SIGCONT)
+            assert a.wait(timeout=30) == 3
+            b.check()
+        err = a.stderr.read().strip().splitlines()
+        assert len(err) == 1 and f"lost its lease (lease.json now names {b.holder})" in err[0], err
+        assert max(map(float, log.read_text().split())) < taken
+    finally:
+        if a.poll() is None:
+            os.kill(a.pid, signal.SIGCONT)
+            a.kill()
+
+
+def test_an_outage_longer_than_the_lease_is_ridden_out(s3_endpoint):
+    """The S3 server cut off (TCP proxy) for 1.5x the lease: the holder's check waits and then passes once the store
+    answers (the lease, still its own, is taken back); with a wait shorter than the outage it stops in one line."""
+    from conftest import TcpProxy, new_bucket, s3_uri
+
+    bucket = new_bucket(s3_endpoint)
+    with TcpProxy(int(s3_endpoint.rsplit(":", 1)[1])) as proxy:
+        run = Location(s3_uri(f"127.0.0.1:{proxy.port}", bucket, "run"))
+        with Lease(run, ttl_s=2, wait_s=30) as lease:
+            proxy.stop()
+            time.sleep(3)
+            proxy.start()
+            lease.check()
+            assert lease.lost is None and json.loads((run / LEASE).read_text())["holder"] == lease.holder
+        with Lease(run, ttl_s=2, wait_s=0.5) as lease:
+            proxy.stop()
+            time.sleep(3)
+            with pytest.raises(LeaseError, match=r"lease ran out at .* and was not renewed within 0.5 s"):
+                lease.check()
+            proxy.start()
+
+
+def test_a_holder_of_this_host_whose_process_is_gone_is_taken_over_at_once(store):
+    run = store / "run"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (run / LEASE).write_text(json.dumps({"holder": f"{socket.gethostname()}:{gone.pid}:dead",
+                                         "expires": time.time() + 600}))
+    with Lease(run, ttl_s=2) as lease:
+        assert lease.took_over == (f"{socket.gethostname()}:{gone.pid}:dead: process {gone.pid} of this host "
+                                   f"({socket.gethostname()}) no longer exists")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a live process of this host, or a holder on another host, keeps its lease until it lapses
+        for holder in (f"{socket.gethostname()}:{alive.pid}:live", f"elsewhere:{gone.pid}:other"):
+            (run / LEASE).write_text(json.dumps({"holder": holder, "expires": time.time() + 600}))
+            with pytest.raises(LeaseError, match="held by another driver"):
+                Lease(run, ttl_s=2).acquire()
+    finally:
+        alive.kill()
+
+
+def test_a_renewal_whose_put_landed_but_whose_reply_was_lost_keeps_the_lease(store):
+    """The put lands, its reply is lost, the client sends it again: the condition (the version read before) fails.
+    The renewal reads the lease back, finds its own body and keeps the lease; another holder's would end it."""
+    with Lease(store / "run", ttl_s=30) as lease:  # no renewal of its own during the test
+        replace = lease._replace
+
+        def reply_lost(body, current):
+            assert replace(body, current)  # the put lands ...
+            return replace(body, current)  # ... and the one sent again is refused: the version changed
+
+        lease._replace = reply_lost
+        assert lease._renew(lease._body()) is None
+        lease._replace = replace
+        (store / "run" / LEASE).write_text(json.dumps({"holder": "other:1:x", "expires": time.time() + 60}))
+        assert lease._renew(lease._body()) == f"{LEASE} now names other:1:x"
+        lease.lost = "taken in the test"  # released without deleting the other's lease
