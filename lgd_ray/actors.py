@@ -1,9 +1,10 @@
 """The Ray layer of generation: a pool of SamplerActors, each a ChunkMaker, for one stage's chunks at a time.
 
 A run's pool (`keep`) lives from stage to stage: each actor loads the prior and theta* once, gets the student's
-weights once per stage, and fits the students that one worker should fit (`ActorPool.fit`: no Ray Train start-up,
-the slot that sampled trains). A fit that needs several Ray Train workers releases the actors first, so that it
-gets every CPU and GPU; the next stage starts them again (the prior from the node's local copy).
+weights once per stage, and fits the students (`ActorPool.fit`: the slots that sampled train, DDP over as many
+actors as the fit has workers; no Ray Train start-up, the prior stays loaded). A fit the actors cannot hold (more
+workers than actors, GPU actors sharing a GPU) goes to Ray Train after the actors are released, so that it gets every
+CPU and GPU; the next stage starts them again (the prior from the node's local copy).
 
 Chunks go to whichever actor is free; everything is awaited with one `ray.wait` (chunk results and actor start-ups),
 so a dead or restarting actor never blocks the others. Output does not depend on which actor ran a chunk, so a chunk
@@ -13,12 +14,16 @@ a CUDA error on a fresh actor); any other error, which would come again every ti
 """
 from __future__ import annotations
 
+import socket
 import time
 from collections import deque
+from datetime import timedelta
 from typing import Iterator
 
 import ray
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lgd_ray.config import Config, ConfigError, from_dict, to_dict
 from lgd_ray.methods import ChunkMaker
@@ -39,6 +44,9 @@ def error_kind(error: BaseException) -> str:
             isinstance(error, OSError) and not isinstance(error, PERMANENT)):
         return "transient"
     return "code"
+
+
+FIT_COLLECTIVE_TIMEOUT_S = 600  # a DDP rank waiting this long on a collective (its peer died) gives up
 
 
 @ray.remote
@@ -71,17 +79,32 @@ class SamplerActor:
         row["spans"], self.spans = self.spans, []
         return row
 
-    def fit(self, job, threads: int) -> tuple[dict, dict]:
-        """Train a one-worker FitJob here, on this actor's CPU or GPU, with `threads` torch threads (a Ray Train
-        worker's count: the same arithmetic); returns (weights, metrics with the fit's timeline spans)."""
+    def rendezvous(self) -> str:
+        """tcp://IP:PORT on this actor's node, a port free now: where a fit's DDP ranks meet (this actor: rank 0)."""
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            return f"tcp://{ray.util.get_node_ip_address()}:{probe.getsockname()[1]}"
+
+    def fit(self, job, threads: int, rank: int = 0, world: int = 1, init_method: str = "") -> tuple[dict, dict]:
+        """Train a FitJob here as DDP rank `rank` of `world` (one: no DDP), on this actor's CPU or GPU, with `threads`
+        torch threads (a Ray Train worker's count: the same arithmetic); returns (weights, metrics with the fit's
+        timeline spans)."""
         if self.error is not None:
             raise self.error
         before, start = torch.get_num_threads(), time.time()
         torch.set_num_threads(threads)
+        device, wrap = process_device(), None
+        if world > 1:  # gloo on the CPU, NCCL on GPUs (one whole GPU per actor), as Ray Train's workers use
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
+                                    world_size=world, timeout=timedelta(seconds=FIT_COLLECTIVE_TIMEOUT_S))
+            wrap = (lambda m: DDP(m.to(device), device_ids=[torch.cuda.current_device()])) if device.type == "cuda" \
+                else DDP
         try:
-            state, metrics = job.run(process_device())
+            state, metrics = job.run(device, rank, world, wrap=wrap)
         finally:
             torch.set_num_threads(before)
+            if world > 1:
+                dist.destroy_process_group()
         metrics["spans"] = job_spans(metrics, start, time.time(), self.who, self.resources)
         return state, metrics
 
@@ -209,41 +232,58 @@ class ActorPool:
             if not self.keep:
                 self.shutdown()
 
-    def can_fit(self) -> bool:
-        """Whether a one-worker fit may run on an actor: the pool is kept, and its actors have the device (CPU or
-        GPU) that the config gives Ray Train workers."""
-        return self.keep and (self.cfg.ray.num_gpus_per_actor > 0) == bool(self.cfg.ray.train_use_gpu)
+    def can_fit(self, workers: int) -> bool:
+        """Whether a fit of `workers` DDP workers may run on the pool's actors: the pool is kept, it has that many
+        actors, they have the device (CPU or GPU) the config gives Ray Train workers, and for DDP on GPUs a whole GPU
+        each (NCCL refuses two ranks on one GPU)."""
+        r = self.cfg.ray
+        gpu = r.num_gpus_per_actor > 0
+        return (self.keep and workers <= r.actors and gpu == bool(r.train_use_gpu)
+                and (workers == 1 or not gpu or r.num_gpus_per_actor >= 1))
 
-    def fit(self, job) -> tuple[dict, dict]:
-        """Train a one-worker FitJob on an actor of the pool (started if there is none), with no Ray Train start-up;
-        fitted again on a fresh actor if its actor dies (the result is a function of the job alone)."""
+    def fit(self, job, workers: int = 1) -> tuple[dict, dict]:
+        """Train a FitJob on `workers` actors of the pool (DDP when more than one; started if the pool has fewer),
+        with no Ray Train start-up and the prior left loaded; fitted again if an actor dies (the result is a function
+        of the job and the number of workers alone). Returns rank 0's weights and metrics, with every rank's spans."""
         r, last = self.cfg.ray, None
+        threads = max(1, round(r.train_cpus_per_worker))
         for _ in range(r.max_restarts + 2):
-            actor = self._ready_actor()
+            actors = self._ready_actors(workers)
+            init = ray.get(actors[0].rendezvous.remote()) if workers > 1 else ""
+            refs = [a.fit.remote(job, threads, rank, workers, init) for rank, a in enumerate(actors)]
             try:
-                return ray.get(actor.fit.remote(job, max(1, round(r.train_cpus_per_worker))))
+                results = ray.get(refs)
             except ray.exceptions.RayActorError as e:
                 last = e
-                print(f"{job.name}: its actor died ({str(e).splitlines()[0]}): fitted again", flush=True)
-        raise RuntimeError(f"{job.name}: the fit lost its actor {r.max_restarts + 2} times; last: {last}")
+                for actor in actors:  # ranks waiting on the dead one's collectives: restarted, not left hanging
+                    ray.kill(actor, no_restart=False)
+                print(f"{job.name}: an actor of its fit died ({str(e).splitlines()[0]}): fitted again", flush=True)
+                continue
+            state, metrics = results[0]
+            metrics["spans"] = [s for _, m in results for s in m["spans"]]
+            return state, metrics
+        raise RuntimeError(f"{job.name}: the fit lost an actor {r.max_restarts + 2} times; last: {last}")
 
-    def _ready_actor(self):
-        """An actor that answers: the first kept one, else a new one (bounded by ray.schedule_timeout_s)."""
+    def _ready_actors(self, n: int) -> list:
+        """`n` actors that answer: kept ones first (a dead one dropped), new ones for the rest (each start bounded by
+        ray.schedule_timeout_s)."""
         r = self.cfg.ray
-        while self.actors:
+        for actor in list(self.actors):
             try:
-                ray.get(self.actors[0].ping.remote(), timeout=r.schedule_timeout_s)
-                return self.actors[0]
+                ray.get(actor.ping.remote(), timeout=r.schedule_timeout_s)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                ray.kill(self.actors.pop(0), no_restart=True)
-        check_placeable(actor_resources(self.cfg), "a sampler actor")
+                ray.kill(actor, no_restart=True)
+                self.actors.remove(actor)
         starting = {}
-        self._launch(starting)
-        (ref, actor), = starting.items()
-        if not ray.wait([ref], timeout=r.schedule_timeout_s)[0]:
-            raise shortage("a sampler actor", actor_resources(self.cfg), r.schedule_timeout_s)
-        ray.get(ref)
-        return actor
+        if len(self.actors) < n:
+            check_placeable(actor_resources(self.cfg), "a sampler actor")
+        for _ in range(n - len(self.actors)):
+            self._launch(starting)
+        ready, _ = ray.wait(list(starting), num_returns=len(starting), timeout=r.schedule_timeout_s)
+        if len(ready) < len(starting):
+            raise shortage(f"{n} sampler actors", actor_resources(self.cfg), r.schedule_timeout_s)
+        ray.get(ready)
+        return self.actors[:n]
 
     def running(self) -> list:
         """The actors running a chunk now (its result not in yet)."""

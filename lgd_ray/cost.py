@@ -36,8 +36,7 @@ UTILISATION_SOURCE = "the guided step measured on an H200 (bench/gpu-runs/2026-1
 # What a cluster run pays besides the FLOPs (seconds), each an assumption the dry-run names, or a measurement
 NODE_START_S = 300.0  # a GPU node booting and pulling the image (assumed; clusters/ cloud VMs)
 ACTOR_START_S = 60.0  # a sampler actor starting and loading the prior (DiT-XL/2 + VAE, 2.8 GB) from its node's copy
-#                       (assumed); paid once per run: actors live from stage to stage unless a fit needs DDP workers
-RAY_TRAIN_START_S = 13.9  # a Ray Train fit's fixed cost (BENCHMARKS.md measure 10, on the CPU)
+#                       (assumed); paid once per run: the actors live from stage to stage and run the student fits
 TEST_IMAGES = {"imagenet1k": 50_000, "imagenette": 3_925, "imagewoof": 3_929, "fashion-mnist": 10_000, "digits": 450}
 
 # facebook/DiT-XL-2-256's architecture (its transformer/ and vae/ config.json), so planning needs no network
@@ -212,7 +211,7 @@ def cluster_cost(cfg: Config, plan: dict, gpus: int, tflops: float, utilisation:
 
     Held: every GPU from the nodes' start to the end; busy: sampling, fitting and testing at the rate `tflops` x
     `utilisation`. A stage samples in rounds of `gpus` chunks (the last round waits for its slowest chunk), then fits
-    (on a kept actor if one worker, else on Ray Train after the actors are released: their restart is paid next stage).
+    on the kept actors (DDP over fit_workers of them: no Ray Train start-up, no actor restart).
     """
     rate = tflops * 1e12 * utilisation
     sized = replace(cfg, ray=replace(cfg.ray, train_workers=gpus))
@@ -225,7 +224,7 @@ def cluster_cost(cfg: Config, plan: dict, gpus: int, tflops: float, utilisation:
         sample_s = -(-plan["chunks"] // gpus) * chunk_s
         workers = fit_workers(sized, s["train_images"])
         work_s = (s["train_flops"] + test_images * student_f) / rate
-        fit_s = work_s / workers + (0.0 if workers == 1 else RAY_TRAIN_START_S + ACTOR_START_S)
+        fit_s = work_s / workers
         wall += sample_s + fit_s
         busy += s["sample_flops"] / rate + work_s
         stages.append({"stage": s["stage"], "sample_s": sample_s, "fit_workers": workers, "fit_s": fit_s})
@@ -249,8 +248,8 @@ def format_cluster_cost(cfg: Config, plan: dict, cost: dict, tflops: float, util
                   for g in (8, 16, 32, 64, 128) if g != cost["gpus"]
                   for c in [cluster_cost(cfg, plan, g, tflops, utilisation)]),
               f"assumed: nodes up {NODE_START_S:.0f} s after the request, an actor's start and prior load "
-              f"{ACTOR_START_S:.0f} s, a Ray Train fit's fixed cost {RAY_TRAIN_START_S} s (measured on the CPU), "
-              "DDP fits scaling linearly; reference training not included"]
+              f"{ACTOR_START_S:.0f} s (once: the actors live through the run and run the student fits), DDP fits "
+              "scaling linearly; reference training not included"]
     return "\n".join(lines)
 
 

@@ -101,8 +101,8 @@ def ray_fitter(cfg: Config, run_dir: Location, node_check=None, pool=None) -> Fi
     """A Fitter that trains each job with TorchTrainer (job.workers workers, else ray.train_workers; GPU or CPU from
     cfg.ray); runs and checkpoints are kept in the job's `checkpoints` folder, else in run_dir/train, on a store every
     node reaches (a shared folder or an object store). node_check: the run's cluster.NodeCheck, run by every worker
-    before it trains. pool: the run's kept ActorPool: a one-worker fit runs on one of its actors (no Ray Train
-    start-up); before a Ray Train fit its actors are released, so that the fit gets every slot."""
+    before it trains. pool: the run's kept ActorPool: a fit its actors can hold runs on them (DDP over as many as it has
+    workers; no Ray Train start-up); before a Ray Train fit they are released, so that the fit gets every slot."""
     cfg = resolve_auto(cfg)  # a no-op for a run's config (sized before its folder was opened)
     r = cfg.ray
     resources = train_resources(cfg)
@@ -116,8 +116,8 @@ def ray_fitter(cfg: Config, run_dir: Location, node_check=None, pool=None) -> Fi
 
     def fit_on_ray(job) -> tuple[dict, dict]:
         workers = getattr(job, "workers", 0) or r.train_workers
-        if pool is not None and workers == 1 and not job.checkpoints and pool.can_fit():
-            return pool.fit(job)
+        if pool is not None and not job.checkpoints and pool.can_fit(workers):
+            return pool.fit(job, workers)
         if pool is not None:
             pool.shutdown()
         storage = Location(job.checkpoints) if job.checkpoints else as_location(run_dir) / "train"

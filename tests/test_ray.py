@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 import webdataset as wds
 
 from conftest import TcpProxy, new_bucket, s3_cache_of, s3_uri, wait_until
@@ -131,7 +132,7 @@ def test_sweep_tiny_grid(trained, tiny_overrides, tmp_path):
     assert best.distill.stages == cfg.distill.stages and yaml.safe_load(result["best_config"].read_text())["seed"] == 0
 
 
-def test_ray_train_ddp_two_workers(trained, tiny_cfg, tmp_path):
+def test_ray_train_ddp_two_workers(trained, tiny_overrides, tmp_path):
     from functools import partial
 
     from lgd_ray.data import load_split
@@ -139,8 +140,8 @@ def test_ray_train_ddp_two_workers(trained, tiny_cfg, tmp_path):
     from lgd_ray.reference import fit_job, new_classifier
     from lgd_ray.train import accuracy
 
-    cfg = load_config("digits", [f"cache={tiny_cfg.cache}", "ray.train_workers=2", "ray.train_cpus_per_worker=1",
-                                 "reference.train.epochs=3", "ray.checkpoint_every=1"])
+    cfg = load_config("digits", tiny_overrides + ["ray.train_workers=2", "ray.train_cpus_per_worker=1",
+                                                  "reference.train.epochs=3", "ray.checkpoint_every=1"])
     job = fit_job(cfg, "reference", 10, partial(load_split, cfg.data, "train"), seed=0)
     state, _ = ray_fitter(cfg, tmp_path)(job)
     model = new_classifier(cfg, "reference", 10)
@@ -148,6 +149,20 @@ def test_ray_train_ddp_two_workers(trained, tiny_cfg, tmp_path):
     assert accuracy(model, load_split(cfg.data, "test")) > 0.8
     (run,) = (tmp_path / "train").iterdir()  # the Ray Train run and its checkpoints are kept in the run folder,
     assert len(list(run.glob("checkpoint_*/"))) == 2  # the newest two of the three (one an epoch)
+    # the same two-worker fit as DDP over a run's kept sampler actors (no Ray Train): the same weights
+    from lgd_ray.actors import ActorPool
+
+    run_cfg = load_config("digits", tiny_overrides + ["ray.train_cpus_per_worker=1"])  # a run's, whose models exist
+    pool = ActorPool(run_cfg, tmp_path / "pool", keep=True)
+    try:
+        assert pool.can_fit(2) and not pool.can_fit(3)
+        job.workers = 2  # as the stage loop sizes a student fit
+        on_actors, metrics = ray_fitter(run_cfg, tmp_path / "pool", pool=pool)(job)
+        assert {s["who"] for s in metrics["spans"]} == {f"actor-{a._actor_id.hex()[:8]}" for a in pool.actors}
+    finally:
+        pool.shutdown()
+    assert not (tmp_path / "pool" / "train").exists()
+    assert all(torch.equal(on_actors[k], state[k]) for k in state)
 
 
 def test_killed_actor_loses_nothing(two_actor_run, tiny_overrides, tmp_path):
