@@ -232,6 +232,12 @@ class ActorPool:
             if not self.keep:
                 self.shutdown()
 
+    def start(self):
+        """Start the actors now, without waiting for them (they load the prior while the driver sets up); the first
+        stage takes them as they become ready."""
+        for _ in range(self.cfg.ray.actors - len(self.actors)):
+            self._launch({})
+
     def can_fit(self, workers: int) -> bool:
         """Whether a fit of `workers` DDP workers may run on the pool's actors: the pool is kept, it has that many
         actors, they have the device (CPU or GPU) the config gives Ray Train workers, and for DDP on GPUs a whole GPU

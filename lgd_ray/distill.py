@@ -15,6 +15,8 @@ from lgd_ray.lease import Lease
 from lgd_ray.memory import (actor_memory, check_fit_fits, check_fits, format_fit_memory, format_memory,
                             prior_fit_memory)
 from lgd_ray.methods import check_real_images
+from lgd_ray.prior import PIPELINE_MARKER, prior_dir
+from lgd_ray.reference import reference_path
 from lgd_ray.stages import open_manifest, run_stages
 from lgd_ray.storage import as_location, check_writable
 
@@ -54,6 +56,8 @@ def distill(cfg: Config, resume: bool = False) -> dict:
         node_check = check_cluster_storage(cfg, out, cache)
         pool = ActorPool(cfg, out, node_check=node_check, keep=True)  # from stage to stage, prior loaded
         fitter = ray_fitter(cfg, out, node_check, pool)
+        if models_ready(cfg):  # nothing to train first: the actors start while the driver sets up
+            pool.start()
     try:
         with Lease(out, cfg.storage.lease_s, cfg.storage.retry_s) as lease:  # one driver per run folder
             if lease.took_over:
@@ -70,6 +74,14 @@ def distill(cfg: Config, resume: bool = False) -> dict:
           f"student test acc {100 * final['student_acc']:.2f}% (reference {100 * manifest['reference']['test_acc']:.2f}%)"
           f" -> {out}", flush=True)
     return manifest
+
+
+def models_ready(cfg: Config) -> bool:
+    """Whether the prior (if the method needs one) and theta* are in the cache: the run trains nothing before its
+    stages, so sampler actors may start at once (a prior named by model_id is loaded by each actor)."""
+    prior = (cfg.distill.method == "random" or bool(cfg.prior.model_id)
+             or (prior_dir(cfg) / PIPELINE_MARKER).exists())
+    return prior and reference_path(cfg).exists()
 
 
 def dry_run(cfg: Config, tflops: float | None, utilisation: float | None, gpus: int = 0) -> dict:
