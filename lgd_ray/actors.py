@@ -117,8 +117,8 @@ class ActorPool:
 
     maker: the ChunkMaker class the actors hold (a subclass may add behaviour, e.g. faults in tests); node_check: the
     run's cluster.NodeCheck, which every actor runs on its node before its first chunk. keep: the actors live from
-    stage to stage with their prior loaded (replaced only when they die) and can fit one-worker students
-    (`fit`) until `shutdown()`; else they are released when a stage's last chunk is in.
+    stage to stage with their prior loaded (replaced only when they die) and fit the students (`fit`) until
+    `shutdown()`; else they are released when a stage's last chunk is in.
     """
 
     def __init__(self, cfg: Config, run_dir: Location, maker: type = ChunkMaker, node_check=None, keep: bool = False):
