@@ -101,8 +101,9 @@ def ray_fitter(cfg: Config, run_dir: Location, node_check=None, pool=None) -> Fi
     """A Fitter that trains each job with TorchTrainer (job.workers workers, else ray.train_workers; GPU or CPU from
     cfg.ray); runs and checkpoints are kept in the job's `checkpoints` folder, else in run_dir/train, on a store every
     node reaches (a shared folder or an object store). node_check: the run's cluster.NodeCheck, run by every worker
-    before it trains. pool: the run's kept ActorPool: a fit its actors can hold runs on them (DDP over as many as it has
-    workers; no Ray Train start-up); before a Ray Train fit they are released, so that the fit gets every slot."""
+    before it trains. pool: the run's kept ActorPool: a student's fit (job.workers set by the stage loop) that its actors
+    can hold runs on them (DDP over as many as it has workers; no Ray Train start-up); the prior's and theta*'s fits,
+    which the actors need to start, and the fits they cannot hold run on Ray Train, the actors released first."""
     cfg = resolve_auto(cfg)  # a no-op for a run's config (sized before its folder was opened)
     r = cfg.ray
     resources = train_resources(cfg)
@@ -116,7 +117,8 @@ def ray_fitter(cfg: Config, run_dir: Location, node_check=None, pool=None) -> Fi
 
     def fit_on_ray(job) -> tuple[dict, dict]:
         workers = getattr(job, "workers", 0) or r.train_workers
-        if pool is not None and not job.checkpoints and pool.can_fit(workers):
+        # a student's fit (sized by the stage loop); the set-up's fits make the models the actors need to start
+        if pool is not None and getattr(job, "workers", 0) and not job.checkpoints and pool.can_fit(workers):
             return pool.fit(job, workers)
         if pool is not None:
             pool.shutdown()

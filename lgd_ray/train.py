@@ -274,7 +274,7 @@ class FitJob:
     checkpoints: str = ""  # "": the fitter's run folder, a fresh fit each time (see PriorJob.checkpoints)
     output: str = "model"  # the state returned: the trained weights
     load_test: Callable[[], torch.utils.data.Dataset] | None = None  # tested where it is trained: metrics["test_acc"]
-    workers: int = 0  # DDP workers of a Ray fit (0: ray.train_workers)
+    workers: int = 0  # DDP workers of a student's fit, sized by the stage loop (0: ray.train_workers, on Ray Train)
 
     @property
     def rounds(self) -> int:

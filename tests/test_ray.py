@@ -98,6 +98,20 @@ def test_the_run_s_timeline_covers_its_wall_time_and_the_actors_do_the_work(two_
     assert u["resource"] == "CPU" and u["busy_share"] > 0
 
 
+def test_a_run_on_an_empty_cache_makes_its_models_on_ray_train_then_fits_students_on_the_actors(
+        trained, tiny_overrides, tmp_path):
+    """`make demo` on a fresh clone: the prior and theta* are trained first (on Ray Train: the actors need them to
+    start), then the kept actors sample and fit the students."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    manifest = distill(_cfg(tiny_overrides, out, "ray.actors=2", f"cache={cache}"))
+    rows = read_timeline(out)
+    setup_fits = [r for r in rows if r["phase"] == "fit" and r["stage"] is None]
+    assert len(setup_fits) == 2 and all(r["who"] == "worker0" for r in setup_fits)  # prior, then theta*
+    assert all(r["who"].startswith("actor-") for r in rows if r["phase"] == "fit" and r["stage"] is not None)
+    made = sorted(p.name.split("-")[0] for p in cache.iterdir())
+    assert made == ["prior", "reference", "reference"] and len(manifest["stages"]) == 2  # weights + info JSON
+
+
 def test_evaluation_repeats_as_ray_tasks(two_actor_run):
     from lgd_ray.evaluate import evaluate_run
 
