@@ -61,11 +61,17 @@ def run_with_node_loss(c: Cluster, cfg, out: Path) -> tuple[float, float, dict]:
     return time.time() - start, events["next"] - events["lost"], manifest
 
 
-def main(argv):
+def prepared(argv) -> tuple[str, list[str]]:
+    """[CONFIG] [key=value ...] -> (config name, overrides), the config's prior and reference made (untimed)."""
     name, overrides = (argv[0], argv[1:]) if argv and "=" not in argv[0] else ("digits", argv)
     base = load_config(name, overrides + LAYOUT)
     ensure_prior(base)
     ensure_reference(base, num_classes(base.data))
+    return name, overrides
+
+
+def main(argv):
+    name, overrides = prepared(argv)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = lambda out: load_config(name, overrides + LAYOUT + [f"out={Path(tmp) / out}"])
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -17,24 +17,16 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
+from cluster import LAYOUT, prepared
 from lgd_ray.config import load_config
-from lgd_ray.data import num_classes
 from lgd_ray.distill import distill
-from lgd_ray.prior_make import ensure_prior
-from lgd_ray.reference import ensure_reference
 from lgd_ray.timeline import read_timeline, usage, usage_table
 from parts import machine
 
-LAYOUT = ["ray.actors=2", "ray.num_cpus_per_actor=1", "ray.train_cpus_per_worker=1", "distill.classes_per_chunk=1"]
-
-
 def main(argv):
-    name, overrides = (argv[0], argv[1:]) if argv and "=" not in argv[0] else ("digits", argv)
-    base = load_config(name, overrides + LAYOUT)
-    ensure_prior(base)
-    ensure_reference(base, num_classes(base.data))
+    name, overrides = prepared(argv)  # the layout of measure 8: 1-CPU actors and Train workers, a class a chunk
     with tempfile.TemporaryDirectory() as tmp:
-        out = base.out or str(Path(tmp) / "run")
+        out = load_config(name, overrides).out or str(Path(tmp) / "run")
         c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
         for _ in range(2):
             c.add_node(num_cpus=1)
