@@ -26,9 +26,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lgd_ray.config import Config, ConfigError, from_dict, to_dict
+from lgd_ray.cost import chunk_flops, slow_seconds
 from lgd_ray.methods import ChunkMaker
 from lgd_ray.plan import ChunkTask
-from lgd_ray.resources import actor_resources, check_placeable, ray_options, resolve_auto, shortage
+from lgd_ray.resources import actor_resources, check_placeable, deadline_s, ray_options, resolve_auto, shortage
 from lgd_ray.storage import PERMANENT, Location, as_location
 from lgd_ray.timeline import timed
 from lgd_ray.train import job_spans, process_device
@@ -54,7 +55,7 @@ class SamplerActor:
     """Holds the DiT prior (+ VAE) and the reference model; makes chunks with the stage's student weights."""
 
     def __init__(self, maker: type, cfg_tree: dict, run_dir: Location, num_threads: int, node_check=None,
-                 resources: dict | None = None):
+                 resources: dict | None = None, holder: str = ""):
         torch.set_num_threads(num_threads)
         self.maker, self.error = None, None
         self.who = f"actor-{ray.get_runtime_context().get_actor_id()[:8]}"
@@ -64,11 +65,11 @@ class SamplerActor:
             with timed(self.spans.extend, "actor_start", who=self.who, resources=resources):  # the prior's load included
                 if node_check is not None:  # every node, one that joined after the start-up check too
                     node_check.verify()
-                self.maker = maker(from_dict(cfg_tree), run_dir)
+                self.maker = maker(from_dict(cfg_tree), run_dir, holder=holder)
         except ConfigError as e:  # a missing prior or reference, a GPU torch cannot see: said by the first call
             self.error = e
 
-    def make(self, task: ChunkTask, weights: dict | None, previous_shards: list[str]) -> dict:
+    def make(self, task: ChunkTask, weights: dict | None, previous_shards: list[dict]) -> dict:
         if self.error is not None:
             raise self.error
         with timed(self.spans.extend, "chunk", who=self.who, stage=task.stage.index, resources=self.resources):
@@ -121,13 +122,15 @@ class ActorPool:
     `shutdown()`; else they are released when a stage's last chunk is in.
     """
 
-    def __init__(self, cfg: Config, run_dir: Location, maker: type = ChunkMaker, node_check=None, keep: bool = False):
+    def __init__(self, cfg: Config, run_dir: Location, maker: type = ChunkMaker, node_check=None, keep: bool = False,
+                 holder: str = ""):
         self.cfg, self.run_dir, self.maker, self.node_check = resolve_auto(cfg), as_location(run_dir), maker, node_check
-        self.keep = keep
+        self.keep, self.holder = keep, holder  # holder: the driver's lease holder (its chunks' shards are fenced by it)
         self.actors: list = []
         self._inflight: dict = {}  # chunk result ref -> (actor, chunk task)
         self.resubmitted = 0  # chunks run again because their actor died
         self.retried = 0  # chunks run again after an error that may pass (I/O, network, CUDA)
+        self._chunk_flops = None  # per stage, for the first deadline
 
     def _launch(self, starting: dict):
         r = self.cfg.ray
@@ -135,7 +138,7 @@ class ActorPool:
             **ray_options(actor_resources(self.cfg)), max_restarts=r.max_restarts,
             max_task_retries=0,  # a chunk goes to the next free actor, not back to this one
         ).remote(self.maker, to_dict(self.cfg), self.run_dir, max(1, round(r.num_cpus_per_actor)), self.node_check,
-                 actor_resources(self.cfg))
+                 actor_resources(self.cfg), self.holder)
         self.actors.append(actor)
         starting[actor.ping.remote()] = actor
 
@@ -154,6 +157,7 @@ class ActorPool:
         for _ in range(min(r.actors, len(tasks)) - len(self.actors)):
             self._launch(starting)
         waiting_since = time.time()  # while no actor is ready: bounded by schedule_timeout_s
+        expected = self._expected_chunk_s(tasks[0].stage.index) if tasks else 0.0
         started, slowest, given_up = {}, 0.0, set()  # chunk ref -> when it went out; the slowest chunk done
         try:
             while pending or later or inflight:
@@ -166,13 +170,12 @@ class ActorPool:
                     inflight[ref], started[ref] = (actor, task), now
                 if not inflight and not idle and now - waiting_since > r.schedule_timeout_s:
                     raise shortage(f"{r.actors} sampler actors", actor_resources(self.cfg), r.schedule_timeout_s)
-                # 0: 10x the slowest chunk yet, and what a chunk may spend waiting out a store outage
-                deadline = r.chunk_timeout_s or (10 * slowest + self.cfg.storage.retry_s if slowest else 0)
+                deadline, rule = deadline_s(self.cfg, slowest, expected)
                 for ref, (actor, task) in inflight.items():  # a chunk past its deadline: its actor is restarted
-                    if deadline and ref not in given_up and now - started[ref] > deadline:
+                    if ref not in given_up and now - started[ref] > deadline:
                         given_up.add(ref)
                         print(f"sampler: chunk {task.chunk} of stage {task.stage.index} ran {now - started[ref]:.0f} s, "
-                              f"past its deadline of {deadline:.0f} s (ray.chunk_timeout_s): its actor is restarted "
+                              f"past its deadline of {deadline:.0f} s ({rule}): its actor is restarted "
                               "and the chunk goes elsewhere", flush=True)
                         ray.kill(actor, no_restart=False)
                 waitable = list(inflight) + list(starting)
@@ -231,6 +234,15 @@ class ActorPool:
         finally:
             if not self.keep:
                 self.shutdown()
+
+    def _expected_chunk_s(self, stage: int) -> float:
+        """A chunk of `stage` by the dry-run's count at a slow rate (cost.slow_seconds): the stage's deadline until
+        one of its chunks has finished."""
+        if self._chunk_flops is None:
+            self._chunk_flops = chunk_flops(self.cfg)
+        r = self.cfg.ray
+        flops = self._chunk_flops[stage] if stage < len(self._chunk_flops) else 0.0
+        return slow_seconds(flops, r.num_gpus_per_actor, max(1, round(r.num_cpus_per_actor)))
 
     def start(self):
         """Start the actors now, without waiting for them (they load the prior while the driver sets up); the first

@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.data import check_data
+from lgd_ray import storage
 from lgd_ray.storage import Location, StorageError, no_retry
 
 MARKER = ".lgd_ray-node-check"
@@ -39,7 +40,9 @@ def connect(cfg: Config):
         # a local Ray on this machine: no node of it can be preempted, so Ray Train's preemption watcher (an actor per
         # fit, and a warning line each) has nothing to watch
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(address=cfg.ray.address or None)
+    # every process of the job (actors, Train workers, tasks) retries the store for the run's storage.retry_s
+    ray.init(address=cfg.ray.address or None,
+             runtime_env={"env_vars": {storage.RETRY_ENV: repr(float(cfg.storage.retry_s))}})
 
 
 def remote_cause(error: BaseException, kind: type) -> BaseException | None:

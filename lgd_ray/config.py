@@ -107,7 +107,7 @@ class ClassifierConfig:
 
 @dataclass
 class DistillConfig:
-    method: str = _f("lgd", choices=["random", "dit", "mgd3", "dds", "lgd"])  # see DESIGN.md section 2
+    method: str = _f("lgd", choices=["random", "dit", "mgd3", "dds", "lgd"])  # see docs/DESIGN.md section 2
     seed_ipc: int = _f(10, min=1)  # images per class of the unguided seed increment I_0
     seed_from: str = _f("generated", choices=["generated", "real"])  # I_0 of dit, mgd3 and lgd: generated without
     #                                  guidance, or real train images (method random's seeded subset, the same bytes)
@@ -228,7 +228,9 @@ class RayConfig:
     chunk_retries: int = _f(2, min=0)  # a chunk whose I/O failed is retried this often, with back-off, then fails
     chunk_timeout_s: float = _f(0.0, min=0.0)  # a chunk running longer (a hung kernel) is given up: its actor restarts
     #                                            and the chunk goes elsewhere; 0 = 10x the stage's slowest chunk yet
-    #                                            plus storage.retry_s (a chunk may wait out a store outage)
+    #                                            (before one: the dry-run's count at a slow rate), at least
+    #                                            chunk_timeout_floor_s, plus storage.retry_s (a store outage)
+    chunk_timeout_floor_s: float = _f(300.0, min=0.0)  # the least time a chunk or evaluation task gets with 0 above
     schedule_timeout_s: float = _f(600.0, min_excl=0.0)  # longest wait for resources (e.g. autoscaling), then one line
     accelerator_type: str = ""  # e.g. H100: actors and train workers only on nodes of that type ("" = any)
     gpu_memory_gb: float = _f(0.0, min=0.0)  # memory of one GPU; 0 = by accelerator_type (H100 if unset)

@@ -37,6 +37,10 @@ UTILISATION_SOURCE = "the guided step measured on an H200 (bench/gpu-runs/2026-1
 NODE_START_S = 300.0  # a GPU node booting and pulling the image (assumed; clusters/ cloud VMs)
 ACTOR_START_S = 60.0  # a sampler actor starting and loading the prior (DiT-XL/2 + VAE, 2.8 GB) from its node's copy
 #                       (assumed); paid once per run: the actors live from stage to stage and run the student fits
+# Deliberately slow rates for a deadline on work not yet timed (a stage's first chunk, the first evaluation repeat):
+# about a tenth of what was measured, so only a hung process passes them (ray.chunk_timeout_floor_s is the least)
+SLOW_GPU_FLOPS = 10e12  # the guided DiT-XL/2 step ran at 124-134 TFLOP/s on an H200 (bench/gpu-runs/2026-11-30)
+SLOW_CPU_FLOPS_PER_THREAD = 2e9  # Fashion-MNIST's guided chunks ran at 20-60 GFLOP/s a thread here (docs/DESIGN.md section 3)
 TEST_IMAGES = {"imagenet1k": 50_000, "imagenette": 3_925, "imagewoof": 3_929, "fashion-mnist": 10_000, "digits": 450}
 
 # facebook/DiT-XL-2-256's architecture (its transformer/ and vae/ config.json), so planning needs no network
@@ -199,6 +203,34 @@ def run_cost(cfg: Config) -> dict:
             "window_steps": len(guided_at), "costs": costs.__dict__, "guided_step_gflops": guided,
             "deviation_step_gflops": deviation, "unguided_step_gflops": plain,
             "total_flops": sum(s["sample_flops"] + s["train_flops"] for s in stages)}
+
+
+def slow_seconds(flops: float, gpus: float, threads: int) -> float:
+    """Seconds `flops` take at the deliberately slow rates above, on `gpus` GPUs (a share counts as one) or else on
+    `threads` CPU threads: a bound on healthy work that no run has timed yet."""
+    return flops / (SLOW_GPU_FLOPS if gpus > 0 else SLOW_CPU_FLOPS_PER_THREAD * max(1, threads))
+
+
+def chunk_flops(cfg: Config) -> list[float]:
+    """FLOPs of the largest chunk (classes_per_chunk classes) of each stage, by the dry-run's count; [] where the
+    prior's configs cannot be read without loading it (a hub id other than DiT-XL/2-256 with no network)."""
+    try:
+        plan = run_cost(cfg)
+    except ValueError:
+        return []
+    return [s["sample_flops"] / plan["classes"] * min(plan["classes"], cfg.distill.classes_per_chunk)
+            for s in plan["stages"]]
+
+
+def classifier_fit_flops(model: str, channels: int, image_size: int, classes: int, images: int, epochs: int,
+                         test_images: int, tests: int) -> float:
+    """FLOPs of training a classifier for `epochs` over `images` and testing it `tests` times on `test_images`."""
+    with torch.device("meta"):
+        m = build_classifier(model, channels, image_size, classes)
+        x = torch.randn(1, channels, image_size, image_size)
+        forward = _flops(lambda: m(x))
+        train = _flops(lambda: m(x).sum().backward())
+    return train * images * epochs + forward * test_images * tests
 
 
 def gpu_hours(flops: float, tflops: float, utilisation: float) -> float:

@@ -327,6 +327,13 @@ def load_split(cfg: DataConfig, split: str) -> torch.utils.data.Dataset:
     return ImageFolderSet(Location(cfg.root) / folder, read_classlist(cfg.classes), cfg.image_size)
 
 
+def split_size(cfg: DataConfig, split: str) -> int:
+    """Images in a split, without decoding a folder's or a prepared set's images (its listing or its index)."""
+    if cfg.prepared and cfg.name not in ("digits", "fashion-mnist"):
+        return len(open_prepared(cfg, split))
+    return len(load_split(cfg, split))
+
+
 def _tensor_set(images: np.ndarray, labels: np.ndarray, n_classes: int, size: int) -> TensorSet:
     x = resize_uint8(torch.from_numpy(np.array(images, copy=True)), size)
     return TensorSet(x, torch.from_numpy(labels.astype(np.int64)), n_classes)

@@ -43,6 +43,7 @@ def distill(cfg: Config, resume: bool = False) -> dict:
         cfg = resolve_auto(cfg)
     open_manifest(out, cfg, resume)  # a run folder that cannot be (re)started: one line, before sampling starts
     pool = fitter = None
+    lease = Lease(out, cfg.storage.lease_s, cfg.storage.retry_s)  # one driver per run folder: held from run_stages on
     if cfg.ray.enabled:
         # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
         from lgd_ray.actors import ActorPool
@@ -54,12 +55,12 @@ def distill(cfg: Config, resume: bool = False) -> dict:
         cfg = resolve_auto(cfg)  # the GPU keys (not part of the run's identity): once, for the actors and the fits
         # relative paths, node-local folders, nodes without the data: now, and on nodes that join later
         node_check = check_cluster_storage(cfg, out, cache)
-        pool = ActorPool(cfg, out, node_check=node_check, keep=True)  # from stage to stage, prior loaded
+        pool = ActorPool(cfg, out, node_check=node_check, keep=True, holder=lease.holder)  # stage to stage, prior loaded
         fitter = ray_fitter(cfg, out, node_check, pool)
         if models_ready(cfg):  # nothing to train first: the actors start while the driver sets up
             pool.start()
     try:
-        with Lease(out, cfg.storage.lease_s, cfg.storage.retry_s) as lease:  # one driver per run folder
+        with lease:
             if lease.took_over:
                 print(f"lease: took over the run folder from {lease.took_over}", flush=True)
             manifest = run_stages(cfg, out, resume=resume, runner=pool, fitter=fitter,

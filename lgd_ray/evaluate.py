@@ -1,6 +1,6 @@
 """`python -m lgd_ray.evaluate RUN_DIR [key=value ...]`: train fresh classifiers on a distilled set, test on real data.
 
-The protocol (DESIGN.md section 5) is the config's `evaluate` section: SGD, MultiStepLR, RandomResizedCrop + flip
+The protocol (docs/DESIGN.md section 5) is the config's `evaluate` section: SGD, MultiStepLR, RandomResizedCrop + flip
 (+ CutMix), epochs by IPC, hard labels or a teacher's soft labels. `repeats` fresh models differ only by seed and
 run in parallel as Ray tasks. Both the last-epoch and the best test accuracy are reported; "best" is the maximum
 over the tests every `eval_every` epochs, so it selects on the test set (as the papers' numbers do).
@@ -27,7 +27,8 @@ import yaml
 from lgd_ray.cli import Parser, one_line_errors
 from lgd_ray.config import (Config, ConfigError, TrainConfig, apply_overrides, build_config, config_hash, from_dict,
                             load_config, resolve_path, run_identity, to_dict)
-from lgd_ray.data import load_split, num_classes
+from lgd_ray.cost import classifier_fit_flops, slow_seconds
+from lgd_ray.data import load_split, num_classes, split_size
 from lgd_ray.models import build_classifier
 from lgd_ray.ray_tasks import map_jobs
 from lgd_ray.report import write_report
@@ -88,38 +89,56 @@ def epochs_for(cfg: Config, ipc: int) -> int:
     return int(e.epochs_by_ipc[-1])
 
 
+LOCATION_KEYS = (("data", "root"), ("data", "prepared"), ("cache",), ("local_cache",))  # where data and models are read
+
+
 def load_run(run_dir: Location, overrides: list[str] = ()) -> tuple[Config, dict]:
     """(the run's config with overrides applied, its manifest); bare keys (`repeats=5`) mean `evaluate.<key>`.
 
-    Where to connect and what to ask of the cluster (`ray.*`) come from this machine's config of the run's name (its
-    YAML's `ray` keys) and this command line (`ray.address=`, or RAY_ADDRESS), never from the run folder: one perhaps
-    in a shared bucket, written on another cluster, decides neither."""
+    Where to connect and read (`ray.*` less the address, the data's root and prepared copy, the caches) come from this
+    machine's config of the run's name and this command line (`ray.address=`, RAY_ADDRESS, `cache=`...), never from
+    the run folder: a manifest perhaps in a shared bucket, written by someone else, chooses no endpoint and no file. A
+    location the run recorded otherwise is said in one line."""
     manifest = read_manifest(run_dir)
     if manifest is None:
         raise ConfigError(f"evaluate: {run_dir} holds no run (no manifest.json)")
     tree = copy.deepcopy(manifest["config"])
-    tree["ray"] = _local_ray_keys(tree.get("name", ""))
+    name = tree.get("name", "")
+    yaml_tree = _local_tree(name)
+    try:  # this machine's config of that name, every key filled (the defaults where it has none)
+        local_tree = to_dict(build_config(copy.deepcopy(yaml_tree)))
+    except ConfigError:
+        local_tree = to_dict(build_config({}))
+    tree["ray"] = {k: v for k, v in (yaml_tree.get("ray") or {}).items() if k != "address"}
+    for key in LOCATION_KEYS:
+        *parents, last = key
+        ours, theirs = local_tree, tree
+        for part in parents:
+            ours, theirs = ours[part], theirs.setdefault(part, {})
+        if isinstance(theirs, dict):
+            if theirs.get(last, ours[last]) != ours[last]:
+                print(f"evaluate: {'.'.join(key)} is {ours[last]!r} by this machine's config {name or '(defaults)'}, "
+                      f"not the run's recorded {theirs.get(last)!r}; set {'.'.join(key)}= to read elsewhere", flush=True)
+            theirs[last] = ours[last]
     return build_config(apply_overrides(tree, overrides, "evaluate")), manifest
 
 
-def _local_ray_keys(name: str) -> dict:
-    """The `ray` keys of this machine's config `name` less ray.address ({} if there is none: the defaults)."""
+def _local_tree(name: str) -> dict:
+    """This machine's YAML config `name` as a tree ({} if there is none, or it does not parse)."""
     try:
         tree = yaml.safe_load(resolve_path(name).read_text()) if name else {}
     except (ConfigError, yaml.YAMLError):
         return {}
-    keys = dict((tree or {}).get("ray") or {})
-    keys.pop("address", None)
-    return keys
+    return tree if isinstance(tree, dict) else {}
 
 
-def prefix_shards(manifest: dict, ipc: int) -> tuple[int, list[str]]:
-    """(IPC, shards) of the first stages holding `ipc` images per class (0: all finished stages)."""
+def prefix_shards(manifest: dict, ipc: int) -> tuple[int, list[dict]]:
+    """(IPC, shard rows) of the first stages holding `ipc` images per class (0: all finished stages)."""
     total, shards = 0, []
-    for _, stage_ipc, stage_paths in trained_increments(manifest):
+    for _, stage_ipc, stage_rows in trained_increments(manifest):
         if ipc and total + stage_ipc > ipc:
             break
-        total, shards = total + stage_ipc, shards + stage_paths
+        total, shards = total + stage_ipc, shards + stage_rows
     if ipc and total != ipc:
         raise ConfigError(f"evaluate: 'ipc' {ipc} is not a stage boundary of the run (finished stages reach "
                           f"{', '.join(str(t) for t in _boundaries(manifest))})")
@@ -138,7 +157,8 @@ def _teacher(cfg_tree: dict, n: int):
     cfg = from_dict(cfg_tree)
     path = reference_path(cfg)
     if not path.exists():
-        raise ConfigError(f"evaluate: labels=soft needs the run's reference model at {path}")
+        raise ConfigError(f"evaluate: labels=soft needs the run's reference model at {path}: set cache= to the "
+                          "cache the run used")
     return load_classifier(new_classifier(cfg, "reference", n), path)[0]
 
 
@@ -152,6 +172,15 @@ def eval_jobs(cfg: Config, load_train: Callable, ipc: int, tag: str, train: Trai
     return [EvalJob(model, cfg.data.channels, cfg.data.image_size, n, train, load_train, load_test, derive_seed(cfg.seed, tag, model, ipc, r), e.eval_every,
                     cfg.device, teacher, e.temperature)
             for r in range(e.repeats)]
+
+
+def expected_job_s(cfg: Config, job: EvalJob, images: int) -> float:
+    """One job's training on `images` and its tests, at the slow rate (cost.slow_seconds): map_jobs' first deadline."""
+    tests = job.train.epochs // max(1, job.eval_every) + 1
+    flops = classifier_fit_flops(job.model, job.channels, job.image_size, job.num_classes, images, job.train.epochs,
+                                 split_size(cfg.data, "test"), tests)
+    r = cfg.ray
+    return slow_seconds(flops, r.train_gpus_per_worker if r.train_use_gpu else 0, round(r.train_cpus_per_worker))
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -178,9 +207,10 @@ def write_results(folder: Location, name: str, result: dict):
     (folder / f"{name}.csv").write_text(f.getvalue())
 
 
-def _result(cfg: Config, method: str, ipc: int, jobs: list[EvalJob], rows: list[dict], start: float) -> dict:
+def _result(cfg: Config, method: str, ipc: int, jobs: list[EvalJob], rows: list[dict], start: float,
+            identity_hash: str) -> dict:
     return {"method": method, "model": jobs[0].model, "ipc": ipc, "labels": cfg.evaluate.labels,
-            "config_hash": config_hash(run_identity(cfg)), "epochs": jobs[0].train.epochs,
+            "config_hash": identity_hash, "epochs": jobs[0].train.epochs,
             **summarise(rows), "repeats": rows, "evaluate": to_dict(cfg.evaluate), "seconds": round(time.time() - start, 1)}
 
 
@@ -198,7 +228,9 @@ def evaluate_run(run_dir: Location, overrides: list[str] = ()) -> dict:
     ipc, shards = prefix_shards(manifest, cfg.evaluate.ipc)
     load_train = partial(load_tensor_set, run_dir, shards, num_classes(cfg.data))
     jobs = eval_jobs(cfg, load_train, ipc, "eval")
-    result = _result(cfg, cfg.distill.method, ipc, jobs, map_jobs(cfg, run_eval_job, jobs, "evaluate"), start)
+    expected = expected_job_s(cfg, jobs[0], ipc * num_classes(cfg.data))
+    result = _result(cfg, cfg.distill.method, ipc, jobs, map_jobs(cfg, run_eval_job, jobs, "evaluate", expected), start,
+                     manifest.get("config_hash") or config_hash(run_identity(cfg)))  # the run's, as it recorded it
     name = f"{result['model']}-ipc{ipc}-{result['labels']}"
     write_results(run_dir / "eval", name, result)
     _print(result, run_dir / "eval" / f"{name}.json")
@@ -211,7 +243,9 @@ def evaluate_full(cfg: Config) -> dict:
     start = time.time()
     out = as_location(cfg.out or f"runs/{cfg.name}-full")
     jobs = eval_jobs(cfg, partial(load_split, cfg.data, "train"), 0, "full", cfg.reference.train)
-    result = _result(cfg, "full", 0, jobs, map_jobs(cfg, run_eval_job, jobs, "evaluate full"), start)
+    expected = expected_job_s(cfg, jobs[0], split_size(cfg.data, "train"))
+    result = _result(cfg, "full", 0, jobs, map_jobs(cfg, run_eval_job, jobs, "evaluate full", expected), start,
+                     config_hash(run_identity(cfg)))
     result["ipc"] = "full"
     name = f"{result['model']}-full-{result['labels']}"
     write_results(out / "eval", name, result)

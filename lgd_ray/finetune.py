@@ -17,7 +17,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel
 
 from lgd_ray.config import Config, ConfigError, config_hash
-from lgd_ray.data import TensorSet, by_class_name, class_chunks, load_split, read_classlist, to_float
+from lgd_ray.cost import slow_seconds, step_costs
+from lgd_ray.data import TensorSet, by_class_name, class_chunks, load_split, read_classlist, split_size, to_float
 from lgd_ray.prior import image_size_of, local_model, prior_checkpoints, prior_seed
 from lgd_ray.prior_fit import PriorJob, train_prior
 from lgd_ray.ray_tasks import map_jobs
@@ -95,8 +96,12 @@ def cache_latents(cfg: Config, size: int) -> Location:
     classes = read_classlist(cfg.data.classes)
     print(f"prior: encoding the train split of {len(classes)} classes at {size} px with {cfg.prior.base}'s VAE -> {out}",
           flush=True)
+    per_task = split_size(cfg.data, "train") / len(classes) * CLASSES_PER_TASK
+    r = cfg.ray  # a task's expected seconds: its images through the VAE (the decoder's count bounds the encoder's)
+    expected = slow_seconds(per_task * step_costs(cfg).decoder * 1e9, r.train_gpus_per_worker if r.train_use_gpu else 0,
+                            round(r.train_cpus_per_worker))
     counts = map_jobs(cfg, partial(encode_classes, cfg, size, out), class_chunks(len(classes), CLASSES_PER_TASK),
-                      "latents")
+                      "latents", expected)
     (out / LATENT_INDEX).write_text(json.dumps({"classes": classes, "image_size": size, "base": cfg.prior.base,
                                                 "images": sum(counts)}))
     return out

@@ -11,7 +11,7 @@ chosen latents, x0^ = (x_t - sqrt(1 - abar_t) eps^) / sqrt(abar_t). With guidanc
 random views of decode(x0^) (the student's training crops and flips, differentiable, drawn per image from (run seed,
 stage, class, slot, t)), so the step follows what survives augmentation (robust guidance). Subtracting from eps moves x0^ along +g_S:
 higher S, and away from the memory. The norms are per image, so lambda is the guidance's size relative to the
-noise prediction's (rho_t of DESIGN.md with the constant norm_scale), whatever the scale of the gradient.
+noise prediction's (rho_t of docs/DESIGN.md section 1, with the constant norm_scale), whatever the scale of the gradient.
 """
 from __future__ import annotations
 

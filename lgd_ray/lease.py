@@ -2,7 +2,7 @@
 its holder while it runs, taken over by another driver only once it has expired.
 
     local folder   O_EXCL creation; read, check and replace under an exclusive flock of `.lease.lock`
-    s3://          conditional puts (If-None-Match: * to create, If-Match: ETAG to renew or take over; DESIGN.md 9)
+    s3://          conditional puts (If-None-Match: * to create, If-Match: ETAG to renew or take over; docs/DESIGN.md section 8)
     other stores   written, then read back after a pause: the last writer holds it (no conditional writes there)
 
 A driver that crashed leaves its lease to lapse after `storage.lease_s`, so `--resume` after a crash needs no
@@ -105,6 +105,15 @@ class Lease:
                                  "two drivers never write one run")
             self._renewed.clear()
             self._renewed.wait(min(0.5, max(0.0, deadline - time.time())))
+
+    def fenced(self, fn):
+        """fn, whose result is handed on only while this lease holds (check() after it returns): a fit that outlived
+        its lease does not get to save."""
+        def run(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            self.check()
+            return result
+        return run
 
     def release(self):
         """Stop renewing and remove the lease if it is still ours."""
@@ -238,6 +247,45 @@ class Lease:
 
     def _local_lock(self):
         return file_lock(Path(self.run_dir.path) / LOCK, LOCK_WAIT_S)
+
+
+def check_holder(run_dir, holder: str):
+    """Raise LeaseError unless the run folder's lease names `holder`: what an actor or a fit of a driver checks
+    before it writes into the run folder, so that a driver's processes stop writing once another driver took the
+    folder over (the driver itself stops at its next check())."""
+    loc = as_location(run_dir) / LEASE
+    try:
+        now = json.loads(loc.read_bytes()).get("holder") if loc.exists() else None
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        now = "a damaged lease"
+    if now != holder:
+        raise LeaseError(f"run folder {as_location(run_dir)}: its lease names {now or 'nobody'}, not this driver "
+                         f"({holder}): another driver took it over, so nothing more is written for this one")
+
+
+@contextlib.contextmanager
+def cache_lock(cache, name: str, ttl_s: float, wait_s: float):
+    """Hold the lease of the cache entry `name` (`CACHE/<name>.lock/lease.json`) while this process makes it: a
+    second driver on the same cache waits, saying so once, until the first releases it (or its lease lapses, or its
+    process is gone), then finds the entry made. Yields the Lease (check() it before writing)."""
+    entry = as_location(cache) / name
+    lease = Lease(as_location(cache) / f"{name}.lock", ttl_s, wait_s)
+    if lease.run_dir.is_local:
+        Path(lease.run_dir.path).mkdir(parents=True, exist_ok=True)
+    said = False
+    while True:
+        try:
+            lease.acquire()
+            break
+        except LeaseError as e:
+            if not said:
+                print(f"cache: waiting for another driver to make {entry} ({e})", flush=True)
+                said = True
+            time.sleep(min(5.0, ttl_s / 6))
+    try:
+        yield lease
+    finally:
+        lease.release()
 
 
 def _holder_gone(holder: str) -> str:

@@ -1,4 +1,4 @@
-"""The methods of the stage frame (DESIGN.md section 2): `ChunkMaker` makes one chunk's shard at a time (the unit a
+"""The methods of the stage frame (docs/DESIGN.md section 2): `ChunkMaker` makes one chunk's shard at a time (the unit a
 Ray sampler actor runs) as its stage's method says (lgd_ray/plan.py decides each stage's method and candidates).
 """
 from __future__ import annotations
@@ -8,7 +8,6 @@ from typing import Iterable
 
 import torch
 
-from lgd_ray import storage
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.data import load_split, num_classes, open_prepared, to_float
 from lgd_ray.batching import free_cached_memory
@@ -21,6 +20,7 @@ from lgd_ray.prior import load_prior, pipeline_image_size, prior_class_map, prio
 from lgd_ray.reference import load_reference, new_classifier
 from lgd_ray.sampler import generate, sample_batch_size
 from lgd_ray.seeding import derive_seed, generator
+from lgd_ray.lease import check_holder
 from lgd_ray.shards import read_shards, sample_record, shard_path, write_shard
 from lgd_ray.storage import Location
 from lgd_ray.train import process_device
@@ -63,10 +63,10 @@ def check_real_images(cfg: Config):
 class ChunkMaker:
     """Holds the prior and the reference model; makes one chunk's shard at a time (what a sampler actor runs)."""
 
-    def __init__(self, cfg: Config, run_dir: Location, device=None):
-        """Loads what the driver made (prior, reference); a missing one is one line naming it, never trained here."""
-        self.cfg, self.run_dir = cfg, run_dir
-        storage.configure(cfg.storage.retry_s)  # this process (a sampler actor) retries the store as the driver does
+    def __init__(self, cfg: Config, run_dir: Location, device=None, holder: str = ""):
+        """Loads what the driver made (prior, reference); a missing one is one line naming it, never trained here.
+        holder: the lease holder of the driver it works for; a shard is written only while the lease names it."""
+        self.cfg, self.run_dir, self.holder = cfg, run_dir, holder
         self.device = device or process_device(cfg.device)
         self.num_classes = num_classes(cfg.data)
         self.prior = None
@@ -90,7 +90,7 @@ class ChunkMaker:
             self._train_set = load_split(self.cfg.data, "train")
         return self._train_set
 
-    def make(self, task: ChunkTask, student_state: dict | None, previous_shards: list[str]) -> dict:
+    def make(self, task: ChunkTask, student_state: dict | None, previous_shards: list[dict]) -> dict:
         """Make the chunk's images as the method says, write its shard, return its manifest row.
 
         student_state: theta_{i-1} (None for the seed stage); previous_shards: the shards of D_{i-1} holding
@@ -113,6 +113,8 @@ class ChunkMaker:
                 samples = self._generated(task, stage, items, scorer, previous_shards)
         finally:  # the next chunk (a retry of this one too) or the fit after the stage starts from a clean allocator
             free_cached_memory(self.device)
+        if self.holder:  # a stale driver's chunk (another driver took the run folder over) writes nothing
+            check_holder(self.run_dir, self.holder)
         row = write_shard(self.run_dir, shard_path(stage.index, task.chunk), samples)
         scores = [x["meta"]["S"] for x in samples if x["meta"]["S"] is not None]
         row.update(stage=stage.index, chunk=task.chunk, classes=list(task.classes), seconds=round(time.time() - start, 2),
@@ -146,7 +148,7 @@ class ChunkMaker:
                 for (c, s), i, img, sc in zip(items, picks, images, scores)]
 
     def _generated(self, task: ChunkTask, stage: Stage, items: list[tuple[int, int]], scorer: Scorer | None,
-                   previous_shards: list[str]) -> list[dict]:
+                   previous_shards: list[dict]) -> list[dict]:
         cfg, g = self.cfg, self.cfg.guidance
         params = {"method": stage.method, "cfg_scale": cfg.prior.cfg_scale, "num_steps": cfg.prior.num_steps}
         guide = None
@@ -213,7 +215,7 @@ class ChunkMaker:
         return self.prior.encode(x)
 
     @torch.no_grad()
-    def _memory(self, shards: list[str], classes: Iterable[int]) -> dict[int, torch.Tensor]:
+    def _memory(self, shards: list[dict], classes: Iterable[int]) -> dict[int, torch.Tensor]:
         """Latents of the already chosen images of these classes (encoded at the prior's resolution)."""
         memory = {}
         samples = read_shards(self.run_dir, shards)

@@ -1,4 +1,4 @@
-"""The stage plan: which stages a run has, and what each makes (DESIGN.md sections 1-2). Read by the stage loop
+"""The stage plan: which stages a run has, and what each makes (docs/DESIGN.md sections 1-2). Read by the stage loop
 (lgd_ray/stages.py), the methods (lgd_ray/methods.py), the cost model (lgd_ray/cost.py) and the run-folder queries
 (lgd_ray/shards.py); it loads no model."""
 from __future__ import annotations

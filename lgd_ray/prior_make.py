@@ -24,6 +24,7 @@ from lgd_ray.cli import Parser, one_line_errors, run_cli
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.data import TensorSet, check_data, load_split, num_classes
 from lgd_ray.finetune import finetune_prior
+from lgd_ray.lease import cache_lock
 from lgd_ray.memory import check_fit_fits
 from lgd_ray.prior import PIPELINE_MARKER, prior_checkpoints, prior_dir, prior_seed, require_prior
 from lgd_ray.prior_fit import PriorJob, save_prior, train_prior
@@ -62,11 +63,22 @@ def ensure_prior(cfg: Config, device="cpu", fitter: Fitter | None = None) -> str
     if cfg.prior.model_id:
         return require_prior(cfg)
     out = prior_dir(cfg)
-    if not (out / PIPELINE_MARKER).exists() and (PACKAGED / f"{out.name}.json").exists():
+    if (out / PIPELINE_MARKER).exists():
+        return str(out)
+    with cache_lock(cfg.cache, out.name, cfg.storage.lease_s, cfg.storage.retry_s) as lease:
+        if not (out / PIPELINE_MARKER).exists():  # not made by another driver while this one waited
+            make_prior(cfg, out, device, fitter, lease)
+    return str(out)
+
+
+def make_prior(cfg: Config, out: Location, device, fitter: Fitter | None, lease):
+    """Install the packaged weights or fit the prior into `out`, under the cache entry's lease."""
+    if (PACKAGED / f"{out.name}.json").exists():
+        lease.check()
         install_packaged(cfg, out)
-    if not (out / PIPELINE_MARKER).exists():
+    else:
         check_fit_fits(cfg, cfg.ray.train_workers or 1)  # GPU workers: the fit's memory, before any work
-        fitter = fitter or in_process_fitter(device)
+        fitter = lease.fenced(fitter or in_process_fitter(device))
         if cfg.prior.base:
             info = finetune_prior(cfg, out, fitter)
         elif cfg.data.name == "folder":
@@ -78,7 +90,6 @@ def ensure_prior(cfg: Config, device="cpu", fitter: Fitter | None = None) -> str
                                fitter)
         print(f"prior: {info['params'] / 1e6:.2f} M params, loss {info['final_loss']:.4f} (unweighted, fixed draws "
               f"{info['eval_loss']:.4f}), {info['seconds']} s", flush=True)
-    return str(out)
 
 
 def package_prior(cfg: Config, command: str) -> Path:

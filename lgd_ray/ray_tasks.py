@@ -15,18 +15,18 @@ def _run_with_threads(fn: Callable, item, num_threads: int):
     return fn(item)
 
 
-def map_jobs(cfg: Config, fn: Callable, items: Sequence, desc: str) -> list:
+def map_jobs(cfg: Config, fn: Callable, items: Sequence, desc: str, expected_s: float) -> list:
     """[fn(item) for item in items]: as Ray tasks with a Train worker's resources if cfg.ray.enabled, in order
-    (a task lost with its node is run again, up to ray.max_restarts times). When no task finishes for
-    ray.chunk_timeout_s (0: 10x the longest wait for one so far plus storage.retry_s), a task hangs: the rest are
-    cancelled, one line."""
+    (a task lost with its node is run again, up to ray.max_restarts times). When no task finishes within the
+    deadline (resources.deadline_s: before the first, `expected_s`, one task at a slow rate), a task hangs: the
+    rest are cancelled, one line."""
     if not cfg.ray.enabled:
         return [fn(item) for item in tqdm(items, desc=desc, disable=None)]
     # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
     import ray
 
     from lgd_ray.cluster import connect, remote_cause
-    from lgd_ray.resources import ray_options, resolve_auto, train_resources, wait_for_resources
+    from lgd_ray.resources import deadline_s, ray_options, resolve_auto, train_resources, wait_for_resources
 
     connect(cfg)
     cfg = resolve_auto(cfg)  # a config of this machine's with `auto` keys (evaluate --full)
@@ -44,11 +44,10 @@ def map_jobs(cfg: Config, fn: Callable, items: Sequence, desc: str) -> list:
                 longest, last = max(longest, now - last), now
                 bar.update(len(done))
                 continue
-            limit = r.chunk_timeout_s or (10 * longest + cfg.storage.retry_s if longest else 0)
-            if limit and now - last > limit:
+            limit, rule = deadline_s(cfg, longest, expected_s)
+            if now - last > limit:
                 for ref in pending:
                     ray.cancel(ref, force=True)
-                rule = "ray.chunk_timeout_s" if r.chunk_timeout_s else "10x the longest wait so far + storage.retry_s; ray.chunk_timeout_s"
                 raise RuntimeError(f"{desc}: no task finished for {now - last:.0f} s, past {limit:.0f} s ({rule}): "
                                    f"{len(pending)} hung task(s) cancelled")
     try:

@@ -22,7 +22,7 @@ import torch
 from lgd_ray.cli import Parser, one_line_errors
 from lgd_ray.config import ConfigError
 from lgd_ray.data import num_classes
-from lgd_ray.evaluate import eval_jobs, load_run, run_eval_job
+from lgd_ray.evaluate import eval_jobs, expected_job_s, load_run, run_eval_job
 from lgd_ray.ray_tasks import map_jobs
 from lgd_ray.report import save_figure, write_report
 from lgd_ray.shards import load_tensor_set, trained_increments
@@ -68,7 +68,8 @@ def redundancy(run_dir: Location, overrides: list[str] = ()) -> dict:
         job = eval_jobs(replace(cfg, evaluate=replace(cfg.evaluate, repeats=1)), loaders[f"I_{stage}"], ipc,
                         f"redundancy-{stage}")[0]
         jobs.append(replace(job, extra_tests=loaders))
-    rows = map_jobs(cfg, run_eval_job, jobs, "redundancy")
+    biggest = max(ipc for _, ipc, _ in parts) * n  # each row also tests on every increment: as a test split's worth
+    rows = map_jobs(cfg, run_eval_job, jobs, "redundancy", max(expected_job_s(cfg, j, biggest) for j in jobs))
     stages = [s for s, _, _ in parts]
     matrix = torch.tensor([[r["extra"][f"I_{s}"] for s in stages] for r in rows])
     out = run_dir / "redundancy"

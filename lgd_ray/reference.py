@@ -9,6 +9,7 @@ import torch
 
 from lgd_ray.config import Config, ConfigError, config_hash
 from lgd_ray.data import load_split
+from lgd_ray.lease import cache_lock
 from lgd_ray.seeding import derive_seed
 from lgd_ray.storage import Location
 from lgd_ray.train import FitJob, Fitter, in_process_fitter, load_classifier, save_classifier
@@ -54,13 +55,16 @@ def ensure_reference(cfg: Config, num_classes: int, device="cpu", fitter: Fitter
     model = new_classifier(cfg, "reference", num_classes)
     if path.exists():
         return load_classifier(model, path)
-    print(f"reference: training {cfg.reference.model} on the real train split -> {path}", flush=True)
-    start = time.time()
-    job = fit_job(cfg, "reference", num_classes, partial(load_split, cfg.data, "train"), derive_seed(cfg.seed, "reference"),
-                  test=True)
-    state, metrics = (fitter or in_process_fitter(device))(job)
-    model.load_state_dict(state)
-    info = {"model": cfg.reference.model, "test_acc": metrics["test_acc"], "seconds": round(time.time() - start, 1)}
-    save_classifier(model, path, info)
+    with cache_lock(cfg.cache, path.name, cfg.storage.lease_s, cfg.storage.retry_s) as lease:
+        if path.exists():  # made by another driver while this one waited
+            return load_classifier(model, path)
+        print(f"reference: training {cfg.reference.model} on the real train split -> {path}", flush=True)
+        start = time.time()
+        job = fit_job(cfg, "reference", num_classes, partial(load_split, cfg.data, "train"),
+                      derive_seed(cfg.seed, "reference"), test=True)
+        state, metrics = lease.fenced(fitter or in_process_fitter(device))(job)
+        model.load_state_dict(state)
+        info = {"model": cfg.reference.model, "test_acc": metrics["test_acc"], "seconds": round(time.time() - start, 1)}
+        save_classifier(model, path, info)
     print(f"reference: test accuracy {100 * info['test_acc']:.2f}% ({info['seconds']} s)", flush=True)
     return model.eval(), info

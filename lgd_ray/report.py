@@ -21,7 +21,7 @@ from lgd_ray import timeline
 from lgd_ray.cli import Parser, one_line_errors
 from lgd_ray.config import ConfigError
 from lgd_ray.seeds import METHOD_ORDER, seeds_tables, stages_table
-from lgd_ray.shards import MANIFEST, paths, read_manifest, read_shards, stage_rows
+from lgd_ray.shards import MANIFEST, check_shards, in_order, read_manifest, read_shards, stage_rows
 from lgd_ray.storage import Location, as_location
 
 GRID_CLASSES = 10  # rows of an image grid: the first classes
@@ -39,7 +39,7 @@ def save_figure(fig, loc: Location):
 def stage_grid(run_dir: Location, manifest: dict, stage: int, loc: Location):
     """PNG grid of a stage's images: one row per class (the first GRID_CLASSES), GRID_IMAGES columns."""
     rows = [r for r in stage_rows(manifest, stage) if min(r["classes"]) < GRID_CLASSES]
-    samples = sorted(read_shards(run_dir, paths(rows)), key=lambda s: (s["cls"], s["key"]))
+    samples = sorted(read_shards(run_dir, in_order(rows)), key=lambda s: (s["cls"], s["key"]))
     by_class: dict[int, list] = {}
     for s in samples:
         if s["cls"] < GRID_CLASSES:
@@ -249,10 +249,12 @@ def main(argv: list[str]):
     args = parser.parse_args(argv)
 
     def work():
-        empty = [r for r in args.runs if read_manifest(as_location(r)) is None]
-        if empty:
-            raise ConfigError(f"report: {empty[0]} holds no run (no {MANIFEST}): give run folders made by "
-                              "`python -m lgd_ray.distill`")
+        for run in map(as_location, args.runs):  # the results reported are of the shards the manifests list
+            manifest = read_manifest(run)
+            if manifest is None:
+                raise ConfigError(f"report: {run} holds no run (no {MANIFEST}): give run folders made by "
+                                  "`python -m lgd_ray.distill`")
+            check_shards(run, manifest)
         print(compare(args.runs))
 
     one_line_errors(work)

@@ -39,6 +39,19 @@ def accelerator(cfg: Config) -> dict:
     return {f"accelerator_type:{cfg.ray.accelerator_type}": 0.001} if cfg.ray.accelerator_type else {}
 
 
+def deadline_s(cfg: Config, slowest: float, expected: float) -> tuple[float, str]:
+    """How long one piece of Ray work (a chunk, an evaluation task) may run before it is taken for hung, and the rule
+    that said so: ray.chunk_timeout_s if set; else 10x the slowest piece finished so far or, before any has, the
+    `expected` seconds at a slow rate (cost.slow_seconds), at least ray.chunk_timeout_floor_s, plus storage.retry_s
+    (the piece may be waiting out a store outage)."""
+    r = cfg.ray
+    if r.chunk_timeout_s:
+        return r.chunk_timeout_s, "ray.chunk_timeout_s"
+    base = f"10x the slowest so far ({slowest:.0f} s)" if slowest else f"the slow-rate estimate ({expected:.0f} s)"
+    return (max(r.chunk_timeout_floor_s, 10 * slowest if slowest else expected) + cfg.storage.retry_s,
+            f"{base}, at least ray.chunk_timeout_floor_s, + storage.retry_s; or set ray.chunk_timeout_s")
+
+
 def describe(resources: dict) -> str:
     """{"CPU": 4, "GPU": 1, "memory": ...} -> "4 CPU, 1 GPU" (Ray's bookkeeping keys left out)."""
     keys = [k for k in resources if not k.startswith(("node:", "object_store_memory", "memory"))

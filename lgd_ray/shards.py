@@ -1,4 +1,4 @@
-"""WebDataset increments and the run manifest (DESIGN.md section 4).
+"""WebDataset increments and the run manifest (docs/DESIGN.md section 4).
 
     OUT/manifest.json            config, its hash, stages done, one row per shard (path, count, sha256)
     OUT/stage-00/shard-000000.tar
@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shlex
 import sys
+import tarfile
 
 import numpy as np
 import torch
@@ -56,8 +58,11 @@ def encode_png(image: torch.Tensor) -> bytes:
 
 
 def decode_png(data: bytes) -> torch.Tensor:
-    """PNG bytes -> uint8 (C, H, W)."""
-    arr = np.asarray(Image.open(io.BytesIO(data)))
+    """PNG bytes (nothing else: no other format is tried) -> uint8 (C, H, W); at most MAX_PIXELS pixels."""
+    with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+        if im.width * im.height > MAX_PIXELS or im.mode not in ("L", "RGB"):
+            raise ValueError(f"a {im.width}x{im.height} {im.mode} image (shards hold L or RGB, <= {MAX_PIXELS} px)")
+        arr = np.asarray(im)
     return torch.from_numpy(arr.copy()).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1)
 
 
@@ -74,21 +79,40 @@ def write_shard(run_dir: Location, rel_path: str, samples: list[dict]) -> dict:
             "keys": [s["key"] for s in samples]}
 
 
-def read_shards(run_dir: Location, rel_paths: list[str]) -> list[dict]:
-    """Samples of the given shards, in order, parsed by webdataset's tar reader: {key, image, cls, meta}."""
+def read_shards(run_dir: Location, rows: list[dict]) -> list[dict]:
+    """Samples of the given manifest rows' shards, in order: {key, image, cls, meta}. Each shard is read whole and its
+    sha256 checked against its row before any byte of it is parsed; then it must be a plain tar of the members
+    write_shard makes (`<key>.png|cls|json`, PNG images). Anything else is one line naming the shard."""
     run_dir = as_location(run_dir)
     out = []
-    for p in rel_paths:
-        loc = run_dir / p
+    for row in rows:
+        loc = run_dir / check_row_path(row["path"])
         if not loc.exists():
             raise ConfigError(f"run folder: {loc}, listed in {run_dir / MANIFEST}, is missing; `python -m "
                               "lgd_ray.distill CONFIG out=RUN --resume` makes it again")
-        with loc.open() as stream:
-            files = wds.tariterators.tar_file_expander([{"url": str(loc), "stream": stream}])
-            for s in wds.tariterators.group_by_keys(files):
-                out.append({"key": s["__key__"], "image": decode_png(s["png"]), "cls": int(s["cls"]),
-                            "meta": json.loads(s["json"])})
+        data = loc.read_bytes()
+        found = hashlib.sha256(data).hexdigest()
+        if found != row["sha256"]:
+            raise ConfigError(f"run folder: {loc} has sha256 {found[:12]}, not the {row['sha256'][:12]} of "
+                              f"{run_dir / MANIFEST}: it was replaced or damaged; `python -m lgd_ray.distill CONFIG "
+                              "out=RUN --resume` makes it again")
+        try:
+            out += _parse_shard(data)
+        except (tarfile.TarError, ValueError, KeyError, OSError, Image.DecompressionBombError) as e:
+            raise ConfigError(f"run folder: {loc} is not a shard of lgd_ray ({type(e).__name__}: {e})") from None
     return out
+
+
+def _parse_shard(data: bytes) -> list[dict]:
+    members: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:  # "r:": an uncompressed tar only
+        for m in tar:
+            key, _, ext = m.name.partition(".")
+            if not m.isfile() or not KEY.fullmatch(key) or ext not in ("png", "cls", "json"):
+                raise ValueError(f"member {m.name!r}")
+            members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return [{"key": key, "image": decode_png(f["png"]), "cls": int(f["cls"]), "meta": json.loads(f["json"])}
+            for key, f in members.items()]
 
 
 def shard_urls(run_dir: Location, rel_paths: list[str]) -> list[str]:
@@ -98,22 +122,67 @@ def shard_urls(run_dir: Location, rel_paths: list[str]) -> list[str]:
     return [f"pipe:{shlex.quote(sys.executable)} -m lgd_ray.storage cat {shlex.quote(str(run_dir / p))}" for p in rel_paths]
 
 
-def load_tensor_set(run_dir: Location, rel_paths: list[str], num_classes: int) -> TensorSet:
-    """The samples of the given shards as an in-memory training set."""
-    samples = read_shards(run_dir, rel_paths)
+def load_tensor_set(run_dir: Location, rows: list[dict], num_classes: int) -> TensorSet:
+    """The samples of the given manifest rows' shards as an in-memory training set (one image shape, labels in
+    range, or one line)."""
+    samples = read_shards(run_dir, rows)
     if not samples:
-        raise ValueError(f"no samples in {len(rel_paths)} shards under {run_dir}")
-    return TensorSet(torch.stack([s["image"] for s in samples]), torch.tensor([s["cls"] for s in samples]), num_classes)
+        raise ValueError(f"no samples in {len(rows)} shards under {run_dir}")
+    shapes = {tuple(s["image"].shape) for s in samples}
+    labels = torch.tensor([s["cls"] for s in samples])
+    if len(shapes) > 1 or labels.min() < 0 or labels.max() >= num_classes:
+        raise ConfigError(f"run folder: the shards under {run_dir} hold images of shapes {sorted(shapes)} and labels "
+                          f"{labels.min()}..{labels.max()}: one shape and labels below {num_classes} expected")
+    return TensorSet(torch.stack([s["image"] for s in samples]), labels, num_classes)
+
+
+def check_shards(run_dir: Location, manifest: dict):
+    """Every shard of the manifest is there with its recorded sha256, or one line naming the first that is not."""
+    for row in in_order(manifest["shards"]):
+        found = shard_sha256(run_dir, row)
+        if found != row["sha256"]:
+            raise ConfigError(f"run folder: {as_location(run_dir) / row['path']} "
+                              + (f"has sha256 {found[:12]}, not the {row['sha256'][:12]}" if found else "is missing, listed")
+                              + f" of {as_location(run_dir) / MANIFEST}: it was replaced or damaged; `python -m "
+                              "lgd_ray.distill CONFIG out=RUN --resume` makes it again")
 
 
 def shard_sha256(run_dir: Location, row: dict) -> str | None:
     """The sha256 of a manifest row's shard as it is now (None if the object is gone)."""
-    loc = as_location(run_dir) / row["path"]
+    loc = as_location(run_dir) / check_row_path(row["path"])
     return loc.sha256() if loc.exists() else None
 
 
-MANIFEST_KEYS = ("config", "stages", "shards")
-ROW_KEYS = ("path", "stage", "chunk", "classes", "count", "sha256")
+MANIFEST_KEYS = {"config": dict, "stages": dict, "shards": list}
+ROW_KEYS = {"path": str, "stage": int, "chunk": int, "classes": list, "count": int, "sha256": str}
+ROW_PATH = re.compile(r"stage-\d{2}/shard-\d{6}\.tar")  # shard_path's layout: nothing outside the run folder
+KEY = re.compile(r"c\d{4}-s\d{5}")  # sample_key's
+SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_PIXELS = 4096 * 4096
+
+
+def check_row_path(path: str) -> str:
+    """A manifest row's shard path, if it has the layout shard_path writes (so it stays inside the run folder)."""
+    if not isinstance(path, str) or not ROW_PATH.fullmatch(path):
+        raise ConfigError(f"run folder: the manifest lists a shard at {path!r}, not a path of the form "
+                          "stage-NN/shard-NNNNNN.tar inside the run folder; it was not written by lgd_ray")
+    return path
+
+
+def _row_problem(i: int, row) -> str | None:
+    """What is wrong with the i-th shard row, or None."""
+    if not isinstance(row, dict):
+        return f"shards[{i}] is not an object"
+    for key, kind in ROW_KEYS.items():
+        if key not in row:
+            return f"shards[{i}] lacks {key!r}"
+        if not isinstance(row[key], kind) or isinstance(row[key], bool):
+            return f"shards[{i}].{key} is not a{'n' if kind is int else ''} {kind.__name__}"
+    if not ROW_PATH.fullmatch(row["path"]) or row["path"] != shard_path(row["stage"], row["chunk"]):
+        return f"shards[{i}].path {row['path']!r} is not stage {row['stage']}'s chunk {row['chunk']} in the run folder"
+    if not SHA256.fullmatch(row["sha256"]) or not all(isinstance(c, int) for c in row["classes"]):
+        return f"shards[{i}] has a malformed sha256 or class list"
+    return None
 
 
 def read_manifest(run_dir: Location) -> dict | None:
@@ -125,14 +194,19 @@ def read_manifest(run_dir: Location) -> dict | None:
     fix = ("it was not written by lgd_ray, or was cut short or edited: restore it, or start the run anew in an "
            "empty folder (out=NEW_DIR)")
     try:
-        manifest = json.loads(loc.read_text())
+        manifest = json.loads(loc.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"run folder: {loc} is not whole JSON ({e.msg} at line {e.lineno}); {fix}") from None
-    missing = [k for k in MANIFEST_KEYS if k not in manifest] if isinstance(manifest, dict) else ["a JSON object"]
-    if not missing:
-        missing = [f"shards[{i}].{k}" for i, row in enumerate(manifest["shards"]) for k in ROW_KEYS if k not in row][:1]
-    if missing:
-        raise ConfigError(f"run folder: {loc} lacks {missing[0]!r}; {fix}")
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"run folder: {loc} is not JSON of lgd_ray ({type(e).__name__}); {fix}") from None
+    if not isinstance(manifest, dict):
+        problem = "is not a JSON object"
+    else:
+        problem = next((f"lacks {k!r}" if k not in manifest else f"has a {k!r} that is not a JSON {kind.__name__}"
+                        for k, kind in MANIFEST_KEYS.items() if not isinstance(manifest.get(k), kind)), None)
+        problem = problem or next(filter(None, (_row_problem(i, r) for i, r in enumerate(manifest["shards"]))), None)
+    if problem:
+        raise ConfigError(f"run folder: {loc} {problem}; {fix}")
     return manifest
 
 
@@ -158,19 +232,19 @@ def record(manifest: dict, row: dict):
     manifest["shards"] = [r for r in manifest["shards"] if r["path"] != row["path"]] + [row]
 
 
-def paths(rows: list[dict]) -> list[str]:
-    """The rows' shard paths in a fixed (sorted) order."""
-    return sorted(r["path"] for r in rows)
+def in_order(rows) -> list[dict]:
+    """The shard rows in a fixed order (by path)."""
+    return sorted(rows, key=lambda r: r["path"])
 
 
-def trained_increments(manifest: dict) -> list[tuple[int, int, list[str]]]:
-    """(stage, images per class of the stage, its shard paths) of every trained stage, in stage order."""
+def trained_increments(manifest: dict) -> list[tuple[int, int, list[dict]]]:
+    """(stage, images per class of the stage, its shard rows) of every trained stage, in stage order."""
     out = []
     for stage in stage_plan(from_dict(manifest["config"])):
         info = manifest["stages"].get(str(stage.index))
         if not info or not info.get("trained"):
             break
-        out.append((stage.index, stage.ipc, paths(stage_rows(manifest, stage.index))))
+        out.append((stage.index, stage.ipc, in_order(stage_rows(manifest, stage.index))))
     if not out:
         raise ConfigError("the run has no finished stage yet")
     return out

@@ -28,7 +28,7 @@ from lgd_ray.prior_make import ensure_prior
 from lgd_ray.reference import ensure_reference, fit_job, new_classifier, reference_path
 from lgd_ray.report import write_report
 from lgd_ray.seeding import derive_seed
-from lgd_ray.shards import (MANIFEST, load_tensor_set, paths, read_manifest, record, shard_sha256, shards_through,
+from lgd_ray.shards import (MANIFEST, in_order, load_tensor_set, read_manifest, record, shard_sha256, shards_through,
                             stage_dir, stage_rows, write_manifest)
 from lgd_ray.storage import Location, as_location
 from lgd_ray.timeline import Timeline, span, timed
@@ -171,7 +171,8 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
     check_models(manifest, {"prior_sha256": prior_weights_sha256(manifest["prior"]),
                             "reference_sha256": reference_path(cfg).sha256()})
     save(manifest)
-    runner = runner or in_process_runner(lambda: ChunkMaker(cfg, run_dir, device), slot)
+    holder = lease.holder if lease is not None else ""
+    runner = runner or in_process_runner(lambda: ChunkMaker(cfg, run_dir, device, holder), slot)
     chunks = class_chunks(n_classes, cfg.distill.classes_per_chunk)
     student_state = None
     stages = stage_plan(cfg)
@@ -196,7 +197,7 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
             start = time.time()
             todo = [ChunkTask(stage, i, c) for i, c in enumerate(chunks) if i not in done]
             earlier = shards_through(manifest, stage.index - 1)
-            previous = lambda t: paths(r for r in earlier if set(r["classes"]) & set(t.classes))
+            previous = lambda t: in_order(r for r in earlier if set(r["classes"]) & set(t.classes))
             with timeline.phase("sample", stage.index):
                 for row in tqdm(runner(todo, student_state, previous), total=len(todo),
                                 desc=f"stage {stage.index} chunks", leave=False, disable=None):
@@ -208,7 +209,7 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
             start = time.time()
             with timeline.phase("train", stage.index):
                 d_i = shards_through(manifest, stage.index)
-                job = fit_job(cfg, "student", n_classes, partial(load_tensor_set, run_dir, paths(d_i), n_classes),
+                job = fit_job(cfg, "student", n_classes, partial(load_tensor_set, run_dir, in_order(d_i), n_classes),
                               derive_seed(cfg.seed, "student", stage.index), student_state,
                               f"{stage_dir(stage.index)}-student", test=True)
                 job.workers = fit_workers(cfg, sum(r["count"] for r in d_i))

@@ -36,13 +36,20 @@ _READ_TRIES = 8  # reads of an object that keeps being replaced before giving up
 _retry = threading.local()  # this thread's retry budget while no_retry() holds
 
 
+# storage.retry_s of the run, in the environment: set by the command (configure) and carried by Ray's runtime_env
+# to every process of the run's Ray job (actors, Train workers, tasks, Ray Data tasks: cluster.connect)
+RETRY_ENV = "LGD_STORAGE_RETRY_S"
+RETRY_DEFAULT_S = 120.0  # storage.retry_s's default
+
+
 def configure(retry_s: float):
-    """How long this process retries a store's transient errors (storage.retry_s), for every Location."""
-    global RETRY_S
-    RETRY_S = retry_s
+    """How long this process (and what it starts) retries a store's transient errors (storage.retry_s)."""
+    os.environ[RETRY_ENV] = repr(float(retry_s))
 
 
-RETRY_S = 120.0  # storage.retry_s's default, until configure()
+def retry_s() -> float:
+    """This process's storage.retry_s (configure, or the environment it was started with)."""
+    return float(os.environ.get(RETRY_ENV, RETRY_DEFAULT_S))
 
 
 @contextlib.contextmanager
@@ -64,7 +71,7 @@ TRANSIENT_SIGNS = ("NETWORK_CONNECTION", "Could not connect", "Couldn't connect"
 
 
 def transient(e: OSError) -> bool:
-    """Whether a store's error may pass by itself (DESIGN.md section 9): refused or reset connections, time-outs,
+    """Whether a store's error may pass by itself (docs/DESIGN.md section 8): refused or reset connections, time-outs,
     HTTP 5xx and throttling; not a missing object, refused credentials or a missing bucket."""
     if isinstance(e, PERMANENT):
         return False
@@ -305,7 +312,7 @@ class Location:
                 raise
             except OSError as e:
                 waited = time.monotonic() - start
-                budget = 0.0 if getattr(_retry, "off", False) else RETRY_S
+                budget = 0.0 if getattr(_retry, "off", False) else retry_s()
                 if not transient(e) or waited + wait > budget:
                     tried = f" (retried for {waited:.0f} s: storage.retry_s {budget:g})" if transient(e) and budget else ""
                     raise StorageError(f"storage: cannot {action} {self}: {_reason(e)}{tried}") from e

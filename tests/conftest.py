@@ -172,7 +172,10 @@ TINY = [  # patch 2: the suite's tolerances were set on this tiny prior (the dig
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+    """The session's model cache; LGD_TEST_CACHE=DIR keeps the tiny prior and reference between runs (development
+    only: CI and a fresh checkout start from an empty one)."""
+    kept = os.environ.get("LGD_TEST_CACHE")
+    return Path(kept) if kept else tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="session")

@@ -80,7 +80,7 @@ def test_a_damaged_manifest_is_one_line_in_every_command(capsys, run_copy):
     del broken["shards"][1]["sha256"]
     (run / "manifest.json").write_text(json.dumps(broken))
     line = one_line(capsys, evaluate.main, [str(run), "ray.enabled=false"])
-    assert "lacks 'shards[1].sha256'" in line
+    assert "shards[1] lacks 'sha256'" in line
 
 
 def test_a_shard_gone_missing_is_one_line(capsys, run_copy):
@@ -128,3 +128,71 @@ def test_evaluation_never_connects_where_a_manifest_says(run_copy):
     cfg, _ = evaluate.load_run(Location(str(run)), ["ray.address=127.0.0.1:6379"])  # the command line's own
     assert cfg.ray.address == "127.0.0.1:6379"
 
+
+
+@pytest.mark.parametrize("path, words", [
+    ("/dev/zero", ["shards[0].path '/dev/zero' is not stage 0's chunk 0"]),
+    ("../../other-bucket/stage-00/shard-000000.tar", ["shards[0].path '../../other-bucket/"]),
+    ("stage-01/shard-000000.tar", ["shards[0].path 'stage-01/shard-000000.tar' is not stage 0's chunk 0"]),
+])
+def test_crafted_shard_rows_are_refused_by_every_reader(capsys, run_copy, path, words):
+    """A manifest row naming a file outside the run's layout (a device, another bucket, another stage's shard) is
+    refused before anything is read, in one line, by evaluate, report and distill --resume."""
+    cfg, run, _ = run_copy
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["shards"].sort(key=lambda r: (r["stage"], r["chunk"]))
+    manifest["shards"][0]["path"] = path
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    for main, argv in ((evaluate.main, [str(run), "ray.enabled=false"]), (report.main, [str(run)]),
+                       (distill.main, ["digits", *cfg_overrides(cfg, run), "--resume"])):
+        line = one_line(capsys, main, argv)
+        assert all(w in line for w in words) and "not written by lgd_ray" in line, line
+
+
+@pytest.mark.parametrize("content, words", [
+    (b'{"config": {}, "stages": {}, "shards": [\xff]}', ["is not JSON of lgd_ray (UnicodeDecodeError)"]),
+    (b"[" * 100_000 + b"]" * 100_000, ["is not JSON of lgd_ray (RecursionError)"]),
+    (b'{"config": [], "stages": {}, "shards": []}', ["has a 'config' that is not a JSON dict"]),
+    (b'{"config": {}, "stages": {}, "shards": [{"path": "stage-00/shard-000000.tar", "stage": "0", "chunk": 0, '
+     b'"classes": [0], "count": 1, "sha256": "00"}]}', ["shards[0].stage is not an int"]),
+])
+def test_manifests_of_wrong_bytes_types_or_depth_are_one_line(capsys, run_copy, content, words):
+    _, run, _ = run_copy
+    (run / "manifest.json").write_bytes(content)
+    line = one_line(capsys, evaluate.main, [str(run), "ray.enabled=false"])
+    assert all(w in line for w in words) and str(run / "manifest.json") in line, line
+
+
+def test_a_replaced_shard_is_refused_by_readers_and_made_again_by_resume(capsys, run_copy):
+    """A shard whose bytes are not the ones its row recorded (another shard's, here: a valid tar of valid images) is
+    refused by evaluate (before any of it is parsed) and report (which checks every shard of the runs it pools);
+    --resume makes it again."""
+    cfg, run, manifest = run_copy
+    first, second = sorted(r["path"] for r in manifest["shards"])[:2]
+    (run / first).write_bytes((run / second).read_bytes())
+    for main, argv in ((evaluate.main, [str(run), "ray.enabled=false", "train.epochs=1", "epochs_by_ipc=[]"]),
+                       (report.main, [str(run)])):
+        line = one_line(capsys, main, argv)
+        assert f"{run / first} has sha256" in line and "replaced or damaged" in line and "--resume" in line, line
+    said = []
+    run_stages(load_config("digits", cfg_overrides(cfg, run)), Location(str(run)), resume=True, log=said.append)
+    assert any(line.startswith(f"resume: {first}: expected sha256") for line in said), said
+    assert (run / first).read_bytes() != (run / second).read_bytes()
+
+
+def test_evaluation_reads_data_and_models_where_this_machine_says(capsys, run_copy):
+    """Locations recorded in a run folder (data root, prepared copy, caches: perhaps with an endpoint of someone
+    else's) are replaced by this machine's config of the run's name, and the difference is said."""
+    _, run, _ = run_copy
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config"]["cache"] = "s3://elsewhere/cache?endpoint_override=203.0.113.7:9000"
+    manifest["config"]["data"]["prepared"] = "s3://elsewhere/prepared?endpoint_override=203.0.113.7:9000"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    cfg, _ = evaluate.load_run(Location(str(run)))
+    local = load_config("digits")
+    assert (cfg.cache, cfg.data.prepared, cfg.data.root) == (local.cache, local.data.prepared, local.data.root)
+    out = capsys.readouterr().out
+    assert "evaluate: cache is 'runs/cache' by this machine's config digits, not the run's recorded 's3://elsewhere" in out
+    assert "evaluate: data.prepared is ''" in out
+    cfg, _ = evaluate.load_run(Location(str(run)), ["cache=/somewhere/else"])  # the command line's own
+    assert cfg.cache == "/somewhere/else"

@@ -9,7 +9,7 @@ from lgd_ray.prior import load_prior
 from lgd_ray.prior_fit import train_prior
 from lgd_ray.prior_make import pixel_job
 from lgd_ray.seeding import generator
-from lgd_ray.shards import read_shards
+from lgd_ray.shards import in_order, read_shards
 from lgd_ray.stages import run_stages
 from lgd_ray.train import in_process_fitter
 
@@ -59,7 +59,7 @@ def test_dds_run_gives_ipc_distinct_images_per_class(trained, tiny_overrides, tm
     keys = tiny_overrides + ["distill.method=dds", "dds.max_images=30", "dds.candidates=2", "dds.timesteps=[200,500]"]
     manifest = run_stages(load_config("digits", keys + [f"out={tmp_path / 'a'}"]), tmp_path / "a", log=lambda _: None)
     assert list(manifest["stages"]) == ["0"]  # one increment of all 2 + 2 x 2 = 6 IPC
-    samples = read_shards(tmp_path / "a", sorted(r["path"] for r in manifest["shards"]))
+    samples = read_shards(tmp_path / "a", in_order(manifest["shards"]))
     for c in range(10):
         mine = [s for s in samples if s["cls"] == c]
         assert len(mine) == 6 and len({bytes(s["image"].numpy()) for s in mine}) == 6

@@ -43,7 +43,7 @@ def test_protocol_writes_last_and_best_for_each_repeat(run):
 def test_repeats_differ_only_by_seed(run):
     cfg, out, manifest = run
     cfg = replace(cfg, evaluate=replace(cfg.evaluate, repeats=2, eval_every=5))
-    shards = sorted(r["path"] for r in manifest["shards"])
+    shards = sorted(manifest["shards"], key=lambda r: r["path"])
     jobs = [replace(j, train=replace(j.train, epochs=5))
             for j in eval_jobs(cfg, partial(load_tensor_set, out, shards, 10), 6, "eval")]
     assert jobs[0].seed != jobs[1].seed and replace(jobs[0], seed=0) == replace(jobs[1], seed=0)
@@ -54,7 +54,10 @@ def test_repeats_differ_only_by_seed(run):
 
 def test_prefix_ipc_soft_labels_and_other_model(run):
     cfg, out, _ = run
-    result = evaluate_run(out, FAST[1:] + ["repeats=1", "ipc=2", "labels=soft", "model=convnet3", "train.cutmix=1.0"])
+    keys = FAST[1:] + ["repeats=1", "ipc=2", "labels=soft", "model=convnet3", "train.cutmix=1.0"]
+    with pytest.raises(ConfigError, match="labels=soft needs the run's reference model at .*runs/cache/reference-"):
+        evaluate_run(out, keys)  # the teacher is read from this machine's cache, never from one the manifest names
+    result = evaluate_run(out, keys + [f"cache={cfg.cache}"])
     assert result["ipc"] == 2 and result["labels"] == "soft" and result["model"] == "convnet3"
     assert result["repeats"][0]["train_images"] == 20 and (out / "eval" / "convnet3-ipc2-soft.json").exists()
     with pytest.raises(ConfigError, match="stage boundary"):

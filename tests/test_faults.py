@@ -2,6 +2,9 @@
 CPUs, small worker nodes, logical GPUs), nodes removed without warning and added back, chunks that raise, requests
 no node can hold. Images are compared with the same run made in one process (CPU: bit for bit)."""
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from functools import partial
@@ -13,6 +16,7 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
 from conftest import new_bucket, s3_cache_of, s3_uri
+from lgd_ray import storage
 from lgd_ray.actors import ActorPool
 from lgd_ray.config import ConfigError, load_config
 from lgd_ray.data import load_split
@@ -183,24 +187,32 @@ def test_io_errors_are_retried_and_code_errors_end_the_run_at_once(cluster, trai
     assert pool.retried == 0
 
 
-def test_a_chunk_past_its_deadline_is_rescheduled(cluster, trained, tiny_overrides, tmp_path):
-    """A chunk that hangs (the first try sleeps for minutes) is given up after ray.chunk_timeout_s: its actor restarts
+@pytest.mark.parametrize("rule", [["ray.chunk_timeout_s=5"],  # a set deadline; and the default, where the hung chunk
+                                  ["ray.actors=1", "ray.chunk_timeout_floor_s=5", "storage.retry_s=2"]])  # is the first
+def test_a_chunk_past_its_deadline_is_rescheduled(cluster, trained, tiny_overrides, tmp_path, capsys, rule):
+    """A chunk that hangs is given up after ray.chunk_timeout_s, or with none set after the dry-run's estimate at a slow
+    rate (at least ray.chunk_timeout_floor_s), even as the stage's first chunk on its only actor: its actor restarts
     and the chunk runs again; the stage finishes with every chunk."""
-    class HangingMaker(ChunkMaker):
-        def make(self, task, student_state, previous_shards):
+    class HangingMaker(ChunkMaker):  # defined here: Ray ships it by value
+        def make(self, task, student_state, previous_shards):  # chunk 0's first try hangs for ten minutes
             mark = self.run_dir / f"hung-{task.chunk}"
             if task.chunk == 0 and not mark.exists():
                 mark.write_text("1")
                 time.sleep(600)
             return super().make(task, student_state, previous_shards)
 
-    cfg = load_config("digits", tiny_overrides + RUN + ["ray.chunk_timeout_s=5"])
+    cfg = load_config("digits", tiny_overrides + RUN + rule)
     tasks = [ChunkTask(stage_plan(cfg)[0], i, c) for i, c in enumerate(class_chunks(10, 5))]
     pool = ActorPool(cfg, tmp_path / "hung", HangingMaker)
     start = time.time()
     rows = list(pool(tasks, None, lambda t: []))
     assert sorted(r["chunk"] for r in rows) == [0, 1] and pool.resubmitted == 1
     assert time.time() - start < 120
+    said = [line for line in capsys.readouterr().out.splitlines() if "past its deadline" in line]
+    if cfg.ray.chunk_timeout_s:
+        assert said == [said[0]] and "(ray.chunk_timeout_s)" in said[0]
+    else:
+        assert len(said) == 1 and ("the slow-rate estimate" in said[0] and "at least ray.chunk_timeout_floor_s" in said[0])
 
 
 def test_ray_tasks_that_stop_finishing_are_given_up(cluster, tiny_overrides):
@@ -214,9 +226,16 @@ def test_ray_tasks_that_stop_finishing_are_given_up(cluster, tiny_overrides):
     start = time.time()
     with pytest.raises(RuntimeError, match=r"^hang: no task finished for \d+ s, past 4 s \(ray.chunk_timeout_s\): "
                                            r"1 hung task\(s\) cancelled$"):
-        map_jobs(cfg, _sleep_if_two, [0, 1, 2], "hang")
+        map_jobs(cfg, _sleep_if_two, [0, 1, 2], "hang", expected_s=1.0)
     assert time.time() - start < 60
-    assert map_jobs(cfg, _sleep_if_two, [0, 1], "fine") == [0, 1]
+    assert map_jobs(cfg, _sleep_if_two, [0, 1], "fine", expected_s=1.0) == [0, 1]
+    # no ray.chunk_timeout_s, and the only task hangs: the estimate (at least the floor) bounds even the first wait
+    cfg = load_config("digits", tiny_overrides + RUN + ["ray.chunk_timeout_floor_s=3", "storage.retry_s=2"])
+    start = time.time()
+    with pytest.raises(RuntimeError, match=r"^hang: no task finished for \d+ s, past 5 s \(the slow-rate estimate "
+                                           r"\(1 s\), at least ray.chunk_timeout_floor_s, \+ storage.retry_s; "):
+        map_jobs(cfg, _sleep_if_two, [2], "hang", expected_s=1.0)
+    assert time.time() - start < 60
 
 
 def test_requests_no_node_can_hold_fail_at_once_and_a_group_too_large_in_the_configured_time(
@@ -268,3 +287,29 @@ def test_config_checks_for_gpu_clusters(tiny_overrides):
         load_config("digits", ["ray.train_workers=4", "student.train.batch_size=30", "reference.train.batch_size=64"])
     cfg = load_config("imagenet1k", ["ray.accelerator_type=H100"])
     assert train_resources(cfg) == {"CPU": 4, "GPU": 1, "accelerator_type:H100": 0.001}
+
+
+def test_storage_retry_s_reaches_every_process_of_the_run(cluster, tmp_path):
+    """A driver joining the cluster with storage.retry_s=7 (as `ray job submit` does): its tasks, actors and Ray Data
+    tasks on the worker nodes retry the store for 7 s, not the default: the run's config, not a module global."""
+    script = tmp_path / "driver.py"
+    script.write_text(f'''
+import ray
+from lgd_ray import storage
+from lgd_ray.cli import run_cli
+from lgd_ray.cluster import connect
+
+def work(cfg, args):
+    connect(cfg)
+    probe = lambda *_: storage.retry_s()
+    task = ray.remote(num_cpus=1)(probe)
+    actor = ray.remote(num_cpus=1)(type("Probe", (), {{"get": probe}})).remote()
+    data = ray.data.range(2).map(lambda row: {{"retry_s": storage.retry_s()}}).take_all()
+    print("seen", ray.get(task.remote()), ray.get(actor.get.remote()), *[r["retry_s"] for r in data])
+
+run_cli("probe", "", ["digits", "ray.address={cluster.address}", "storage.retry_s=7"], work)
+''')
+    env = {k: v for k, v in os.environ.items() if k != storage.RETRY_ENV}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "seen 7.0 7.0 7.0 7.0" in done.stdout, done.stdout[-2000:]

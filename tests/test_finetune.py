@@ -17,7 +17,7 @@ from lgd_ray.finetune import class_rows, latent_dir, read_latents
 from lgd_ray.prior import load_prior, prior_class_map, prior_dir
 from lgd_ray.prior_make import ensure_prior
 from lgd_ray.ray_train import ray_fitter
-from lgd_ray.shards import paths, read_shards
+from lgd_ray.shards import in_order, read_shards
 from lgd_ray.storage import Location
 
 CLASSES = ["zebra", "n01440764", "apple"]  # the class list; the folders sort as apple, n01440764, zebra
@@ -71,7 +71,7 @@ def test_finetune_on_own_classes_then_distill(tmp_path):
     assert info["steps"] == 60
 
     # distilled shards: 16 px RGB images, labels 0..2 with the configured images per class
-    samples = read_shards(Location(cfg.out), paths(manifest["shards"]))
+    samples = read_shards(Location(cfg.out), in_order(manifest["shards"]))
     labels = sorted(s["cls"] for s in samples)
     assert labels == sorted([c for c in range(3)] * (cfg.distill.seed_ipc + cfg.distill.ipc_per_stage))
     assert all(s["image"].shape == (3, 16, 16) for s in samples)

@@ -39,11 +39,12 @@ def test_a_lapsed_lease_is_taken_over(store):
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_two_drivers_on_one_run_folder(where, trained, tiny_overrides, tmp_path, s3_root):
-    """A driver started on a folder another driver is writing exits 2 in one line; after `kill -9` of the first,
-    `--resume` at once takes its lease over (its process on this host is gone) and finishes the run."""
+    """A driver started on a folder another driver is writing (stopped with SIGSTOP, so that it cannot finish first
+    on a loaded machine; its lease of 30 s holds) exits 2 in one line; after `kill -9` of the first, `--resume` at
+    once takes its lease over (its process on this host is gone) and finishes the run."""
     out = str(tmp_path / "run") if where == "local" else str(s3_root / "run")
     args = [sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, "distill.stages=1", "ray.enabled=false",
-            "storage.lease_s=2", f"out={out}"]
+            "storage.lease_s=30", f"out={out}"]
     lease = (tmp_path / "run" / LEASE) if where == "local" else None
     first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -51,6 +52,7 @@ def test_two_drivers_on_one_run_folder(where, trained, tiny_overrides, tmp_path,
         while not (Location(out) / "manifest.json").exists():
             assert first.poll() is None and time.time() < deadline, "the first driver made no progress"
             time.sleep(0.25)
+        os.killpg(first.pid, signal.SIGSTOP)
         second = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
         err = second.stderr.strip().splitlines()
         assert second.returncode == 2 and len(err) == 1 and "held by another driver" in err[0], second.stderr[-2000:]
@@ -190,3 +192,50 @@ def test_a_renewal_whose_put_landed_but_whose_reply_was_lost_keeps_the_lease(sto
         (store / "run" / LEASE).write_text(json.dumps({"holder": "other:1:x", "expires": time.time() + 60}))
         assert lease._renew(lease._body()) == f"{LEASE} now names other:1:x"
         lease.lost = "taken in the test"  # released without deleting the other's lease
+
+
+@pytest.mark.slow
+def test_two_drivers_on_one_empty_cache_make_each_model_once(store, tmp_path):
+    """Two drivers (separate run folders, one cache, local or on the S3 server) started together: one fits the prior
+    and the reference, the other waits on each cache entry's lease, says so, then uses what the first made; both
+    manifests record the same sha256."""
+    from conftest import TINY
+
+    cache = store / "cache"
+    runs = [str(tmp_path / f"run{i}") for i in range(2)]
+    args = [sys.executable, "-m", "lgd_ray.distill", "digits", *TINY, "distill.stages=1", "ray.enabled=false",
+            "storage.lease_s=3", f"cache={cache}"]
+    drivers = [subprocess.Popen(args + [f"out={run}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for run in runs]
+    said = [d.communicate(timeout=900) for d in drivers]
+    assert all(d.returncode == 0 for d in drivers), [err[-2000:] for _, err in said]
+    out = "\n".join(o for o, _ in said)
+    assert out.count("prior: training a pixel DiT") == 1 and out.count("reference: training") == 1, out
+    assert out.count("cache: waiting for another driver to make") >= 1, out
+    manifests = [json.loads((Location(run) / "manifest.json").read_text()) for run in runs]
+    for key in ("prior_sha256", "reference_sha256"):
+        assert manifests[0][key] and manifests[0][key] == manifests[1][key]
+
+
+def test_a_stale_drivers_chunk_writes_no_shard(store, trained, tiny_overrides):
+    """Driver A's lease lapses (A stopped renewing) and driver B takes the run folder over: a chunk made for A, as
+    an actor of A still would, is refused before its shard is written; B's chunk writes it."""
+    from lgd_ray.config import load_config
+    from lgd_ray.data import class_chunks
+    from lgd_ray.methods import ChunkMaker
+    from lgd_ray.plan import ChunkTask, stage_plan
+
+    run = store / "run"
+    cfg = load_config("digits", tiny_overrides + [f"out={run}"])
+    task = ChunkTask(stage_plan(cfg)[0], 0, class_chunks(10, 4)[0])
+    a = Lease(run, ttl_s=1).acquire()
+    a._stop.set()  # A stops renewing: a SIGSTOPped driver, as far as the store can tell
+    a._thread.join()
+    time.sleep(1.2)
+    with Lease(run, ttl_s=5) as b:
+        with pytest.raises(LeaseError, match=rf"its lease names {b.holder}, not this driver \({a.holder}\): another "
+                                             "driver took it over"):
+            ChunkMaker(cfg, run, holder=a.holder).make(task, None, [])
+        assert not (run / "stage-00" / "shard-000000.tar").exists()
+        row = ChunkMaker(cfg, run, holder=b.holder).make(task, None, [])
+        assert (run / row["path"]).sha256() == row["sha256"]

@@ -6,7 +6,7 @@ from lgd_ray.config import ConfigError, load_config
 from lgd_ray.data import to_float
 from lgd_ray.modes import ModeGuide, class_modes
 from lgd_ray.sampler import generate
-from lgd_ray.shards import read_shards
+from lgd_ray.shards import in_order, read_shards
 from lgd_ray.methods import real_positions
 from lgd_ray.stages import run_stages
 
@@ -25,7 +25,7 @@ def test_random_method_run(trained, tiny_overrides, tmp_path):
     _, _, train_set, _ = trained
     cfg = load_config("digits", tiny_overrides + [f"out={tmp_path}", "distill.method=random", "distill.stages=1"])
     manifest = run_stages(cfg, tmp_path, log=lambda _: None)
-    samples = read_shards(tmp_path, sorted(r["path"] for r in manifest["shards"]))
+    samples = read_shards(tmp_path, in_order(manifest["shards"]))
     assert len(samples) == 40
     for c in range(10):
         mine = [s for s in samples if s["cls"] == c]
@@ -52,7 +52,7 @@ def test_a_real_seed_increment_is_randoms_and_the_guided_stages_start_from_it(tr
     seed_shards = lambda m: [(r["path"], r["sha256"]) for r in m["shards"] if r["stage"] == 0]
     assert seed_shards(real_seed) == seed_shards(random) and seed_shards(random)
     assert real_seed["stages"]["0"]["student_acc"] == random["stages"]["0"]["student_acc"]
-    guided = read_shards(tmp_path / "real-seed", [r["path"] for r in real_seed["shards"] if r["stage"] == 1])
+    guided = read_shards(tmp_path / "real-seed", [r for r in real_seed["shards"] if r["stage"] == 1])
     assert {s["meta"]["params"]["method"] for s in guided} == {"lgd"} and all(s["meta"]["S"] is not None for s in guided)
     with pytest.raises(ConfigError, match="'distill.seed_from' real needs a staged method"):
         load_config("digits", ["distill.method=dds", "distill.seed_from=real"])

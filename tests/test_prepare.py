@@ -134,7 +134,7 @@ def test_class_sorted_copies_feed_random_dds_and_mgd3(tmp_path, s3_root):
         out = s3_root / f"run-{method}"
         mcfg = _cfg(tmp_path / "data", classes, s3_root / "prepared", *run, f"distill.method={method}", f"out={out}")
         manifest = run_stages(mcfg, out, log=lambda _: None)
-        samples = read_shards(out, [r["path"] for r in manifest["shards"]])
+        samples = read_shards(out, manifest["shards"])
         assert len(samples) == 2 * len(WNIDS) and all(s["image"].shape == (3, 16, 16) for s in samples)
         if method != "mgd3":
             assert all(int(train.labels[s["meta"]["real_index"]]) == s["cls"] for s in samples)
