@@ -54,6 +54,7 @@ class Lease:
         self._stop = threading.Event()
         self._renewed = threading.Event()  # set by every renewal (check() waits on it while the lease has lapsed)
         self._thread = None
+        self._written: dict[str, object] = {}  # name -> what this driver last wrote there (its ETag on S3)
         p = self.loc._parts
         self._s3 = None
         if p.scheme == "s3":
@@ -105,6 +106,44 @@ class Lease:
                                  "two drivers never write one run")
             self._renewed.clear()
             self._renewed.wait(min(0.5, max(0.0, deadline - time.time())))
+
+    def write(self, name: str, data: bytes):
+        """Write run_dir/name as this driver's, fenced: only while the lease holds (check) and only if the object is
+        as this driver last wrote it (before its first write: as it is now). On S3 a conditional put (If-Match on the
+        ETag of our last write), so that even a put sent before this process was stopped cannot land over another
+        driver's; on a local folder a compare and replace under the folder's flock; on other stores check and write.
+        Raises LeaseError once another process wrote it."""
+        self.check()
+        loc = self.run_dir / name
+        last = self._written.get(name)
+        if self._s3:
+            client, bucket, lease_key = self._s3
+            key = f"{lease_key.rpartition('/')[0]}/{name}".lstrip("/")
+            if last is None:  # the first write of this driver: over whatever is there now
+                try:
+                    last = client.head_object(Bucket=bucket, Key=key)["ETag"]
+                except client.exceptions.ClientError as e:
+                    if _status(e) != 404:
+                        raise
+            try:
+                etag = client.put_object(Bucket=bucket, Key=key, Body=data,
+                                         **({"IfMatch": last} if last else {"IfNoneMatch": "*"}))["ETag"]
+            except client.exceptions.ClientError as e:
+                if _status(e) not in (409, 412):
+                    raise
+                raise LeaseError(f"run folder {self.run_dir}: {name} was written by another driver since this one's "
+                                 "last write: stopped so that two drivers never write one run") from None
+            self._written[name] = etag
+        elif loc.is_local:
+            with self._local_lock():
+                now = loc.read_bytes() if loc.exists() else None
+                if last is not None and now != last:
+                    raise LeaseError(f"run folder {self.run_dir}: {name} was written by another driver since this "
+                                     "one's last write: stopped so that two drivers never write one run")
+                loc.write_bytes(data)
+            self._written[name] = data
+        else:
+            loc.write_bytes(data)
 
     def fenced(self, fn):
         """fn, whose result is handed on only while this lease holds (check() after it returns): a fit that outlived

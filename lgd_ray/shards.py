@@ -210,10 +210,15 @@ def read_manifest(run_dir: Location) -> dict | None:
     return manifest
 
 
+def manifest_bytes(manifest: dict) -> bytes:
+    return json.dumps(manifest, indent=1).encode()
+
+
 def write_manifest(run_dir: Location, manifest: dict):
-    """Atomic replace: a crash leaves the old manifest or the new one, never half of one."""
+    """Atomic replace: a crash leaves the old manifest or the new one, never half of one (a driver writes it through
+    its lease instead: Lease.write)."""
     run_dir = as_location(run_dir)
-    (run_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    (run_dir / MANIFEST).write_bytes(manifest_bytes(manifest))
 
 
 # -- the manifest's shard rows, asked by name --------------------------------------------------------------------

@@ -28,8 +28,8 @@ from lgd_ray.prior_make import ensure_prior
 from lgd_ray.reference import ensure_reference, fit_job, new_classifier, reference_path
 from lgd_ray.report import write_report
 from lgd_ray.seeding import derive_seed
-from lgd_ray.shards import (MANIFEST, in_order, load_tensor_set, read_manifest, record, shard_sha256, shards_through,
-                            stage_dir, stage_rows, write_manifest)
+from lgd_ray.shards import (MANIFEST, in_order, load_tensor_set, manifest_bytes, read_manifest, record, shard_sha256,
+                            shards_through, stage_dir, stage_rows, write_manifest)
 from lgd_ray.storage import Location, as_location
 from lgd_ray.timeline import Timeline, span, timed
 from lgd_ray.train import Fitter, in_process_fitter, load_classifier, process_device, save_classifier
@@ -156,9 +156,10 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
     manifest = open_manifest(run_dir, cfg, resume)
 
     def save(manifest: dict):
-        if lease is not None:
-            lease.check()  # a driver that lost the run folder to another stops before it writes
-        write_manifest(run_dir, manifest)
+        if lease is not None:  # fenced: a driver that lost the run folder to another stops before it writes
+            lease.write(MANIFEST, manifest_bytes(manifest))
+        else:
+            write_manifest(run_dir, manifest)
 
     # Set-up, here in the driver before any chunk is made: prior and reference (trained and stored if absent)
     manifest["num_classes"] = n_classes

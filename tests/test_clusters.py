@@ -35,7 +35,9 @@ def _distill_commands(text: str) -> list[list[str]]:
 
 def _check_command(argv: list[str], gpu_types: set[str]):
     """A documented cluster command: a valid config whose data, prior, output and cache are shared URIs, pinned to
-    an accelerator type the cluster declares."""
+    an accelerator type the cluster declares; with --resume, so that a job run again (a retry after a lost head,
+    a second apply) continues the run instead of being refused."""
+    assert "--resume" in argv, " ".join(argv)
     cfg = load_config(argv[3], [a for a in argv[4:] if not a.startswith("--")])
     for key, value in (("out", cfg.out), ("cache", cfg.cache), ("data.prepared", cfg.data.prepared),
                        ("prior.model_id", cfg.prior.model_id)):
@@ -155,6 +157,7 @@ def test_kuberay_rayjob_is_what_the_operator_reads():
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
     argv = shlex.split(spec["entrypoint"])
+    assert spec["backoffLimit"] >= 1  # a failed attempt is retried on a new RayCluster, resuming the run
     assert argv[:4] == ["python", "-m", "lgd_ray.distill", "imagenet1k"]
     _check_command(argv, {"H100"})
     cluster = spec["rayClusterSpec"]

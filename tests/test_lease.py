@@ -239,3 +239,23 @@ def test_a_stale_drivers_chunk_writes_no_shard(store, trained, tiny_overrides):
         assert not (run / "stage-00" / "shard-000000.tar").exists()
         row = ChunkMaker(cfg, run, holder=b.holder).make(task, None, [])
         assert (run / row["path"]).sha256() == row["sha256"]
+
+
+def test_manifest_writes_are_conditional_on_the_drivers_last_write(store):
+    """Driver A writes the manifest; its lease lapses and B takes the folder over and writes; A's next write, even one
+    that passed its lease check (a put already on its way when A was stopped), is refused and leaves B's bytes."""
+    run = store / "run"
+    a = Lease(run, ttl_s=1).acquire()
+    a.write("manifest.json", b"A1")
+    a.write("manifest.json", b"A2")
+    a._stop.set()
+    a._thread.join()
+    time.sleep(1.2)
+    with Lease(run, ttl_s=5) as b:
+        b.write("manifest.json", b"B1")
+        a.tag = (a.tag[0], time.time() + 60)  # as if A's check had passed just before it was stopped
+        with pytest.raises(LeaseError, match="manifest.json was written by another driver since this one's last write"):
+            a.write("manifest.json", b"A3")
+        assert (run / "manifest.json").read_bytes() == b"B1"
+        b.write("manifest.json", b"B2")
+        assert (run / "manifest.json").read_bytes() == b"B2"
