@@ -9,17 +9,21 @@ run the same check when they first take work (a sampler actor or a Ray Train wor
 """
 from __future__ import annotations
 
+import _thread
 import os
 import re
+import socket
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from lgd_ray import storage
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.data import check_data
-from lgd_ray import storage
 from lgd_ray.storage import Location, StorageError, no_retry
 
 MARKER = ".lgd_ray-node-check"
@@ -43,6 +47,37 @@ def connect(cfg: Config):
     # every process of the job (actors, Train workers, tasks) retries the store for the run's storage.retry_s
     ray.init(address=cfg.ray.address or None,
              runtime_env={"env_vars": {storage.RETRY_ENV: repr(float(cfg.storage.retry_s))}})
+
+
+HEAD_LOST_S = 20.0  # the head's GCS unreachable this long: the run stops (Ray's own driver exit comes at ~60 s)
+
+
+def watch_head(cfg: Config) -> dict:
+    """For a driver that joined a cluster: a daemon thread that connects to the head's GCS port every 2 s; once no
+    connection succeeds for HEAD_LOST_S it records the one line in the returned dict ("line") and interrupts the
+    main thread, which raises HeadLost (before Ray's core worker ends the process without a word)."""
+    host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+    state: dict = {}
+
+    def watch():
+        last_ok = time.monotonic()
+        while "line" not in state:
+            try:
+                socket.create_connection((host, int(port)), timeout=2).close()
+                last_ok = time.monotonic()
+            except OSError:
+                if time.monotonic() - last_ok > HEAD_LOST_S:
+                    state["line"] = (f"ray: the cluster's head ({host}:{port}) stopped answering for {HEAD_LOST_S:.0f} s; "
+                                     "the run stopped with every finished chunk and stage kept in its folder: once the "
+                                     f"head is back, `python -m lgd_ray.distill {cfg.name or 'CONFIG'} ... --resume` "
+                                     f"continues it (at once, or after storage.lease_s {cfg.storage.lease_s:g} s "
+                                     "from another host)")
+                    _thread.interrupt_main()
+                    return
+            time.sleep(2.0)
+
+    threading.Thread(target=watch, daemon=True, name="lgd_ray-head-watch").start()
+    return state
 
 
 def remote_cause(error: BaseException, kind: type) -> BaseException | None:

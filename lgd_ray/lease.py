@@ -304,11 +304,11 @@ def check_holder(run_dir, holder: str):
 
 @contextlib.contextmanager
 def cache_lock(cache, name: str, ttl_s: float, wait_s: float):
-    """Hold the lease of the cache entry `name` (`CACHE/<name>.lock/lease.json`) while this process makes it: a
+    """Hold the lease of the cache entry `name` (`CACHE/.locks/<name>/lease.json`) while this process makes it: a
     second driver on the same cache waits, saying so once, until the first releases it (or its lease lapses, or its
     process is gone), then finds the entry made. Yields the Lease (check() it before writing)."""
     entry = as_location(cache) / name
-    lease = Lease(as_location(cache) / f"{name}.lock", ttl_s, wait_s)
+    lease = Lease(as_location(cache) / ".locks" / name, ttl_s, wait_s)
     if lease.run_dir.is_local:
         Path(lease.run_dir.path).mkdir(parents=True, exist_ok=True)
     said = False

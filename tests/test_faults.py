@@ -313,3 +313,35 @@ run_cli("probe", "", ["digits", "ray.address={cluster.address}", "storage.retry_
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "seen 7.0 7.0 7.0 7.0" in done.stdout, done.stdout[-2000:]
+
+
+def test_a_lost_head_is_one_line(trained, tiny_overrides, tmp_path):
+    """A driver that joined a cluster (ray.address, as from another machine) whose head's GCS dies mid-run: it stops
+    within HEAD_LOST_S with one line saying to --resume, before Ray's core worker would end it without a word."""
+    from lgd_ray.cluster import HEAD_LOST_S
+
+    c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0})
+    c.add_node(num_cpus=2)
+    c.wait_for_nodes()
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, f"ray.address={c.address}",
+            "ray.actors=1", "ray.num_cpus_per_actor=1", "ray.train_cpus_per_worker=1", "student.train.epochs=3000",
+            f"out={out}"]
+    driver = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "manifest.json").exists():
+            assert driver.poll() is None and time.time() < deadline, driver.communicate()[1][-3000:]
+            time.sleep(0.5)
+        killed = time.time()
+        c.head_node.kill_gcs_server()
+        stdout, stderr = driver.communicate(timeout=HEAD_LOST_S + 60)
+        took = time.time() - killed
+    finally:
+        driver.kill()
+        c.shutdown()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert driver.returncode == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert "head" in errors[0] and "stopped answering" in errors[0] and "--resume" in errors[0], errors
+    assert HEAD_LOST_S <= took < HEAD_LOST_S + 30
+    assert not (out / "lease.json").exists()  # released on the way out: --resume may start at once
