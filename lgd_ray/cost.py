@@ -40,7 +40,7 @@ ACTOR_START_S = 60.0  # a sampler actor starting and loading the prior (DiT-XL/2
 # Deliberately slow rates for a deadline on work not yet timed (a stage's first chunk, the first evaluation repeat):
 # about a tenth of what was measured, so only a hung process passes them (ray.chunk_timeout_floor_s is the least)
 SLOW_GPU_FLOPS = 10e12  # the guided DiT-XL/2 step ran at 124-134 TFLOP/s on an H200 (bench/gpu-runs/2026-11-30)
-SLOW_CPU_FLOPS_PER_THREAD = 2e9  # Fashion-MNIST's guided chunks ran at 20-60 GFLOP/s a thread here (docs/DESIGN.md section 3)
+SLOW_CPU_FLOPS_PER_THREAD = 2e9  # tiny digits chunks: 11-32 GFLOP/s a thread here (bench/chunk_rate.py)
 TEST_IMAGES = {"imagenet1k": 50_000, "imagenette": 3_925, "imagewoof": 3_929, "fashion-mnist": 10_000, "digits": 450}
 
 # facebook/DiT-XL-2-256's architecture (its transformer/ and vae/ config.json), so planning needs no network
