@@ -10,6 +10,7 @@ run the same check when they first take work (a sampler actor or a Ray Train wor
 from __future__ import annotations
 
 import _thread
+import logging
 import os
 import re
 import socket
@@ -40,13 +41,28 @@ def connect(cfg: Config):
     local Ray. Every command that uses Ray comes through here."""
     if ray.is_initialized():
         return
+    # every process of the job (actors, Train workers, tasks) retries the store for the run's storage.retry_s
+    runtime_env = {"env_vars": {storage.RETRY_ENV: repr(float(cfg.storage.retry_s))}}
     if not joins_a_cluster(cfg):
         # a local Ray on this machine: no node of it can be preempted, so Ray Train's preemption watcher (an actor per
         # fit, and a warning line each) has nothing to watch
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # every process of the job (actors, Train workers, tasks) retries the store for the run's storage.retry_s
-    ray.init(address=cfg.ray.address or None,
-             runtime_env={"env_vars": {storage.RETRY_ENV: repr(float(cfg.storage.retry_s))}})
+        # and the job's processes that look Ray up by address (Ray Train's placement-group cleaner, the state API)
+        # must find this one, not fail on "multiple active Ray instances" when another runs on the machine
+        runtime_env["worker_process_setup_hook"] = "lgd_ray.cluster.pin_ray_address"
+        # Ray's own start-up lines (token auth on, dashboard) said once, in the project's words
+        # address "local": a new instance of its own, never another Ray that happens to run on the machine
+        context = ray.init(address="local", runtime_env=runtime_env, logging_level=logging.ERROR)
+        auth = "off" if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" else "on"
+        print(f"ray: started a local Ray instance on this machine (token auth {auth}; dashboard on "
+              f"http://{context.dashboard_url or '127.0.0.1:8265'}, this machine only)", flush=True)
+        return
+    ray.init(address=cfg.ray.address or None, runtime_env=runtime_env)
+
+
+def pin_ray_address():
+    """A worker process's setup (runtime_env): RAY_ADDRESS is the cluster it belongs to."""
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 HEAD_LOST_S = 20.0  # the head's GCS unreachable this long: the run stops (Ray's own driver exit comes at ~60 s)

@@ -227,11 +227,11 @@ class Lease:
                 obj = client.get_object(Bucket=bucket, Key=key)
             except client.exceptions.NoSuchKey:
                 return None
-            return json.loads(obj["Body"].read()), obj["ETag"]
+            return _parse(obj["Body"].read()), obj["ETag"]
         if not self.loc.exists():
             return None
         data = self.loc.read_bytes()
-        return json.loads(data), data
+        return _parse(data), data
 
     def _replace(self, body: dict, current: tuple[dict, object] | None) -> bool:
         """Write our lease over the version `current` read; False if another driver changed it since."""
@@ -325,6 +325,18 @@ def cache_lock(cache, name: str, ttl_s: float, wait_s: float):
         yield lease
     finally:
         lease.release()
+
+
+def _parse(data: bytes) -> dict:
+    """A lease's body; one that is not whole JSON of a holder and an expiry (cut short, edited) holds nothing: it is
+    read as lapsed, and replaced conditionally on its bytes like any lapsed lease."""
+    try:
+        body = json.loads(data)
+        if isinstance(body, dict) and isinstance(body.get("holder"), str) and isinstance(body.get("expires"), (int, float)):
+            return body
+    except (ValueError, RecursionError):
+        pass
+    return {"holder": f"nobody ({LEASE} was damaged)", "expires": 0.0}
 
 
 def _holder_gone(holder: str) -> str:

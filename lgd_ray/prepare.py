@@ -31,6 +31,7 @@ import uuid
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from lgd_ray.cli import run_cli
@@ -82,7 +83,8 @@ def decode_file(path: str, size: int) -> np.ndarray:
     """One image file at `size` px; a file that does not decode is one line naming it."""
     try:
         return decode_image(Location(path).read_bytes(), size).numpy()
-    except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated or not an image (UnidentifiedImageError)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL: truncated, not an image
+        # (UnidentifiedImageError), or more pixels than PIL decodes (a decompression bomb)
         raise ConfigError(f"prepare: cannot decode {path} ({str(e).splitlines()[0]}); remove or replace the file, or "
                           "skip such files with prepare.bad_images=skip") from None
 

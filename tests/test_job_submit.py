@@ -50,3 +50,39 @@ def test_ray_job_submit_with_token_auth(trained, tiny_overrides, tmp_path):
         assert manifest["stages"]["0"]["trained"] and sum(s["count"] for s in manifest["shards"]) == 20
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+OTHER_RAY = """
+import sys
+from ray.cluster_utils import Cluster
+c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+print(c.address, flush=True)
+sys.stdin.read()  # until the test closes it
+c.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_a_run_beside_another_ray_instance_says_nothing_of_it(trained, tiny_overrides, cache_dir, tmp_path):
+    """Another Ray instance runs on the machine (started first): a run on its own local Ray fits theta* on Ray Train
+    (a cache with the prior but no reference) and none of its processes (Ray Train's placement-group cleaner, which
+    looks Ray up by address) fails on "multiple active Ray instances"."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for prior in Path(cache_dir).glob("prior-*"):
+        shutil.copytree(prior, cache / prior.name)
+    other = subprocess.Popen([sys.executable, "-c", OTHER_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert other.stdout.readline().strip()  # its address: it is up
+        r = subprocess.run([sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, "distill.stages=0",
+                            "ray.actors=1", f"cache={cache}", f"out={tmp_path / 'run'}"],
+                           capture_output=True, text=True, timeout=600)
+    finally:
+        other.stdin.close()
+        other.wait(timeout=120)
+    said = r.stdout + r.stderr
+    assert r.returncode == 0 and "reference: training" in said, said[-3000:]
+    assert "multiple active Ray instances" not in said and "Traceback" not in said, said[-3000:]

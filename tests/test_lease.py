@@ -259,3 +259,13 @@ def test_manifest_writes_are_conditional_on_the_drivers_last_write(store):
         assert (run / "manifest.json").read_bytes() == b"B1"
         b.write("manifest.json", b"B2")
         assert (run / "manifest.json").read_bytes() == b"B2"
+
+
+@pytest.mark.parametrize("damage", [b'{"holder": "host:1:x", "expi', b"\xff\xfe", b'["a list"]', b'{"holder": 7}'])
+def test_a_damaged_lease_holds_nothing(store, damage):
+    """A lease.json cut short, edited or not UTF-8 is read as lapsed: the next driver replaces it (conditionally on
+    its bytes, as any lapsed lease), no traceback."""
+    run = store / "run"
+    (run / LEASE).write_bytes(damage)
+    with Lease(run, ttl_s=2) as lease:
+        assert json.loads((run / LEASE).read_text())["holder"] == lease.holder

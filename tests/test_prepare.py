@@ -238,3 +238,26 @@ def test_an_index_from_before_generations_is_still_read(tmp_path):
     again = prepare(cfg, shard_images=4, by_class=(16, 8))  # adds a copy; the old objects are kept and listed
     assert again["splits"]["train"]["shards"][0]["path"] == "train/shard-000000.npz"
     assert whole_labels(load_split(cfg.data, "train")) == expected
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height grey pixels and whose data is empty: PIL reads the size, no more."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_a_bad_image(tmp_path):
+    """A file claiming 20000 x 20000 pixels (PIL refuses past twice its MAX_IMAGE_PIXELS) is a file that does not
+    decode: one line naming it, which prepare.bad_images=skip skips, never an escaping DecompressionBombError."""
+    from lgd_ray.prepare import decode_file
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(20000, 20000))
+    with pytest.raises(ConfigError, match=rf"prepare: cannot decode {bomb} \(Image size \(400000000 pixels\) exceeds"):
+        decode_file(str(bomb), 16)
