@@ -9,15 +9,16 @@ run the same check when they first take work (a sampler actor or a Ray Train wor
 """
 from __future__ import annotations
 
-import _thread
 import logging
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -68,32 +69,34 @@ def pin_ray_address():
 HEAD_LOST_S = 20.0  # the head's GCS unreachable this long: the run stops (Ray's own driver exit comes at ~60 s)
 
 
-def watch_head(cfg: Config) -> dict:
+def watch_head(cfg: Config, on_lost: Callable[[], None]):
     """For a driver that joined a cluster: a daemon thread that connects to the head's GCS port every 2 s; once no
-    connection succeeds for HEAD_LOST_S it records the one line in the returned dict ("line") and interrupts the
-    main thread, which raises HeadLost (before Ray's core worker ends the process without a word)."""
+    connection succeeds for HEAD_LOST_S it calls `on_lost()` (the driver's clean-up), says so in one line on stderr
+    and ends the process with exit status 2, from that thread: the main thread may be blocked in a Ray call that
+    waits for the head, and Ray's core worker would end the process about 60 s after the loss without a word."""
     host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
-    state: dict = {}
 
     def watch():
         last_ok = time.monotonic()
-        while "line" not in state:
+        while True:
             try:
                 socket.create_connection((host, int(port)), timeout=2).close()
                 last_ok = time.monotonic()
             except OSError:
                 if time.monotonic() - last_ok > HEAD_LOST_S:
-                    state["line"] = (f"ray: the cluster's head ({host}:{port}) stopped answering for {HEAD_LOST_S:.0f} s; "
-                                     "the run stopped with every finished chunk and stage kept in its folder: once the "
-                                     f"head is back, `python -m lgd_ray.distill {cfg.name or 'CONFIG'} ... --resume` "
-                                     f"continues it (at once, or after storage.lease_s {cfg.storage.lease_s:g} s "
-                                     "from another host)")
-                    _thread.interrupt_main()
-                    return
+                    break
             time.sleep(2.0)
+        try:
+            on_lost()
+        finally:
+            print(f"error: ray: the cluster's head ({host}:{port}) stopped answering for {HEAD_LOST_S:.0f} s; the run "
+                  "stopped with every finished chunk and stage kept in its folder: once the head is back, `python -m "
+                  f"lgd_ray.distill {cfg.name or 'CONFIG'} ... --resume` continues it (at once, or after "
+                  f"storage.lease_s {cfg.storage.lease_s:g} s from another host)", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(2)
 
     threading.Thread(target=watch, daemon=True, name="lgd_ray-head-watch").start()
-    return state
 
 
 def remote_cause(error: BaseException, kind: type) -> BaseException | None:

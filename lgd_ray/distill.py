@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 
@@ -12,7 +11,6 @@ from lgd_ray.config import AUTO, Config, ConfigError, run_dir
 from lgd_ray.cost import (PEAK_TFLOPS, UTILISATION, cluster_cost, cluster_gpus_of, format_cluster_cost, format_cost,
                            run_cost)
 from lgd_ray.data import check_data
-from lgd_ray.errors import HeadLost
 from lgd_ray.lease import Lease
 from lgd_ray.memory import (actor_memory, check_fit_fits, check_fits, format_fit_memory, format_memory,
                             prior_fit_memory)
@@ -45,7 +43,6 @@ def distill(cfg: Config, resume: bool = False) -> dict:
         cfg = resolve_auto(cfg)
     open_manifest(out, cfg, resume)  # a run folder that cannot be (re)started: one line, before sampling starts
     pool = fitter = None
-    head: dict = {}  # the head watch's state: "line" once the cluster's head stopped answering
     lease = Lease(out, cfg.storage.lease_s, cfg.storage.retry_s)  # one driver per run folder: held from run_stages on
     if cfg.ray.enabled:
         # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
@@ -63,19 +60,15 @@ def distill(cfg: Config, resume: bool = False) -> dict:
         if models_ready(cfg):  # nothing to train first: the actors start while the driver sets up
             pool.start()
         if joins_a_cluster(cfg):  # a head on another machine may go away: said in one line, not a silent exit 1
-            head = watch_head(cfg)
+            watch_head(cfg, lease.release)  # the lease released: --resume may start at once
     try:
         with lease:
             if lease.took_over:
                 print(f"lease: took over the run folder from {lease.took_over}", flush=True)
             manifest = run_stages(cfg, out, resume=resume, runner=pool, fitter=fitter,
                                   log=lambda line: print(line, flush=True), lease=lease, started=start)
-    except KeyboardInterrupt:
-        if "line" in head:
-            raise HeadLost(head["line"]) from None
-        raise
     finally:
-        if pool is not None and "line" not in head:  # with no head, the actors' clean-up would wait for it
+        if pool is not None:
             pool.shutdown()
             if pool.node_check is not None:
                 pool.node_check.remove()
@@ -167,20 +160,11 @@ def _flags(parser: argparse.ArgumentParser):
 
 
 def main(argv: list[str]):
-    def work(cfg: Config, args):
-        try:
-            for c in per_seed(cfg, args.seeds):
-                if args.dry_run:
-                    dry_run(c, args.gpu_tflops, args.utilisation,
-                            args.gpus or (cluster_gpus_of(args.cluster, c.ray.accelerator_type) if args.cluster else 0))
-                else:
-                    distill(c, args.resume)
-        except HeadLost as e:  # Ray's exit handlers would wait for the lost head: the line, then out at once
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(2)
-
-    run_cli("lgd_ray.distill", "Distil a labelled image set with learnability-guided diffusion.", argv, work, _flags)
+    run_cli("lgd_ray.distill", "Distil a labelled image set with learnability-guided diffusion.", argv,
+            lambda cfg, args: [dry_run(c, args.gpu_tflops, args.utilisation, args.gpus or (
+                cluster_gpus_of(args.cluster, c.ray.accelerator_type) if args.cluster else 0))
+                               if args.dry_run else distill(c, args.resume)
+                               for c in per_seed(cfg, args.seeds)], _flags)
 
 
 if __name__ == "__main__":

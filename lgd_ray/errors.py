@@ -4,7 +4,3 @@
 
 class ConfigError(ValueError):
     """A bad configuration; the message is one line naming the key and what is allowed."""
-
-
-class HeadLost(ConfigError):
-    """The Ray cluster's head stopped answering: the run stops in one line, saying how to continue."""

@@ -32,14 +32,15 @@ def test_an_export_round_trips_through_torchvision(tiny_run, tmp_path, s3_root, 
     assert len(folder.samples) == len(shards) == 20
     for path, label in folder.samples:
         s = shards[path.rsplit("/", 1)[1].removesuffix(".png")]
-        image = torch.from_numpy(np.asarray(Image.open(path))).reshape(s["image"].shape[1], s["image"].shape[2], -1)
+        with Image.open(path) as im:
+            image = torch.from_numpy(np.array(im)).reshape(s["image"].shape[1], s["image"].shape[2], -1)
         assert label == s["cls"] and torch.equal(image.permute(2, 0, 1), s["image"])
     meta = [json.loads(line) for line in (dest / "metadata.jsonl").read_text().splitlines()]
     assert sorted(m["file_name"] for m in meta) == sorted(p[len(str(dest)) + 1:] for p, _ in folder.samples)
     assert all(m["stage"] == 0 and "seed" in m for m in meta)
     card = (dest / "README.md").read_text()
     assert "2 images per class distilled by lgd_ray (lgd)" in card and manifest["prior_sha256"] in card
-    assert "| 0 | 2 |" in card and "| 1 |" not in card  # the exported stages only
+    assert "| 0 | 2 |" in card and "| 1 | 2 |" not in card  # the exported stages only (stage, images per class)
     assert (dest / "models" / "reference.safetensors").exists() and (dest / "models" / "student-stage0.safetensors").exists()
     assert json.loads(json.dumps(__import__("yaml").safe_load((dest / "config.yaml").read_text()))) == manifest["config"]
     # the whole set, to a store URI

@@ -195,13 +195,13 @@ def test_a_renewal_whose_put_landed_but_whose_reply_was_lost_keeps_the_lease(sto
 
 
 @pytest.mark.slow
-def test_two_drivers_on_one_empty_cache_make_each_model_once(store, tmp_path):
-    """Two drivers (separate run folders, one cache, local or on the S3 server) started together: one fits the prior
-    and the reference, the other waits on each cache entry's lease, says so, then uses what the first made; both
-    manifests record the same sha256."""
+def test_two_drivers_on_one_empty_cache_make_each_model_once(s3_root, tmp_path):
+    """Two drivers (separate run folders, one cache on the S3 server: the shared cache of a cluster) started together:
+    one fits the prior and the reference, the other waits on each cache entry's lease, says so, then uses what the
+    first made; both manifests record the same sha256. (The lease's local-folder path is tested above.)"""
     from conftest import TINY
 
-    cache = store / "cache"
+    cache = s3_root / "cache"
     runs = [str(tmp_path / f"run{i}") for i in range(2)]
     args = [sys.executable, "-m", "lgd_ray.distill", "digits", *TINY, "distill.stages=1", "ray.enabled=false",
             "storage.lease_s=3", f"cache={cache}"]
