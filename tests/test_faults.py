@@ -343,5 +343,5 @@ def test_a_lost_head_is_one_line(trained, tiny_overrides, tmp_path):
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert driver.returncode == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
     assert "head" in errors[0] and "stopped answering" in errors[0] and "--resume" in errors[0], errors
-    assert HEAD_LOST_S <= took < HEAD_LOST_S + 30
+    assert HEAD_LOST_S - 3 <= took < HEAD_LOST_S + 30  # its last answer came up to one 2-s probe before the kill
     assert not (out / "lease.json").exists()  # released on the way out: --resume may start at once
