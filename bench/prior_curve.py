@@ -22,7 +22,7 @@ from lgd_ray.config import load_config
 from lgd_ray.data import num_classes
 from lgd_ray.prior import PIPELINE_MARKER
 from lgd_ray.prior_fit import save_prior
-from lgd_ray.prior_make import pixel_job
+from lgd_ray.prior_make import project_job
 from lgd_ray.storage import Location
 
 matplotlib.use("Agg")
@@ -42,7 +42,7 @@ def export(cfg, checkpoint: Path, out: Path) -> tuple[int, Path]:
 
 def save_weights(cfg, state: dict, info: dict, folder: Path):
     """DiT weights of cfg.prior's shape saved as a prior folder (a DiTPipeline, loaded by prior.model_id)."""
-    save_prior(pixel_job(cfg, None, num_classes(cfg.data)), state, info, Location(str(folder)))
+    save_prior(project_job(cfg, None, num_classes(cfg.data)), state, info, Location(str(folder)))
 
 
 def checkpoint_parser(prog: str) -> argparse.ArgumentParser:

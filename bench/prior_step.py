@@ -18,7 +18,7 @@ import torch
 from lgd_ray.config import load_config
 from lgd_ray.data import load_split, num_classes
 from lgd_ray.prior_fit import fit_prior
-from lgd_ray.prior_make import pixel_job
+from lgd_ray.prior_make import project_job
 
 WARM = 5
 VARIANTS = {  # name: overrides of the config's prior
@@ -50,7 +50,7 @@ class StepClock:
 def seconds_per_step(cfg, steps: int) -> float:
     """One fit of WARM + steps steps; the seconds of the last `steps` (after start-up and compilation)."""
     data = load_split(cfg.data, "train")
-    job = replace(pixel_job(cfg, lambda: data, num_classes(cfg.data)), checkpoints="",
+    job = replace(project_job(cfg, lambda: data, num_classes(cfg.data)), checkpoints="",
                   prior=replace(cfg.prior, train_steps=WARM + steps, checkpoint_steps=WARM + steps))
     clocks = []
     fit_prior(job, bar=lambda *a: clocks.append(StepClock(*a)) or clocks[-1])
@@ -72,7 +72,7 @@ def main(argv):
         s = seconds_per_step(cfg, args.steps)
         images = cfg.prior.batch_size / s
         first = first or images
-        params = sum(t.numel() for t in pixel_job(cfg, None, num_classes(cfg.data)).build().parameters())
+        params = sum(t.numel() for t in project_job(cfg, None, num_classes(cfg.data)).build().parameters())
         print(json.dumps({"variant": name, "overrides": VARIANTS[name], "params_M": round(params / 1e6, 2),
                           "batch": cfg.prior.batch_size, "s_per_step": round(s, 4), "steps_per_s": round(1 / s, 3),
                           "images_per_s": round(images, 1), "images_per_s_vs_first": round(images / first, 3)}),

@@ -82,6 +82,14 @@ class PriorConfig:
                                 # shares one prior between runs of different seeds
     checkpoint_steps: int = _f(500, min=1)  # steps between checkpoints (weights, EMA, optimizer, step): a crashed fit
                                             # run again continues from the newest
+    # A latent prior made by the project (latent_channels > 0): an AutoencoderKL trained on the train split, then a
+    # latent DiT on its latents, saved as a DiTPipeline folder like facebook/DiT-XL-2-256 (lgd_ray/latent_prior.py)
+    latent_channels: int = _f(0, min=0)  # the VAE's latent channels; 0 = the pixel DiT
+    vae_channels: list = _f([32, 64, 64], item_min=1, nonempty=True)  # the VAE's block widths: len - 1 halvings
+    vae_steps: int = _f(3000, min=1)  # the VAE's fit (batch prior.batch_size, checkpointed every checkpoint_steps)
+    vae_lr: float = _f(1e-3, min_excl=0.0)
+    vae_kl: float = _f(1e-6, min=0.0)  # weight of the KL term against the per-pixel squared error
+    learned_sigma: bool = False  # the DiT also predicts its variance (2x out channels), trained by the VLB as in DiT
 
 
 @dataclass
@@ -405,6 +413,9 @@ def _check_cross(cfg: Config):
         raise ConfigError(f"config: 'guidance.window' must be [lo, hi] with 0 <= lo <= hi, got {cfg.guidance.window}")
     if cfg.data.name == "folder" and not ((cfg.data.root or cfg.data.prepared) and cfg.data.classes):
         raise ConfigError("config: 'data.classes' and 'data.root' (or 'data.prepared') must be set for data.name=folder")
+    if cfg.prior.latent_channels and (cfg.prior.base or cfg.data.name == "folder"):
+        raise ConfigError("config: 'prior.latent_channels' (a VAE and a latent DiT made by the project) is for the "
+                          "packaged data sets; a folder data set fine-tunes a latent DiT instead: 'prior.base'")
     if cfg.prior.base and (cfg.prior.model_id or cfg.data.name != "folder"):
         raise ConfigError("config: 'prior.base' (a DiT pipeline to fine-tune) needs data.name=folder (RGB images) and "
                           "no 'prior.model_id' (that prior is loaded as it is)")

@@ -24,7 +24,7 @@ from lgd_ray.data import class_chunks, num_classes
 from lgd_ray.guidance import guided_steps
 from lgd_ray.models import build_classifier
 from lgd_ray.plan import fit_workers, stage_plan
-from lgd_ray.prior import DTYPES
+from lgd_ray.prior import DTYPES, project_configs
 from lgd_ray.storage import Location
 
 PEAK_TFLOPS = {"float32": 495.0, "bfloat16": 989.0, "float16": 989.0}  # H100 SXM dense: TF32, BF16, FP16
@@ -65,11 +65,8 @@ def _pipeline_configs(cfg: Config) -> tuple[dict, dict | None, str]:
     if model_id == "facebook/DiT-XL-2-256":
         return DIT_XL_2_256["transformer"], DIT_XL_2_256["vae"], "DiT-XL/2-256 with its VAE"
     if not model_id:
-        p = cfg.prior
-        return ({"num_attention_heads": p.num_heads, "attention_head_dim": p.head_dim, "in_channels": cfg.data.channels,
-                 "out_channels": cfg.data.channels, "num_layers": p.depth, "sample_size": cfg.data.image_size,
-                 "patch_size": p.patch_size, "num_embeds_ada_norm": num_classes(cfg.data), "norm_num_groups": 1},
-                None, "the project's pixel DiT (prior.* keys)")
+        dit, vae = project_configs(cfg)
+        return dit, vae, f"the project's {'latent' if vae else 'pixel'} DiT (prior.* keys)"
     if "://" in model_id:  # a store copy: read the two config.json objects, nothing else
         store = Location(model_id)
         vae_cfg = store / "vae" / "config.json"

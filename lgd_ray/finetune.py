@@ -18,8 +18,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DiTTransf
 
 from lgd_ray.config import Config, ConfigError, config_hash
 from lgd_ray.cost import slow_seconds, step_costs
-from lgd_ray.data import TensorSet, by_class_name, class_chunks, load_split, read_classlist, split_size, to_float
-from lgd_ray.prior import image_size_of, local_model, prior_checkpoints, prior_seed
+from lgd_ray.data import TensorSet, by_class_name, class_chunks, class_names, load_split, read_classlist, split_size, to_float
+from lgd_ray.prior import PIPELINE_MARKER, image_size_of, local_model, prior_checkpoints, prior_seed
 from lgd_ray.prior_fit import PriorJob, train_prior
 from lgd_ray.ray_tasks import map_jobs
 from lgd_ray.seeding import derive_seed
@@ -58,23 +58,24 @@ def base_transformer(base: str, rows: list[int | None], local_cache: str) -> DiT
                         rows)
 
 
-def base_vae(base: str, local_cache: str) -> AutoencoderKL:
-    return AutoencoderKL.from_pretrained(local_model(base, local_cache), subfolder="vae").eval().requires_grad_(False)
+def base_vae(base: str, local_cache: str, marker: str = PIPELINE_MARKER) -> AutoencoderKL:
+    """The VAE (vae/ subfolder) of a pipeline, or of a folder whose completion marker is `marker`, frozen."""
+    return AutoencoderKL.from_pretrained(local_model(base, local_cache, marker), subfolder="vae").eval().requires_grad_(False)
 
 
-def latent_dir(cfg: Config) -> Location:
-    """The latent cache of the train split under the base's VAE: keyed by the data set and the base."""
+def latent_dir(cfg: Config, vae: str) -> Location:
+    """The latent cache of the train split under the VAE of `vae` (a model id): keyed by the data set and it."""
     data = dataclasses.asdict(cfg.data)
     del data["prepared"]  # the same images, files or prepared shards
-    return Location(cfg.cache).resolve() / f"latents-{config_hash({'data': data, 'base': cfg.prior.base})}"
+    return Location(cfg.cache).resolve() / f"latents-{config_hash({'data': data, 'base': vae})}"
 
 
 @torch.no_grad()
-def encode_classes(cfg: Config, size: int, out: Location, classes: tuple[int, ...]) -> int:
-    """Encode the train images of `classes` at `size` px with the base's VAE (posterior mean x scaling factor) and
-    store one float16 object per class; returns the number of images."""
+def encode_classes(cfg: Config, size: int, out: Location, vae_id: tuple[str, str], classes: tuple[int, ...]) -> int:
+    """Encode the train images of `classes` at `size` px with the VAE of vae_id (model id, completion marker):
+    posterior mean x scaling factor, one float16 object per class; returns the number of images."""
     device = process_device(cfg.device)
-    vae = base_vae(cfg.prior.base, cfg.local_cache).to(device)
+    vae = base_vae(vae_id[0], cfg.local_cache, vae_id[1]).to(device)
     train, n = load_split(cfg.data, "train"), 0
     for c in classes:
         _, images = train.class_images(c, size, lambda k: list(range(k)))
@@ -87,22 +88,23 @@ def encode_classes(cfg: Config, size: int, out: Location, classes: tuple[int, ..
     return n
 
 
-def cache_latents(cfg: Config, size: int) -> Location:
-    """The train split's latents at `size` px, encoded once (as Ray tasks with ray.enabled, CLASSES_PER_TASK classes
-    each) and kept in the store; index.json is written last."""
-    out = latent_dir(cfg)
+def cache_latents(cfg: Config, size: int, vae: str, marker: str = PIPELINE_MARKER) -> Location:
+    """The train split's latents at `size` px under the VAE of `vae` (a pipeline, or a folder complete when `marker`
+    is in it), encoded once (as Ray tasks with ray.enabled, CLASSES_PER_TASK classes each) and kept in the store;
+    index.json is written last."""
+    out = latent_dir(cfg, vae)
     if (out / LATENT_INDEX).exists():
         return out
-    classes = read_classlist(cfg.data.classes)
-    print(f"prior: encoding the train split of {len(classes)} classes at {size} px with {cfg.prior.base}'s VAE -> {out}",
+    classes = class_names(cfg.data)
+    print(f"prior: encoding the train split of {len(classes)} classes at {size} px with {vae}'s VAE -> {out}",
           flush=True)
     per_task = split_size(cfg.data, "train") / len(classes) * CLASSES_PER_TASK
     r = cfg.ray  # a task's expected seconds: its images through the VAE (the decoder's count bounds the encoder's)
     expected = slow_seconds(per_task * step_costs(cfg).decoder * 1e9, r.train_gpus_per_worker if r.train_use_gpu else 0,
                             round(r.train_cpus_per_worker))
-    counts = map_jobs(cfg, partial(encode_classes, cfg, size, out), class_chunks(len(classes), CLASSES_PER_TASK),
+    counts = map_jobs(cfg, partial(encode_classes, cfg, size, out, (vae, marker)), class_chunks(len(classes), CLASSES_PER_TASK),
                       "latents", expected)
-    (out / LATENT_INDEX).write_text(json.dumps({"classes": classes, "image_size": size, "base": cfg.prior.base,
+    (out / LATENT_INDEX).write_text(json.dumps({"classes": classes, "image_size": size, "base": vae,
                                                 "images": sum(counts)}))
     return out
 
@@ -136,7 +138,7 @@ def finetune_prior(cfg: Config, out: Location, fitter: Fitter) -> dict:
         raise ConfigError(f"prior: {cfg.prior.base} has no VAE: prior.base must be a latent DiT pipeline")
     size = image_size_of(DiTTransformer2DModel.load_config(base, subfolder="transformer"),
                          AutoencoderKL.load_config(base, subfolder="vae"))
-    latents = cache_latents(cfg, size)
+    latents = cache_latents(cfg, size, cfg.prior.base)
     print(f"prior: fine-tuning {cfg.prior.base} on {cfg.data.name} ({cfg.prior.train_steps} steps) -> {out}",
           flush=True)
     return train_prior(finetune_job(cfg, latents), out, fitter, vae=base_vae(cfg.prior.base, cfg.local_cache))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass
 
@@ -133,6 +134,31 @@ def image_size_of(transformer_config, vae_config=None) -> int:
     return s if vae_config is None else s * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
+def project_configs(cfg: Config, n_classes: int | None = None) -> tuple[dict, dict | None]:
+    """The DiTTransformer2DModel and AutoencoderKL kwargs (None: a pixel DiT) of the project's own prior of `cfg` (for
+    n_classes classes, default the data set's):
+    prior.latent_channels > 0 puts the DiT on the latents of a VAE with prior.vae_channels' blocks (each but the
+    first halves the size); prior.learned_sigma doubles its output channels."""
+    p, d = cfg.prior, cfg.data
+    channels, size, vae = d.channels, d.image_size, None
+    if p.latent_channels:
+        n, down = len(p.vae_channels), 2 ** (len(p.vae_channels) - 1)
+        if d.image_size % down:
+            raise ConfigError(f"config: data.image_size {d.image_size} is not a multiple of {down}, the downsampling of "
+                              f"prior.vae_channels' {n} blocks")
+        vae = {"in_channels": d.channels, "out_channels": d.channels, "down_block_types": ["DownEncoderBlock2D"] * n,
+               "up_block_types": ["UpDecoderBlock2D"] * n, "block_out_channels": list(p.vae_channels),
+               "layers_per_block": 1, "latent_channels": p.latent_channels,
+               "norm_num_groups": math.gcd(32, *p.vae_channels), "sample_size": d.image_size}
+        channels, size = p.latent_channels, d.image_size // down
+    if size % p.patch_size:
+        raise ConfigError(f"config: 'prior.patch_size' {p.patch_size} must divide the DiT's input size {size}")
+    dit = {"num_attention_heads": p.num_heads, "attention_head_dim": p.head_dim, "in_channels": channels,
+           "out_channels": channels * (2 if p.learned_sigma else 1), "num_layers": p.depth, "sample_size": size,
+           "patch_size": p.patch_size, "num_embeds_ada_norm": n_classes or num_classes(d), "norm_num_groups": 1}
+    return dit, vae
+
+
 def pipeline_image_size(model_id: str) -> int | None:
     """The image resolution of a pipeline folder or store URI, from its config files; None for a hub id."""
     root = Location(model_id)
@@ -143,9 +169,10 @@ def pipeline_image_size(model_id: str) -> int | None:
                          json.loads(vae.read_text()) if vae.exists() else None)
 
 
-def local_model(model_id: str, local_cache: str = "~/.cache/lgd_ray") -> str:
-    """A hub id or local folder as it is; a store URI copied once per node into `local_cache` (its local folder)."""
-    return str(local_copy(Location(model_id), local_cache, PIPELINE_MARKER)) if "://" in model_id else model_id
+def local_model(model_id: str, local_cache: str = "~/.cache/lgd_ray", marker: str = PIPELINE_MARKER) -> str:
+    """A hub id or local folder as it is; a store URI copied once per node into `local_cache` (its local folder),
+    complete when `marker` is in it."""
+    return str(local_copy(Location(model_id), local_cache, marker)) if "://" in model_id else model_id
 
 
 def load_prior(model_id: str, scheduler: str = "ddim", device="cpu", dtype: str = "float32",
@@ -201,7 +228,8 @@ def prior_class_map(cfg: Config, prior: Prior) -> torch.Tensor | None:
 
 PRIOR_TRAIN_KEYS = ("patch_size", "num_heads", "head_dim", "depth", "train_timesteps", "train_steps", "batch_size",
                     "lr", "label_dropout", "ema_decay")
-LATER_TRAIN_KEYS = ("base", "min_snr_gamma", "autocast", "compile")  # in the key only when set: priors cached before these keys stay valid
+LATER_TRAIN_KEYS = ("base", "min_snr_gamma", "autocast", "compile", "latent_channels", "vae_channels", "vae_steps",
+                    "vae_lr", "vae_kl", "learned_sigma")  # in the key only when set: priors cached before these keys stay valid
 
 
 def prior_seed(cfg: Config) -> int:

@@ -68,6 +68,31 @@ def loss_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) ->
     return snr.clamp(max=gamma) / snr
 
 
+def vlb_bits(noise_sched: DDPMScheduler, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+             v: torch.Tensor) -> torch.Tensor:
+    """Per sample, in bits per dimension, the VLB term that trains a learned-sigma DiT's variance (Nichol & Dhariwal
+    2021, as DiT trains it): KL(q(x_t-1 | x_t, x0) || p(x_t-1 | x_t)) for t > 0, the Gaussian NLL of x0 at t = 0.
+    The model's variance interpolates log beta_t and the clipped log posterior variance by (v + 1) / 2; its mean
+    comes from `eps` (pass it detached: the term then trains only the variance)."""
+    shape = (-1, 1, 1, 1)
+    betas = noise_sched.betas.to(x0.device, torch.float32)
+    abar = noise_sched.alphas_cumprod.to(x0.device, torch.float32)
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    post_log = torch.log(torch.cat([post_var[1:2], post_var[1:]]))  # clipped: the variance at t = 0 is 0
+    coef_x0 = (betas * abar_prev.sqrt() / (1 - abar))[t].view(shape)
+    coef_xt = ((1 - abar_prev) * (1 - betas).sqrt() / (1 - abar))[t].view(shape)
+    a = abar[t].view(shape)
+    x0_hat = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+    mean_model, mean_true = coef_x0 * x0_hat + coef_xt * x_t, coef_x0 * x0 + coef_xt * x_t
+    frac = (v + 1) / 2
+    log_var = frac * betas.log()[t].view(shape) + (1 - frac) * post_log[t].view(shape)
+    true_log = post_log[t].view(shape)
+    kl = 0.5 * (-1 + log_var - true_log + (true_log - log_var).exp() + (mean_true - mean_model).pow(2) * (-log_var).exp())
+    nll = 0.5 * (math.log(2 * math.pi) + log_var + (x0 - mean_model).pow(2) * (-log_var).exp())
+    return torch.where((t == 0).view(shape), nll, kl).mean(dim=(1, 2, 3)) / math.log(2)
+
+
 def _step_inputs(data: TensorSet, batch: int, null: int, dropout: float, timesteps: int, gen: torch.Generator, device):
     idx = torch.randint(len(data.labels), (batch,), generator=gen)
     x0 = data.images[idx.to(data.images.device)]
@@ -149,10 +174,14 @@ def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=N
     for step in range(first, p.train_steps):
         x0, noise, t, y = _step_inputs(data, batch, null, p.label_dropout, noise_sched.config.num_train_timesteps,
                                        generator(job.seed, "step", step, rank), device)
+        x_t = noise_sched.add_noise(x0, noise, t)
         with autocast():
-            pred = net(noise_sched.add_noise(x0, noise, t), timestep=t, class_labels=y).sample[:, :x0.shape[1]]
-        per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+            out = net(x_t, timestep=t, class_labels=y).sample.float()
+        pred = out[:, :x0.shape[1]]
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * loss_weights(alphas, t, p.min_snr_gamma)).mean()
+        if out.shape[1] == 2 * x0.shape[1]:  # learned sigma: its channels trained by the VLB
+            loss = loss + vlb_bits(noise_sched, x0, x_t, t, pred.detach(), out[:, x0.shape[1]:]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

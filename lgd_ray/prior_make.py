@@ -23,34 +23,32 @@ from safetensors.torch import load
 from lgd_ray.cli import Parser, one_line_errors, run_cli
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.data import TensorSet, check_data, load_split, num_classes
-from lgd_ray.finetune import finetune_prior
+from lgd_ray.finetune import base_vae, cache_latents, finetune_prior, read_latents
 from lgd_ray.lease import cache_lock
 from lgd_ray.memory import check_fit_fits
-from lgd_ray.prior import PIPELINE_MARKER, prior_checkpoints, prior_dir, prior_seed, require_prior
+from lgd_ray.prior import PIPELINE_MARKER, prior_checkpoints, prior_dir, prior_seed, project_configs, require_prior
 from lgd_ray.prior_fit import PriorJob, save_prior, train_prior
 from lgd_ray.seeding import derive_seed
 from lgd_ray.storage import Location
 from lgd_ray.train import Fitter, in_process_fitter, process_device
+from lgd_ray.vae_fit import VAE_MARKER, ensure_vae
 
 
 PACKAGED = Path(__file__).resolve().parent / "priors"  # shipped priors: <cache folder name>.safetensors and .json
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"  # a saved pixel prior's (EMA) weights
 
 
-def build_pixel_dit(cfg: Config, n_classes: int) -> DiTTransformer2DModel:
-    p = cfg.prior
-    if cfg.data.image_size % p.patch_size:
-        raise ConfigError(f"config: 'prior.patch_size' {p.patch_size} must divide data.image_size {cfg.data.image_size}")
-    return DiTTransformer2DModel(
-        num_attention_heads=p.num_heads, attention_head_dim=p.head_dim, in_channels=cfg.data.channels,
-        out_channels=cfg.data.channels, num_layers=p.depth, sample_size=cfg.data.image_size,
-        patch_size=p.patch_size, num_embeds_ada_norm=n_classes, norm_num_groups=1)
+def build_project_dit(cfg: Config, n_classes: int) -> DiTTransformer2DModel:
+    """The project's own DiT of `cfg` (pixel or latent) for n_classes classes, randomly initialised."""
+    return DiTTransformer2DModel(**project_configs(cfg, n_classes)[0])
 
 
-def pixel_job(cfg: Config, load_data: Callable[[], TensorSet], n_classes: int) -> PriorJob:
-    """The fit of the project's pixel DiT on `load_data()` (uint8 images), linear-beta DDPM noise."""
-    noise = DDPMScheduler(num_train_timesteps=cfg.prior.train_timesteps, beta_schedule="linear", clip_sample=True)
-    return PriorJob(cfg.prior, partial(build_pixel_dit, cfg, n_classes), load_data, dict(noise.config),
+def project_job(cfg: Config, load_data: Callable[[], TensorSet], n_classes: int) -> PriorJob:
+    """The fit of the project's DiT on `load_data()` (uint8 images, or scaled latents), linear-beta DDPM noise, x0
+    clipped to [-1, 1] in pixel space only."""
+    noise = DDPMScheduler(num_train_timesteps=cfg.prior.train_timesteps, beta_schedule="linear",
+                          clip_sample=not cfg.prior.latent_channels)
+    return PriorJob(cfg.prior, partial(build_project_dit, cfg, n_classes), load_data, dict(noise.config),
                     derive_seed(prior_seed(cfg), "prior"), checkpoints=str(prior_checkpoints(cfg)))
 
 
@@ -84,12 +82,25 @@ def make_prior(cfg: Config, out: Location, device, fitter: Fitter | None, lease)
         elif cfg.data.name == "folder":
             raise ConfigError("config: a folder data set needs 'prior.model_id' (a DiT pipeline, e.g. "
                               "facebook/DiT-XL-2-256 for ImageNet classes) or 'prior.base' (one to fine-tune on its classes)")
+        elif cfg.prior.latent_channels:
+            info = make_latent_prior(cfg, out, fitter)
         else:
             print(f"prior: training a pixel DiT on {cfg.data.name} ({cfg.prior.train_steps} steps) -> {out}", flush=True)
-            info = train_prior(pixel_job(cfg, partial(load_split, cfg.data, "train"), num_classes(cfg.data)), out,
+            info = train_prior(project_job(cfg, partial(load_split, cfg.data, "train"), num_classes(cfg.data)), out,
                                fitter)
         print(f"prior: {info['params'] / 1e6:.2f} M params, loss {info['final_loss']:.4f} (unweighted, fixed draws "
               f"{info['eval_loss']:.4f}), {info['seconds']} s", flush=True)
+
+
+def make_latent_prior(cfg: Config, out: Location, fitter: Fitter) -> dict:
+    """The project's latent prior: its VAE fitted (or found in the cache), the train split encoded with it once, and
+    the latent DiT fitted on those latents, saved in `out` as a DiTPipeline with that VAE; returns the DiT fit's info."""
+    vae = ensure_vae(cfg, fitter)
+    latents = cache_latents(cfg, cfg.data.image_size, str(vae), VAE_MARKER)
+    print(f"prior: training a latent DiT on {cfg.data.name}'s latents ({cfg.prior.train_steps} steps) -> {out}",
+          flush=True)
+    job = project_job(cfg, partial(read_latents, latents), num_classes(cfg.data))
+    return train_prior(job, out, fitter, vae=base_vae(str(vae), cfg.local_cache, VAE_MARKER))
 
 
 def package_prior(cfg: Config, command: str) -> Path:
@@ -119,7 +130,7 @@ def install_packaged(cfg: Config, out: Location):
         raise ConfigError(f"prior: {PACKAGED / out.name}.safetensors has sha256 {digest}, not the {meta['sha256']} "
                           "recorded beside it: restore it (git checkout), or delete both files to train the prior")
     info = {**meta["train_info"], "packaged": f"lgd_ray/priors/{out.name}.safetensors", "sha256": digest}
-    save_prior(pixel_job(cfg, None, num_classes(cfg.data)), load(data), info, out)
+    save_prior(project_job(cfg, None, num_classes(cfg.data)), load(data), info, out)
     print(f"prior: the packaged weights of {meta['train_info']['steps']} steps ({meta['command']}) -> {out}", flush=True)
 
 

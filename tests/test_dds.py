@@ -7,7 +7,7 @@ from lgd_ray.data import TensorSet, to_float, to_uint8
 from lgd_ray.dds import Candidate, relevance_maps, select, top_crops
 from lgd_ray.prior import load_prior
 from lgd_ray.prior_fit import train_prior
-from lgd_ray.prior_make import pixel_job
+from lgd_ray.prior_make import project_job
 from lgd_ray.seeding import generator
 from lgd_ray.shards import in_order, read_shards
 from lgd_ray.stages import run_stages
@@ -30,7 +30,7 @@ def test_relevance_peaks_where_the_class_is(tmp_path):
     # patch 2: 2x2-px tokens resolve the halves (the digits config's own prior has patch 4)
     cfg = load_config("digits", ["prior.train_steps=400", "prior.patch_size=2", "prior.depth=2", "prior.num_heads=2",
                                  "prior.head_dim=32", "prior.batch_size=64", f"cache={tmp_path}"])
-    train_prior(pixel_job(cfg, lambda: _left_half_set(512, 0), 4), tmp_path / "prior", in_process_fitter())
+    train_prior(project_job(cfg, lambda: _left_half_set(512, 0), 4), tmp_path / "prior", in_process_fitter())
     prior = load_prior(str(tmp_path / "prior"), "ddim")
     test = _left_half_set(32, 1)
     maps = relevance_maps(prior, to_float(test.images), test.labels, [100, 300, 500],

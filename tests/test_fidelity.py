@@ -12,7 +12,7 @@ from lgd_ray.config import load_config
 from lgd_ray.data import load_split, to_float
 from lgd_ray.fidelity import features, fidelity, frechet_distance, precision_recall
 from lgd_ray.prior import load_prior
-from lgd_ray.prior_make import pixel_job
+from lgd_ray.prior_make import project_job
 
 
 def _per_class(data, n):
@@ -53,7 +53,7 @@ def test_prior_curve_bench_measures_each_checkpoint_of_a_fit(trained, tiny_overr
     keys = [k for k in tiny_overrides if not k.startswith(("prior.train_steps", "cache="))]
     keys += ["prior.train_steps=20", "prior.checkpoint_steps=10", f"cache={tmp_path / 'cache'}"]
     cfg = load_config("digits", keys)
-    job = pixel_job(cfg, lambda: load_split(cfg.data, "train"), 10)
+    job = project_job(cfg, lambda: load_split(cfg.data, "train"), 10)
     saved = {}
     weights, _ = job.run(on_round=lambda r, m, state: saved.__setitem__(r, state()))
     folders = []

@@ -56,7 +56,7 @@ def test_finetune_on_own_classes_then_distill(tmp_path):
     manifest = distill(replace(cfg, ray=replace(cfg.ray, enabled=False)))  # the rest in this process (the test's time)
 
     # the latent cache and the fine-tuned label table follow the class list
-    latents = read_latents(latent_dir(cfg))
+    latents = read_latents(latent_dir(cfg, cfg.prior.base))
     assert latents.labels.bincount().tolist() == [3 * PER_CLASS[c] for c in CLASSES]
     assert read_classlist(cfg.data.classes) == CLASSES and manifest["classes"] == CLASSES
     prior = load_prior(str(prior_dir(cfg)), "ddim")

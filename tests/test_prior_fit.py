@@ -16,7 +16,7 @@ from lgd_ray.checkpoints import read_checkpoint
 from lgd_ray.config import ConfigError, load_config
 from lgd_ray.data import load_split
 from lgd_ray.prior import load_prior, prior_checkpoints, prior_dir
-from lgd_ray.prior_make import ensure_prior, pixel_job
+from lgd_ray.prior_make import ensure_prior, project_job
 from lgd_ray.prior_fit import denoising_loss, loss_weights
 from lgd_ray.ray_train import ray_fitter
 from lgd_ray.train import in_process_fitter
@@ -34,7 +34,7 @@ def _cfg(cache, *more):
 
 def test_a_resumed_fit_equals_the_uninterrupted_fit(tmp_path):
     cfg = _cfg(tmp_path, "prior.train_steps=120", "prior.checkpoint_steps=40", "prior.min_snr_gamma=5")
-    job = pixel_job(cfg, partial(load_split, cfg.data, "train"), 10)
+    job = project_job(cfg, partial(load_split, cfg.data, "train"), 10)
     states = {}
     whole, metrics = job.run(on_round=lambda r, m, state: states.__setitem__(r, state()))
     assert sorted(states) == [0, 1, 2] and states[1]["step"] == 80 and metrics["step"] == 120
@@ -63,7 +63,7 @@ def uninterrupted(tmp_path_factory):
 def test_prior_on_ray_train_one_and_two_workers(uninterrupted):
     """The unweighted denoising loss of the three priors on the same fixed draws agrees within 10 %."""
     train = load_split(_cfg("unused").data, "train")
-    noise = DDPMScheduler.from_config(pixel_job(_cfg("unused"), None, 10).noise)
+    noise = DDPMScheduler.from_config(project_job(_cfg("unused"), None, 10).noise)
     losses = {name: denoising_loss(model, train, noise, 7) for name, model in uninterrupted.items()}
     print(f"\ndenoising loss of the prior: {losses}")
     assert all(abs(loss / losses["in-process"] - 1) < 0.1 for loss in losses.values())
@@ -103,7 +103,7 @@ def test_prior_fit_keys_checkpointing_and_autocast(tmp_path):
     plain, ckpt, bf16 = (load_config("digits", [f"cache={tmp_path}", "prior.train_steps=20", "prior.checkpoint_steps=20",
                                                 "prior.batch_size=16", "prior.depth=2", *more])
                          for more in ([], ["prior.checkpointing=true"], ["prior.autocast=bfloat16"]))
-    fit = lambda cfg: pixel_job(cfg, partial(load_split, cfg.data, "train"), 10).run("cpu")
+    fit = lambda cfg: project_job(cfg, partial(load_split, cfg.data, "train"), 10).run("cpu")
     (w_plain, _), (w_ckpt, _), (_, m_bf16) = fit(plain), fit(ckpt), fit(bf16)
     assert all(torch.allclose(w_plain[k], w_ckpt[k], atol=1e-6) for k in w_plain)
     assert m_bf16["final_loss"] < 1.0 and prior_dir(bf16) != prior_dir(plain) == prior_dir(ckpt)
@@ -119,7 +119,7 @@ def test_prior_width_depth_patch_and_compile_keys_each_fit(tmp_path):
 
     def fit(cfg):
         """(EMA weights, denoising loss before, after) on fixed draws."""
-        job = pixel_job(cfg, lambda: train, 10)
+        job = project_job(cfg, lambda: train, 10)
         torch.manual_seed(job.seed)
         model, noise = job.build(), DDPMScheduler.from_config(job.noise)
         before = denoising_loss(model, train, noise, 7, n=256)
@@ -135,13 +135,13 @@ def test_prior_width_depth_patch_and_compile_keys_each_fit(tmp_path):
                               ("patch_size", 2, lambda m: m.pos_embed.height == 4),
                               ("compile", "true", lambda m: True)):
         cfg = load_config("digits", base + [f"prior.{key}={value}"])
-        assert check(pixel_job(cfg, None, 10).build()), key
+        assert check(project_job(cfg, None, 10).build()), key
         weights, before, after = fit(cfg)
         assert after < 0.7 * before, (key, before, after)
         folders.add(str(prior_dir(cfg)))
     assert len(folders) == 5  # each key is part of the prior's identity
     assert all(torch.allclose(w_plain[k], weights[k], atol=1e-3) for k in w_plain)  # compile: the same fit
-    with pytest.raises(ConfigError, match="'prior.patch_size' 3 must divide data.image_size 8"):
-        pixel_job(load_config("digits", base + ["prior.patch_size=3"]), None, 10).build()
+    with pytest.raises(ConfigError, match="'prior.patch_size' 3 must divide the DiT's input size 8"):
+        project_job(load_config("digits", base + ["prior.patch_size=3"]), None, 10).build()
     with pytest.raises(ConfigError, match="'prior.head_dim' must be >= 8"):
         load_config("digits", base + ["prior.head_dim=4"])
