@@ -147,6 +147,13 @@ class GuidanceConfig:
     #                               crops and flips: robust guidance); 0 = the image itself (the paper's)
     select_after: int = _f(0, min=0)  # early rejection: the kappa candidates run this many steps, only the best by S
     #                                   of x0^ runs on; 0 = all candidates run to the end (the paper's)
+    # the decoder of x0^ in the guided step of a latent prior (selection and the written images keep the full one):
+    decoder: str = _f("full", choices=["full", "tiny"])  # tiny: a small CNN fitted to the VAE decoder (lgd_ray/tiny_decoder.py)
+    tiny_width: int = _f(64, min=1)  # its channels
+    tiny_steps: int = _f(2000, min=1)  # its fit (batch prior.batch_size, checkpointed every prior.checkpoint_steps)
+    tiny_lr: float = _f(1e-3, min_excl=0.0)
+    tiny_trajectories: int = _f(32, min=0)  # unguided trajectories per class whose x0^ at the guided steps it is fitted
+    #                                         on, beside the train split's latents
     # method mgd3: x0^ <- x0^ + mode_lambda * sigma_t * (mode - x0^) at step indices >= mode_stop
     mode_lambda: float = _f(0.1, min=0.0)
     mode_stop: int = _f(25, min=0)

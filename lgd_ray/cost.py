@@ -26,6 +26,7 @@ from lgd_ray.models import build_classifier
 from lgd_ray.plan import fit_workers, stage_plan
 from lgd_ray.prior import DTYPES, project_configs
 from lgd_ray.storage import Location
+from lgd_ray.tiny_decoder import build_tiny
 
 PEAK_TFLOPS = {"float32": 495.0, "bfloat16": 989.0, "float16": 989.0}  # H100 SXM dense: TF32, BF16, FP16
 # Share of the peak the dry-run assumes (--utilisation), by the prior's dtype: the guided DiT-XL/2 step measured on an
@@ -98,6 +99,8 @@ class StepCosts:
     reference_grad: float
     student_train: float  # forward + backward of a training step (weight gradients)
     source: str
+    guide_decoder: float = 0.0  # the guided step's decoder of x0^: the VAE's, or the tiny one (guidance.decoder)
+    guide_decoder_grad: float = 0.0
 
 
 def forward_backward_flops(model: torch.nn.Module, call, x: torch.Tensor) -> tuple[float, float]:
@@ -153,7 +156,11 @@ def step_costs(cfg: Config) -> StepCosts:
         stu_f, ref_f = forward_backward_flops(m.student, run, img), forward_backward_flops(m.reference, run, img)
         m.student.requires_grad_(True)
         train_f = _flops(lambda: m.student(img).sum().backward()) / 1e9
-    return StepCosts(*dit_f, *dec_f, *stu_f, *ref_f, train_f, m.source)
+        guide_f = dec_f
+        if m.vae is not None and cfg.guidance.decoder == "tiny":
+            tiny = build_tiny(m.dit.config, m.vae.config, cfg.guidance.tiny_width)
+            guide_f = forward_backward_flops(tiny, lambda m, z: m(z), torch.randn(1, c, s, s))
+    return StepCosts(*dit_f, *dec_f, *stu_f, *ref_f, train_f, m.source, *guide_f)
 
 
 def run_cost(cfg: Config) -> dict:
@@ -167,10 +174,11 @@ def run_cost(cfg: Config) -> dict:
     score = costs.decoder + costs.student + costs.reference  # decode + S of a candidate (final, or its x0^ at selection)
     # a guided step: decoder and both classifiers forward and backward on x0^ (the classifiers once per view with
     # guidance.augment), and the CFG pair forward, with its backward too on the denoiser path
-    head = costs.decoder_grad + max(1, g.augment) * (costs.student_grad + costs.reference_grad)
+    head = costs.guide_decoder_grad + max(1, g.augment) * (costs.student_grad + costs.reference_grad)
     guided = (cfg_mult * costs.dit_grad if g.through == "denoiser" else plain) + head
     if g.checkpointing:  # the checkpointed blocks run their forward again in the backward
-        guided += (cfg_mult * costs.dit_forward if g.through == "denoiser" else 0.0) + costs.decoder
+        guided += (cfg_mult * costs.dit_forward if g.through == "denoiser" else 0.0) + (
+            costs.decoder if g.decoder == "full" else 0.0)  # the tiny decoder is not checkpointed
     # deviation guidance (gamma > 0), in stages with earlier images of the class to deviate from: g_D takes a second
     # backward through the retained graph of the CFG pair (on the denoiser path; on x0^ it is a similarity's only)
     deviation = 0.0
@@ -196,9 +204,14 @@ def run_cost(cfg: Config) -> dict:
                        "guided_steps": g_steps, "deviation_steps": d_steps, "unguided_steps": all_steps - g_steps,
                        "sample_flops": sample_f,
                        "train_images": total_images, "train_flops": train_f})
+    tiny_fit = 0.0  # guidance.decoder tiny, fitted once: the trajectories' steps, then per image of each step the full
+    # decoder's target and the tiny one's forward and backward (about 3 forwards with the weight gradients)
+    if g.decoder == "tiny" and costs.decoder:
+        tiny_fit = (g.tiny_trajectories * n * steps * plain
+                    + g.tiny_steps * cfg.prior.batch_size * (costs.decoder + 3 * costs.guide_decoder)) * 1e9
     return {"classes": n, "chunks": len(class_chunks(n, cfg.distill.classes_per_chunk)), "stages": stages,
             "window_steps": len(guided_at), "costs": costs.__dict__, "guided_step_gflops": guided,
-            "deviation_step_gflops": deviation, "unguided_step_gflops": plain,
+            "deviation_step_gflops": deviation, "unguided_step_gflops": plain, "tiny_fit_flops": tiny_fit,
             "total_flops": sum(s["sample_flops"] + s["train_flops"] for s in stages)}
 
 
@@ -321,6 +334,9 @@ def format_cost(cfg: Config, plan: dict, tflops: float, utilisation: float) -> s
              f"a student training step {c['student_train']:.2f}",
              f"per trajectory step: unguided {plan['unguided_step_gflops']:.1f} GFLOPs (CFG x{2 if cfg.prior.cfg_scale > 1 else 1}), "
              f"guided ({cfg.guidance.through}) {plan['guided_step_gflops']:.1f} GFLOPs"
+             + (f" with the tiny guidance decoder ({c['guide_decoder']:.1f} / {c['guide_decoder_grad']:.1f} GFLOPs; its "
+                f"one-off fit {plan['tiny_fit_flops'] / 1e15:.1f} PFLOPs = "
+                f"{gpu_hours(plan['tiny_fit_flops'], tflops, utilisation):.2f} GPU-h)" if plan["tiny_fit_flops"] else "")
              + (f", + {plan['deviation_step_gflops']:.1f} for deviation guidance (gamma {cfg.guidance.gamma:g}: a second "
                 "backward through the DiT, stages 1 on)" if plan["deviation_step_gflops"] else "")
              + f"; {plan['window_steps']} guided of "

@@ -105,17 +105,18 @@ class Guide:
     crop_scale: float = 1.0  # the views: RandomResizedCrop(scale=(crop_scale, 1)) ...
     flip: bool = False  # ... and horizontal flips (the student's training augmentation)
     view_seed: int = 0  # the views of (class, slot) at timestep t are drawn from (view_seed, class, slot, t)
+    decoder: torch.nn.Module | None = None  # x0^ -> images in the guided step (guidance.decoder tiny); None: the prior's
 
     @classmethod
     def from_config(cls, cfg: Config, scorer: Scorer, memory: dict[int, torch.Tensor] | None = None,
-                    batch: int | None = None, stage: int = 0) -> "Guide":
+                    batch: int | None = None, stage: int = 0, decoder: torch.nn.Module | None = None) -> "Guide":
         """The guide of the config's guidance keys (what the sampler actors, the memory count and the benches use).
         memory: the deviation memory per class; batch: trajectories per backward (None: guidance.batch); stage: the
-        stage whose views are drawn (with guidance.augment)."""
+        stage whose views are drawn (with guidance.augment); decoder: the tiny decoder (guidance.decoder tiny)."""
         g, train = cfg.guidance, cfg.student.train
         return cls(scorer, g.lambda_, g.gamma, tuple(g.window), g.through, g.norm_scale, cfg.data.image_size,
                    memory or {}, g.batch if batch is None else batch, g.every, g.augment, train.crop_scale, train.flip,
-                   derive_seed(cfg.seed, "augment", stage))
+                   derive_seed(cfg.seed, "augment", stage), decoder)
 
     def active(self, step_index: int) -> bool:
         return (self.lambda_ > 0 or self.gamma > 0) and in_window(step_index, self.window, self.every)
@@ -163,7 +164,8 @@ class Guide:
                 x0 = wrt = prior.x0(x_t, t, eps).requires_grad_(True)
             step = torch.zeros_like(eps)
             if self.lambda_ > 0:
-                score = self.score(classifier_input(prior.decode(x0), self.image_size), labels, slots, int(t))
+                decode = prior.decode if self.decoder is None else self.decoder
+                score = self.score(classifier_input(decode(x0), self.image_size), labels, slots, int(t))
                 (g_s,) = torch.autograd.grad(score.sum(), wrt, retain_graph=use_memory)
                 step = step + self.lambda_ * _unit(g_s)
             if use_memory:

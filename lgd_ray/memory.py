@@ -27,6 +27,7 @@ from lgd_ray.cost import meta_models
 from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.plan import stage_plan
 from lgd_ray.prior import CHECKPOINT_COUNTS, Prior, checkpointed
+from lgd_ray.tiny_decoder import build_tiny
 
 GIB = 1 << 30
 # GPU memory by Ray accelerator type (ray.util.accelerators), GB as sold; ray.gpu_memory_gb overrides
@@ -237,9 +238,13 @@ def guided_step_bytes(cfg: Config, prior, student: torch.nn.Module, reference: t
     labels = torch.arange(batch, device=device) % prior.num_classes
     classes = range(min(batch, prior.num_classes))
     memory = {c: torch.randn(memory_images, *prior.latent_shape, device=device) for c in classes} if memory_images else None
-    guide = Guide.from_config(cfg, Scorer(student, reference, cfg.guidance.omega), memory, batch=0)
+    tiny = None  # guidance.decoder tiny: the guided step decodes x0^ with it (random weights: shapes are what count)
+    if cfg.guidance.decoder == "tiny" and prior.vae is not None:
+        with torch.device(device):
+            tiny = build_tiny(prior.transformer.config, prior.vae.config, cfg.guidance.tiny_width).requires_grad_(False)
+    guide = Guide.from_config(cfg, Scorer(student, reference, cfg.guidance.omega), memory, batch=0, decoder=tiny)
     t = prior.scheduler.timesteps[len(prior.scheduler.timesteps) // 2]
-    models = [prior.transformer, student, reference] + ([prior.vae] if prior.vae is not None else [])
+    models = [prior.transformer, student, reference] + [m for m in (prior.vae, tiny) if m is not None]
     return saved_bytes(lambda: guide.eps(prior, x, t, labels, cfg.prior.cfg_scale, list(range(batch))), models)
 
 

@@ -8,11 +8,12 @@ from typing import Iterable
 
 import torch
 
+from lgd_ray.batching import free_cached_memory
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.data import load_split, num_classes, open_prepared, to_float
-from lgd_ray.batching import free_cached_memory
 from lgd_ray.dds import class_candidates, relevance_batch_size, select
 from lgd_ray.guidance import Guide, Scorer
+from lgd_ray.lease import check_holder
 from lgd_ray.models import penultimate
 from lgd_ray.modes import ModeGuide, class_modes
 from lgd_ray.plan import ChunkTask, Stage, stage_plan
@@ -20,9 +21,9 @@ from lgd_ray.prior import load_prior, pipeline_image_size, prior_class_map, prio
 from lgd_ray.reference import load_reference, new_classifier
 from lgd_ray.sampler import generate, sample_batch_size
 from lgd_ray.seeding import derive_seed, generator
-from lgd_ray.lease import check_holder
 from lgd_ray.shards import read_shards, sample_record, shard_path, write_shard
 from lgd_ray.storage import Location
+from lgd_ray.tiny_decoder import load_tiny
 from lgd_ray.train import process_device
 
 
@@ -75,6 +76,9 @@ class ChunkMaker:
             self.prior.class_map = prior_class_map(cfg, self.prior)
             if cfg.guidance.checkpointing:
                 self.prior.checkpoint_blocks()
+        self.tiny = None  # guidance.decoder tiny: the guided step's decoder (fitted by the driver)
+        if cfg.distill.method == "lgd" and cfg.guidance.decoder == "tiny":
+            self.tiny = load_tiny(cfg, self.prior, require_prior(cfg))
         reference, _ = load_reference(cfg, self.num_classes)
         self.reference = reference.to(self.device).requires_grad_(False)
         self._train_set = None
@@ -154,9 +158,11 @@ class ChunkMaker:
         guide = None
         if stage.method == "lgd":
             guide = Guide.from_config(cfg, scorer, self._memory(previous_shards, task.classes) if g.gamma > 0 else None,
-                                      self.guidance_batch, stage.index)
+                                      self.guidance_batch, stage.index, self.tiny)
             params.update({"lambda": g.lambda_}, omega=g.omega, kappa=g.kappa, gamma=g.gamma, through=g.through,
                           every=g.every, select_after=g.select_after, augment=g.augment)
+            if self.tiny is not None:
+                params["decoder"] = "tiny"
         elif stage.method == "mgd3":
             guide = ModeGuide({c: self._class_modes(c) for c in task.classes}, g.mode_lambda, g.mode_stop)
             params.update(mode_lambda=g.mode_lambda, mode_stop=g.mode_stop)

@@ -32,6 +32,7 @@ from lgd_ray.shards import (MANIFEST, in_order, load_tensor_set, manifest_bytes,
                             shards_through, stage_dir, stage_rows, write_manifest)
 from lgd_ray.storage import Location, as_location
 from lgd_ray.timeline import Timeline, span, timed
+from lgd_ray.tiny_fit import ensure_tiny
 from lgd_ray.train import Fitter, in_process_fitter, load_classifier, process_device, save_classifier
 
 
@@ -167,6 +168,8 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
     fit_stage = [None]
     fitter = recording(fitter or in_process_fitter(device), timeline, fit_stage)
     manifest["prior"] = ensure_prior(cfg, device, fitter) if cfg.distill.method != "random" else None
+    if cfg.distill.method == "lgd" and cfg.guidance.decoder == "tiny":  # the guided step's decoder, for the actors
+        manifest["tiny_decoder"] = ensure_tiny(cfg, manifest["prior"], fitter)
     _, ref_info = ensure_reference(cfg, n_classes, device, fitter)
     manifest["reference"] = ref_info
     check_models(manifest, {"prior_sha256": prior_weights_sha256(manifest["prior"]),

@@ -17,7 +17,8 @@ from lgd_ray.prior_fit import vlb_bits
 from lgd_ray.prior_make import ensure_prior
 from lgd_ray.sampler import sample
 from lgd_ray.seeding import generator
-from lgd_ray.shards import load_tensor_set
+from lgd_ray.shards import load_tensor_set, read_shards
+from lgd_ray.tiny_decoder import load_tiny
 from lgd_ray.storage import Location
 from lgd_ray.vae_fit import VAE_MARKER, VaeJob, build_vae, vae_dir
 
@@ -104,3 +105,28 @@ def test_a_latent_prior_needs_a_packaged_data_set_and_a_size_its_vae_divides(tin
         project_configs(cfg)
     with pytest.raises(ConfigError, match="'prior.latent_channels'.*'prior.base'"):
         load_config("digits", tiny_overrides + ["prior.latent_channels=4", "prior.base=some/dit"])
+
+
+def test_lgd_with_the_tiny_guidance_decoder(latent_cfg, tmp_path):
+    """guidance.decoder=tiny: the driver fits the tiny decoder to the prior's VAE decoder once (cached), the guided
+    steps decode x0^ with it, and the samples say so; the full decoder still writes the images."""
+    cfg = replace(latent_cfg, out=str(tmp_path / "run"),
+                  guidance=replace(latent_cfg.guidance, decoder="tiny", tiny_steps=60, tiny_trajectories=2))
+    manifest = distill(cfg)
+    info = manifest["tiny_decoder"]
+    assert info["step"] == 60 and info["params"] < 500_000
+    prior = load_prior(manifest["prior"])
+    tiny = load_tiny(cfg, prior, manifest["prior"])
+    z = prior.encode(load_split(cfg.data, "test").images[:256].float() / 127.5 - 1)  # latents it was not fitted on
+    with torch.no_grad():
+        target = prior.decode(z)
+        assert (tiny(z) - target).pow(2).mean() < 0.5 * (target - target.mean()).pow(2).mean()  # it learned something
+    rows = [r for r in manifest["shards"] if r["stage"] > 0]
+    records = read_shards(Location(cfg.out), rows)
+    assert records and all(r["meta"]["params"]["decoder"] == "tiny" for r in records)
+
+
+def test_the_tiny_decoder_needs_a_latent_prior(tiny_overrides, trained, tmp_path):
+    cfg = load_config("digits", tiny_overrides + ["guidance.decoder=tiny", "ray.enabled=false", f"out={tmp_path}"])
+    with pytest.raises(ConfigError, match="has no VAE"):
+        distill(cfg)
