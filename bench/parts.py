@@ -56,7 +56,7 @@ def pixel_prior() -> Prior:
 def scorer_for(prior: Prior, model: str = "convnet3", size: int | None = None, omega: float = 1.0) -> Scorer:
     """A student and a reference of the same architecture (random weights) at the prior's image size."""
     size = size or prior.image_size
-    channels = 3 if prior.vae is not None else prior.latent_shape[0]
+    channels = prior.vae.config.out_channels if prior.vae is not None else prior.latent_shape[0]
     nets = [build_classifier(model, channels, size, prior.num_classes, seed=s).eval().requires_grad_(False)
             for s in (1, 2)]
     return Scorer(*nets, omega=omega)
