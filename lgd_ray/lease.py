@@ -2,7 +2,8 @@
 its holder while it runs, taken over by another driver only once it has expired.
 
     local folder   O_EXCL creation; read, check and replace under an exclusive flock of `.lease.lock`
-    s3://          conditional puts (If-None-Match: * to create, If-Match: ETAG to renew or take over; docs/DESIGN.md section 8)
+    s3://          conditional puts (If-None-Match: * to create, If-Match: ETAG to renew or take over; docs/DESIGN.md section 8);
+                   a store that ignores them (a probe put twice both succeed) is refused in one line
     other stores   written, then read back after a pause: the last writer holds it (no conditional writes there)
 
 A driver that crashed leaves its lease to lapse after `storage.lease_s`, so `--resume` after a crash needs no
@@ -73,6 +74,8 @@ class Lease:
     # -- the lease -------------------------------------------------------------------------------------------------
     def acquire(self):
         """Hold the lease, or raise LeaseError naming who holds it and until when; then renew it every ttl_s / 3."""
+        if self._s3:
+            self._probe_conditions()
         body = self._body()
         if not self._create(body):
             current = self._read()
@@ -247,6 +250,26 @@ class Lease:
             self.tag = (data, body["expires"])
             return True
         return self._write_and_read_back(data, body)
+
+    def _probe_conditions(self):
+        """Refuse a store that ignores conditional puts (older MinIO, some Ceph gateways): there the lease excludes
+        no one. A probe object beside the lease is put twice with If-None-Match: *; the second put must fail."""
+        client, bucket, key = self._s3
+        probe = f"{key.rpartition('/')[0]}/.lease-probe-{uuid.uuid4().hex[:8]}".lstrip("/")
+        client.put_object(Bucket=bucket, Key=probe, Body=b"", IfNoneMatch="*")
+        try:
+            client.put_object(Bucket=bucket, Key=probe, Body=b"", IfNoneMatch="*")
+            honoured = False
+        except client.exceptions.ClientError as e:
+            if _status(e) not in (409, 412):
+                raise
+            honoured = True
+        finally:
+            client.delete_object(Bucket=bucket, Key=probe)
+        if not honoured:
+            raise LeaseError(f"storage: the store of {self.run_dir} ignores conditional writes (a put with "
+                             "If-None-Match: * over an existing object succeeded), so its lease could not keep a second "
+                             "driver out: use a store that honours them (AWS S3 does), or a local or shared folder")
 
     def _s3_put(self, data: bytes, body: dict, **condition) -> bool:
         """A conditional put (If-None-Match or If-Match); False if the condition failed (412, or 409 on a race)."""

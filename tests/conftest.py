@@ -154,6 +154,52 @@ class TcpProxy:
             self.stop()
 
 
+class UnconditionalS3:
+    """An HTTP proxy in front of the S3 server that drops If-None-Match and If-Match from every request: an
+    S3-compatible store that ignores conditional writes (as older MinIO and some Ceph gateways do)."""
+
+    DROPPED = {"if-none-match", "if-match"}
+
+    def __init__(self, endpoint: str):
+        import http.client
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        target = endpoint.removeprefix("http://")
+        dropped = self.DROPPED
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
+                conn = http.client.HTTPConnection(target, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=headers)
+                reply = conn.getresponse()
+                data = reply.read()
+                self.send_response(reply.status)
+                for k, v in reply.getheaders():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path, s3_endpoint) -> Location:
     """The same test on a local folder and on the S3 server (as Ray's test_persistence parametrises its storage)."""

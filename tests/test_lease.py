@@ -269,3 +269,20 @@ def test_a_damaged_lease_holds_nothing(store, damage):
     (run / LEASE).write_bytes(damage)
     with Lease(run, ttl_s=2) as lease:
         assert json.loads((run / LEASE).read_text())["holder"] == lease.holder
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_in_one_line(s3_endpoint):
+    """Behind a proxy that drops If-None-Match / If-Match the lease would exclude no one: acquiring it is refused,
+    and nothing is left in the run folder; through the server itself the same folder is leased."""
+    from conftest import UnconditionalS3, new_bucket, s3_uri
+
+    bucket, proxy = new_bucket(s3_endpoint), UnconditionalS3(s3_endpoint)
+    try:
+        with pytest.raises(LeaseError, match="ignores conditional writes"):
+            Lease(Location(s3_uri(proxy.endpoint, bucket, "run")), ttl_s=10).acquire()
+        direct = Location(s3_uri(s3_endpoint, bucket, "run"))
+        assert not direct.exists() or not list(direct.iterdir())  # the probe object is gone
+        with Lease(direct, ttl_s=10):
+            assert (direct / LEASE).exists()
+    finally:
+        proxy.close()
