@@ -15,10 +15,11 @@ import ray
 from lgd_ray.actors import ActorPool
 from lgd_ray.config import load_config
 from lgd_ray.data import num_classes
+from lgd_ray.methods import stage_plan
 from lgd_ray.prior_make import ensure_prior
 from lgd_ray.reference import ensure_reference, new_classifier
 from lgd_ray.data import class_chunks
-from lgd_ray.plan import ChunkTask, stage_plan
+from lgd_ray.plan import ChunkTask
 from parts import interleaved, machine, verdict
 
 REPEATS = 3

@@ -19,8 +19,8 @@ import torch
 from lgd_ray.config import apply_overrides, build_config, load_config
 from lgd_ray.data import num_classes
 from lgd_ray.guidance import Guide, Scorer
-from lgd_ray.plan import stage_plan
 from lgd_ray.cost import PEAK_TFLOPS, UTILISATION, gpu_hours, run_cost
+from lgd_ray.methods import stage_plan
 from lgd_ray.prior import load_prior, prior_id
 from lgd_ray.reference import ensure_reference, new_classifier
 from lgd_ray.sampler import generate

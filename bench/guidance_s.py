@@ -14,11 +14,11 @@ import torch
 from lgd_ray.config import from_dict
 from lgd_ray.data import num_classes
 from lgd_ray.guidance import Guide, Scorer
+from lgd_ray.methods import stage_plan
 from lgd_ray.prior import load_prior, prior_id
 from lgd_ray.reference import ensure_reference, new_classifier
 from lgd_ray.sampler import generate
 from lgd_ray.shards import read_manifest, stage_dir
-from lgd_ray.plan import stage_plan
 from lgd_ray.train import load_classifier
 
 LAMBDAS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)

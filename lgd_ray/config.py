@@ -431,13 +431,6 @@ def _check_cross(cfg: Config):
         problem = check_model_name(name) or check_model_input(name, cfg.data.image_size)
         if problem:
             raise ConfigError(f"config: '{key}' {problem}")
-    if cfg.distill.seed_from == "real" and cfg.distill.method == "dds":
-        raise ConfigError("config: 'distill.seed_from' real needs a staged method (dit, mgd3, lgd): dds selects all "
-                          "its images in one increment")
-    g = cfg.guidance
-    if cfg.prior.dtype == "float16" and cfg.distill.method == "lgd" and g.active:
-        raise ConfigError("config: 'prior.dtype' float16 with guided lgd: its gradients underflow without loss "
-                          "scaling (guidance silently off); use bfloat16")
     r = cfg.ray
     if r.train_use_gpu is True and r.train_workers > 1 and r.train_gpus_per_worker != int(r.train_gpus_per_worker):
         raise ConfigError(f"config: 'ray.train_gpus_per_worker' is {r.train_gpus_per_worker} with {r.train_workers} "

@@ -22,8 +22,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from lgd_ray.config import AUTO_GPU, Config
 from lgd_ray.data import class_chunks, num_classes
 from lgd_ray.guidance import guided_steps
+from lgd_ray.methods import METHODS, stage_plan
 from lgd_ray.models import build_classifier
-from lgd_ray.plan import fit_workers, stage_plan
+from lgd_ray.plan import fit_workers
 from lgd_ray.prior import DTYPES, project_configs
 from lgd_ray.storage import Location
 from lgd_ray.tiny_decoder import build_tiny
@@ -188,7 +189,7 @@ def run_cost(cfg: Config) -> dict:
     for st in stage_plan(cfg):
         images = n * st.ipc
         total_images += images
-        trajectories = 0 if st.method == "random" else images * st.kappa
+        trajectories = images * st.kappa if METHODS[st.method].needs_prior else 0
         # early rejection: all candidates run the first select_after steps (indices >= pause), the kept one the rest
         early = st.kappa > 1 and 0 < g.select_after < steps
         pause = steps - g.select_after if early else 0

@@ -14,7 +14,7 @@ from lgd_ray.data import check_data
 from lgd_ray.lease import Lease
 from lgd_ray.memory import (actor_memory, check_fit_fits, check_fits, format_fit_memory, format_memory,
                             prior_fit_memory)
-from lgd_ray.methods import check_real_images
+from lgd_ray.methods import check_real_images, method_of
 from lgd_ray.prior import PIPELINE_MARKER, prior_dir
 from lgd_ray.reference import reference_path
 from lgd_ray.stages import open_manifest, run_stages
@@ -27,6 +27,7 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     start = time.time()
     print(f"distill: {cfg.name} ({cfg.distill.method}), {cfg.distill.seed_ipc} + {cfg.distill.stages} x "
           f"{cfg.distill.ipc_per_stage} images per class -> {out}", flush=True)
+    method_of(cfg).check(cfg)  # what the method cannot run (lgd_ray/methods.py)
     check_data(cfg.data)  # before Ray starts: a missing data set is one line, not a cluster start-up
     check_real_images(cfg)  # prepared data: the class-sorted copies the method reads
     check_fits(cfg)  # GPU actors: the sampler's memory (meta-device count) fits the actor's GPU share
@@ -82,7 +83,7 @@ def distill(cfg: Config, resume: bool = False) -> dict:
 def models_ready(cfg: Config) -> bool:
     """Whether the prior (if the method needs one) and theta* are in the cache: the run trains nothing before its
     stages, so sampler actors may start at once (a prior named by model_id is loaded by each actor)."""
-    prior = (cfg.distill.method == "random" or bool(cfg.prior.model_id)
+    prior = (not method_of(cfg).needs_prior or bool(cfg.prior.model_id)
              or (prior_dir(cfg) / PIPELINE_MARKER).exists())
     return prior and reference_path(cfg).exists()
 
@@ -94,6 +95,7 @@ def dry_run(cfg: Config, tflops: float | None, utilisation: float | None, gpus: 
     tflops: peak per GPU; None = an H100 SXM's dense peak for the prior's dtype (TF32 for float32). utilisation: share
     of it reached; None = the measured one for the dtype (lgd_ray.cost.UTILISATION).
     """
+    method_of(cfg).check(cfg)
     tflops = tflops or PEAK_TFLOPS[cfg.prior.dtype]
     measured = utilisation is None
     utilisation = utilisation or UTILISATION[cfg.prior.dtype]
@@ -104,7 +106,7 @@ def dry_run(cfg: Config, tflops: float | None, utilisation: float | None, gpus: 
     except ConfigError as e:
         data = f"data: NOT FOUND on this machine ({e})"
     cost = run_cost(cfg)
-    mem = actor_memory(cfg) if cfg.distill.method != "random" else None
+    mem = actor_memory(cfg) if method_of(cfg).needs_prior else None
     print(f"{data}\nout: {run_dir(cfg)}\n{format_cost(cfg, cost, tflops, utilisation)}", flush=True)
     if gpus:
         print(format_cluster_cost(cfg, cost, cluster_cost(cfg, cost, gpus, tflops, utilisation), tflops, utilisation,

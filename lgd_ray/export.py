@@ -23,7 +23,7 @@ import yaml
 from lgd_ray.cli import Parser, one_line_errors
 from lgd_ray.config import ConfigError, from_dict
 from lgd_ray.evaluate import load_run, prefix_shards
-from lgd_ray.plan import stage_plan
+from lgd_ray.methods import stage_plan
 from lgd_ray.reference import reference_path
 from lgd_ray.shards import encode_png, read_shards, stage_dir
 from lgd_ray.storage import Location, as_location

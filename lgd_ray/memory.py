@@ -25,7 +25,7 @@ from diffusers import DDIMScheduler
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.cost import meta_models
 from lgd_ray.guidance import Guide, Scorer
-from lgd_ray.plan import stage_plan
+from lgd_ray.methods import method_of, stage_plan
 from lgd_ray.prior import CHECKPOINT_COUNTS, Prior, checkpointed
 from lgd_ray.tiny_decoder import build_tiny
 
@@ -286,7 +286,7 @@ def actor_gpu_bytes(cfg: Config, gpus: float | None = None) -> tuple[float, str]
 def check_fits(cfg: Config, mem: ActorMemory | None = None) -> ActorMemory | None:
     """Refuse, in one line naming the key to change, a config whose sampler actor cannot fit its GPU share.
     None (nothing checked) for CPU actors and for method random (no prior)."""
-    if cfg.ray.num_gpus_per_actor <= 0 or cfg.distill.method == "random":
+    if cfg.ray.num_gpus_per_actor <= 0 or not method_of(cfg).needs_prior:
         return None
     mem = mem or actor_memory(cfg)
     budget, what = actor_gpu_bytes(cfg)

@@ -1,6 +1,5 @@
-"""The stage plan: which stages a run has, and what each makes (docs/DESIGN.md sections 1-2). Read by the stage loop
-(lgd_ray/stages.py), the methods (lgd_ray/methods.py), the cost model (lgd_ray/cost.py) and the run-folder queries
-(lgd_ray/shards.py); it loads no model."""
+"""A run's units of work: a stage (what it makes, how many images per class, with how many candidates, guided or not;
+each method's plan of them is `lgd_ray.methods.stage_plan`), a chunk of it, and the workers of a student's fit."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,18 +25,6 @@ class ChunkTask:
     stage: Stage
     chunk: int
     classes: tuple[int, ...]
-
-
-def stage_plan(cfg: Config) -> list[Stage]:
-    """The stages: seed increment + K increments; method dds selects all IPC at once (one increment)."""
-    d, g = cfg.distill, cfg.guidance
-    if d.method == "dds":
-        return [Stage(0, d.total_ipc, 0, "dds", 1, False)]
-    lgd = d.method == "lgd"
-    seed = Stage(0, d.seed_ipc, 0, "random" if d.seed_from == "real" else "dit" if lgd else d.method, 1, False)
-    return [seed] + [Stage(i, d.ipc_per_stage, d.seed_ipc + (i - 1) * d.ipc_per_stage, d.method, g.kappa if lgd else 1,
-                           lgd and g.active)
-                     for i in range(1, d.stages + 1)]
 
 
 def fit_workers(cfg: Config, images: int) -> int:

@@ -20,6 +20,7 @@ from torchvision.utils import make_grid
 from lgd_ray import timeline
 from lgd_ray.cli import Parser, one_line_errors
 from lgd_ray.config import ConfigError
+from lgd_ray.methods import METHODS
 from lgd_ray.seeds import METHOD_ORDER, seeds_tables, stages_table
 from lgd_ray.shards import MANIFEST, check_shards, in_order, read_manifest, read_shards, stage_rows
 from lgd_ray.storage import Location, as_location
@@ -232,7 +233,7 @@ def cost_row(run: Location, manifest: dict) -> str | None:
         return None
     g, method = manifest["config"]["guidance"], manifest["config"]["distill"]["method"]
     options = (f"through {g['through']}, every {g.get('every', 1)}, select_after {g.get('select_after', 0)}"
-               + (", checkpointing" if g.get("checkpointing") else "")) if method == "lgd" else "–"
+               + (", checkpointing" if g.get("checkpointing") else "")) if METHODS[method].guided else "–"
     seconds = sum(i["cost"]["actor_seconds"] for i in stages)
     images = sum(i["images"] for i in stages)
     scores = [(i["mean_S"], i["images"]) for i in stages if i["cost"]["guided_steps"] and i["mean_S"] is not None]

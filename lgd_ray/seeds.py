@@ -14,7 +14,7 @@ from itertools import combinations
 from scipy.stats import t as student_t
 
 from lgd_ray.config import build_config, config_hash, run_identity
-from lgd_ray.plan import stage_plan
+from lgd_ray.methods import stage_plan
 from lgd_ray.shards import read_manifest
 from lgd_ray.storage import as_location
 

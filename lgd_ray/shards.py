@@ -23,9 +23,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from lgd_ray.config import ConfigError, from_dict
+from lgd_ray.config import ConfigError
 from lgd_ray.data import TensorSet
-from lgd_ray.plan import stage_plan
 from lgd_ray.storage import Location, as_location
 
 MANIFEST = "manifest.json"
@@ -245,11 +244,11 @@ def in_order(rows) -> list[dict]:
 def trained_increments(manifest: dict) -> list[tuple[int, int, list[dict]]]:
     """(stage, images per class of the stage, its shard rows) of every trained stage, in stage order."""
     out = []
-    for stage in stage_plan(from_dict(manifest["config"])):
-        info = manifest["stages"].get(str(stage.index))
+    for index in range(len(manifest["stages"])):
+        info = manifest["stages"].get(str(index))
         if not info or not info.get("trained"):
             break
-        out.append((stage.index, stage.ipc, in_order(stage_rows(manifest, stage.index))))
+        out.append((index, info["images"] // manifest["num_classes"], in_order(stage_rows(manifest, index))))
     if not out:
         raise ConfigError("the run has no finished stage yet")
     return out

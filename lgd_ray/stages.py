@@ -21,8 +21,8 @@ from lgd_ray.config import Config, ConfigError, config_hash, from_dict, run_iden
 from lgd_ray.cost import run_cost, stage_cost
 from lgd_ray.data import check_data, class_chunks, class_names, num_classes
 from lgd_ray.lease import Lease
-from lgd_ray.methods import ChunkMaker
-from lgd_ray.plan import ChunkTask, fit_workers, stage_plan
+from lgd_ray.methods import ChunkMaker, method_of, stage_plan
+from lgd_ray.plan import ChunkTask, fit_workers
 from lgd_ray.prior import prior_weights_sha256
 from lgd_ray.prior_make import ensure_prior
 from lgd_ray.reference import ensure_reference, fit_job, new_classifier, reference_path
@@ -152,6 +152,8 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
     device = process_device(cfg.device)  # a sweep trial: the GPU Tune gave it, or the CPU
     slot = {"GPU": 1} if device.type == "cuda" else {"CPU": 1}  # what a run without Ray holds
     timeline = timeline or Timeline(run_dir, slot)
+    method = method_of(cfg)
+    method.check(cfg)  # every run (a sweep's trials, a library call) refuses what the method cannot run
     check_data(cfg.data)
     n_classes = num_classes(cfg.data)
     manifest = open_manifest(run_dir, cfg, resume)
@@ -167,8 +169,8 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
     manifest["classes"] = class_names(cfg.data)  # label i is the i-th name
     fit_stage = [None]
     fitter = recording(fitter or in_process_fitter(device), timeline, fit_stage)
-    manifest["prior"] = ensure_prior(cfg, device, fitter) if cfg.distill.method != "random" else None
-    if cfg.distill.method == "lgd" and cfg.guidance.decoder == "tiny":  # the guided step's decoder, for the actors
+    manifest["prior"] = ensure_prior(cfg, device, fitter) if method.needs_prior else None
+    if method.uses_tiny_decoder(cfg):  # the guided step's decoder, for the actors
         manifest["tiny_decoder"] = ensure_tiny(cfg, manifest["prior"], fitter)
     _, ref_info = ensure_reference(cfg, n_classes, device, fitter)
     manifest["reference"] = ref_info

@@ -52,7 +52,8 @@ def test_a_node_with_a_private_disk_fails_the_run_in_seconds(cluster, tiny_overr
     from lgd_ray.actors import SamplerActor
     from lgd_ray.config import to_dict
     from lgd_ray.methods import ChunkMaker
-    from lgd_ray.plan import ChunkTask, stage_plan
+    from lgd_ray.methods import stage_plan
+    from lgd_ray.plan import ChunkTask
 
     c, _ = cluster
     shared = tmp_path / "shared"

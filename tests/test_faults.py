@@ -22,8 +22,8 @@ from lgd_ray.config import ConfigError, load_config
 from lgd_ray.data import load_split
 from lgd_ray.distill import distill
 from lgd_ray.data import class_chunks
-from lgd_ray.methods import ChunkMaker
-from lgd_ray.plan import ChunkTask, stage_plan
+from lgd_ray.methods import ChunkMaker, stage_plan
+from lgd_ray.plan import ChunkTask
 from lgd_ray.ray_tasks import map_jobs
 from lgd_ray.ray_train import ray_fitter
 from lgd_ray.reference import fit_job

@@ -223,7 +223,8 @@ def test_a_stale_drivers_chunk_writes_no_shard(store, trained, tiny_overrides):
     from lgd_ray.config import load_config
     from lgd_ray.data import class_chunks
     from lgd_ray.methods import ChunkMaker
-    from lgd_ray.plan import ChunkTask, stage_plan
+    from lgd_ray.methods import stage_plan
+    from lgd_ray.plan import ChunkTask
 
     run = store / "run"
     cfg = load_config("digits", tiny_overrides + [f"out={run}"])

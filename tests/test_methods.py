@@ -1,13 +1,18 @@
-"""The comparison methods in the same frame: random real images and MGD3 mode guidance."""
+"""The comparison methods in the same frame: random real images and MGD3 mode guidance; the method table."""
+import dataclasses
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
-from lgd_ray.config import ConfigError, load_config
+from lgd_ray.config import ConfigError, DistillConfig, load_config
 from lgd_ray.data import to_float
+from lgd_ray.distill import distill
+from lgd_ray.methods import METHODS, real_positions
 from lgd_ray.modes import ModeGuide, class_modes
 from lgd_ray.sampler import generate
 from lgd_ray.shards import in_order, read_shards
-from lgd_ray.methods import real_positions
 from lgd_ray.stages import run_stages
 
 
@@ -55,7 +60,7 @@ def test_a_real_seed_increment_is_randoms_and_the_guided_stages_start_from_it(tr
     guided = read_shards(tmp_path / "real-seed", [r for r in real_seed["shards"] if r["stage"] == 1])
     assert {s["meta"]["params"]["method"] for s in guided} == {"lgd"} and all(s["meta"]["S"] is not None for s in guided)
     with pytest.raises(ConfigError, match="'distill.seed_from' real needs a staged method"):
-        load_config("digits", ["distill.method=dds", "distill.seed_from=real"])
+        distill(load_config("digits", ["distill.method=dds", "distill.seed_from=real"]))
 
 
 def test_class_modes_kmeans():
@@ -84,3 +89,15 @@ def test_mode_guidance_moves_samples_to_their_mode(trained, tiny_cfg):
     plain, guided = dist(None), dist(ModeGuide(modes, 0.3, stop=3))
     assert (guided < plain).all() and guided.mean() < 0.95 * plain.mean()
     assert torch.equal(dist(ModeGuide(modes, 0.0, stop=0)), plain)  # lambda_m 0: the unguided sampler
+
+
+
+def test_the_method_table_is_the_only_place_that_switches_on_a_method():
+    """Issue 43: a new method is one object in lgd_ray/methods.py's METHODS, not edits across the package."""
+    pattern = re.compile(r"""method\s*(==|!=|\bin\b|\bnot in\b)\s*[("']""")
+    package = Path(__file__).resolve().parent.parent / "lgd_ray"
+    found = [f"{path.name}:{n}: {line.strip()}" for path in sorted(package.glob("*.py")) if path.name != "methods.py"
+             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not found, found
+    method = next(f for f in dataclasses.fields(DistillConfig) if f.name == "method")
+    assert sorted(method.metadata["choices"]) == sorted(METHODS)

@@ -262,7 +262,8 @@ def test_readers_on_the_s3_run(s3_run):
 
 def test_actors_only_load_and_say_what_is_missing(tiny_overrides, s3_endpoint):
     from lgd_ray.actors import ActorPool
-    from lgd_ray.plan import ChunkTask, stage_plan
+    from lgd_ray.methods import stage_plan
+    from lgd_ray.plan import ChunkTask
 
     bucket = new_bucket(s3_endpoint)
     for method, missing in (("dit", r"prior: no DiT pipeline at s3://.*make it first: `python -m lgd_ray\.prior digits`"),

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -127,9 +130,16 @@ def test_guidance_micro_batches_give_the_whole_batch_images(setup):
 def test_float16_is_refused_for_guided_lgd():
     from lgd_ray.config import ConfigError, load_config
 
+    from lgd_ray.methods import method_of
+
+    cfg = load_config("digits", ["prior.dtype=float16"])
     with pytest.raises(ConfigError, match="float16 with guided lgd: its gradients underflow without loss scaling"):
-        load_config("digits", ["prior.dtype=float16"])
-    assert load_config("digits", ["prior.dtype=float16", "distill.method=dit"]).prior.dtype == "float16"
+        method_of(cfg).check(cfg)
+    r = subprocess.run([sys.executable, "-m", "lgd_ray.distill", "digits", "prior.dtype=float16", "--dry-run"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "float16 with guided lgd" in r.stderr.splitlines()[-1]
+    dit = load_config("digits", ["prior.dtype=float16", "distill.method=dit"])
+    method_of(dit).check(dit)  # unguided: nothing to underflow
 
 
 def test_every_and_select_after_at_their_neutral_values_are_the_exact_path(setup):

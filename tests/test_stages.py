@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 
 from lgd_ray.config import ConfigError, load_config
 from lgd_ray.cost import run_cost
+from lgd_ray.methods import stage_plan
 from lgd_ray.reference import new_classifier
 from lgd_ray.shards import read_manifest, write_manifest
 from lgd_ray.storage import Location
 from lgd_ray.data import class_chunks
-from lgd_ray.plan import stage_plan
 from lgd_ray.stages import run_stages
 
 
