@@ -228,7 +228,7 @@ def evaluate_run(run_dir: Location, overrides: list[str] = ()) -> dict:
     ipc, shards = prefix_shards(manifest, cfg.evaluate.ipc)
     load_train = partial(load_tensor_set, run_dir, shards, num_classes(cfg.data))
     jobs = eval_jobs(cfg, load_train, ipc, "eval")
-    expected = expected_job_s(cfg, jobs[0], ipc * num_classes(cfg.data))
+    expected = partial(expected_job_s, cfg, jobs[0], ipc * num_classes(cfg.data))
     result = _result(cfg, cfg.distill.method, ipc, jobs, map_jobs(cfg, run_eval_job, jobs, "evaluate", expected), start,
                      manifest.get("config_hash") or config_hash(run_identity(cfg)))  # the run's, as it recorded it
     name = f"{result['model']}-ipc{ipc}-{result['labels']}"
@@ -243,9 +243,9 @@ def evaluate_full(cfg: Config) -> dict:
     start = time.time()
     out = as_location(cfg.out or f"runs/{cfg.name}-full")
     jobs = eval_jobs(cfg, partial(load_split, cfg.data, "train"), 0, "full", cfg.reference.train)
-    expected = expected_job_s(cfg, jobs[0], split_size(cfg.data, "train"))
-    result = _result(cfg, "full", 0, jobs, map_jobs(cfg, run_eval_job, jobs, "evaluate full", expected), start,
-                     config_hash(run_identity(cfg)))
+    rows = map_jobs(cfg, run_eval_job, jobs, "evaluate full",
+                    lambda: expected_job_s(cfg, jobs[0], split_size(cfg.data, "train")))
+    result = _result(cfg, "full", 0, jobs, rows, start, config_hash(run_identity(cfg)))
     result["ipc"] = "full"
     name = f"{result['model']}-full-{result['labels']}"
     write_results(out / "eval", name, result)

@@ -98,10 +98,13 @@ def cache_latents(cfg: Config, size: int, vae: str, marker: str = PIPELINE_MARKE
     classes = class_names(cfg.data)
     print(f"prior: encoding the train split of {len(classes)} classes at {size} px with {vae}'s VAE -> {out}",
           flush=True)
-    per_task = split_size(cfg.data, "train") / len(classes) * CLASSES_PER_TASK
-    r = cfg.ray  # a task's expected seconds: its images through the VAE (the decoder's count bounds the encoder's)
-    expected = slow_seconds(per_task * step_costs(cfg).decoder * 1e9, r.train_gpus_per_worker if r.train_use_gpu else 0,
+
+    def expected() -> float:  # a task's seconds: its images through the VAE (the decoder's count bounds the encoder's)
+        per_task = split_size(cfg.data, "train") / len(classes) * CLASSES_PER_TASK
+        r = cfg.ray
+        return slow_seconds(per_task * step_costs(cfg).decoder * 1e9, r.train_gpus_per_worker if r.train_use_gpu else 0,
                             round(r.train_cpus_per_worker))
+
     counts = map_jobs(cfg, partial(encode_classes, cfg, size, out, (vae, marker)), class_chunks(len(classes), CLASSES_PER_TASK),
                       "latents", expected)
     (out / LATENT_INDEX).write_text(json.dumps({"classes": classes, "image_size": size, "base": vae,

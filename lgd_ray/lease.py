@@ -69,7 +69,11 @@ class Lease:
             limit = max(0.5, ttl_s / 6)
             client = boto3.client("s3", endpoint_url=endpoint, region_name=q.get("region"), config=BotoConfig(
                 connect_timeout=limit, read_timeout=limit, retries={"max_attempts": 2, "mode": "standard"}))
-            self._s3 = (client, p.netloc, p.path.lstrip("/"))
+            self._s3 = (client, p.netloc, p.path.lstrip("/"))  # the lease's key
+
+    def _s3_key(self, name: str) -> str:
+        """The S3 key of run_dir/name (in the lease's bucket)."""
+        return (self.run_dir / name)._parts.path.lstrip("/")
 
     # -- the lease -------------------------------------------------------------------------------------------------
     def acquire(self):
@@ -120,8 +124,8 @@ class Lease:
         loc = self.run_dir / name
         last = self._written.get(name)
         if self._s3:
-            client, bucket, lease_key = self._s3
-            key = f"{lease_key.rpartition('/')[0]}/{name}".lstrip("/")
+            client, bucket, _ = self._s3
+            key = self._s3_key(name)
             if last is None:  # the first write of this driver: over whatever is there now
                 try:
                     last = client.head_object(Bucket=bucket, Key=key)["ETag"]
@@ -254,8 +258,8 @@ class Lease:
     def _probe_conditions(self):
         """Refuse a store that ignores conditional puts (older MinIO, some Ceph gateways): there the lease excludes
         no one. A probe object beside the lease is put twice with If-None-Match: *; the second put must fail."""
-        client, bucket, key = self._s3
-        probe = f"{key.rpartition('/')[0]}/.lease-probe-{uuid.uuid4().hex[:8]}".lstrip("/")
+        client, bucket, _ = self._s3
+        probe = self._s3_key(f".lease-probe-{uuid.uuid4().hex[:8]}")
         client.put_object(Bucket=bucket, Key=probe, Body=b"", IfNoneMatch="*")
         try:
             client.put_object(Bucket=bucket, Key=probe, Body=b"", IfNoneMatch="*")

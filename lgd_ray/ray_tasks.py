@@ -15,11 +15,11 @@ def _run_with_threads(fn: Callable, item, num_threads: int):
     return fn(item)
 
 
-def map_jobs(cfg: Config, fn: Callable, items: Sequence, desc: str, expected_s: float) -> list:
+def map_jobs(cfg: Config, fn: Callable, items: Sequence, desc: str, expected_s: Callable[[], float]) -> list:
     """[fn(item) for item in items]: as Ray tasks with a Train worker's resources if cfg.ray.enabled, in order
     (a task lost with its node is run again, up to ray.max_restarts times). When no task finishes within the
-    deadline (resources.deadline_s: before the first, `expected_s`, one task at a slow rate), a task hangs: the
-    rest are cancelled, one line."""
+    deadline (resources.deadline_s: before the first, `expected_s()`, one task at a slow rate, counted on the Ray
+    path only), a task hangs: the rest are cancelled, one line."""
     if not cfg.ray.enabled:
         return [fn(item) for item in tqdm(items, desc=desc, disable=None)]
     # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
@@ -35,7 +35,7 @@ def map_jobs(cfg: Config, fn: Callable, items: Sequence, desc: str, expected_s: 
     wait_for_resources([resources], r.schedule_timeout_s, f"{desc}: a task")  # never a silent hang
     task = ray.remote(**ray_options(resources), max_retries=r.max_restarts)(_run_with_threads)
     refs = [task.remote(fn, item, max(1, round(r.train_cpus_per_worker))) for item in items]
-    pending, last, longest = list(refs), time.monotonic(), 0.0
+    expected, (pending, last, longest) = expected_s(), (list(refs), time.monotonic(), 0.0)
     with tqdm(total=len(refs), desc=desc, disable=None) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
@@ -44,7 +44,7 @@ def map_jobs(cfg: Config, fn: Callable, items: Sequence, desc: str, expected_s: 
                 longest, last = max(longest, now - last), now
                 bar.update(len(done))
                 continue
-            limit, rule = deadline_s(cfg, longest, expected_s)
+            limit, rule = deadline_s(cfg, longest, expected)
             if now - last > limit:
                 for ref in pending:
                     ray.cancel(ref, force=True)

@@ -69,7 +69,7 @@ def redundancy(run_dir: Location, overrides: list[str] = ()) -> dict:
                         f"redundancy-{stage}")[0]
         jobs.append(replace(job, extra_tests=loaders))
     biggest = max(ipc for _, ipc, _ in parts) * n  # each row also tests on every increment: as a test split's worth
-    rows = map_jobs(cfg, run_eval_job, jobs, "redundancy", max(expected_job_s(cfg, j, biggest) for j in jobs))
+    rows = map_jobs(cfg, run_eval_job, jobs, "redundancy", lambda: max(expected_job_s(cfg, j, biggest) for j in jobs))
     stages = [s for s, _, _ in parts]
     matrix = torch.tensor([[r["extra"][f"I_{s}"] for s in stages] for r in rows])
     out = run_dir / "redundancy"

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import save
 
 from lgd_ray.config import Config, ConfigError, GuidanceConfig
-from lgd_ray.data import TensorSet
+from lgd_ray.data import TensorSet, num_classes
 from lgd_ray.finetune import cache_latents, read_latents
 from lgd_ray.guidance import guided_steps
 from lgd_ray.lease import cache_lock
-from lgd_ray.prior import Prior, load_prior
+from lgd_ray.prior import Prior, load_prior, prior_class_map
 from lgd_ray.sampler import sample
 from lgd_ray.seeding import derive_seed, generator
 from lgd_ray.storage import Location
@@ -120,8 +120,9 @@ def fit_tiny(job: TinyJob, device="cpu", rank: int = 0, world: int = 1, wrap=Non
 
 @torch.no_grad()
 def trajectory_latents(prior: Prior, cfg: Config, per_class: int, seed: int) -> torch.Tensor:
-    """x0^ of unguided trajectories (per_class per class, the config's steps and CFG) at every guided step index."""
-    n_classes, steps = prior.num_classes, cfg.prior.num_steps
+    """x0^ of unguided trajectories (per_class per class of the data set, the config's steps and CFG) at every guided
+    step index."""
+    n_classes, steps = num_classes(cfg.data), cfg.prior.num_steps
     guided = set(guided_steps(tuple(cfg.guidance.window), cfg.guidance.every, steps))
     out = []
     for c in range(n_classes):
@@ -139,6 +140,7 @@ def tiny_data(cfg: Config, prior_id: str, latents_id: str, seed: int) -> TensorS
     """The fit's latents: the train split's cached latents, then the trajectories' x0^ (last)."""
     data = read_latents(Location(latents_id))
     prior = load_prior(prior_id, cfg.prior.scheduler, local_cache=cfg.local_cache)
+    prior.class_map = prior_class_map(cfg, prior)  # a data set's classes on a 1000-class DiT: their ImageNet rows
     x0 = trajectory_latents(prior, cfg, cfg.guidance.tiny_trajectories, seed)
     return TensorSet(torch.cat([data.images.float(), x0]), torch.zeros(len(data.images) + len(x0), dtype=torch.long),
                      data.num_classes)

@@ -226,15 +226,15 @@ def test_ray_tasks_that_stop_finishing_are_given_up(cluster, tiny_overrides):
     start = time.time()
     with pytest.raises(RuntimeError, match=r"^hang: no task finished for \d+ s, past 4 s \(ray.chunk_timeout_s\): "
                                            r"1 hung task\(s\) cancelled$"):
-        map_jobs(cfg, _sleep_if_two, [0, 1, 2], "hang", expected_s=1.0)
+        map_jobs(cfg, _sleep_if_two, [0, 1, 2], "hang", expected_s=lambda: 1.0)
     assert time.time() - start < 60
-    assert map_jobs(cfg, _sleep_if_two, [0, 1], "fine", expected_s=1.0) == [0, 1]
+    assert map_jobs(cfg, _sleep_if_two, [0, 1], "fine", expected_s=lambda: 1.0) == [0, 1]
     # no ray.chunk_timeout_s, and the only task hangs: the estimate (at least the floor) bounds even the first wait
     cfg = load_config("digits", tiny_overrides + RUN + ["ray.chunk_timeout_floor_s=3", "storage.retry_s=2"])
     start = time.time()
     with pytest.raises(RuntimeError, match=r"^hang: no task finished for \d+ s, past 5 s \(the slow-rate estimate "
                                            r"\(1 s\), at least ray.chunk_timeout_floor_s, \+ storage.retry_s; "):
-        map_jobs(cfg, _sleep_if_two, [2], "hang", expected_s=1.0)
+        map_jobs(cfg, _sleep_if_two, [2], "hang", expected_s=lambda: 1.0)
     assert time.time() - start < 60
 
 
