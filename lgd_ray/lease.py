@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 from lgd_ray.errors import ConfigError
-from lgd_ray.storage import as_location, file_lock, s3_endpoint_url
+from lgd_ray.storage import StorageError, as_location, file_lock, retry_s, s3_endpoint_url
 
 LEASE = "lease.json"
 LOCK = ".lease.lock"
@@ -124,23 +124,7 @@ class Lease:
         loc = self.run_dir / name
         last = self._written.get(name)
         if self._s3:
-            client, bucket, _ = self._s3
-            key = self._s3_key(name)
-            if last is None:  # the first write of this driver: over whatever is there now
-                try:
-                    last = client.head_object(Bucket=bucket, Key=key)["ETag"]
-                except client.exceptions.ClientError as e:
-                    if _status(e) != 404:
-                        raise
-            try:
-                etag = client.put_object(Bucket=bucket, Key=key, Body=data,
-                                         **({"IfMatch": last} if last else {"IfNoneMatch": "*"}))["ETag"]
-            except client.exceptions.ClientError as e:
-                if _status(e) not in (409, 412):
-                    raise
-                raise LeaseError(f"run folder {self.run_dir}: {name} was written by another driver since this one's "
-                                 "last write: stopped so that two drivers never write one run") from None
-            self._written[name] = etag
+            self._written[name] = self._s3_retried(f"write {loc}", lambda: self._s3_write(name, data, last))
         elif loc.is_local:
             with self._local_lock():
                 now = loc.read_bytes() if loc.exists() else None
@@ -254,6 +238,48 @@ class Lease:
             self.tag = (data, body["expires"])
             return True
         return self._write_and_read_back(data, body)
+
+    def _s3_write(self, name: str, data: bytes, last: str | None) -> str:
+        """Put run_dir/name if it is at the ETag `last` (None: as it is now); its new ETag. A put refused for its
+        condition whose bytes are there anyway was this driver's own (a retry after a lost reply)."""
+        client, bucket, _ = self._s3
+        key = self._s3_key(name)
+        if last is None:  # the first write of this driver: over whatever is there now
+            try:
+                last = client.head_object(Bucket=bucket, Key=key)["ETag"]
+            except client.exceptions.ClientError as e:
+                if _status(e) != 404:
+                    raise
+        try:
+            return client.put_object(Bucket=bucket, Key=key, Body=data,
+                                     **({"IfMatch": last} if last else {"IfNoneMatch": "*"}))["ETag"]
+        except client.exceptions.ClientError as e:
+            if _status(e) not in (409, 412):
+                raise
+            now = client.get_object(Bucket=bucket, Key=key)
+            if now["Body"].read() == data:
+                return now["ETag"]
+            raise LeaseError(f"run folder {self.run_dir}: {name} was written by another driver since this one's "
+                             "last write: stopped so that two drivers never write one run") from None
+
+    def _s3_retried(self, action: str, fn):
+        """fn(), its transient failures (no connection, time-outs, HTTP 5xx) retried with back-off for up to
+        storage.retry_s, as every store access is (lgd_ray/storage.py); then one line."""
+        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+        start, wait = time.monotonic(), 0.5
+        while True:
+            try:
+                return fn()
+            except (ConnectionError, HTTPClientError, ClientError) as e:
+                if isinstance(e, ClientError) and _status(e) < 500:
+                    raise
+                waited = time.monotonic() - start
+                if waited + wait > retry_s():
+                    raise StorageError(f"storage: cannot {action}: {type(e).__name__} (retried for {waited:.0f} s: "
+                                       f"storage.retry_s {retry_s():g})") from e
+                time.sleep(wait)
+                wait = min(wait * 2, 8.0)
 
     def _probe_conditions(self):
         """Refuse a store that ignores conditional puts (older MinIO, some Ceph gateways): there the lease excludes

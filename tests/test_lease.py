@@ -287,3 +287,23 @@ def test_a_store_that_ignores_conditional_writes_is_refused_in_one_line(s3_endpo
             assert (direct / LEASE).exists()
     finally:
         proxy.close()
+
+
+def test_a_fenced_write_rides_out_a_short_store_outage(s3_endpoint, monkeypatch):
+    """A manifest write through the lease (boto3, not pyarrow) retries a store it cannot reach for storage.retry_s,
+    as every other store access does: a 3-s outage mid-run is waited out, not a crash."""
+    import threading
+
+    from conftest import TcpProxy, new_bucket, s3_uri
+
+    monkeypatch.setenv("LGD_STORAGE_RETRY_S", "30")
+    bucket = new_bucket(s3_endpoint)
+    with TcpProxy(int(s3_endpoint.rsplit(":", 1)[1])) as proxy:
+        with Lease(Location(s3_uri(f"127.0.0.1:{proxy.port}", bucket, "run")), ttl_s=60, wait_s=30) as lease:
+            lease.write("manifest.json", b"first")
+            proxy.stop()
+            threading.Timer(3.0, proxy.start).start()
+            start = time.monotonic()
+            lease.write("manifest.json", b"second")
+            assert time.monotonic() - start >= 2.5  # it waited for the store
+    assert (Location(s3_uri(s3_endpoint, bucket, "run")) / "manifest.json").read_bytes() == b"second"
