@@ -119,6 +119,33 @@ def denoising_loss(model, data: TensorSet, noise_sched: DDPMScheduler, seed: int
     return total / n
 
 
+def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The fits' learning-rate schedule: linear warm-up over steps / 20, then cosine decay to 0 at `steps`."""
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+
+def descend(loss: torch.Tensor, params, opt: torch.optim.Optimizer, sched):
+    """One optimiser step on `loss`, its gradient clipped to norm 1, then the schedule's step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
+def after_step(name: str, done: int, steps: int, every: int, losses: list, progress, on_round, state, digits: int = 4):
+    """After step `done` of `steps`: the bar advanced (its loss every 50 steps), and every `every` steps and at the
+    end on_round(round, {step, loss}, state) (state() builds the checkpoint, only when called)."""
+    progress.update(1)
+    if done % 50 == 0:
+        progress.set_description(f"{name} loss {torch.stack(losses[-50:]).mean().item():.{digits}f}")
+    if on_round and (done % every == 0 or done == steps):
+        on_round(math.ceil(done / every) - 1, {"step": done, "loss": torch.stack(losses[-every:]).mean().item()},
+                 lambda: state(done))
+
+
 def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=None,
               on_round: Callable[[int, dict, Callable[[], dict]], None] | None = None,
               resume: dict | None = None, bar: Bar = terminal_bar) -> tuple[dict, dict]:
@@ -148,9 +175,7 @@ def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=N
     noise_sched = DDPMScheduler.from_config(job.noise)
     alphas = noise_sched.alphas_cumprod.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.0)
-    warmup = max(1, p.train_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / p.train_steps)))
+    sched = warmup_cosine(opt, p.train_steps)
     first, before = 0, 0.0  # before: seconds the fit ran in earlier sittings
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -182,24 +207,13 @@ def fit_prior(job: PriorJob, device="cpu", rank: int = 0, world: int = 1, wrap=N
         loss = (per_sample * loss_weights(alphas, t, p.min_snr_gamma)).mean()
         if out.shape[1] == 2 * x0.shape[1]:  # learned sigma: its channels trained by the VLB
             loss = loss + vlb_bits(noise_sched, x0, x_t, t, pred.detach(), out[:, x0.shape[1]:]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        descend(loss, model.parameters(), opt, sched)
         with torch.no_grad():  # EMA with warm-up, so the random init does not linger in the average
             decay = min(p.ema_decay, (1 + step) / (10 + step))
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
         losses.append(loss.detach())
-        done = step + 1
-        progress.update(1)
-        if done % 50 == 0:
-            progress.set_description(f"{job.name} loss {torch.stack(losses[-50:]).mean().item():.4f}")
-        if on_round and (done % p.checkpoint_steps == 0 or done == p.train_steps):
-            on_round(math.ceil(done / p.checkpoint_steps) - 1,
-                     {"step": done, "loss": torch.stack(losses[-p.checkpoint_steps:]).mean().item()},
-                     lambda done=done: state(done))
+        after_step(job.name, step + 1, p.train_steps, p.checkpoint_steps, losses, progress, on_round, state)
     progress.close()
     metrics = {"step": p.train_steps, "workers": world, "seconds": round(before + time.time() - start, 1),
                "params": sum(x.numel() for x in model.parameters()),

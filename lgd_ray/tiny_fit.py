@@ -21,6 +21,7 @@ from lgd_ray.finetune import cache_latents, read_latents
 from lgd_ray.guidance import guided_steps
 from lgd_ray.lease import cache_lock
 from lgd_ray.prior import Prior, load_prior, prior_class_map
+from lgd_ray.prior_fit import after_step, descend, warmup_cosine
 from lgd_ray.sampler import sample
 from lgd_ray.seeding import derive_seed, generator
 from lgd_ray.storage import Location
@@ -67,9 +68,7 @@ def fit_tiny(job: TinyJob, device="cpu", rank: int = 0, world: int = 1, wrap=Non
     tiny = job.build().to(device).train()
     vae = load_prior(job.prior_id, local_cache=job.local_cache, device=device).vae
     opt = torch.optim.AdamW(tiny.parameters(), lr=job.guidance.tiny_lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = warmup_cosine(opt, steps)
     first, before = 0, 0.0
     if resume is not None:
         tiny.load_state_dict(resume["model"])
@@ -93,20 +92,9 @@ def fit_tiny(job: TinyJob, device="cpu", rank: int = 0, world: int = 1, wrap=Non
         z = data.images[torch.randint(len(data.images), (batch,), generator=generator(job.seed, "step", step, rank))]
         z = z.float().to(device)
         loss = (net(z) - decode(z)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tiny.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        descend(loss, tiny.parameters(), opt, sched)
         losses.append(loss.detach())
-        done = step + 1
-        progress.update(1)
-        if done % 50 == 0:
-            progress.set_description(f"{job.name} loss {torch.stack(losses[-50:]).mean().item():.5f}")
-        if on_round and (done % job.checkpoint_steps == 0 or done == steps):
-            on_round(math.ceil(done / job.checkpoint_steps) - 1,
-                     {"step": done, "loss": torch.stack(losses[-job.checkpoint_steps:]).mean().item()},
-                     lambda done=done: state(done))
+        after_step(job.name, step + 1, steps, job.checkpoint_steps, losses, progress, on_round, state, digits=5)
     progress.close()
     tiny.eval()
     with torch.no_grad():

@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL
 from lgd_ray.config import Config, PriorConfig, config_hash
 from lgd_ray.data import TensorSet, load_split, to_float
 from lgd_ray.prior import prior_seed, project_configs
+from lgd_ray.prior_fit import after_step, descend, warmup_cosine
 from lgd_ray.seeding import derive_seed, generator
 from lgd_ray.storage import Location, as_location
 from lgd_ray.train import Bar, Fitter, rank_slice, terminal_bar, to_cpu
@@ -79,9 +80,7 @@ def fit_vae(job: VaeJob, device="cpu", rank: int = 0, world: int = 1, wrap=None,
     torch.manual_seed(job.seed)  # the same initial weights on every rank
     vae = job.build().to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=p.vae_lr, weight_decay=0.0)
-    warmup = max(1, p.vae_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / p.vae_steps)))
+    sched = warmup_cosine(opt, p.vae_steps)
     first, before = 0, 0.0
     if resume is not None:
         vae.load_state_dict(resume["model"])
@@ -103,20 +102,9 @@ def fit_vae(job: VaeJob, device="cpu", rank: int = 0, world: int = 1, wrap=None,
         x = to_float(data.images[torch.randint(len(data.labels), (batch,), generator=gen)]).to(device)
         recon, kl = net(x, gen)
         loss = ((recon - x).pow(2).sum(dim=(1, 2, 3)) + p.vae_kl * kl).mean() / x[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        descend(loss, vae.parameters(), opt, sched)
         losses.append(loss.detach())
-        done = step + 1
-        progress.update(1)
-        if done % 50 == 0:
-            progress.set_description(f"{job.name} loss {torch.stack(losses[-50:]).mean().item():.5f}")
-        if on_round and (done % p.checkpoint_steps == 0 or done == p.vae_steps):
-            on_round(math.ceil(done / p.checkpoint_steps) - 1,
-                     {"step": done, "loss": torch.stack(losses[-p.checkpoint_steps:]).mean().item()},
-                     lambda done=done: state(done))
+        after_step(job.name, step + 1, p.vae_steps, p.checkpoint_steps, losses, progress, on_round, state, digits=5)
     progress.close()
     vae.eval()
     metrics = {"step": p.vae_steps, "workers": world, "seconds": round(before + time.time() - start, 1),
