@@ -51,6 +51,11 @@ class DataConfig:
     def channels(self) -> int:
         return 3 if self.name == "folder" else 1
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image the classifiers see, real or distilled."""
+        return self.channels, self.image_size, self.image_size
+
 
 @dataclass
 class PriorConfig:

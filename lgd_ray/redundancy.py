@@ -62,7 +62,7 @@ def redundancy(run_dir: Location, overrides: list[str] = ()) -> dict:
     if len(parts) < 2:
         raise ConfigError("redundancy: the run needs at least two finished stages")
     n = num_classes(cfg.data)
-    loaders = {f"I_{s}": partial(load_tensor_set, run_dir, shards, n) for s, _, shards in parts}
+    loaders = {f"I_{s}": partial(load_tensor_set, run_dir, shards, n, cfg.data.shape) for s, _, shards in parts}
     jobs = []
     for stage, ipc, _ in parts:
         job = eval_jobs(replace(cfg, evaluate=replace(cfg.evaluate, repeats=1)), loaders[f"I_{stage}"], ipc,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from typing import Callable
 
 import matplotlib
 
@@ -29,16 +30,16 @@ GRID_CLASSES = 10  # rows of an image grid: the first classes
 GRID_IMAGES = 10  # columns: the first images of the stage per class
 
 
-def save_figure(fig, loc: Location):
-    """A matplotlib figure as PNG to a Location (one atomic write), then closed."""
+def save_figure(fig, loc: Location, write: Callable[[Location, bytes], None] = Location.write_bytes):
+    """A matplotlib figure as PNG to a Location (one write(location, bytes), atomic by default), then closed."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    loc.write_bytes(buf.getvalue())
+    write(loc, buf.getvalue())
 
 
-def stage_grid(run_dir: Location, manifest: dict, stage: int, loc: Location):
-    """PNG grid of a stage's images: one row per class (the first GRID_CLASSES), GRID_IMAGES columns."""
+def stage_grid(run_dir: Location, manifest: dict, stage: int):
+    """A figure: the grid of a stage's images: one row per class (the first GRID_CLASSES), GRID_IMAGES columns."""
     rows = [r for r in stage_rows(manifest, stage) if min(r["classes"]) < GRID_CLASSES]
     samples = sorted(read_shards(run_dir, in_order(rows)), key=lambda s: (s["cls"], s["key"]))
     by_class: dict[int, list] = {}
@@ -55,10 +56,11 @@ def stage_grid(run_dir: Location, manifest: dict, stage: int, loc: Location):
     ax.set_xticks([])
     ax.set_title(f"stage {stage}: rows = classes")
     fig.tight_layout()
-    save_figure(fig, loc)
+    return fig
 
 
-def accuracy_plot(manifest: dict, loc: Location):
+def accuracy_plot(manifest: dict):
+    """A figure: the student's test accuracy per stage, against images per class."""
     stages = sorted(manifest["stages"].items(), key=lambda kv: int(kv[0]))
     ipc = [info["total_images"] / manifest.get("num_classes", 1) for _, info in stages]
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -70,17 +72,17 @@ def accuracy_plot(manifest: dict, loc: Location):
     ax.set_title(f"{manifest['config']['distill']['method']}: incremental student")
     ax.legend()
     fig.tight_layout()
-    save_figure(fig, loc)
+    return fig
 
 
-def scores_plot(manifest: dict, loc: Location) -> bool:
-    """Histogram of S of the chosen images per stage; False when no stage has scores."""
+def scores_plot(manifest: dict):
+    """A figure: the histogram of S of the chosen images per stage; None when no stage has scores."""
     per_stage = {}
     for r in manifest["shards"]:
         if r.get("S"):
             per_stage.setdefault(r["stage"], []).extend(r["S"])
     if not per_stage:
-        return False
+        return None
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for stage in sorted(per_stage):
         ax.hist(per_stage[stage], bins=30, histtype="step", label=f"stage {stage}")
@@ -88,8 +90,7 @@ def scores_plot(manifest: dict, loc: Location) -> bool:
     ax.set_ylabel("images")
     ax.legend()
     fig.tight_layout()
-    save_figure(fig, loc)
-    return True
+    return fig
 
 
 def _eval_table(run_dir: Location) -> list[str]:
@@ -120,8 +121,8 @@ PHASE_COLOURS = {"setup": "#bbbbbb", "sample": "#d1e5f0", "train": "#d9f0d3", "r
                  "actor_start": "#f4a582", "chunk": "#2166ac", "fit": "#1b7837", "test": "#762a83"}
 
 
-def gantt_chart(rows: list[dict], loc: Location):
-    """PNG: one row per process (the driver, each actor, each Train worker slot), its spans coloured by phase."""
+def gantt_chart(rows: list[dict]):
+    """A figure: one row per process (the driver, each actor, each Train worker slot), its spans coloured by phase."""
     spans = [r for r in rows if r["phase"] != "node"]
     t0 = min(r["start"] for r in spans)
     lanes = sorted({(r["node"], r["who"]) for r in spans},
@@ -141,20 +142,21 @@ def gantt_chart(rows: list[dict], loc: Location):
     ax.set_title(f"{u['resource']} busy {100 * u['busy_share']:.0f} % of held ({u['busy']:.3g} of {u['held']:.3g} "
                  f"{u['resource']}-h)", fontsize=9)
     fig.tight_layout()
-    save_figure(fig, loc)
+    return fig
 
 
-def _timeline_section(run_dir: Location) -> list[str]:
+def _timeline_section(run_dir: Location, write: Callable[[Location, bytes], None]) -> list[str]:
     rows = timeline.read_timeline(run_dir)
     if not any(r["phase"] == "node" for r in rows):
         return []
-    gantt_chart(rows, run_dir / "report" / "timeline.png")
+    save_figure(gantt_chart(rows), run_dir / "report" / "timeline.png", write)
     return ["## Where the time went", "", "Resource-hours held (every up node's slots) and busy (sampling, fitting, "
             "testing), from timeline/:", "", timeline.usage_table(rows), "", "![timeline](report/timeline.png)", ""]
 
 
-def write_report(run_dir: Location):
-    """(Re)write run_dir/report.md and its figures under run_dir/report/ from the manifest and the results."""
+def write_report(run_dir: Location, write: Callable[[Location, bytes], None] = Location.write_bytes):
+    """(Re)write run_dir/report.md and its figures under run_dir/report/ from the manifest and the results; each file
+    by write(location, bytes) (a driver's: through its lease)."""
     run_dir = as_location(run_dir)
     manifest = read_manifest(run_dir)
     if not manifest or not manifest["stages"]:
@@ -179,17 +181,19 @@ def write_report(run_dir: Location):
         lines.append(f"| {key} | {info['images']} | {info['total_images']} | {100 * info['student_acc']:.2f} | {s} | "
                      f"{info['sample_seconds']} | {info['train_seconds']} | {cost} |")
     lines += ["", "![student accuracy](report/accuracy.png)", ""]
-    accuracy_plot(manifest, figs / "accuracy.png")
-    if scores_plot(manifest, figs / "scores.png"):
+    save_figure(accuracy_plot(manifest), figs / "accuracy.png", write)
+    scores = scores_plot(manifest)
+    if scores is not None:
+        save_figure(scores, figs / "scores.png", write)
         lines += ["![S per stage](report/scores.png)", ""]
     lines += ["## Images", ""]
     for key in sorted(manifest["stages"], key=int):
         grid = figs / f"stage{key}.png"
         if not grid.exists():  # a finished stage's images do not change
-            stage_grid(run_dir, manifest, int(key), grid)
+            save_figure(stage_grid(run_dir, manifest, int(key)), grid, write)
         lines += [f"![stage {key}](report/stage{key}.png)", ""]
-    lines += _timeline_section(run_dir) + _eval_table(run_dir) + _redundancy_section(run_dir)
-    (run_dir / "report.md").write_text("\n".join(lines))
+    lines += _timeline_section(run_dir, write) + _eval_table(run_dir) + _redundancy_section(run_dir)
+    write(run_dir / "report.md", "\n".join(lines).encode())
 
 
 def compare(runs: list) -> str:

@@ -121,17 +121,18 @@ def shard_urls(run_dir: Location, rel_paths: list[str]) -> list[str]:
     return [f"pipe:{shlex.quote(sys.executable)} -m lgd_ray.storage cat {shlex.quote(str(run_dir / p))}" for p in rel_paths]
 
 
-def load_tensor_set(run_dir: Location, rows: list[dict], num_classes: int) -> TensorSet:
-    """The samples of the given manifest rows' shards as an in-memory training set (one image shape, labels in
-    range, or one line)."""
+def load_tensor_set(run_dir: Location, rows: list[dict], num_classes: int, shape: tuple[int, int, int]) -> TensorSet:
+    """The samples of the given manifest rows' shards as an in-memory training set: images of `shape` (C, H, W: the
+    config's data.channels and data.image_size) and labels below num_classes, or one line."""
     samples = read_shards(run_dir, rows)
     if not samples:
         raise ValueError(f"no samples in {len(rows)} shards under {run_dir}")
     shapes = {tuple(s["image"].shape) for s in samples}
     labels = torch.tensor([s["cls"] for s in samples])
-    if len(shapes) > 1 or labels.min() < 0 or labels.max() >= num_classes:
+    if shapes != {tuple(shape)} or labels.min() < 0 or labels.max() >= num_classes:
         raise ConfigError(f"run folder: the shards under {run_dir} hold images of shapes {sorted(shapes)} and labels "
-                          f"{labels.min()}..{labels.max()}: one shape and labels below {num_classes} expected")
+                          f"{labels.min()}..{labels.max()}: images of {tuple(shape)} (data.channels, data.image_size) "
+                          f"and labels below {num_classes} expected")
     return TensorSet(torch.stack([s["image"] for s in samples]), labels, num_classes)
 
 

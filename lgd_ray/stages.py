@@ -29,7 +29,7 @@ from lgd_ray.reference import ensure_reference, fit_job, new_classifier, referen
 from lgd_ray.report import write_report
 from lgd_ray.seeding import derive_seed
 from lgd_ray.shards import (MANIFEST, in_order, load_tensor_set, manifest_bytes, read_manifest, record, shard_sha256,
-                            shards_through, stage_dir, stage_rows, write_manifest)
+                            shards_through, stage_dir, stage_rows)
 from lgd_ray.storage import Location, as_location
 from lgd_ray.timeline import Timeline, span, timed
 from lgd_ray.tiny_fit import ensure_tiny
@@ -158,11 +158,16 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
     n_classes = num_classes(cfg.data)
     manifest = open_manifest(run_dir, cfg, resume)
 
-    def save(manifest: dict):
-        if lease is not None:  # fenced: a driver that lost the run folder to another stops before it writes
-            lease.write(MANIFEST, manifest_bytes(manifest))
+    def put(loc: Location, data: bytes):
+        """Write a file of the run folder: fenced by the lease, so that a driver that lost the run folder to another
+        stops before it writes (manifest, students, report)."""
+        if lease is not None:
+            lease.write(loc.relative_to(run_dir), data)
         else:
-            write_manifest(run_dir, manifest)
+            loc.write_bytes(data)
+
+    def save(manifest: dict):
+        put(run_dir / MANIFEST, manifest_bytes(manifest))
 
     # Set-up, here in the driver before any chunk is made: prior and reference (trained and stored if absent)
     manifest["num_classes"] = n_classes
@@ -215,7 +220,7 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
             start = time.time()
             with timeline.phase("train", stage.index):
                 d_i = shards_through(manifest, stage.index)
-                job = fit_job(cfg, "student", n_classes, partial(load_tensor_set, run_dir, in_order(d_i), n_classes),
+                job = fit_job(cfg, "student", n_classes, partial(load_tensor_set, run_dir, in_order(d_i), n_classes, cfg.data.shape),
                               derive_seed(cfg.seed, "student", stage.index), student_state,
                               f"{stage_dir(stage.index)}-student", test=True)
                 job.workers = fit_workers(cfg, sum(r["count"] for r in d_i))
@@ -225,7 +230,7 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
                 student.load_state_dict(student_state)
                 new = stage_rows(manifest, stage.index)
                 total = sum(r["count"] for r in d_i)
-                save_classifier(student, ckpt, {"stage": stage.index, "test_acc": acc, "train_images": total})
+                save_classifier(student, ckpt, {"stage": stage.index, "test_acc": acc, "train_images": total}, put)
                 scores = [(r["mean_S"], r["count"]) for r in new if r["mean_S"] is not None]
                 info = {"trained": True, "student_sha256": ckpt.sha256(), "images": sum(r["count"] for r in new),
                         "total_images": total,
@@ -239,7 +244,7 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
                 timeline.flush()
             if report is not None:
                 report.result()  # the previous stage's report (its error, if any, stops the run here)
-            report = reporter.submit(_report, run_dir, timeline, stage.index)
+            report = reporter.submit(_report, run_dir, timeline, stage.index, put)
             s_text = f", mean S {info['mean_S']:.3f}" if info["mean_S"] is not None else ""
             log(f"stage {stage.index}/{len(stages) - 1}: {info['images']} new images ({info['total_images']} in all), "
                 f"sample {info['sample_seconds']:.1f} s, train {info['train_seconds']:.1f} s, "
@@ -252,13 +257,13 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
             timeline.nodes()
             timeline.flush()
             if report is not None:
-                write_report(run_dir)  # with the last spans in its table
+                write_report(run_dir, put)  # with the last spans in its table
     finally:
         reporter.shutdown(wait=True)
         timeline.flush()
     return manifest
 
 
-def _report(run_dir: Location, timeline: Timeline, stage: int):
+def _report(run_dir: Location, timeline: Timeline, stage: int, write: Callable[[Location, bytes], None]):
     with timeline.phase("report", stage, who="driver-report"):
-        write_report(run_dir)
+        write_report(run_dir, write)

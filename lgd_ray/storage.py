@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -177,6 +178,10 @@ class Location:
         base = f"{p.scheme}://{p.netloc}{p.path.rstrip('/')}/{rel}"
         return Location(base + (f"?{p.query}" if p.query else ""))
 
+    def relative_to(self, folder: "Location") -> str:
+        """This location's path below `folder` (a ValueError if it is not below it)."""
+        return PurePosixPath(self.path).relative_to(PurePosixPath(folder.path)).as_posix()
+
     def resolve(self) -> "Location":
         """Local paths made absolute (so that Ray workers with another working folder find them)."""
         return Location(self.path) if self.is_local else self
@@ -225,6 +230,15 @@ class Location:
 
     def files(self, suffix: str = "") -> list["Location"]:
         return [c for c in self.iterdir() if c.name.endswith(suffix) and not c.is_dir()]
+
+    def listing(self) -> list[tuple[str, int, int]]:
+        """(path under this folder, size, modification time in ns) of every file below it, sorted."""
+        def walk():
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True, recursive=True))
+            return sorted((PurePosixPath(i.path).relative_to(PurePosixPath(self.path)).as_posix(), i.size,
+                           i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File)
+
+        return self._call("list", walk)
 
     def sha256(self) -> str:
         def digest():
@@ -381,24 +395,30 @@ def file_lock(path: Path, timeout_s: float):
 
 
 def local_copy(loc: Location, cache_root: str, marker: str) -> Path:
-    """A node-local copy of a folder (a prior), made once per node: concurrent callers wait on a file lock.
+    """A node-local copy of a folder (a prior), made once per node per version: concurrent callers wait on a file lock.
 
-    Local folders are used where they are. The copy is complete when `marker` exists in it.
+    Local folders are used where they are. A copy is named by the URI and the folder's listing (every file's path, size
+    and modification time, one list request), so a folder re-made at the same URI is copied again and the older copy
+    removed; the copy is complete when `marker` exists in it.
     """
     if loc.is_local:
         return loc.local_path
     root = Path(cache_root).expanduser() / "store"
-    target = root / hashlib.sha256(loc.uri.encode()).hexdigest()[:16]
-    with file_lock(root / f"{target.name}.lock", COPY_LOCK_S):
+    listing = loc.listing()
+    if marker not in {name for name, _, _ in listing}:
+        raise StorageError(f"storage: {loc} holds no {marker}")
+    uri_key = hashlib.sha256(loc.uri.encode()).hexdigest()[:16]
+    target = root / f"{uri_key}-{hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]}"
+    with file_lock(root / f"{uri_key}.lock", COPY_LOCK_S):
         if not (target / marker).exists():
-            if not (loc / marker).exists():
-                raise StorageError(f"storage: {loc} holds no {marker}")
             tmp = target.with_name(target.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             print(f"storage: copying {loc} -> {target} (once on this node)", file=sys.stderr, flush=True)
             loc.download_dir(tmp)
-            shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
+            for old in root.glob(f"{uri_key}-*"):  # an earlier version of this URI (loaded processes keep their weights)
+                if old != target:
+                    shutil.rmtree(old, ignore_errors=True)
     return target
 
 

@@ -242,11 +242,13 @@ def info_location(weights: Location) -> Location:
     return Location(as_location(weights).uri.replace(".safetensors", ".json"))
 
 
-def save_classifier(model: torch.nn.Module, loc: Location, info: dict):
-    """`info` as JSON, then the weights as safetensors (each one atomic write): weights present means both are."""
+def save_classifier(model: torch.nn.Module, loc: Location, info: dict,
+                    write: Callable[[Location, bytes], None] = Location.write_bytes):
+    """`info` as JSON, then the weights as safetensors (each one atomic write): weights present means both are.
+    write(location, bytes): how each is written (a driver's run folder: through its lease)."""
     loc = as_location(loc)
-    info_location(loc).write_text(json.dumps(info, indent=1))
-    loc.write_bytes(safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
+    write(info_location(loc), json.dumps(info, indent=1).encode())
+    write(loc, safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
 
 
 def load_classifier(model: torch.nn.Module, loc: Location) -> tuple[torch.nn.Module, dict]:

@@ -4,9 +4,11 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from lgd_ray import distill, evaluate, prepare, report
 from lgd_ray.config import AUTO_GPU, ConfigError, load_config
+from lgd_ray.shards import write_shard
 from lgd_ray.stages import run_stages
 from lgd_ray.storage import Location
 
@@ -196,3 +198,18 @@ def test_evaluation_reads_data_and_models_where_this_machine_says(capsys, run_co
     assert "evaluate: data.prepared is ''" in out
     cfg, _ = evaluate.load_run(Location(str(run)), ["cache=/somewhere/else"])  # the command line's own
     assert cfg.cache == "/somewhere/else"
+
+
+def test_shards_of_another_image_size_are_one_line(capsys, run_copy):
+    """A shard re-made with images of another size (its sha256 recorded, so it passes the byte check) is refused
+    by evaluate against data.image_size before any training."""
+    _, run, manifest = run_copy
+    row = sorted(manifest["shards"], key=lambda r: r["path"])[0]
+    samples = [{"key": k, "image": torch.zeros(1, 12, 12, dtype=torch.uint8), "cls": 0, "meta": {"S": None}}
+               for k in row["keys"]]
+    made = write_shard(Location(str(run)), row["path"], samples)
+    text = json.loads((run / "manifest.json").read_text())
+    next(r for r in text["shards"] if r["path"] == row["path"])["sha256"] = made["sha256"]
+    (run / "manifest.json").write_text(json.dumps(text))
+    line = one_line(capsys, evaluate.main, [str(run), "ray.enabled=false", "train.epochs=1", "epochs_by_ipc=[]"])
+    assert "images of shapes [(1, 8, 8), (1, 12, 12)]" in line and "(1, 8, 8) (data.channels, data.image_size)" in line, line

@@ -45,7 +45,7 @@ def test_repeats_differ_only_by_seed(run):
     cfg = replace(cfg, evaluate=replace(cfg.evaluate, repeats=2, eval_every=5))
     shards = sorted(manifest["shards"], key=lambda r: r["path"])
     jobs = [replace(j, train=replace(j.train, epochs=5))
-            for j in eval_jobs(cfg, partial(load_tensor_set, out, shards, 10), 6, "eval")]
+            for j in eval_jobs(cfg, partial(load_tensor_set, out, shards, 10, cfg.data.shape), 6, "eval")]
     assert jobs[0].seed != jobs[1].seed and replace(jobs[0], seed=0) == replace(jobs[1], seed=0)
     a, b, a2 = run_eval_job(jobs[0]), run_eval_job(jobs[1]), run_eval_job(jobs[0])
     assert a["curve"] == a2["curve"]  # the same seed gives the same numbers

@@ -59,7 +59,7 @@ def test_the_latent_prior_is_a_dit_pipeline_that_diffusers_loads_and_the_sampler
 def test_a_distillation_runs_on_the_latent_prior(latent_cfg, tmp_path):
     """lgd's guided step back-propagates through the trained VAE decoder; the run records the prior it used."""
     manifest = distill(replace(latent_cfg, out=str(tmp_path / "run")))
-    made = load_tensor_set(Location(str(tmp_path / "run")), manifest["shards"], 10)
+    made = load_tensor_set(Location(str(tmp_path / "run")), manifest["shards"], 10, latent_cfg.data.shape)
     assert made.images.shape == (10 * 6, 1, 8, 8) and made.labels.bincount().tolist() == [6] * 10
     assert manifest["prior"] == ensure_prior(latent_cfg)
     assert manifest["stages"]["2"]["cost"]["guided_steps"] > 0

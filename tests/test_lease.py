@@ -307,3 +307,27 @@ def test_a_fenced_write_rides_out_a_short_store_outage(s3_endpoint, monkeypatch)
             lease.write("manifest.json", b"second")
             assert time.monotonic() - start >= 2.5  # it waited for the store
     assert (Location(s3_uri(s3_endpoint, bucket, "run")) / "manifest.json").read_bytes() == b"second"
+
+
+def test_every_file_the_driver_writes_goes_through_its_lease(store, trained, tiny_overrides):
+    """The manifest, each stage's student and the report with its figures are written by the driver through its lease
+    (fenced: refused once another driver wrote them); shards are the actors' (check_holder) and the timeline's parts
+    are named per driver."""
+    from lgd_ray.config import load_config
+    from lgd_ray.stages import run_stages
+
+    class Recorded(Lease):
+        def write(self, name, data):
+            self.names.append(name)
+            super().write(name, data)
+
+    run = store / "run"
+    cfg = load_config("digits", tiny_overrides + ["distill.stages=1", f"out={run}"])
+    with Recorded(run, ttl_s=30) as lease:
+        lease.names = []
+        run_stages(cfg, run, lease=lease, log=lambda _: None)
+    files = {p for p, _, _ in run.listing()} - {"lease.json", ".lease.lock"}
+    by_driver = {p for p in files if not p.endswith(".tar") and not p.startswith("timeline/")}
+    assert {"manifest.json", "stage-00/student.safetensors", "stage-01/student.json", "report.md",
+            "report/accuracy.png", "report/stage1.png"} <= by_driver
+    assert by_driver == set(lease.names), by_driver ^ set(lease.names)

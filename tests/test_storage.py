@@ -39,6 +39,13 @@ def test_files_and_folders(store, tmp_path):
     copy = local_copy(store / "pipe", str(tmp_path / "node"), "model_index.json")
     assert (copy / "sub" / "w.bin").read_bytes() == b"weights" and (copy / "model_index.json").exists()
     assert local_copy(store / "pipe", str(tmp_path / "node"), "model_index.json") == copy
+    # the folder re-made at the same URI (new weights): copied again, the old copy gone
+    time.sleep(0.01)
+    (src / "sub" / "w.bin").write_bytes(b"weights, made again")
+    (store / "pipe").upload_dir(src, last="model_index.json")
+    again = local_copy(store / "pipe", str(tmp_path / "node"), "model_index.json")
+    assert (again != copy) == (not store.is_local) and (again / "sub" / "w.bin").read_bytes() == b"weights, made again"
+    assert copy.exists() == store.is_local  # a local folder is used where it is
     (store / "a").delete()
     assert not (store / "a").exists()
     if store.is_local:
