@@ -356,10 +356,11 @@ def check_holder(run_dir, holder: str):
 
 
 @contextlib.contextmanager
-def cache_lock(cache, name: str, ttl_s: float, wait_s: float):
-    """Hold the lease of the cache entry `name` (`CACHE/.locks/<name>/lease.json`) while this process makes it: a
-    second driver on the same cache waits, saying so once, until the first releases it (or its lease lapses, or its
-    process is gone), then finds the entry made. Yields the Lease (check() it before writing)."""
+def cache_lock(cache, name: str, ttl_s: float, wait_s: float, what: str = "cache"):
+    """Hold the lease of the entry `name` of a folder (a cache; `what` names it in the one line said while waiting):
+    `CACHE/.locks/<name>/lease.json`, while this process makes it. A second driver on the same folder waits, saying
+    so once, until the first releases it (or its lease lapses, or its process is gone), then finds the entry made.
+    Yields the Lease (check() it before writing)."""
     entry = as_location(cache) / name
     lease = Lease(as_location(cache) / ".locks" / name, ttl_s, wait_s)
     if lease.run_dir.is_local:
@@ -371,7 +372,7 @@ def cache_lock(cache, name: str, ttl_s: float, wait_s: float):
             break
         except LeaseError as e:
             if not said:
-                print(f"cache: waiting for another driver to make {entry} ({e})", flush=True)
+                print(f"{what}: waiting for another driver to make {entry} ({e})", flush=True)
                 said = True
             time.sleep(min(5.0, ttl_s / 6))
     try:

@@ -28,6 +28,7 @@ import re
 import sys
 import time
 import uuid
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from lgd_ray.cli import run_cli
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.data import (BAD_IMAGES, PREPARED_INDEX, by_class_name, decode_image, image_files, read_classlist,
                           root_relative)
+from lgd_ray.lease import cache_lock
 from lgd_ray.seeding import generator
 from lgd_ray.storage import Location, as_location
 
@@ -163,10 +165,24 @@ def prepare(cfg: Config, shard_images: int = 1000, by_class: tuple[int, ...] = (
     if d.name != "folder" or not d.root or not d.prepared:
         raise ConfigError("prepare: needs data.name=folder with data.root (the ImageFolder tree) and data.prepared "
                           "(where the shards go)")
-    start = time.time()
     root = as_location(d.prepared)
+    # one prepare per target at a time: a second one waits, then keeps what the first made
+    with cache_lock(root, "prepare", cfg.storage.lease_s, cfg.storage.retry_s, "prepare") as lease:
+        return _prepare(cfg, root, shard_images, by_class, per_class, lease.check)
+
+
+def _prepare(cfg: Config, root: Location, shard_images: int, by_class: tuple[int, ...], per_class: int,
+             check: Callable[[], None]) -> dict:
+    """prepare() under the target's lease; check() before the index, the switch, is written."""
+    d = cfg.data
+    start = time.time()
     old = root_relative(json.loads((root / PREPARED_INDEX).read_text())) if (root / PREPARED_INDEX).exists() else {}
     keep = _made_for(old, cfg)
+    gone = _missing(root, old) if keep else []
+    if gone:
+        print(f"prepare: {root / PREPARED_INDEX} lists {len(gone)} objects that are gone (the first: {gone[0]}): "
+              "made again", flush=True)
+        keep = False
     have = old.get("by_class", {}) if keep else {}
     sizes = [s for s in by_class if have.get(str(s), {}).get("per_class") != per_class]
     gen, skip = f"gen-{uuid.uuid4().hex[:8]}", cfg.prepare.bad_images == "skip"
@@ -211,17 +227,29 @@ def prepare(cfg: Config, shard_images: int = 1000, by_class: tuple[int, ...] = (
         (root / BAD_IMAGES).write_text("".join(f"{f}\n" for f in index["skipped"]))
         print(f"prepare: skipped {len(index['skipped'])} files that do not decode (prepare.bad_images=skip), listed "
               f"in {root / BAD_IMAGES}", flush=True)
+    check()  # a prepare whose lease ran out (stopped, cut off) leaves the index to the one that holds it now
     (root / PREPARED_INDEX).write_text(json.dumps(index, indent=1))  # last: the switch to the new objects
     _drop_unlisted(root, index)
     print(f"prepare: {n_images} images in {seconds:.1f} s ({n_images / seconds:.1f} images/s) -> {root}", flush=True)
     return index
 
 
+def _listed(index: dict) -> list[str]:
+    """Every object an index names (labels and shards of the splits and the class-sorted copies)."""
+    return [path for part in [*index.get("splits", {}).values(), *index.get("by_class", {}).values()]
+            for path in [part.get("labels", ""), *(r["path"] for r in part["shards"])] if path]
+
+
+def _missing(root: Location, index: dict) -> list[str]:
+    """The objects an index names that are not in the folder (one listing)."""
+    there = {path for path, _, _ in root.listing()}
+    return [path for path in _listed(index) if path not in there]
+
+
 def _drop_unlisted(root: Location, index: dict):
     """Delete the folders of earlier generations (and of the layout before them) that the index no longer lists;
     nothing else in the folder is touched."""
-    listed = {path.split("/")[0] for part in [*index["splits"].values(), *index["by_class"].values()]
-              for path in [part.get("labels", ""), *(r["path"] for r in part["shards"])] if path}
+    listed = {path.split("/")[0] for path in _listed(index)}
     for child in root.iterdir():
         if child.name not in listed and re.fullmatch(r"gen-[0-9a-f]{8}|train|test|by-class-\d+px", child.name):
             child.delete()

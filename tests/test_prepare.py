@@ -1,5 +1,7 @@
 """`prepare`: an ImageFolder tree (JPEG and PNG, odd sizes, a class list not in directory order) into uint8 shards on
 a real S3 server through Ray Data; the readers (DDP shares, the test split, a reference fit) use them."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -199,7 +201,7 @@ def test_prepare_again_switches_generations_at_the_index_and_reads_check_sha256(
     second = prepare(other, shard_images=4)
     (new,) = {r["path"].split("/")[0] for r in second["splits"]["train"]["shards"]}
     assert new != gen and not (prepared / gen).exists() and (prepared / "notes").is_dir()
-    assert sorted(p.name for p in prepared.iterdir()) == sorted([new, "index.json", "notes"])
+    assert sorted(p.name for p in prepared.iterdir()) == sorted([new, ".locks", "index.json", "notes"])
     shard = prepared / second["splits"]["train"]["shards"][1]["path"]
     shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
     train = load_split(other.data, "train")
@@ -261,3 +263,38 @@ def test_a_decompression_bomb_is_a_bad_image(tmp_path):
     bomb.write_bytes(_png_header_only(20000, 20000))
     with pytest.raises(ConfigError, match=rf"prepare: cannot decode {bomb} \(Image size \(400000000 pixels\) exceeds"):
         decode_file(str(bomb), 16)
+
+
+def test_prepare_waits_for_another_on_its_target_and_remakes_an_index_whose_objects_are_gone(tmp_path, capsys):
+    """A prepare started while another holds the target's lease waits (one line), then keeps what that one made; an
+    index some of whose objects were deleted is not kept: the data set is made again."""
+    import threading
+
+    from lgd_ray.lease import cache_lock
+
+    _tree(tmp_path / "data")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(WNIDS) + "\n")
+    prepared = tmp_path / "prepared"
+    cfg = _cfg(tmp_path / "data", classes, prepared, "ray.enabled=false", "storage.lease_s=6")
+    done = []
+    with cache_lock(str(prepared), "prepare", 6, 10):  # another prepare, in the middle of its work
+        waiting = threading.Thread(target=lambda: done.append(prepare(cfg, shard_images=4)))
+        waiting.start()
+        deadline = time.time() + 30
+        while "prepare: waiting for another driver to make" not in capsys.readouterr().out:
+            assert time.time() < deadline and not done
+            time.sleep(0.1)
+        assert not done and not (prepared / "index.json").exists()
+    waiting.join(timeout=120)
+    first = done[0]
+    assert prepare(cfg, shard_images=4) == first  # kept
+    capsys.readouterr()
+    gone = prepared / first["splits"]["test"]["shards"][0]["path"]
+    gone.unlink()
+    again = prepare(cfg, shard_images=4)
+    assert f"lists 1 objects that are gone (the first: {first['splits']['test']['shards'][0]['path']}): made again" \
+        in capsys.readouterr().out
+    assert again["splits"]["test"]["shards"][0]["path"] != first["splits"]["test"]["shards"][0]["path"]
+    assert len(whole_labels(load_split(cfg.data, "test"))) == first["splits"]["test"]["count"]  # every image read
+    assert all((prepared / r["path"]).exists() for part in again["splits"].values() for r in part["shards"])
