@@ -7,7 +7,8 @@ its holder while it runs, taken over by another driver only once it has expired.
     other stores   written, then read back after a pause: the last writer holds it (no conditional writes there)
 
 A driver that crashed leaves its lease to lapse after `storage.lease_s`, so `--resume` after a crash needs no
-clean-up; one on the same host whose process is gone is taken over at once. A second driver on a held folder is
+clean-up; one on the same host whose process is gone, or one whose Ray job on the cluster this driver is connected
+to has ended, is taken over at once. A second driver on a held folder is
 refused in one line naming the holder and the expiry. The holder checks its lease by the clock before it writes
 (`check`): one whose lease ran out (stopped, or cut off from the store) waits for a renewal, and stops once another
 holder is seen or `storage.retry_s` has passed; a renewal that finds the lease still its own after an outage takes it
@@ -19,6 +20,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -83,7 +85,7 @@ class Lease:
         body = self._body()
         if not self._create(body):
             current = self._read()
-            gone = current is not None and _holder_gone(current[0]["holder"])
+            gone = current is not None and _holder_gone(current[0])
             if gone:
                 self.took_over = f"{current[0]['holder']}: {gone}"
             elif current is not None and current[0]["holder"] != self.holder and current[0]["expires"] > time.time():
@@ -161,7 +163,11 @@ class Lease:
         self.release()
 
     def _body(self) -> dict:
-        return {"holder": self.holder, "expires": time.time() + self.ttl_s}
+        body = {"holder": self.holder, "expires": time.time() + self.ttl_s}
+        job = _ray_job()
+        if job:  # a driver of a Ray cluster: its job, so that another driver there sees when it has ended
+            body["ray_job"] = job
+        return body
 
     def _renew_loop(self):
         """Renew every ttl_s / 3 (every second while the lease has lapsed); an unreachable store is tried again, and
@@ -393,20 +399,46 @@ def _parse(data: bytes) -> dict:
     return {"holder": f"nobody ({LEASE} was damaged)", "expires": 0.0}
 
 
-def _holder_gone(holder: str) -> str:
-    """Why the holder (host:pid:tag) is provably not running ("" if it may be): a process of this host that no longer
-    exists. A pid reused by another process counts as running: the lease then lapses as usual."""
-    host, _, rest = holder.partition(":")
+def _holder_gone(lease: dict) -> str:
+    """Why the lease's holder (host:pid:tag) is provably not running ("" if it may be): a process of this host that
+    no longer exists, or a driver whose Ray job on the cluster this process is connected to has ended. A pid reused by
+    another process counts as running: the lease then lapses as usual."""
+    host, _, rest = lease["holder"].partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+    if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return f"process {pid} of this host ({host}) no longer exists"
+        except PermissionError:  # it exists, another user's
+            pass
+    return _ray_job_ended(lease.get("ray_job"))
+
+
+def _ray_job() -> str:
+    """`SESSION/JOB_ID` of this driver's Ray job ("" when this process is not connected to Ray: Ray is not imported
+    here, so a run with ray.enabled=false never loads it)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
         return ""
+    ctx = ray.get_runtime_context()
+    return f"{ctx.get_session_name()}/{ctx.get_job_id()}"
+
+
+def _ray_job_ended(job) -> str:
+    """Why the Ray job `SESSION/JOB_ID` has provably ended ("" if it may still run, or is of another cluster, or the
+    job table cannot be read): the cluster's job table (GCS) marks a job dead once its driver is gone."""
+    mine = _ray_job()
+    if not isinstance(job, str) or not mine or job.partition("/")[0] != mine.partition("/")[0] or job == mine:
+        return ""
+    session, _, job_id = job.partition("/")
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return f"process {pid} of this host ({host}) no longer exists"
-    except PermissionError:  # it exists, another user's
+        from ray._private.state import jobs  # the GCS job table (what `ray list jobs` reads, without a dashboard)
+
+        dead = any(j["JobID"] == job_id and j["IsDead"] for j in jobs())
+    except Exception:  # an API of another Ray version: no proof, the lease lapses as usual
         return ""
-    return ""
+    return f"its Ray job {job_id} on this cluster ({session}) has ended" if dead else ""
 
 
 def _status(error) -> int:

@@ -176,6 +176,50 @@ def test_a_holder_of_this_host_whose_process_is_gone_is_taken_over_at_once(store
         alive.kill()
 
 
+def test_a_holder_whose_ray_job_has_ended_is_taken_over_at_once(local_ray, store):
+    """A driver of this Ray cluster (as a driver on another host would be: its process still there) whose Ray job has
+    ended gives its lease up at once to a driver of the same cluster; one whose job runs keeps it."""
+    import ray
+
+    run = store / "run"
+    script = f"""
+import sys, time, ray
+from lgd_ray.lease import Lease
+from lgd_ray.storage import Location
+ray.init(address={ray.get_runtime_context().gcs_address!r}, log_to_driver=False)
+lease = Lease(Location({run.uri!r}), ttl_s=600).acquire()
+lease._stop.set()  # no renewals: the lease stays as written
+print(lease.holder, ray.get_runtime_context().get_job_id(), flush=True)
+sys.stdin.readline()
+ray.shutdown()  # the Ray job ends; the process lives on
+print("shut", flush=True)
+time.sleep(600)
+"""
+    other = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        holder, job = other.stdout.readline().split()
+        assert json.loads((run / LEASE).read_text())["ray_job"].endswith(f"/{job}")
+        with pytest.raises(LeaseError, match="held by another driver"):  # its job runs
+            Lease(run, ttl_s=2).acquire()
+        other.stdin.write("\n")
+        other.stdin.flush()
+        assert other.stdout.readline().strip() == "shut"
+        deadline = time.time() + 30
+        while True:  # the GCS marks the job dead once its driver has disconnected
+            try:
+                lease = Lease(run, ttl_s=2).acquire()
+                break
+            except LeaseError:
+                assert time.time() < deadline, "the ended job's lease was not taken over"
+                time.sleep(0.5)
+        lease.release()
+        assert other.poll() is None and lease.took_over.startswith(f"{holder}: its Ray job {job} on this cluster (session_")
+        assert lease.took_over.endswith(") has ended")
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_renewal_whose_put_landed_but_whose_reply_was_lost_keeps_the_lease(store):
     """The put lands, its reply is lost, the client sends it again: the condition (the version read before) fails.
     The renewal reads the lease back, finds its own body and keeps the lease; another holder's would end it."""
