@@ -2,8 +2,9 @@
 its holder while it runs, taken over by another driver only once it has expired.
 
     local folder   O_EXCL creation; read, check and replace under an exclusive flock of `.lease.lock`
-    s3://          conditional puts (If-None-Match: * to create, If-Match: ETAG to renew or take over; docs/DESIGN.md section 8);
-                   a store that ignores them (a probe put twice both succeed) is refused in one line
+    s3://, gs://   conditional puts (only if absent to create, only if at the version read to renew or take over:
+                   lgd_ray/conditional.py; docs/DESIGN.md section 8); a store that ignores them (a probe put twice
+                   only if absent: both succeed) is refused in one line
     other stores   written, then read back after a pause: the last writer holds it (no conditional writes there)
 
 A driver that crashed leaves its lease to lapse after `storage.lease_s`, so `--resume` after a crash needs no
@@ -26,10 +27,10 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import parse_qsl
 
 from lgd_ray.errors import ConfigError
-from lgd_ray.storage import StorageError, as_location, file_lock, retry_s, s3_endpoint_url
+from lgd_ray.conditional import Conflict, key_of, objects_for
+from lgd_ray.storage import StorageError, as_location, file_lock, retry_s
 
 LEASE = "lease.json"
 LOCK = ".lease.lock"
@@ -58,29 +59,33 @@ class Lease:
         self._renewed = threading.Event()  # set by every renewal (check() waits on it while the lease has lapsed)
         self._thread = None
         self._written: dict[str, object] = {}  # name -> what this driver last wrote there (its ETag on S3)
-        p = self.loc._parts
-        self._s3 = None
-        if p.scheme == "s3":
-            import boto3  # only for conditional puts, which pyarrow's S3 filesystem does not expose
+        # s3:// and gs://: conditional puts (lgd_ray/conditional.py); a renewal that hangs must not outlive the lease:
+        # time-outs well under a third of it
+        self._objects = objects_for(self.loc, max(0.5, ttl_s / 6))
 
-            q = dict(parse_qsl(p.query))
-            from botocore.config import Config as BotoConfig
-
-            endpoint = s3_endpoint_url(q, self.loc.uri)
-            # a renewal that hangs must not outlive the lease: time-outs well under a third of it, one retry
-            limit = max(0.5, ttl_s / 6)
-            client = boto3.client("s3", endpoint_url=endpoint, region_name=q.get("region"), config=BotoConfig(
-                connect_timeout=limit, read_timeout=limit, retries={"max_attempts": 2, "mode": "standard"}))
-            self._s3 = (client, p.netloc, p.path.lstrip("/"))  # the lease's key
-
-    def _s3_key(self, name: str) -> str:
-        """The S3 key of run_dir/name (in the lease's bucket)."""
-        return (self.run_dir / name)._parts.path.lstrip("/")
+    def _key(self, name: str = LEASE) -> str:
+        """The object key of run_dir/name (in the lease's bucket)."""
+        return key_of(self.run_dir / name)
 
     # -- the lease -------------------------------------------------------------------------------------------------
     def acquire(self):
-        """Hold the lease, or raise LeaseError naming who holds it and until when; then renew it every ttl_s / 3."""
-        if self._s3:
+        """Hold the lease, or raise LeaseError naming who holds it and until when; then renew it every ttl_s / 3. A
+        store that refuses the lease's requests (credentials, permissions) is one line (StorageError)."""
+        try:
+            self._take()
+        except (LeaseError, StorageError):
+            raise
+        except Exception as e:
+            if not self._objects:
+                raise
+            raise StorageError(f"storage: cannot take the lease of {self.run_dir}: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        self._thread = threading.Thread(target=self._renew_loop, daemon=True, name="lgd_ray-lease")
+        self._thread.start()
+        return self
+
+    def _take(self):
+        if self._objects:
             self._probe_conditions()
         body = self._body()
         if not self._create(body):
@@ -94,9 +99,6 @@ class Lease:
                                  f"it to finish, or, if it died on another host, for its lease to lapse (storage.lease_s {self.ttl_s:g})")
             if not self._replace(body, current):
                 raise LeaseError(f"run folder {self.run_dir}: another driver took the lapsed lease first")
-        self._thread = threading.Thread(target=self._renew_loop, daemon=True, name="lgd_ray-lease")
-        self._thread.start()
-        return self
 
     def check(self):
         """Return while this driver's lease has not run out (by the clock, less a margin); while it has (a stopped
@@ -125,8 +127,8 @@ class Lease:
         self.check()
         loc = self.run_dir / name
         last = self._written.get(name)
-        if self._s3:
-            self._written[name] = self._s3_retried(f"write {loc}", lambda: self._s3_write(name, data, last))
+        if self._objects:
+            self._written[name] = self._retried(f"write {loc}", lambda: self._store_write(name, data, last))
         elif loc.is_local:
             with self._local_lock():
                 now = loc.read_bytes() if loc.exists() else None
@@ -198,8 +200,8 @@ class Lease:
     def _create(self, body: dict) -> bool:
         """Write the lease where none is; False if one is there."""
         data = json.dumps(body).encode()
-        if self._s3:
-            return self._s3_put(data, body, IfNoneMatch="*")
+        if self._objects:
+            return self._put(data, body, None)
         if self.loc.is_local:
             with self._local_lock():
                 try:
@@ -218,13 +220,9 @@ class Lease:
 
     def _read(self) -> tuple[dict, object] | None:
         """(the lease, what identifies this version of it), or None if there is none."""
-        if self._s3:
-            client, bucket, key = self._s3
-            try:
-                obj = client.get_object(Bucket=bucket, Key=key)
-            except client.exceptions.NoSuchKey:
-                return None
-            return _parse(obj["Body"].read()), obj["ETag"]
+        if self._objects:
+            got = self._objects.get(self._key())
+            return None if got is None else (_parse(got[0]), got[1])
         if not self.loc.exists():
             return None
         data = self.loc.read_bytes()
@@ -233,8 +231,8 @@ class Lease:
     def _replace(self, body: dict, current: tuple[dict, object] | None) -> bool:
         """Write our lease over the version `current` read; False if another driver changed it since."""
         data = json.dumps(body).encode()
-        if self._s3:
-            return self._s3_put(data, body, **({"IfMatch": current[1]} if current else {"IfNoneMatch": "*"}))
+        if self._objects:
+            return self._put(data, body, current[1] if current else None)
         if self.loc.is_local:
             with self._local_lock():
                 now = self._read()
@@ -245,40 +243,30 @@ class Lease:
             return True
         return self._write_and_read_back(data, body)
 
-    def _s3_write(self, name: str, data: bytes, last: str | None) -> str:
-        """Put run_dir/name if it is at the ETag `last` (None: as it is now); its new ETag. A put refused for its
-        condition whose bytes are there anyway was this driver's own (a retry after a lost reply)."""
-        client, bucket, _ = self._s3
-        key = self._s3_key(name)
+    def _store_write(self, name: str, data: bytes, last: str | None) -> str:
+        """Put run_dir/name if it is at the version `last` (None: as it is now); its new version. A put refused for
+        its condition whose bytes are there anyway was this driver's own (a retry after a lost reply)."""
+        key = self._key(name)
         if last is None:  # the first write of this driver: over whatever is there now
-            try:
-                last = client.head_object(Bucket=bucket, Key=key)["ETag"]
-            except client.exceptions.ClientError as e:
-                if _status(e) != 404:
-                    raise
+            last = self._objects.version(key)
         try:
-            return client.put_object(Bucket=bucket, Key=key, Body=data,
-                                     **({"IfMatch": last} if last else {"IfNoneMatch": "*"}))["ETag"]
-        except client.exceptions.ClientError as e:
-            if _status(e) not in (409, 412):
-                raise
-            now = client.get_object(Bucket=bucket, Key=key)
-            if now["Body"].read() == data:
-                return now["ETag"]
+            return self._objects.put(key, data, last)
+        except Conflict:
+            now = self._objects.get(key)
+            if now is not None and now[0] == data:
+                return now[1]
             raise LeaseError(f"run folder {self.run_dir}: {name} was written by another driver since this one's "
                              "last write: stopped so that two drivers never write one run") from None
 
-    def _s3_retried(self, action: str, fn):
+    def _retried(self, action: str, fn):
         """fn(), its transient failures (no connection, time-outs, HTTP 5xx) retried with back-off for up to
         storage.retry_s, as every store access is (lgd_ray/storage.py); then one line."""
-        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
-
         start, wait = time.monotonic(), 0.5
         while True:
             try:
                 return fn()
-            except (ConnectionError, HTTPClientError, ClientError) as e:
-                if isinstance(e, ClientError) and _status(e) < 500:
+            except Exception as e:
+                if not self._objects.transient(e):
                     raise
                 waited = time.monotonic() - start
                 if waited + wait > retry_s():
@@ -289,34 +277,27 @@ class Lease:
 
     def _probe_conditions(self):
         """Refuse a store that ignores conditional puts (older MinIO, some Ceph gateways): there the lease excludes
-        no one. A probe object beside the lease is put twice with If-None-Match: *; the second put must fail."""
-        client, bucket, _ = self._s3
-        probe = self._s3_key(f".lease-probe-{uuid.uuid4().hex[:8]}")
-        client.put_object(Bucket=bucket, Key=probe, Body=b"", IfNoneMatch="*")
+        no one. A probe object beside the lease is put twice only if absent; the second put must be refused."""
+        probe = self._key(f".lease-probe-{uuid.uuid4().hex[:8]}")
+        self._objects.put(probe, b"", None)
         try:
-            client.put_object(Bucket=bucket, Key=probe, Body=b"", IfNoneMatch="*")
+            self._objects.put(probe, b"", None)
             honoured = False
-        except client.exceptions.ClientError as e:
-            if _status(e) not in (409, 412):
-                raise
+        except Conflict:
             honoured = True
         finally:
-            client.delete_object(Bucket=bucket, Key=probe)
+            self._objects.delete(probe, None)
         if not honoured:
-            raise LeaseError(f"storage: the store of {self.run_dir} ignores conditional writes (a put with "
-                             "If-None-Match: * over an existing object succeeded), so its lease could not keep a second "
-                             "driver out: use a store that honours them (AWS S3 does), or a local or shared folder")
+            raise LeaseError(f"storage: the store of {self.run_dir} ignores conditional writes (a put only if absent "
+                             "over an existing object succeeded), so its lease could not keep a second driver out: use "
+                             "a store that honours them (AWS S3 and Google Cloud Storage do), or a local or shared folder")
 
-    def _s3_put(self, data: bytes, body: dict, **condition) -> bool:
-        """A conditional put (If-None-Match or If-Match); False if the condition failed (412, or 409 on a race)."""
-        client, bucket, key = self._s3
+    def _put(self, data: bytes, body: dict, version: str | None) -> bool:
+        """The lease put only if at `version` (None: only if absent); False if the condition failed."""
         try:
-            etag = client.put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
-        except client.exceptions.ClientError as e:
-            if _status(e) in (409, 412):
-                return False
-            raise
-        self.tag = (etag, body["expires"])
+            self.tag = (self._objects.put(self._key(), data, version), body["expires"])
+        except Conflict:
+            return False
         return True
 
     def _write_and_read_back(self, data: bytes, body: dict) -> bool:
@@ -330,9 +311,8 @@ class Lease:
         return True
 
     def _delete(self):
-        if self._s3:
-            client, bucket, key = self._s3
-            client.delete_object(Bucket=bucket, Key=key, IfMatch=self.tag[0])
+        if self._objects:
+            self._objects.delete(self._key(), self.tag[0])
         elif self.loc.is_local:
             with self._local_lock():
                 now = self._read()
@@ -439,7 +419,3 @@ def _ray_job_ended(job) -> str:
     except Exception:  # an API of another Ray version: no proof, the lease lapses as usual
         return ""
     return f"its Ray job {job_id} on this cluster ({session}) has ended" if dead else ""
-
-
-def _status(error) -> int:
-    return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))

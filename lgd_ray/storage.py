@@ -3,7 +3,8 @@
     runs/x  /mnt/fsx/runs/x  file:///mnt/fsx/runs/x            local or mounted disk
     s3://bucket/runs/x                                           AWS S3 (credentials: environment or instance profile)
     s3://bucket/runs/x?endpoint_override=HOST:PORT&scheme=http   an S3-compatible store (MinIO, Ceph, moto ...)
-    gs://bucket/runs/x                                           Google Cloud Storage
+    gs://bucket/runs/x                                           Google Cloud Storage (application default credentials)
+    gs://bucket/runs/x?endpoint_override=HOST:PORT&scheme=http&anonymous=true   a GCS emulator
     other://...                                                  any fsspec protocol (through pyarrow's FSSpecHandler)
 
 A `Location` is a URI string (picklable, so it travels to Ray actors and tasks unchanged). Writes are atomic: on a
@@ -23,6 +24,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from urllib.parse import parse_qsl, urlsplit
@@ -32,6 +34,7 @@ import pyarrow.fs as pafs
 from lgd_ray.errors import ConfigError
 
 S3_QUERY_KEYS = {"endpoint_override", "scheme", "region"}  # what an s3:// URI may carry besides bucket and key
+GS_QUERY_KEYS = {"endpoint_override", "scheme", "anonymous"}  # and a gs:// URI (anonymous=true: an emulator)
 SECRET_KEYS = {"access_key", "secret_key", "session_token"}
 _READ_TRIES = 8  # reads of an object that keeps being replaced before giving up
 _retry = threading.local()  # this thread's retry budget while no_retry() holds
@@ -83,9 +86,10 @@ class StorageError(ConfigError):
     """A store that cannot be used as configured; the message is one line naming the URI and the fix."""
 
 
-def s3_endpoint_url(params: dict, uri: str) -> str | None:
-    """The endpoint URL of an s3:// URI's query, for clients other than pyarrow (boto3): `endpoint_override` as HOST:PORT
-    (with `scheme`, default https) or as a full http(s)://HOST:PORT URL, both of which pyarrow accepts; None: AWS."""
+def endpoint_url(params: dict, uri: str) -> str | None:
+    """The endpoint URL of an s3:// or gs:// URI's query, for clients other than pyarrow (boto3, google-cloud-storage):
+    `endpoint_override` as HOST:PORT (with `scheme`, default https) or as a full http(s)://HOST:PORT URL, both of which
+    pyarrow accepts; None: the cloud's own."""
     endpoint = params.get("endpoint_override")
     if endpoint is None:
         return None
@@ -99,17 +103,41 @@ def s3_endpoint_url(params: dict, uri: str) -> str | None:
 
 
 @lru_cache(maxsize=None)
+def gcs_bucket(netloc: str, query: str):
+    """The google-cloud-storage bucket of a gs:// URI (application default credentials; anonymous=true: an emulator at
+    endpoint_override), for what pyarrow's GCS filesystem lacks: listings with a delimiter, generation preconditions."""
+    from google.cloud import storage
+
+    params = dict(parse_qsl(query))
+    options = {"api_endpoint": endpoint_url(params, f"gs://{netloc}")} if params.get("endpoint_override") else None
+    if params.get("anonymous") == "true":
+        from google.auth.credentials import AnonymousCredentials
+
+        client = storage.Client(project="anonymous", credentials=AnonymousCredentials(), client_options=options)
+    else:
+        client = storage.Client(client_options=options)
+    return client.bucket(netloc)
+
+
+def check_query(scheme: str, netloc: str, params: dict, allowed: set[str]):
+    """A store URI's options: known keys, a well-formed endpoint, or one line."""
+    unknown = set(params) - allowed
+    if unknown:
+        raise StorageError(f"storage: unknown option {sorted(unknown)[0]!r} in {scheme}://{netloc} "
+                           f"(allowed: {', '.join(sorted(allowed))})")
+    if params.get("anonymous", "true") not in ("true", "false"):
+        raise StorageError(f"storage: anonymous={params['anonymous']!r} in {scheme}://{netloc}: true or false")
+    endpoint_url(params, f"{scheme}://{netloc}")  # a malformed endpoint is said here, in one line
+
+
+@lru_cache(maxsize=None)
 def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
     params = dict(parse_qsl(query))
     if set(params) & SECRET_KEYS:
         raise StorageError(f"storage: credentials do not belong in a URI ({scheme}://{netloc}...): use the environment "
                            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), an instance profile or a service account")
     if scheme == "s3":
-        unknown = set(params) - S3_QUERY_KEYS
-        if unknown:
-            raise StorageError(f"storage: unknown option {sorted(unknown)[0]!r} in s3://{netloc}?{query} "
-                               f"(allowed: {', '.join(sorted(S3_QUERY_KEYS))})")
-        s3_endpoint_url(params, f"s3://{netloc}?{query}")  # a malformed endpoint is said here, in one line
+        check_query(scheme, netloc, params, S3_QUERY_KEYS)
         # The endpoint comes from the URI only: pyarrow ignores AWS_ENDPOINT_URL (apache/arrow#49643).
         return pafs.S3FileSystem(endpoint_override=params.get("endpoint_override"), scheme=params.get("scheme", "https"),
                                  region=params.get("region"), connect_timeout=5, request_timeout=120,
@@ -118,7 +146,10 @@ def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
         raise StorageError(f"storage: memory://{netloc} lives inside one process: what is written there is gone when "
                            "it exits and no Ray worker can read it; use a folder or an object store (s3://, gs://)")
     if scheme in ("gs", "gcs"):
-        return pafs.FileSystem.from_uri(f"gs://{netloc}" + (f"?{query}" if query else ""))[0]
+        check_query(scheme, netloc, params, GS_QUERY_KEYS)
+        scheme_, _, host = (endpoint_url(params, f"{scheme}://{netloc}?{query}") or "https://").partition("://")
+        return pafs.GcsFileSystem(anonymous=params.get("anonymous") == "true", endpoint_override=host or None,
+                                  scheme=scheme_, retry_time_limit=timedelta(seconds=30))
     import fsspec
 
     try:
@@ -224,7 +255,19 @@ class Location:
         return self._call("read", lambda: self.fs.open_input_stream(self.path, compression=None))
 
     def iterdir(self) -> list["Location"]:
-        """The entries of a folder, sorted by name ([] if the folder does not exist)."""
+        """The entries of a folder, sorted by name ([] if the folder does not exist); on GCS its implied folders too
+        (a listing with a delimiter: pyarrow's lists only folders that have a marker object)."""
+        p = self._parts
+        if p.scheme in ("gs", "gcs"):
+            prefix = p.path.strip("/") + "/" if p.path.strip("/") else ""
+
+            def children():
+                bucket = gcs_bucket(p.netloc, p.query)
+                page = bucket.client.list_blobs(bucket, prefix=prefix, delimiter="/", timeout=60)
+                names = [blob.name for blob in page]  # the prefixes are known once the pages are read
+                return sorted({n[len(prefix):].rstrip("/") for n in [*names, *page.prefixes]} - {""})
+
+            return [self / name for name in self._call("list", children)]
         infos = self._call("list", lambda: self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True)))
         return sorted((self / PurePosixPath(i.path).name for i in infos), key=lambda loc: loc.name)
 
@@ -282,7 +325,13 @@ class Location:
         """Remove a file or a whole folder (no error if absent)."""
         def delete():
             info = self.fs.get_file_info(self.path)
-            if info.type == pafs.FileType.Directory:
+            if info.type == pafs.FileType.Directory and not self.is_local:  # its objects, then a marker where one is
+                for f in self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True)):
+                    if f.type == pafs.FileType.File:
+                        self.fs.delete_file(f.path)
+                if self.fs.get_file_info(self.path).type == pafs.FileType.Directory:  # not on GCS without a marker
+                    self.fs.delete_dir(self.path)
+            elif info.type == pafs.FileType.Directory:
                 self.fs.delete_dir(self.path)
             elif info.type == pafs.FileType.File:
                 self.fs.delete_file(self.path)
@@ -310,9 +359,13 @@ class Location:
                 destination_filesystem=self.fs))
 
     def download_dir(self, local: Path):
-        """Copy this folder into a local folder."""
-        self._call("read", lambda: pafs.copy_files(self.path, str(local), source_filesystem=self.fs,
-                                                   destination_filesystem=pafs.LocalFileSystem()))
+        """Copy this folder into a local folder, file by file (on GCS its folders are implied: no marker objects for
+        pyarrow's folder copy to find)."""
+        for name, _, _ in self.listing():
+            target = Path(local) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._call("read", lambda name=name, target=target: pafs.copy_files(
+                (self / name).path, str(target), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem()))
 
     # -- errors ----------------------------------------------------------------------------------------------------
     def _call(self, action: str, fn):

@@ -3,8 +3,10 @@ S3-compatible server (moto's server mode, as Ray's own tests use) on a free loop
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -154,58 +156,146 @@ class TcpProxy:
             self.stop()
 
 
-class UnconditionalS3:
-    """An HTTP proxy in front of the S3 server that drops If-None-Match and If-Match from every request: an
-    S3-compatible store that ignores conditional writes (as older MinIO and some Ceph gateways do)."""
-
-    DROPPED = {"if-none-match", "if-match"}
+class HttpProxy:
+    """An HTTP proxy on a loopback port in front of an HTTP server (host:port): each request goes through
+    `intercept`, which may answer it itself (status, body) or let it through (None), its headers as `forwarded` says."""
 
     def __init__(self, endpoint: str):
         import http.client
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        target = endpoint.removeprefix("http://")
-        dropped = self.DROPPED
+        target, proxy = endpoint.removeprefix("http://"), self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def _forward(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
-                conn = http.client.HTTPConnection(target, timeout=30)
-                conn.request(self.command, self.path, body=body, headers=headers)
-                reply = conn.getresponse()
-                data = reply.read()
-                self.send_response(reply.status)
-                for k, v in reply.getheaders():
+                with proxy.lock:  # one request at a time: an interception and the request it lets through are atomic
+                    answer = proxy.intercept(self.command, self.path, body)
+                    if answer is None:
+                        conn = http.client.HTTPConnection(target, timeout=30)
+                        conn.request(self.command, self.path, body=body, headers=proxy.forwarded(dict(self.headers)))
+                        reply = conn.getresponse()
+                        status, headers, data = reply.status, reply.getheaders(), reply.read()
+                        conn.close()
+                    else:
+                        status, data = answer
+                        headers = [("Content-Type", "application/json")]
+                self.send_response(status)
+                for k, v in headers:
                     if k.lower() not in ("content-length", "transfer-encoding", "connection"):
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-                conn.close()
 
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _forward
 
             def log_message(self, *args):
                 pass
 
+        self.target, self.lock = target, threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def intercept(self, method: str, path: str, body: bytes) -> tuple[int, bytes] | None:
+        return None
+
+    def forwarded(self, headers: dict) -> dict:
+        return headers
 
     def close(self):
         self.server.shutdown()
         self.server.server_close()
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path, s3_endpoint) -> Location:
-    """The same test on a local folder and on the S3 server (as Ray's test_persistence parametrises its storage)."""
+class UnconditionalS3(HttpProxy):
+    """In front of the S3 server, drops If-None-Match and If-Match from every request: an S3-compatible store that
+    ignores conditional writes (as older MinIO and some Ceph gateways do)."""
+
+    def forwarded(self, headers: dict) -> dict:
+        return {k: v for k, v in headers.items() if k.lower() not in ("if-none-match", "if-match")}
+
+
+class GenerationGcs(HttpProxy):
+    """In front of a GCS emulator (gcp-storage-emulator, which keeps generations but ignores preconditions), answers
+    as Google Cloud Storage does: a request with ifGenerationMatch=N (0: the object must not exist) on an object of
+    another generation gets 412, atomically with the request it lets through."""
+
+    def intercept(self, method: str, path: str, body: bytes) -> tuple[int, bytes] | None:
+        import http.client
+        from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+        url = urlsplit(path)
+        query = parse_qs(url.query)
+        if "ifGenerationMatch" not in query:
+            return None
+        parts = url.path.split("/")  # [/upload|/download]/storage/v1/b/BUCKET/o[/OBJECT]
+        bucket = parts[parts.index("b") + 1]
+        if "o" in parts and parts.index("o") + 1 < len(parts):
+            name = unquote("/".join(parts[parts.index("o") + 1:]))
+        elif "name" in query:  # a media upload
+            name = query["name"][0]
+        else:  # a multipart upload: the name is in its JSON part
+            name = json.loads(re.search(rb"\{.*?\}\r?\n", body).group(0))["name"]
+        conn = http.client.HTTPConnection(self.target, timeout=30)
+        conn.request("GET", f"/storage/v1/b/{bucket}/o/{quote(name, safe='')}")
+        reply = conn.getresponse()
+        meta = reply.read()
+        conn.close()
+        generation = json.loads(meta)["generation"] if reply.status == 200 else "0"
+        if str(generation) == query["ifGenerationMatch"][0]:
+            return None
+        return 412, json.dumps({"error": {"code": 412, "message": "At least one of the pre-conditions you specified "
+                                          "did not hold.", "errors": [{"reason": "conditionNotMet"}]}}).encode()
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint():
+    """host:port of a Google Cloud Storage server with generation preconditions (a GCS emulator behind
+    GenerationGcs) running in this process for the whole session."""
+    from gcp_storage_emulator.server import create_server
+
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    proxy = GenerationGcs(f"127.0.0.1:{port}")
+    yield proxy.endpoint
+    proxy.close()
+    server.stop()
+
+
+def gs_uri(endpoint: str, bucket: str, path: str = "") -> str:
+    return f"gs://{bucket}/{path}?endpoint_override={endpoint}&scheme=http&anonymous=true"
+
+
+def new_gs_bucket(endpoint: str) -> str:
+    """Create a fresh bucket on the test GCS server; returns its name."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    name = f"lgd-{uuid.uuid4().hex[:12]}"
+    storage.Client(project="anonymous", credentials=AnonymousCredentials(),
+                   client_options={"api_endpoint": f"http://{endpoint}"}).create_bucket(name)
+    return name
+
+
+@pytest.fixture(params=["local", "s3", "gs"])
+def store(request, tmp_path) -> Location:
+    """The same test on a local folder, on the S3 server and on the GCS server (as Ray's test_persistence
+    parametrises its storage)."""
     if request.param == "local":
         return Location(str(tmp_path / "store"))
-    return Location(s3_uri(s3_endpoint, new_bucket(s3_endpoint), "store"))
+    if request.param == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        return Location(s3_uri(endpoint, new_bucket(endpoint), "store"))
+    endpoint = request.getfixturevalue("gcs_endpoint")
+    return Location(gs_uri(endpoint, new_gs_bucket(endpoint), "store"))
 
 TINY = [  # patch 2: the suite's tolerances were set on this tiny prior (the digits config's own has patch 4)
     "prior.train_steps=300", "prior.patch_size=2", "prior.depth=2", "prior.num_heads=2", "prior.head_dim=32",

@@ -89,6 +89,16 @@ def test_a_malformed_endpoint_is_one_line(s3_endpoint):
             Lease(Location(f"s3://b/run?endpoint_override={bad}"), ttl_s=2)
 
 
+def test_a_store_that_refuses_the_leases_requests_is_one_line(s3_endpoint, gcs_endpoint):
+    """A bucket that is not there (or credentials it refuses) on S3 or GCS: one line naming the run folder."""
+    from conftest import gs_uri, s3_uri
+    from lgd_ray.storage import StorageError
+
+    for uri in (s3_uri(s3_endpoint, "no-such-bucket", "run"), gs_uri(gcs_endpoint, "no-such-bucket", "run")):
+        with pytest.raises(StorageError, match=rf"^storage: cannot take the lease of {uri.split('?')[0]}\?.*: \w+"):
+            Lease(Location(uri), ttl_s=2).acquire()
+
+
 CHILD = """
 import sys, time
 from lgd_ray.lease import Lease, LeaseError
