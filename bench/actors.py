@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ray
 
-from lgd_ray.actors import ActorPool
+from lgd_ray.actors import SamplerPool
 from lgd_ray.config import load_config
 from lgd_ray.data import num_classes
 from lgd_ray.methods import stage_plan
@@ -43,7 +43,7 @@ def main(argv):
 
     with tempfile.TemporaryDirectory() as tmp:
         for k in (1, 2):
-            pools[k] = ActorPool(load_config(name, overrides + [f"ray.actors={k}", "distill.classes_per_chunk=1"]),
+            pools[k] = SamplerPool(load_config(name, overrides + [f"ray.actors={k}", "distill.classes_per_chunk=1"]),
                                  Path(tmp) / f"pool{k}")
             list(pools[k](tasks[:k], student, lambda t: []))  # warm the caches (files, imports)
         med = interleaved({1: lambda: run(1), 2: lambda: run(2)}, repeats=REPEATS, warmup=0)

@@ -17,7 +17,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-from lgd_ray.actors import ActorPool
+from lgd_ray.actors import SamplerPool
 from lgd_ray.config import load_config
 from lgd_ray.data import num_classes
 from lgd_ray.distill import distill
@@ -41,7 +41,7 @@ def timed_run(cfg) -> tuple[float, dict]:
 
 
 def run_with_node_loss(c: Cluster, cfg, out: Path) -> tuple[float, float, dict]:
-    pool, events = ActorPool(cfg, out), {}
+    pool, events = SamplerPool(cfg, out), {}
 
     def runner(tasks, state, previous):
         for row in pool(tasks, state, previous):

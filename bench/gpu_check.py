@@ -7,7 +7,7 @@ Random weights (lgd_ray.prior.random_pipeline): timings and memory depend on sha
 with TF32, bfloat16, float32 with guidance.checkpointing, float32 with deviation guidance gamma > 0) and batch: an
 unguided step (the CFG pair, no grad) and a guided step (denoiser path: the pair, the VAE decoder at 256 px and the two
 classifiers at 128 px, forward and backward to x_t), timed after a warm-up; the allocator's peak during the guided step
-(on the CPU: the weights plus the step's saved tensors) against lgd_ray.memory's estimate, what `distill --dry-run`
+(on the CPU: the weights plus the step's saved tensors) against lgd_ray.gpu_memory's estimate, what `distill --dry-run`
 prints (within 15 %; 10 % on the CPU); every output finite; at the largest batch, the seconds of each part of the
 guided step (DiT pair, VAE decoder, classifiers; forward and backward). Then a forced out-of-memory (the decoder refusing more than
 2 images) whose halved result equals a run at batch 2, and, with Ray and a GPU, a digits distillation through Ray with
@@ -38,7 +38,7 @@ from lgd_ray.cli import unusable_gpu  # noqa: E402
 from lgd_ray.config import load_config  # noqa: E402
 from lgd_ray.cost import DIT_XL_2_256  # noqa: E402
 from lgd_ray.guidance import Guide, Scorer  # noqa: E402
-from lgd_ray.memory import GIB, actor_memory, deviation_images, guided_step_bytes  # noqa: E402
+from lgd_ray.gpu_memory import GIB, actor_memory, deviation_images, guided_step_bytes  # noqa: E402
 from lgd_ray.models import build_classifier  # noqa: E402
 from lgd_ray.prior import Prior, random_pipeline  # noqa: E402
 from lgd_ray.train import pick_device  # noqa: E402

@@ -1,7 +1,7 @@
 """The Ray layer of generation: a pool of SamplerActors, each a ChunkMaker, for one stage's chunks at a time.
 
 A run's pool (`keep`) lives from stage to stage: each actor loads the prior and theta* once, gets the student's
-weights once per stage, and fits the students (`ActorPool.fit`: the slots that sampled train, DDP over as many
+weights once per stage, and fits the students (`SamplerPool.fit`: the slots that sampled train, DDP over as many
 actors as the fit has workers; no Ray Train start-up, the prior stays loaded). A fit the actors cannot hold (more
 workers than actors, GPU actors sharing a GPU) goes to Ray Train after the actors are released, so that it gets every
 CPU and GPU; the next stage starts them again (the prior from the node's local copy).
@@ -18,15 +18,16 @@ import socket
 import time
 from collections import deque
 from datetime import timedelta
-from typing import Iterator
+from typing import Callable, Iterator
 
 import ray
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lgd_ray.config import Config, ConfigError, from_dict, to_dict
+from lgd_ray.config import Config, from_dict, to_dict
 from lgd_ray.cost import chunk_flops, slow_seconds
+from lgd_ray.errors import UserError
 from lgd_ray.methods import ChunkMaker
 from lgd_ray.plan import ChunkTask
 from lgd_ray.resources import actor_resources, check_placeable, deadline_s, ray_options, resolve_auto, shortage
@@ -66,7 +67,7 @@ class SamplerActor:
                 if node_check is not None:  # every node, one that joined after the start-up check too
                     node_check.verify()
                 self.maker = maker(from_dict(cfg_tree), run_dir, holder=holder)
-        except ConfigError as e:  # a missing prior or reference, a GPU torch cannot see: said by the first call
+        except UserError as e:  # a missing prior or reference, a GPU torch cannot see: said by the first call
             self.error = e
 
     def make(self, task: ChunkTask, weights: dict | None, previous_shards: list[dict]) -> dict:
@@ -113,7 +114,7 @@ class SamplerActor:
         return True
 
 
-class ActorPool:
+class SamplerPool:
     """SamplerActors with dynamic chunk dispatch; call it as a stage loop ChunkRunner.
 
     maker: the ChunkMaker class the actors hold (a subclass may add behaviour, e.g. faults in tests); node_check: the
@@ -142,7 +143,8 @@ class ActorPool:
         self.actors.append(actor)
         starting[actor.ping.remote()] = actor
 
-    def __call__(self, tasks: list[ChunkTask], student_state: dict | None, previous_shards) -> Iterator[dict]:
+    def __call__(self, tasks: list[ChunkTask], student_state: dict | None,
+                 shards_before: Callable[[ChunkTask], list[dict]]) -> Iterator[dict]:
         r = self.cfg.ray
         check_placeable(actor_resources(self.cfg), f"{r.actors} sampler actors")
         # One copy of the student in the object store for all actors (numpy arrays: zero-copy reads).
@@ -166,7 +168,7 @@ class ActorPool:
                 later = [(due, t) for due, t in later if due > now]
                 while pending and idle:
                     actor, task = idle.popleft(), pending.popleft()
-                    ref = actor.make.remote(task, weights, previous_shards(task))
+                    ref = actor.make.remote(task, weights, shards_before(task))
                     inflight[ref], started[ref] = (actor, task), now
                 if not inflight and not idle and now - waiting_since > r.schedule_timeout_s:
                     raise shortage(f"{r.actors} sampler actors", actor_resources(self.cfg), r.schedule_timeout_s)
@@ -203,7 +205,7 @@ class ActorPool:
                 try:
                     row = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
-                    if isinstance(e.cause, ConfigError):
+                    if isinstance(e.cause, UserError):
                         raise e.cause from None
                     kind = error_kind(e.cause)
                     failures[task] += 1

@@ -6,7 +6,8 @@ import sys
 from typing import Callable
 
 from lgd_ray import storage, torch_build
-from lgd_ray.config import Config, ConfigError, load_config
+from lgd_ray.config import Config, load_config
+from lgd_ray.errors import UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -56,13 +57,13 @@ def run_cli(prog: str, description: str, argv: list[str], work: Callable[[Config
 
 
 def one_line_errors(work: Callable[[], object]):
-    """Run `work` (after saying, in one line, if this machine's GPU is one torch cannot use); a ConfigError exits 2
+    """Run `work` (after saying, in one line, if this machine's GPU is one torch cannot use); a UserError exits 2
     with its one-line message instead of a traceback."""
     problem = unusable_gpu()
     if problem:
         print(f"warning: {problem}", file=sys.stderr, flush=True)
     try:
         work()
-    except ConfigError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -26,6 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from lgd_ray import storage
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.data import check_data
+from lgd_ray.errors import UserError
 from lgd_ray.storage import Location, StorageError, no_retry
 
 MARKER = ".lgd_ray-node-check"
@@ -151,7 +152,7 @@ class NodeCheck:
                 return f"cannot read {loc} (written by the driver): this node does not share that folder"
         try:
             check_data(self.data)
-        except ConfigError as e:
+        except UserError as e:
             return str(e)
         return ""
 

@@ -7,12 +7,13 @@ import sys
 import time
 
 from lgd_ray.cli import run_cli
-from lgd_ray.config import AUTO, Config, ConfigError, run_dir
+from lgd_ray.config import AUTO, Config, run_dir
 from lgd_ray.cost import (PEAK_TFLOPS, UTILISATION, cluster_cost, cluster_gpus_of, format_cluster_cost, format_cost,
                            run_cost)
 from lgd_ray.data import check_data
+from lgd_ray.errors import UserError
 from lgd_ray.lease import Lease
-from lgd_ray.memory import (actor_memory, check_fit_fits, check_fits, format_fit_memory, format_memory,
+from lgd_ray.gpu_memory import (actor_memory, check_fit_fits, check_fits, format_fit_memory, format_memory,
                             prior_fit_memory)
 from lgd_ray.methods import check_real_images, method_of
 from lgd_ray.prior import PIPELINE_MARKER, prior_dir
@@ -47,7 +48,7 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     lease = Lease(out, cfg.storage.lease_s, cfg.storage.retry_s)  # one driver per run folder: held from run_stages on
     if cfg.ray.enabled:
         # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
-        from lgd_ray.actors import ActorPool
+        from lgd_ray.actors import SamplerPool
         from lgd_ray.cluster import check_cluster_storage, connect, joins_a_cluster, watch_head
         from lgd_ray.ray_train import ray_fitter
         from lgd_ray.resources import resolve_auto
@@ -56,7 +57,7 @@ def distill(cfg: Config, resume: bool = False) -> dict:
         cfg = resolve_auto(cfg)  # the GPU keys (not part of the run's identity): once, for the actors and the fits
         # relative paths, node-local folders, nodes without the data: now, and on nodes that join later
         node_check = check_cluster_storage(cfg, out, cache)
-        pool = ActorPool(cfg, out, node_check=node_check, keep=True, holder=lease.holder)  # stage to stage, prior loaded
+        pool = SamplerPool(cfg, out, node_check=node_check, keep=True, holder=lease.holder)  # stage to stage, prior loaded
         fitter = ray_fitter(cfg, out, node_check, pool)
         if models_ready(cfg):  # nothing to train first: the actors start while the driver sets up
             pool.start()
@@ -103,7 +104,7 @@ def dry_run(cfg: Config, tflops: float | None, utilisation: float | None, gpus: 
     try:
         check_data(cfg.data)
         data = f"data: {cfg.data.name} found" + (f" at {cfg.data.root}" if cfg.data.root else "")
-    except ConfigError as e:
+    except UserError as e:
         data = f"data: NOT FOUND on this machine ({e})"
     cost = run_cost(cfg)
     mem = actor_memory(cfg) if method_of(cfg).needs_prior else None

@@ -28,7 +28,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lgd_ray.errors import ConfigError
+from lgd_ray.errors import UserError
 from lgd_ray.conditional import Conflict, key_of, objects_for
 from lgd_ray.storage import StorageError, as_location, file_lock, retry_s
 
@@ -37,7 +37,7 @@ LOCK = ".lease.lock"
 LOCK_WAIT_S = 30.0  # longest wait for the local lock (held for a read and a write only)
 
 
-class LeaseError(ConfigError):
+class LeaseError(UserError):
     """Another driver holds the run folder, or this driver lost its lease (one line)."""
 
 

@@ -158,7 +158,7 @@ class Lgd(Dit):
 
     def guide(self, maker, task, previous_shards, scorer):
         g = maker.cfg.guidance
-        memory = maker.memory(previous_shards, task.classes) if g.gamma > 0 else None
+        memory = maker.deviation_memory(previous_shards, task.classes) if g.gamma > 0 else None
         guide = Guide.from_config(maker.cfg, scorer, memory, maker.guidance_batch, task.stage.index, maker.tiny)
         params = {"lambda": g.lambda_, "omega": g.omega, "kappa": g.kappa, "gamma": g.gamma, "through": g.through,
                   "every": g.every, "select_after": g.select_after, "augment": g.augment}
@@ -344,7 +344,7 @@ class ChunkMaker:
         return self.prior.encode(x)
 
     @torch.no_grad()
-    def memory(self, shards: list[dict], classes: Iterable[int]) -> dict[int, torch.Tensor]:
+    def deviation_memory(self, shards: list[dict], classes: Iterable[int]) -> dict[int, torch.Tensor]:
         """Latents of the already chosen images of these classes (encoded at the prior's resolution)."""
         memory = {}
         samples = read_shards(self.run_dir, shards)

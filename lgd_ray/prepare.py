@@ -39,6 +39,7 @@ from lgd_ray.cli import run_cli
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.data import (BAD_IMAGES, PREPARED_INDEX, by_class_name, decode_image, image_files, read_classlist,
                           root_relative)
+from lgd_ray.errors import UserError
 from lgd_ray.lease import cache_lock
 from lgd_ray.seeding import generator
 from lgd_ray.storage import Location, as_location
@@ -140,7 +141,7 @@ def _make(cfg: Config, items: list[dict]) -> list[dict]:
     try:
         return ds.map(make_shard, num_cpus=1).take_all()  # a task per object, one decoding thread each
     except Exception as e:  # Ray Data wraps the task's error: a bad file is still one line
-        cause = remote_cause(e, ConfigError)
+        cause = remote_cause(e, UserError)
         if cause is None:
             raise
         raise ConfigError(str(cause)) from None

@@ -115,17 +115,12 @@ class Prior:
             self.vae.enable_gradient_checkpointing(checkpointed)
 
 
-CHECKPOINT_COUNTS: list = []  # while a memory count runs (lgd_ray.memory.saved_bytes): its counter
-
-
-def checkpointed(block, *args):
+def checkpointed(block, *args, context_fn=torch.utils.checkpoint.noop_context_fn):
     """Run `block` under non-reentrant activation checkpointing (the models are in eval mode: nothing random to
-    replay). Its inputs stay alive until the backward, which runs the block again and holds its activations then."""
-    extra = {}
-    if CHECKPOINT_COUNTS:  # counted: the recompute in the backward runs under the count's modes too
-        CHECKPOINT_COUNTS[-1].block(block, args)
-        extra["context_fn"] = CHECKPOINT_COUNTS[-1].contexts
-    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False, **extra)
+    replay). Its inputs stay alive until the backward, which runs the block again and holds its activations then.
+    context_fn: torch.utils.checkpoint's (the modes the forward and the recompute run under)."""
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False,
+                                             context_fn=context_fn)
 
 
 def image_size_of(transformer_config, vae_config=None) -> int:

@@ -25,7 +25,7 @@ from lgd_ray.config import Config, ConfigError
 from lgd_ray.data import TensorSet, check_data, load_split, num_classes
 from lgd_ray.finetune import base_vae, cache_latents, finetune_prior, read_latents
 from lgd_ray.lease import cache_lock
-from lgd_ray.memory import check_fit_fits
+from lgd_ray.gpu_memory import check_fit_fits
 from lgd_ray.prior import PIPELINE_MARKER, prior_checkpoints, prior_dir, prior_seed, project_configs, require_prior
 from lgd_ray.prior_fit import PriorJob, save_prior, train_prior
 from lgd_ray.seeding import derive_seed

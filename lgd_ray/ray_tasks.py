@@ -7,7 +7,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from lgd_ray.config import Config, ConfigError
+from lgd_ray.config import Config
+from lgd_ray.errors import UserError
 
 
 def _run_with_threads(fn: Callable, item, num_threads: int):
@@ -53,7 +54,7 @@ def map_jobs(cfg: Config, fn: Callable, items: Sequence, desc: str, expected_s: 
     try:
         return ray.get(refs, timeout=60)  # all finished: their results are in
     except ray.exceptions.RayTaskError as e:  # a task's bad input (a missing shard...) is one line, as here
-        cause = remote_cause(e, ConfigError)
+        cause = remote_cause(e, UserError)
         if cause is None:
             raise
         raise cause from None

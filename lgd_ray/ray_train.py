@@ -101,7 +101,7 @@ def ray_fitter(cfg: Config, run_dir: Location, node_check=None, pool=None) -> Fi
     """A Fitter that trains each job with TorchTrainer (job.workers workers, else ray.train_workers; GPU or CPU from
     cfg.ray); runs and checkpoints are kept in the job's `checkpoints` folder, else in run_dir/train, on a store every
     node reaches (a shared folder or an object store). node_check: the run's cluster.NodeCheck, run by every worker
-    before it trains. pool: the run's kept ActorPool: a student's fit (job.workers set by the stage loop) that its actors
+    before it trains. pool: the run's kept SamplerPool: a student's fit (job.workers set by the stage loop) that its actors
     can hold runs on them (DDP over as many as it has workers; no Ray Train start-up); the prior's and theta*'s fits,
     which the actors need to start, and the fits they cannot hold run on Ray Train, the actors released first."""
     cfg = resolve_auto(cfg)  # a no-op for a run's config (sized before its folder was opened)

@@ -2,7 +2,7 @@
 
 Written by the stage loop after every stage; `evaluate` and `redundancy` add their tables when they finish.
 `python -m lgd_ray.report RUN_DIR ...` prints one markdown table of the results of several runs, and, for runs made
-with several seeds, their results pooled over seeds with paired differences (lgd_ray.seeds).
+with several seeds, their results pooled over seeds with paired differences (lgd_ray.pooling).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from lgd_ray import timeline
 from lgd_ray.cli import Parser, one_line_errors
 from lgd_ray.config import ConfigError
 from lgd_ray.methods import METHODS
-from lgd_ray.seeds import METHOD_ORDER, seeds_tables, stages_table
+from lgd_ray.pooling import METHOD_ORDER, seeds_tables, stages_table
 from lgd_ray.shards import MANIFEST, check_shards, in_order, read_manifest, read_shards, stage_rows
 from lgd_ray.storage import Location, as_location
 

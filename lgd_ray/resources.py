@@ -7,10 +7,11 @@ from dataclasses import replace
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from lgd_ray.config import AUTO, AUTO_GPU, Config, ConfigError, auto_keys, build_config, to_dict
+from lgd_ray.config import AUTO, AUTO_GPU, Config, auto_keys, build_config, to_dict
+from lgd_ray.errors import UserError
 
 
-class ResourceError(ConfigError):
+class ResourceError(UserError):
     """The cluster did not give what the config asks within ray.schedule_timeout_s (one line)."""
 
 

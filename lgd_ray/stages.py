@@ -104,7 +104,8 @@ def forget_stage(manifest: dict, index: int, redone: int, log: Callable[[str], N
     manifest["shards"] = [r for r in manifest["shards"] if r["stage"] != index]
 
 
-ChunkRunner = Callable[[list[ChunkTask], dict | None, Callable[[ChunkTask], list[str]]], Iterable[dict]]
+# a runner: (tasks, student state, shards_before: a task -> the shards of D_{i-1} holding its classes) -> rows
+ChunkRunner = Callable[[list[ChunkTask], dict | None, Callable[[ChunkTask], list[dict]]], Iterable[dict]]
 
 
 def in_process_runner(maker_factory: Callable[[], ChunkMaker], slot: dict) -> ChunkRunner:
@@ -112,13 +113,13 @@ def in_process_runner(maker_factory: Callable[[], ChunkMaker], slot: dict) -> Ch
     carries its timeline spans (the maker's start with the first chunk) in row["spans"], as an actor's does."""
     holder, spans = [], []
 
-    def run(tasks, student_state, previous_shards):
+    def run(tasks, student_state, shards_before):
         if not holder:
             with timed(spans.extend, "actor_start", who="in-process", resources=slot):
                 holder.append(maker_factory())
         for task in tasks:
             with timed(spans.extend, "chunk", who="in-process", stage=task.stage.index, resources=slot):
-                row = holder[0].make(task, student_state, previous_shards(task))
+                row = holder[0].make(task, student_state, shards_before(task))
             row["spans"] = spans[:]
             spans.clear()
             yield row
@@ -208,9 +209,9 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
             start = time.time()
             todo = [ChunkTask(stage, i, c) for i, c in enumerate(chunks) if i not in done]
             earlier = shards_through(manifest, stage.index - 1)
-            previous = lambda t: in_order(r for r in earlier if set(r["classes"]) & set(t.classes))
+            shards_before = lambda t: in_order(r for r in earlier if set(r["classes"]) & set(t.classes))
             with timeline.phase("sample", stage.index):
-                for row in tqdm(runner(todo, student_state, previous), total=len(todo),
+                for row in tqdm(runner(todo, student_state, shards_before), total=len(todo),
                                 desc=f"stage {stage.index} chunks", leave=False, disable=None):
                     timeline.add(row.pop("spans", []))
                     record(manifest, row)

@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow.fs as pafs
 
-from lgd_ray.errors import ConfigError
+from lgd_ray.errors import UserError
 
 S3_QUERY_KEYS = {"endpoint_override", "scheme", "region"}  # what an s3:// URI may carry besides bucket and key
 GS_QUERY_KEYS = {"endpoint_override", "scheme", "anonymous"}  # and a gs:// URI (anonymous=true: an emulator)
@@ -82,7 +82,7 @@ def transient(e: OSError) -> bool:
     return isinstance(e, (ConnectionError, TimeoutError)) or any(sign in str(e) for sign in TRANSIENT_SIGNS)
 
 
-class StorageError(ConfigError):
+class StorageError(UserError):
     """A store that cannot be used as configured; the message is one line naming the URI and the fix."""
 
 

@@ -78,7 +78,7 @@ def test_dry_run_of_a_fine_tune_counts_the_base_and_the_fit(tmp_path, capsys):
     keys), and the prior's fit says its memory per worker; ray.train_workers auto says from how many workers it fits,
     a fixed count that cannot fit is refused in one line."""
     from lgd_ray.distill import dry_run
-    from lgd_ray.memory import prior_fit_memory
+    from lgd_ray.gpu_memory import prior_fit_memory
 
     keys = [f"data.root={tmp_path}", "data.classes=imagenette"]
     dry_run(load_config("folder", keys), None, 0.3)

@@ -17,7 +17,7 @@ from ray.util.state import list_actors
 
 from conftest import new_bucket, s3_cache_of, s3_uri
 from lgd_ray import storage
-from lgd_ray.actors import ActorPool
+from lgd_ray.actors import SamplerPool
 from lgd_ray.config import ConfigError, load_config
 from lgd_ray.data import load_split
 from lgd_ray.distill import distill
@@ -76,7 +76,7 @@ def _keys_once(manifest):
 
 
 def _on_cluster(cfg, out, runner=None, fitter=None):
-    pool = runner or ActorPool(cfg, out)
+    pool = runner or SamplerPool(cfg, out)
     return run_stages(cfg, out, runner=pool, fitter=fitter or ray_fitter(cfg, out), log=lambda _: None)
 
 
@@ -109,7 +109,7 @@ def test_node_lost_while_sampling_and_while_training(cluster, single_process_run
     """A node removed under a busy actor, then one under the student's Train worker; capacity comes back each time.
     The run finishes by itself, every key once, the same images."""
     cfg = load_config("digits", tiny_overrides + RUN + [f"out={tmp_path}", "ray.max_restarts=2"])
-    pool, fitter = ActorPool(cfg, tmp_path), ray_fitter(cfg, tmp_path)
+    pool, fitter = SamplerPool(cfg, tmp_path), ray_fitter(cfg, tmp_path)
     events = {}
 
     def runner(tasks, state, previous):
@@ -165,11 +165,11 @@ def test_io_errors_are_retried_and_code_errors_end_the_run_at_once(cluster, trai
 
     cfg = load_config("digits", tiny_overrides + RUN + ["ray.chunk_retries=2"])
     tasks = [ChunkTask(stage_plan(cfg)[0], i, c) for i, c in enumerate(class_chunks(10, 5))]
-    pool = ActorPool(cfg, tmp_path / "flaky", FlakyMaker)
+    pool = SamplerPool(cfg, tmp_path / "flaky", FlakyMaker)
     rows = list(pool(tasks, None, lambda t: []))
     assert sorted(r["chunk"] for r in rows) == [0, 1] and pool.retried == 2
     cfg.name = "always"
-    pool = ActorPool(cfg, tmp_path / "always", FlakyMaker)
+    pool = SamplerPool(cfg, tmp_path / "always", FlakyMaker)
     start = time.time()
     with pytest.raises(OSError, match="injected fault in chunk"):
         list(pool(tasks, None, lambda t: []))
@@ -180,7 +180,7 @@ def test_io_errors_are_retried_and_code_errors_end_the_run_at_once(cluster, trai
         def make(self, task, student_state, previous_shards):
             raise TypeError(f"injected bug in chunk {task.chunk}")
 
-    pool = ActorPool(load_config("digits", tiny_overrides + RUN + ["ray.chunk_retries=2"]), tmp_path / "buggy",
+    pool = SamplerPool(load_config("digits", tiny_overrides + RUN + ["ray.chunk_retries=2"]), tmp_path / "buggy",
                      BuggyMaker)
     with pytest.raises(TypeError, match="injected bug in chunk"):
         list(pool(tasks, None, lambda t: []))
@@ -203,7 +203,7 @@ def test_a_chunk_past_its_deadline_is_rescheduled(cluster, trained, tiny_overrid
 
     cfg = load_config("digits", tiny_overrides + RUN + rule)
     tasks = [ChunkTask(stage_plan(cfg)[0], i, c) for i, c in enumerate(class_chunks(10, 5))]
-    pool = ActorPool(cfg, tmp_path / "hung", HangingMaker)
+    pool = SamplerPool(cfg, tmp_path / "hung", HangingMaker)
     start = time.time()
     rows = list(pool(tasks, None, lambda t: []))
     assert sorted(r["chunk"] for r in rows) == [0, 1] and pool.resubmitted == 1
@@ -246,7 +246,7 @@ def test_requests_no_node_can_hold_fail_at_once_and_a_group_too_large_in_the_con
     start = time.time()
     with pytest.raises(ResourceError, match=r"^ray: 2 sampler actors \(4 CPU each\) fit on no node: the largest of the "
                                             r"3 alive has 1 CPU.*, and no autoscaler can add another; lower "):
-        list(ActorPool(cfg, tmp_path)([ChunkTask(stage_plan(cfg)[0], 0, (0,))], None, lambda t: []))
+        list(SamplerPool(cfg, tmp_path)([ChunkTask(stage_plan(cfg)[0], 0, (0,))], None, lambda t: []))
     cfg = load_config("digits", tiny_overrides + RUN + ["ray.train_workers=2", "ray.train_cpus_per_worker=2",
                                                         "ray.schedule_timeout_s=300"])
     with pytest.raises(ResourceError, match=r"2 Ray Train workers \(2 CPU each\) fit on no node"):
@@ -267,7 +267,7 @@ def test_gpu_placement_and_a_gpu_torch_cannot_see(cluster, trained, tiny_overrid
         cfg = load_config("digits", tiny_overrides + RUN + ["ray.num_gpus_per_actor=1", "ray.accelerator_type=H100"])
         with pytest.raises(ConfigError, match=r"device: Ray gave this process GPU 0 on node .*, but torch .* sees no "
                                               r"GPU; install a torch CUDA build") as e:
-            list(ActorPool(cfg, tmp_path)([ChunkTask(stage_plan(cfg)[0], i, (i,)) for i in range(2)], None,
+            list(SamplerPool(cfg, tmp_path)([ChunkTask(stage_plan(cfg)[0], i, (i,)) for i in range(2)], None,
                                           lambda t: []))
         assert "\n" not in str(e.value)
         actors = list_actors(filters=[("class_name", "=", "SamplerActor")], detail=True, limit=1000)

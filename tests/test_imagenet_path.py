@@ -52,14 +52,14 @@ def test_subset_labels_map_to_imagenet_indices(latent_pipeline_dir, tmp_path):
 def test_one_guided_stage_over_1000_classes(latent_pipeline_dir, tmp_path):
     """1000 classes in 8 chunks over 2 sampler actors (the classifier fits in this process: what is tested here is
     the chunking of the classes, not Ray Train, which costs ~14 s of start-up a fit)."""
-    from lgd_ray.actors import ActorPool
+    from lgd_ray.actors import SamplerPool
     from lgd_ray.stages import run_stages
 
     _imagefolder(tmp_path / "data", read_classlist("imagenet1k"))
     cfg = load_config("imagenet1k", _overrides(tmp_path / "data", latent_pipeline_dir, tmp_path, "imagenet1k")
                       + ["distill.classes_per_chunk=128"])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    pool = ActorPool(cfg, tmp_path / "run")
+    pool = SamplerPool(cfg, tmp_path / "run")
     try:
         manifest = run_stages(cfg, tmp_path / "run", runner=pool)
     finally:

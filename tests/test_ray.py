@@ -164,10 +164,10 @@ def test_ray_train_ddp_two_workers(trained, tiny_overrides, tmp_path):
     (run,) = (tmp_path / "train").iterdir()  # the Ray Train run and its checkpoints are kept in the run folder,
     assert len(list(run.glob("checkpoint_*/"))) == 2  # the newest two of the three (one an epoch)
     # the same two-worker fit as DDP over a run's kept sampler actors (no Ray Train): the same weights
-    from lgd_ray.actors import ActorPool
+    from lgd_ray.actors import SamplerPool
 
     run_cfg = load_config("digits", tiny_overrides + ["ray.train_cpus_per_worker=1"])  # a run's, whose models exist
-    pool = ActorPool(run_cfg, tmp_path / "pool", keep=True)
+    pool = SamplerPool(run_cfg, tmp_path / "pool", keep=True)
     try:
         assert pool.can_fit(2) and not pool.can_fit(3)
         job.workers = 2  # as the stage loop sizes a student fit
@@ -180,7 +180,7 @@ def test_ray_train_ddp_two_workers(trained, tiny_overrides, tmp_path):
 
 
 def test_killed_actor_loses_nothing(two_actor_run, tiny_overrides, tmp_path):
-    from lgd_ray.actors import ActorPool
+    from lgd_ray.actors import SamplerPool
     from lgd_ray.ray_train import ray_fitter
     from lgd_ray.stages import run_stages
 
@@ -194,7 +194,7 @@ def test_killed_actor_loses_nothing(two_actor_run, tiny_overrides, tmp_path):
             return super().make(task, student_state, previous_shards)
 
     # as distill's pool: kept from stage to stage, fitting the students
-    pool = ActorPool(cfg, tmp_path, SlowMaker, keep=True)
+    pool = SamplerPool(cfg, tmp_path, SlowMaker, keep=True)
     fit_on_pool = ray_fitter(cfg, tmp_path, pool=pool)
 
     def fitter(job):  # before each student fit, an actor of the kept pool dies: one for good, then one restarting
@@ -261,7 +261,7 @@ def test_readers_on_the_s3_run(s3_run):
 
 
 def test_actors_only_load_and_say_what_is_missing(tiny_overrides, s3_endpoint):
-    from lgd_ray.actors import ActorPool
+    from lgd_ray.actors import SamplerPool
     from lgd_ray.methods import stage_plan
     from lgd_ray.plan import ChunkTask
 
@@ -270,7 +270,7 @@ def test_actors_only_load_and_say_what_is_missing(tiny_overrides, s3_endpoint):
                             ("random", r"reference: no theta\* at s3://.*`python -m lgd_ray\.distill digits`")):
         cfg = load_config("digits", tiny_overrides + [f"cache={s3_uri(s3_endpoint, bucket, 'empty')}",
                                                       f"distill.method={method}", "ray.actors=1"])
-        pool = ActorPool(cfg, Location(s3_uri(s3_endpoint, bucket, "run")))
+        pool = SamplerPool(cfg, Location(s3_uri(s3_endpoint, bucket, "run")))
         try:
             with pytest.raises(ConfigError, match=missing) as e:
                 list(pool([ChunkTask(stage_plan(cfg)[0], 0, (0,))], None, lambda t: []))

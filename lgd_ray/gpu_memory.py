@@ -26,7 +26,7 @@ from lgd_ray.config import Config, ConfigError
 from lgd_ray.cost import meta_models
 from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.methods import method_of, stage_plan
-from lgd_ray.prior import CHECKPOINT_COUNTS, Prior, checkpointed
+from lgd_ray.prior import Prior, checkpointed
 from lgd_ray.tiny_decoder import build_tiny
 
 GIB = 1 << 30
@@ -78,6 +78,13 @@ class _Count:
         if entry[1] == 0:
             self.bytes -= entry[0]
             del self.live[key]
+
+    def checkpointed(self, block, *args):
+        """lgd_ray.prior.checkpointed, counted (what saved_bytes puts in place of a checkpointed model's function):
+        the block's inputs kept, its activations measured; the recompute in the backward runs under the count's modes
+        too."""
+        self.block(block, args)
+        return checkpointed(block, *args, context_fn=self.contexts)
 
     def block(self, block: torch.nn.Module, args: tuple):
         """A checkpointed block: its tensor inputs are kept; its own activations only while it is recomputed."""
@@ -149,17 +156,29 @@ class _AsOnCuda(TorchFunctionMode):
 
 def saved_bytes(fn, exclude: list[torch.nn.Module] = ()) -> int:
     """Bytes autograd keeps for the backward of what fn() runs: the most that the storages it saves hold at once
-    (parameters and buffers of `exclude` not counted) and, for checkpointed blocks (lgd_ray.prior.checkpointed),
-    their inputs plus the largest block's activations (one block is recomputed at a time), plus the working set of
-    a backward that retains its graph (`_AsOnCuda`). Works on the meta device and on real devices alike."""
+    (parameters and buffers of the models `exclude` not counted) and, for the checkpointed blocks of those models
+    (diffusers' gradient checkpointing on), their inputs plus the largest block's activations (one block is
+    recomputed at a time), plus the working set of a backward that retains its graph (`_AsOnCuda`). Works on the
+    meta device and on real devices alike."""
     count, cuda = _Count(exclude), _AsOnCuda()
-    CHECKPOINT_COUNTS.append(count)
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t), cuda:
-            fn()
-    finally:
-        CHECKPOINT_COUNTS.pop()
+    with _counted_checkpoints(exclude, count), torch.autograd.graph.saved_tensors_hooks(count.pack, lambda t: t), cuda:
+        fn()
     return count.total + cuda.retained_backward
+
+
+@contextlib.contextmanager
+def _counted_checkpoints(models: list[torch.nn.Module], count: _Count):
+    """While active, the checkpointed blocks of `models` run through count.checkpointed (their own function is put
+    back after)."""
+    swapped = [(m, m._gradient_checkpointing_func) for model in models for m in model.modules()
+               if getattr(m, "gradient_checkpointing", False)]
+    for m, _ in swapped:
+        m._gradient_checkpointing_func = count.checkpointed
+    try:
+        yield
+    finally:
+        for m, fn in swapped:
+            m._gradient_checkpointing_func = fn
 
 
 class _LargestOutput(TorchDispatchMode):

@@ -7,7 +7,7 @@ import torch
 
 from conftest import load_bench
 from lgd_ray.config import ConfigError, load_config
-from lgd_ray.memory import GIB, actor_memory, check_fits, deviation_images, guided_step_bytes, saved_bytes
+from lgd_ray.gpu_memory import GIB, actor_memory, check_fits, deviation_images, guided_step_bytes, saved_bytes
 from lgd_ray.models import build_classifier
 from lgd_ray.prior import load_prior
 
@@ -58,7 +58,7 @@ def test_meta_count_agrees_with_the_same_counter_on_a_cpu_guided_step(latent_pip
 def test_count_is_the_peak_of_live_saved_storages():
     """A storage saved by an op whose result is dropped counts only while it lives; the count does not depend on
     whether the allocator hands its address to the next storage (the cause of a flaky estimate before)."""
-    from lgd_ray.memory import saved_bytes
+    from lgd_ray.gpu_memory import saved_bytes
 
     x = torch.randn(1000, requires_grad=True)
 
@@ -147,7 +147,7 @@ def test_a_prior_fit_that_cannot_fit_its_gpu_is_refused_and_the_keys_shrink_it()
     """DiT-XL/2 fine-tuned at 64 images per worker in float32 (weights, gradients, AdamW and EMA: 20 bytes a parameter,
     plus the activations): refused on a 40 GB GPU, naming the keys; activation checkpointing and bf16 autocast each
     shrink the activations; CPU workers are not checked."""
-    from lgd_ray.memory import check_fit_fits, prior_fit_memory
+    from lgd_ray.gpu_memory import check_fit_fits, prior_fit_memory
 
     keys = ["data.name=folder", "data.root=/nowhere", "data.classes=imagenette", "prior.model_id=",
             "prior.base=facebook/DiT-XL-2-256", "prior.batch_size=64", "ray.train_use_gpu=true", "ray.train_workers=1"]

@@ -11,7 +11,7 @@ from lgd_ray.distill import per_seed
 from lgd_ray.evaluate import summarise, write_results
 from lgd_ray.redundancy import redundancy_of
 from lgd_ray.report import compare
-from lgd_ray.seeds import collect, paired, stages_table
+from lgd_ray.pooling import collect, paired, stages_table
 from lgd_ray.shards import write_manifest
 from lgd_ray.storage import as_location
 
