@@ -118,19 +118,19 @@ def check(small: bool, variant: str, batches: list[int], repeats: int, folder: s
         try:
             with torch.no_grad():
                 unguided = _timed(lambda: prior.eps(x, t, labels, 4.0), device, repeats)
-            guided = _timed(lambda: guide.eps(prior, x, t, labels, 4.0), device, repeats)
+            guided = _timed(lambda: guide.eps(prior, x, t, labels.tolist(), 4.0), device, repeats)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-                out = guide.eps(prior, x, t, labels, 4.0)
+                out = guide.eps(prior, x, t, labels.tolist(), 4.0)
                 _sync(device)
                 measured = torch.cuda.max_memory_allocated()
             else:
-                out = guide.eps(prior, x, t, labels, 4.0)
+                out = guide.eps(prior, x, t, labels.tolist(), 4.0)
                 measured = mem.weights + mem.deviation_held + guided_step_bytes(cfg, prior, *nets, b, k)
             row.update(measured_peak_gib=round(measured / GIB, 3), unguided_images_per_s=round(b / unguided, 2),
                        guided_images_per_s=round(b / guided, 2), guided_over_unguided=round(guided / unguided, 2),
-                       finite=bool(torch.isfinite(out).all()), guide_batch_used=guide.batch or b)
+                       finite=bool(torch.isfinite(out).all()), guide_batch_used=guide.batch.size or b)
             if b == max(batches):  # where the guided step's time goes, at the largest batch only (the time budget)
                 row.update(part_seconds(prior, nets, x, t, labels, cfg.data.image_size, device, repeats, guided))
             row["ok"] = (row["finite"] and abs(measured - mem.peak(b)) <= tolerance * measured
@@ -171,7 +171,7 @@ def forced_oom(small: bool, folder: str) -> dict:
             .requires_grad_(False) for s in (1, 2)]
     x, labels = torch.randn(8, *prior.latent_shape, device=device), torch.arange(8, device=device)
     t = prior.scheduler.timesteps[25]
-    small_run = Guide.from_config(cfg, Scorer(*nets, omega=1.0), batch=2).eps(prior, x, t, labels, 4.0)
+    small_run = Guide.from_config(cfg, Scorer(*nets, omega=1.0), batch=2).eps(prior, x, t, labels.tolist(), 4.0)
     decode = prior.decode
 
     def capped(z):
@@ -181,10 +181,10 @@ def forced_oom(small: bool, folder: str) -> dict:
 
     prior.decode = capped
     guide = Guide.from_config(cfg, Scorer(*nets, omega=1.0), batch=8)
-    halved = guide.eps(prior, x, t, labels, 4.0)
+    halved = guide.eps(prior, x, t, labels.tolist(), 4.0)
     diff = float((halved - small_run).abs().max())
-    row = {"check": "forced out-of-memory", "batch_after": guide.batch, "max_abs_diff": diff,
-           "ok": guide.batch == 2 and diff < 1e-3}
+    row = {"check": "forced out-of-memory", "batch_after": guide.batch.size, "max_abs_diff": diff,
+           "ok": guide.batch.size == 2 and diff < 1e-3}
     print(json.dumps(row), flush=True)
     return row
 

@@ -33,10 +33,10 @@ def main():
     guides = {"full": Guide.from_config(cfg, scorer), "tiny": Guide.from_config(cfg, scorer, decoder=tiny)}
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(a.batch, *prior.latent_shape, generator=gen)
-    labels = torch.arange(a.batch) % prior.num_classes
+    classes = [k % prior.num_classes for k in range(a.batch)]
     prior.scheduler.set_timesteps(cfg.prior.num_steps)
     t = prior.scheduler.timesteps[len(prior.scheduler.timesteps) // 2]
-    secs = interleaved({k: (lambda g=g: g.eps(prior, x, t, labels, cfg.prior.cfg_scale)) for k, g in guides.items()},
+    secs = interleaved({k: (lambda g=g: g.eps(prior, x, t, classes, cfg.prior.cfg_scale)) for k, g in guides.items()},
                        a.repeats)
     print(machine())
     print(f"fashion-mnist-latent shape (VAE {cfg.prior.vae_channels}, {prior.latent_shape} latents, tiny width "

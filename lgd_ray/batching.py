@@ -24,12 +24,13 @@ def free_cached_memory(device: torch.device | str):
 
 class BatchSize:
     """A batch size that halves on out-of-memory, down to one; out of memory at one is `at_one` (a ConfigError).
+    Size 0: every item in one batch (until the first out-of-memory error).
 
     what, unit, key: who says it, what is batched, the config key that sets the size (for the line said on halving).
     """
 
     def __init__(self, size: int, what: str, unit: str, key: str, at_one: str):
-        self.size, self.what, self.unit, self.key, self.at_one = max(1, size), what, unit, key, at_one
+        self.size, self.what, self.unit, self.key, self.at_one = max(0, size), what, unit, key, at_one
 
     def run(self, n: int, fn: Callable[[int, int], T], device, rewind: Callable[[int, int], None] | None = None) -> list[T]:
         """[fn(i, j) for the consecutive batches [i, j) of range(n)]. A batch that runs out of GPU memory is run again
@@ -37,7 +38,7 @@ class BatchSize:
         of this call and every later one."""
         out, i = [], 0
         while i < n:
-            j = min(i + self.size, n)
+            j = min(i + (self.size or n), n)
             failed = False
             try:
                 out.append(fn(i, j))

@@ -254,7 +254,7 @@ def guided_step_bytes(cfg: Config, prior, student: torch.nn.Module, reference: t
     memory_images > 0: with deviation guidance from that many earlier latents per class (the graph kept for g_D)."""
     device = prior.device
     x = torch.randn(batch, *prior.latent_shape, device=device)
-    labels = torch.arange(batch, device=device) % prior.num_classes
+    classes = [k % prior.num_classes for k in range(batch)]
     classes = range(min(batch, prior.num_classes))
     memory = {c: torch.randn(memory_images, *prior.latent_shape, device=device) for c in classes} if memory_images else None
     tiny = None  # guidance.decoder tiny: the guided step decodes x0^ with it (random weights: shapes are what count)
@@ -264,7 +264,7 @@ def guided_step_bytes(cfg: Config, prior, student: torch.nn.Module, reference: t
     guide = Guide.from_config(cfg, Scorer(student, reference, cfg.guidance.omega), memory, batch=0, decoder=tiny)
     t = prior.scheduler.timesteps[len(prior.scheduler.timesteps) // 2]
     models = [prior.transformer, student, reference] + [m for m in (prior.vae, tiny) if m is not None]
-    return saved_bytes(lambda: guide.eps(prior, x, t, labels, cfg.prior.cfg_scale, list(range(batch))), models)
+    return saved_bytes(lambda: guide.eps(prior, x, t, classes, cfg.prior.cfg_scale, list(range(batch))), models)
 
 
 def actor_memory(cfg: Config) -> ActorMemory:

@@ -50,23 +50,16 @@ class Scorer:
         return ce_student - self.omega * ce_reference, ce_student, ce_reference
 
 
-def batch_classes(labels: torch.Tensor, memory: dict[int, torch.Tensor]) -> list[int]:
-    """The classes of a batch; on the meta device (the dry-run's memory count), which has no values: the memory's."""
-    return list(memory) if labels.device.type == "meta" else labels.unique().tolist()
-
-
-def nearest_cosine(x0: torch.Tensor, labels: torch.Tensor, memory: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Per sample, the largest cosine similarity between x0 and the memory latents of its class (0 if none)."""
+def nearest_cosine(x0: torch.Tensor, classes: list[int], memory: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Per sample, the largest cosine similarity between x0 and the memory latents of its class (classes: each
+    sample's; 0 if the class has none)."""
     flat = F.normalize(x0.flatten(1), dim=1)
     sims = torch.zeros(len(x0), dtype=x0.dtype, device=x0.device)
-    if x0.device.type == "meta":  # shapes only: every sample against one class's memory
-        mem = next(iter(memory.values()))
-        return torch.maximum(sims, (flat @ F.normalize(mem.to(x0).flatten(1), dim=1).T).amax(1))
-    for c in batch_classes(labels, memory):
+    for c in sorted(set(classes)):
         mem = memory.get(c)
         if mem is None or len(mem) == 0:
             continue
-        rows = (labels == c).nonzero().squeeze(1)
+        rows = torch.tensor([k for k, y in enumerate(classes) if y == c], device=x0.device)
         m = F.normalize(mem.to(x0).flatten(1), dim=1)
         sims = sims.index_put((rows,), (flat[rows] @ m.T).amax(1))
     return sims
@@ -76,6 +69,13 @@ def in_window(step_index: int, window: tuple[int, int], every: int) -> bool:
     """Whether a step index (counting down from num_steps - 1) follows the gradient: inside the window, and every
     `every`-th from its noisy end (guidance.every; 1 = all of them)."""
     return window[0] <= step_index <= window[1] and (window[1] - step_index) % every == 0
+
+
+def guidance_batch_size(size: int) -> BatchSize:
+    """guidance.batch as the BatchSize of the guided backward (0: every trajectory of a sampler batch at once)."""
+    return BatchSize(size, "guidance", "trajectories per guided backward", "guidance.batch",
+                     "guidance: out of GPU memory with one trajectory per guided backward: set prior.dtype=bfloat16 or "
+                     "guidance.checkpointing=true, or give each actor more GPU (ray.num_gpus_per_actor)")
 
 
 def guided_steps(window: tuple[int, int], every: int, num_steps: int) -> list[int]:
@@ -99,7 +99,10 @@ class Guide:
     norm_scale: float
     image_size: int
     memory: dict[int, torch.Tensor] = field(default_factory=dict)
-    batch: int = 0  # trajectories per backward (guidance.batch): bounds the memory of a guided step; 0 = all at once
+    # trajectories per backward (guidance.batch; 0 = all at once): bounds the memory of a guided step; halved on
+    # out-of-memory for the guide's lifetime (an int given here becomes a BatchSize; the sampler actor's is shared by
+    # every guide it makes)
+    batch: BatchSize | int = 0
     every: int = 1  # guidance.every: follow the gradient at every this-many-th step of the window
     views: int = 0  # guidance.augment: random views per image that S is averaged over in g_S; 0 = the image itself
     crop_scale: float = 1.0  # the views: RandomResizedCrop(scale=(crop_scale, 1)) ...
@@ -107,9 +110,14 @@ class Guide:
     view_seed: int = 0  # the views of (class, slot) at timestep t are drawn from (view_seed, class, slot, t)
     decoder: torch.nn.Module | None = None  # x0^ -> images in the guided step (guidance.decoder tiny); None: the prior's
 
+    def __post_init__(self):
+        if not isinstance(self.batch, BatchSize):
+            self.batch = guidance_batch_size(self.batch)
+
     @classmethod
     def from_config(cls, cfg: Config, scorer: Scorer, memory: dict[int, torch.Tensor] | None = None,
-                    batch: int | None = None, stage: int = 0, decoder: torch.nn.Module | None = None) -> "Guide":
+                    batch: BatchSize | int | None = None, stage: int = 0,
+                    decoder: torch.nn.Module | None = None) -> "Guide":
         """The guide of the config's guidance keys (what the sampler actors, the memory count and the benches use).
         memory: the deviation memory per class; batch: trajectories per backward (None: guidance.batch); stage: the
         stage whose views are drawn (with guidance.augment); decoder: the tiny decoder (guidance.decoder tiny)."""
@@ -121,38 +129,33 @@ class Guide:
     def active(self, step_index: int) -> bool:
         return (self.lambda_ > 0 or self.gamma > 0) and in_window(step_index, self.window, self.every)
 
-    def eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float,
+    def eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, classes: list[int], cfg_scale: float,
             slots: list[int] | None = None):
         """The guided noise prediction eps~ (detached), `batch` trajectories at a time (every term is per image, so
         the chunks give the result of the whole batch). Out of GPU memory, the step is run again at half the batch
-        (kept for the later steps), down to one trajectory. slots: each trajectory's slot (what seeds its views)."""
+        (kept for the later steps), down to one trajectory. classes, slots: each trajectory's class and slot (the
+        slot seeds its views), as lists: nothing is read back from the device (so the dry-run's count on the meta
+        device runs this very code)."""
         if self.views and slots is None:
             raise ValueError("augmented guidance needs each trajectory's slot")
-        sizes = BatchSize(self.batch or len(x_t), "guidance", "trajectories per guided backward", "guidance.batch",
-                          "guidance: out of GPU memory with one trajectory per guided backward: set prior.dtype=bfloat16 "
-                          "or guidance.checkpointing=true, or give each actor more GPU (ray.num_gpus_per_actor)")
-        eps = sizes.run(len(x_t), lambda i, j: self._eps(prior, x_t[i:j], t, labels[i:j], cfg_scale,
-                                                         slots[i:j] if slots is not None else None), x_t.device)
-        if sizes.size < (self.batch or len(x_t)):
-            self.batch = sizes.size  # kept for the later steps
-        return torch.cat(eps)
+        return torch.cat(self.batch.run(len(x_t), lambda i, j: self._eps(
+            prior, x_t[i:j], t, classes[i:j], cfg_scale, slots[i:j] if slots is not None else None), x_t.device))
 
-    def score(self, images: torch.Tensor, labels: torch.Tensor, slots: list[int] | None, t: int) -> torch.Tensor:
-        """S of each image, or with views > 0 the mean S of its random views."""
+    def score(self, images: torch.Tensor, classes: list[int], slots: list[int] | None, t: int) -> torch.Tensor:
+        """S of each image for its class, or with views > 0 the mean S of its random views."""
+        labels = torch.tensor(classes, device=images.device)
         if not self.views:
             return self.scorer(images, labels)[0]
-        # labels on the meta device (the dry-run's memory count) have no values: class 0's draws, the same shapes
-        classes = labels.tolist() if labels.device.type != "meta" else [0] * len(labels)
         views = torch.cat([augment(images[i:i + 1].expand(self.views, -1, -1, -1),
                                    generator(self.view_seed, c, s, t), self.crop_scale, self.flip)
                            for i, (c, s) in enumerate(zip(classes, slots))])
         return self.scorer(views, labels.repeat_interleave(self.views))[0].view(len(images), self.views).mean(1)
 
-    def _eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float,
+    def _eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, classes: list[int], cfg_scale: float,
              slots: list[int] | None):
         _, sigma = prior.signal_noise(t, x_t)
-        use_memory = self.gamma > 0 and bool(self.memory) and any(len(self.memory.get(c, ()))
-                                                                   for c in batch_classes(labels, self.memory))
+        labels = torch.tensor(classes, device=x_t.device)
+        use_memory = self.gamma > 0 and any(len(self.memory.get(c, ())) for c in set(classes))
         with torch.enable_grad():
             if self.through == "denoiser":
                 wrt = x_t.detach().requires_grad_(True)
@@ -165,11 +168,11 @@ class Guide:
             step = torch.zeros_like(eps)
             if self.lambda_ > 0:
                 decode = prior.decode if self.decoder is None else self.decoder
-                score = self.score(classifier_input(decode(x0), self.image_size), labels, slots, int(t))
+                score = self.score(classifier_input(decode(x0), self.image_size), classes, slots, int(t))
                 (g_s,) = torch.autograd.grad(score.sum(), wrt, retain_graph=use_memory)
                 step = step + self.lambda_ * _unit(g_s)
             if use_memory:
-                (g_d,) = torch.autograd.grad(nearest_cosine(x0, labels, self.memory).sum(), wrt)
+                (g_d,) = torch.autograd.grad(nearest_cosine(x0, classes, self.memory).sum(), wrt)
                 step = step - self.gamma * _unit(g_d)
         eps = eps.detach()
         eps_norm = eps.flatten(1).norm(dim=1).view(-1, *[1] * (eps.dim() - 1))

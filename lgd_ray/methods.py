@@ -16,7 +16,7 @@ from lgd_ray.batching import free_cached_memory
 from lgd_ray.config import Config, ConfigError
 from lgd_ray.data import load_split, num_classes, open_prepared, to_float
 from lgd_ray.dds import class_candidates, relevance_batch_size, select
-from lgd_ray.guidance import Guide, Scorer
+from lgd_ray.guidance import Guide, Scorer, guidance_batch_size
 from lgd_ray.lease import check_holder
 from lgd_ray.models import penultimate
 from lgd_ray.modes import ModeGuide, class_modes
@@ -113,8 +113,6 @@ class Dit(Method):
         out = generate(maker.prior, items, run_seed=cfg.seed, stage=stage.index, num_steps=cfg.prior.num_steps,
                        cfg_scale=cfg.prior.cfg_scale, batch_size=maker.sample_batch, image_size=cfg.data.image_size,
                        kappa=stage.kappa, scorer=scorer, guide=guide, select_after=self.select_after(cfg))
-        if isinstance(guide, Guide):
-            maker.guidance_batch = guide.batch
         return [sample_record(o.cls, o.slot, o.image, stage=stage.index,
                               seed=derive_seed(cfg.seed, "noise", stage.index, o.cls, o.slot, o.candidate), S=o.score,
                               ce_student=o.ce_student, ce_reference=o.ce_reference, candidate=o.candidate,
@@ -171,7 +169,7 @@ class Lgd(Dit):
 
     def batches(self, maker, stage):
         return {"sample_batch": maker.sample_batch.size,
-                **({"guidance_batch": maker.guidance_batch} if stage.gradient else {})}
+                **({"guidance_batch": maker.guidance_batch.size} if stage.gradient else {})}
 
 
 class Dds(Method):
@@ -284,7 +282,7 @@ class ChunkMaker:
         self._train_set = None
         self._modes: dict[int, torch.Tensor] = {}  # mgd3: per class, kept for the actor's lifetime
         # halved on a CUDA out-of-memory error, for the actor's lifetime
-        self.guidance_batch = cfg.guidance.batch
+        self.guidance_batch = guidance_batch_size(cfg.guidance.batch)
         self.sample_batch = sample_batch_size(cfg.distill.sample_batch)
         self.dds_batch = relevance_batch_size(cfg.dds.batch_size)
 

@@ -37,11 +37,11 @@ class ModeGuide:
         return self.lambda_ > 0 and step_index >= self.stop
 
     @torch.no_grad()
-    def eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg_scale: float,
+    def eps(self, prior: Prior, x_t: torch.Tensor, t: torch.Tensor, classes: list[int], cfg_scale: float,
             slots: list[int]) -> torch.Tensor:
-        eps = prior.eps(x_t, t, labels, cfg_scale)
+        eps = prior.eps(x_t, t, torch.tensor(classes, device=x_t.device), cfg_scale)
         alpha, sigma = prior.signal_noise(t, x_t)
         x0 = prior.x0(x_t, t, eps)
-        target = torch.stack([self.modes[c][s] for c, s in zip(labels.tolist(), slots)]).to(x0)
+        target = torch.stack([self.modes[c][s] for c, s in zip(classes, slots)]).to(x0)
         x0 = x0 + self.lambda_ * sigma * (target - x0)
         return (x_t - alpha * x0) / sigma

@@ -28,6 +28,7 @@ def sample(prior: Prior, labels: torch.Tensor, gens: list[torch.Generator], num_
     """
     if x is None:
         x = torch.cat([torch.randn((1, *prior.latent_shape), generator=g) for g in gens])
+    classes = labels.tolist()  # the guides take each trajectory's class as a list (no read-back from the device)
     x, labels = x.to(prior.device), labels.to(prior.device)
     first = num_steps - 1 if first is None else first
     sched = prior.scheduler
@@ -38,7 +39,7 @@ def sample(prior: Prior, labels: torch.Tensor, gens: list[torch.Generator], num_
         if not last <= step_index <= first:
             continue
         if guide is not None and guide.active(step_index):
-            eps = guide.eps(prior, x, t, labels, cfg_scale, slots)
+            eps = guide.eps(prior, x, t, classes, cfg_scale, slots)
         else:
             with torch.no_grad():
                 eps = prior.eps(x, t, labels, cfg_scale)

@@ -132,7 +132,7 @@ def test_checkpointing_gives_the_same_guidance_with_a_smaller_count(latent_pipel
             prior.checkpoint_blocks()
         t = prior.scheduler.timesteps[5]
         guide = Guide.from_config(cfg, Scorer(*nets, omega=1.0), batch=0)
-        eps = guide.eps(prior, x, t, labels, 4.0)
+        eps = guide.eps(prior, x, t, labels.tolist(), 4.0)
         measured = guided_step_bytes(cfg, prior, *nets, 6, deviation_images(cfg))  # imagenette: gamma > 0
         mem = actor_memory(cfg)
         estimate = mem.guided_fixed + 6 * mem.guided_per_trajectory

@@ -99,7 +99,7 @@ def test_latent_prior_in_bfloat16(latent_pipeline_dir):
     nets = [build_classifier("convnet2", 3, 16, 1000, seed=s).requires_grad_(False) for s in (0, 1)]
     guide = Guide(Scorer(*nets, omega=1.0), 0.1, 0.0, (0, 3), "decoder", 1.0, 16)
     x, t = torch.randn(2, *half.latent_shape), torch.tensor(500)
-    eps = guide.eps(half, x, t, labels, 4.0)
+    eps = guide.eps(half, x, t, labels.tolist(), 4.0)
     with torch.no_grad():
         plain = half.eps(x, t, labels, 4.0)
     assert eps.dtype == torch.float32 and torch.isfinite(eps).all() and not torch.equal(eps, plain)

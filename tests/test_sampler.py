@@ -90,8 +90,8 @@ def test_deviation_guidance_moves_away_from_memory(setup):
     plain = _generate(prior, cfg, scorer=scorer)
     memory = {c: to_float(torch.stack([o.image for o in plain if o.cls == c])) for c in range(10)}
     away = _generate(prior, cfg, scorer=scorer, guide=_guide(scorer, gamma=0.3, memory=memory))
-    labels = torch.tensor([o.cls for o in plain])
-    sim = lambda out: nearest_cosine(to_float(torch.stack([o.image for o in out])), labels, memory).mean()
+    classes = [o.cls for o in plain]
+    sim = lambda out: nearest_cosine(to_float(torch.stack([o.image for o in out])), classes, memory).mean()
     assert sim(away) < sim(plain) - 0.01
 
 
@@ -218,7 +218,7 @@ def test_out_of_memory_in_a_guided_step_halves_the_guidance_batch(setup, monkeyp
     monkeypatch.setattr(prior, "decode", lambda z: capped(z, 4))
     guide = _guide(scorer, lam=0.2)
     capped_run = _generate(prior, cfg, items, scorer=scorer, guide=guide, batch_size=12)
-    assert guide.batch == 3 and "out of memory at 12 trajectories per guided backward; now 6" in capsys.readouterr().out
+    assert guide.batch.size == 3 and "out of memory at 12 trajectories per guided backward; now 6" in capsys.readouterr().out
     d = torch.stack([(a.image.int() - b.image.int()).abs() for a, b in zip(whole, capped_run)])
     assert d.max() <= 3 and d.float().mean() < 0.1
     monkeypatch.setattr(prior, "decode", lambda z: capped(z, 0))
