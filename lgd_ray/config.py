@@ -23,13 +23,12 @@ from lgd_ray.storage import Location
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-AUTO = 0  # an `auto` count's value until the Ray layer sizes it from the cluster (lgd_ray.resources.resolve_auto)
-AUTO_GPU = -1  # the same for the GPU keys, where 0 (none) is a value of its own
+AUTO = None  # an `auto` key's value ("auto" in YAML) until the Ray layer sizes it (lgd_ray.resources.resolve_auto)
 
 
 def _f(default, **meta):
     """A dataclass field with validation metadata: choices=, min=, max=, min_excl=, length=; lists: item_min=,
-    nonempty=; auto=SENTINEL: the value may be "auto", stored as SENTINEL (AUTO or AUTO_GPU)."""
+    nonempty=; auto=True: the value may be "auto" (the field's type is then `X | None`: None until sized)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -239,10 +238,10 @@ class RayConfig:
 
     enabled: bool = True  # false: chunks run one after another in this process, without Ray
     address: str = ""  # "" = RAY_ADDRESS (set under `ray job submit`), else a local Ray
-    actors: int = _f(2, min=1, auto=AUTO)  # sampler actors, each holding the prior and the reference model; auto: one
+    actors: int | None = _f(2, min=1, auto=True)  # sampler actors, each holding the prior and the reference model; auto: one
     #                                        per num_gpus_per_actor of the GPUs the cluster has or can scale to
     num_cpus_per_actor: float = _f(1.0, min=0.0)  # logical CPUs; the actor uses max(1, round(n)) torch threads
-    num_gpus_per_actor: float = _f(0.0, min=0.0, auto=AUTO_GPU)  # > 0: the actor runs on CUDA (and fails fast if
+    num_gpus_per_actor: float | None = _f(0.0, min=0.0, auto=True)  # > 0: the actor runs on CUDA (and fails fast if
     #                                  torch sees none); auto: an equal share of a GPU if the cluster has any, else 0
     max_restarts: int = _f(2, min=0)  # per actor, and the failures a Ray Train fit recovers from (from its checkpoint)
     chunk_retries: int = _f(2, min=0)  # a chunk whose I/O failed is retried this often, with back-off, then fails
@@ -254,11 +253,11 @@ class RayConfig:
     schedule_timeout_s: float = _f(600.0, min_excl=0.0)  # longest wait for resources (e.g. autoscaling), then one line
     accelerator_type: str = ""  # e.g. H100: actors and train workers only on nodes of that type ("" = any)
     gpu_memory_gb: float = _f(0.0, min=0.0)  # memory of one GPU; 0 = by accelerator_type (H100 if unset)
-    train_workers: int = _f(1, min=1, auto=AUTO)  # Ray Train workers (DDP) per fit; each takes batch_size /
+    train_workers: int | None = _f(1, min=1, auto=True)  # Ray Train workers (DDP) per fit; each takes batch_size /
     #                                               train_workers a step; auto: one per train_gpus_per_worker GPUs
     min_worker_batch: int = _f(32, min=1)  # a student fit takes at most one DDP worker per this many images of its
     #                                        per-step batch and of its data (fewer workers for a small increment)
-    train_use_gpu: bool = _f(False, auto=AUTO_GPU)  # auto: if the cluster has GPUs
+    train_use_gpu: bool | None = _f(False, auto=True)  # auto: if the cluster has GPUs
     train_cpus_per_worker: float = _f(1.0, min=0.0)
     train_gpus_per_worker: float = _f(1.0, min=0.0)  # used with train_use_gpu; NCCL needs one whole GPU per worker
     checkpoint_every: int = _f(10, min=1)  # epochs between a Ray Train fit's checkpoints (resumed after a failure)
@@ -291,8 +290,10 @@ def _key(f: dataclasses.Field) -> str:
 
 
 def _check_value(path: str, value, tp, meta):
-    if "auto" in meta and not isinstance(value, bool) and value in ("auto", meta["auto"]):
-        return meta["auto"]
+    if meta.get("auto"):
+        if value is None or value == "auto":
+            return AUTO
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))  # X of `X | None`
     origin = typing.get_origin(tp) or tp
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -437,10 +438,11 @@ def _check_cross(cfg: Config):
         if problem:
             raise ConfigError(f"config: '{key}' {problem}")
     r = cfg.ray
-    if r.train_use_gpu is True and r.train_workers > 1 and r.train_gpus_per_worker != int(r.train_gpus_per_worker):
+    if (r.train_use_gpu is True and r.train_workers is not AUTO and r.train_workers > 1
+            and r.train_gpus_per_worker != int(r.train_gpus_per_worker)):
         raise ConfigError(f"config: 'ray.train_gpus_per_worker' is {r.train_gpus_per_worker} with {r.train_workers} "
                           "NCCL workers: NCCL refuses two ranks on one GPU; use whole GPUs (1)")
-    if r.enabled and r.train_workers != AUTO:  # auto: checked once sized (lgd_ray.resources.resolve_auto)
+    if r.enabled and r.train_workers is not AUTO:  # auto: checked once sized (lgd_ray.resources.resolve_auto)
         for key in ("reference", "student"):
             batch = getattr(cfg, key).train.batch_size
             if batch % r.train_workers:
@@ -455,10 +457,9 @@ def _check_cross(cfg: Config):
 def auto_keys(cfg: Config) -> list[str]:
     """The `ray` keys left at `auto` (sized by resolve_auto once Ray is connected)."""
     r = cfg.ray
-    return [f"ray.{key}" for key, value, sentinel in (
-        ("actors", r.actors, AUTO), ("train_workers", r.train_workers, AUTO),
-        ("num_gpus_per_actor", r.num_gpus_per_actor, AUTO_GPU), ("train_use_gpu", r.train_use_gpu, AUTO_GPU))
-        if not isinstance(value, bool) and value == sentinel]
+    return [f"ray.{key}" for key, value in (("actors", r.actors), ("train_workers", r.train_workers),
+                                            ("num_gpus_per_actor", r.num_gpus_per_actor),
+                                            ("train_use_gpu", r.train_use_gpu)) if value is AUTO]
 
 
 def to_dict(cfg) -> dict:
@@ -466,7 +467,7 @@ def to_dict(cfg) -> dict:
     out = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if "auto" in f.metadata and not isinstance(value, bool) and value == f.metadata["auto"]:
+        if f.metadata.get("auto") and value is AUTO:
             value = "auto"
         out[_key(f)] = to_dict(value) if dataclasses.is_dataclass(value) else value
     return out

@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from lgd_ray.config import AUTO_GPU, Config
+from lgd_ray.config import AUTO, Config
 from lgd_ray.data import class_chunks, num_classes
 from lgd_ray.guidance import guided_steps
 from lgd_ray.methods import METHODS, stage_plan
@@ -323,11 +323,11 @@ def stage_cost(cfg: Config, planned: dict, rows: list[dict]) -> dict:
 def format_cost(cfg: Config, plan: dict, tflops: float, utilisation: float) -> str:
     """The plan as text, with GPU-hours at `tflops` peak and `utilisation`."""
     c, r = plan["costs"], cfg.ray
-    train_on = ("GPU if the cluster has one" if r.train_use_gpu == AUTO_GPU else
+    train_on = ("GPU if the cluster has one" if r.train_use_gpu is AUTO else
                 f"GPU {r.train_gpus_per_worker}" if r.train_use_gpu else "CPU")
     lines = [f"plan: {cfg.name}, method {cfg.distill.method}, {plan['classes']} classes in {plan['chunks']} chunks "
              f"of <= {cfg.distill.classes_per_chunk}; {r.actors or 'auto (one per GPU)'} sampler actors x "
-             f"({r.num_cpus_per_actor} CPU, {'auto' if r.num_gpus_per_actor == AUTO_GPU else r.num_gpus_per_actor} GPU); "
+             f"({r.num_cpus_per_actor} CPU, {'auto' if r.num_gpus_per_actor is AUTO else r.num_gpus_per_actor} GPU); "
              f"student fits on {r.train_workers or 'auto (one per GPU)'} Ray Train worker(s) ({train_on})",
              f"per image GFLOPs ({c['source']}), forward / with backward to the input: DiT {c['dit_forward']:.1f} / "
              f"{c['dit_grad']:.1f}, VAE decoder {c['decoder']:.1f} / {c['decoder_grad']:.1f}, student {c['student']:.2f} / "

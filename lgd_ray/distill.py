@@ -18,7 +18,7 @@ from lgd_ray.gpu_memory import (actor_memory, check_fit_fits, check_fits, format
 from lgd_ray.methods import check_real_images, method_of
 from lgd_ray.prior import PIPELINE_MARKER, prior_dir
 from lgd_ray.reference import reference_path
-from lgd_ray.stages import open_manifest, run_stages
+from lgd_ray.stages import check_run_folder, open_manifest, run_stages
 from lgd_ray.storage import as_location, check_writable
 
 
@@ -31,30 +31,31 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     method_of(cfg).check(cfg)  # what the method cannot run (lgd_ray/methods.py)
     check_data(cfg.data)  # before Ray starts: a missing data set is one line, not a cluster start-up
     check_real_images(cfg)  # prepared data: the class-sorted copies the method reads
-    check_fits(cfg)  # GPU actors: the sampler's memory (meta-device count) fits the actor's GPU share
+    check_fits(cfg)  # GPU actors: the sampler's memory (meta-device count) fits the actor's GPU share (auto: once sized)
     cache = as_location(cfg.cache)
     for where in (out, cache):
         if not where.is_local:
             check_writable(where)  # an unreachable endpoint, a missing bucket, refused credentials: one line, in seconds
-    if cfg.ray.enabled and AUTO in (cfg.ray.actors, cfg.ray.train_workers):
+    check_run_folder(out, resume)  # a run folder that cannot be (re)started: one line, before Ray starts
+    if cfg.ray.enabled:
         # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
         from lgd_ray.cluster import connect
         from lgd_ray.resources import resolve_auto
 
-        connect(cfg)  # sized from the cluster before the run folder is opened: the sizes are part of its config
-        cfg = resolve_auto(cfg)
-    open_manifest(out, cfg, resume)  # a run folder that cannot be (re)started: one line, before sampling starts
+        connect(cfg)
+        share_was_auto = cfg.ray.num_gpus_per_actor is AUTO
+        cfg = resolve_auto(cfg)  # the `auto` keys sized from the cluster, once: before the run folder is opened (the
+        #                          sizes are part of its config), for the actors and the fits
+        if share_was_auto:
+            check_fits(cfg)  # the sized GPU share
+    open_manifest(out, cfg, resume)  # --resume: the run folder was made by this config
     pool = fitter = None
     lease = Lease(out, cfg.storage.lease_s, cfg.storage.retry_s)  # one driver per run folder: held from run_stages on
     if cfg.ray.enabled:
-        # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
         from lgd_ray.actors import SamplerPool
-        from lgd_ray.cluster import check_cluster_storage, connect, joins_a_cluster, watch_head
+        from lgd_ray.cluster import check_cluster_storage, joins_a_cluster, watch_head
         from lgd_ray.ray_train import ray_fitter
-        from lgd_ray.resources import resolve_auto
 
-        connect(cfg)
-        cfg = resolve_auto(cfg)  # the GPU keys (not part of the run's identity): once, for the actors and the fits
         # relative paths, node-local folders, nodes without the data: now, and on nodes that join later
         node_check = check_cluster_storage(cfg, out, cache)
         pool = SamplerPool(cfg, out, node_check=node_check, keep=True, holder=lease.holder)  # stage to stage, prior loaded
@@ -116,7 +117,7 @@ def dry_run(cfg: Config, tflops: float | None, utilisation: float | None, gpus: 
         print(format_memory(cfg, mem), flush=True)
         check_fits(cfg, mem)  # a config that cannot fit: one line naming the key to change, exit status 1
     if mem is not None and not cfg.prior.model_id:  # the prior is trained (or prior.base fine-tuned) by the run
-        sized = not (cfg.ray.enabled and cfg.ray.train_workers == AUTO)  # auto: sized from the cluster when it runs
+        sized = not (cfg.ray.enabled and cfg.ray.train_workers is AUTO)  # auto: sized from the cluster when it runs
         workers = (cfg.ray.train_workers or 1) if cfg.ray.enabled else 1
         fit = prior_fit_memory(cfg, workers)
         print(format_fit_memory(cfg, fit, workers) + ("" if sized else " (ray.train_workers auto: at 1 worker)"),

@@ -39,7 +39,7 @@ from lgd_ray.storage import Location, as_location
 from lgd_ray.train import accuracy, load_classifier, process_device, train_classifier
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalJob:
     """One fresh classifier to train and test (picklable, for a Ray task)."""
 
@@ -169,8 +169,9 @@ def eval_jobs(cfg: Config, load_train: Callable, ipc: int, tag: str, train: Trai
     train = train or replace(e.train, epochs=epochs_for(cfg, ipc))
     teacher = partial(_teacher, to_dict(cfg), n) if e.labels == "soft" else None
     load_test = partial(load_split, cfg.data, "test")
-    return [EvalJob(model, cfg.data.channels, cfg.data.image_size, n, train, load_train, load_test, derive_seed(cfg.seed, tag, model, ipc, r), e.eval_every,
-                    cfg.device, teacher, e.temperature)
+    return [EvalJob(model=model, channels=cfg.data.channels, image_size=cfg.data.image_size, num_classes=n, train=train,
+                    load_train=load_train, load_test=load_test, seed=derive_seed(cfg.seed, tag, model, ipc, r),
+                    eval_every=e.eval_every, device=cfg.device, teacher=teacher, temperature=e.temperature)
             for r in range(e.repeats)]
 
 

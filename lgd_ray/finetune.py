@@ -129,9 +129,10 @@ def finetune_job(cfg: Config, latents: Location) -> PriorJob:
     rows = class_rows(DiTTransformer2DModel.load_config(base, subfolder="transformer")["num_embeds_ada_norm"],
                       read_classlist(cfg.data.classes))
     noise = DDPMScheduler.from_config(DDPMScheduler.load_config(base, subfolder="scheduler"))
-    return PriorJob(cfg.prior, partial(base_transformer, cfg.prior.base, rows, cfg.local_cache),
-                    partial(read_latents, latents), dict(noise.config), derive_seed(prior_seed(cfg), "prior"),
-                    checkpoints=str(prior_checkpoints(cfg)), name="prior-finetune")
+    return PriorJob(prior=cfg.prior, build=partial(base_transformer, cfg.prior.base, rows, cfg.local_cache),
+                    load_data=partial(read_latents, latents), noise=dict(noise.config),
+                    seed=derive_seed(prior_seed(cfg), "prior"), checkpoints=str(prior_checkpoints(cfg)),
+                    name="prior-finetune")
 
 
 def finetune_prior(cfg: Config, out: Location, fitter: Fitter) -> dict:

@@ -202,7 +202,7 @@ def largest_output(fn) -> int:
     return mode.largest
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ActorMemory:
     """Estimated bytes of one sampler actor."""
 
@@ -283,8 +283,10 @@ def actor_memory(cfg: Config) -> ActorMemory:
                        largest_output(lambda: prior.decode(x[:1])))
     g = cfg.guidance
     guided = any(st.gradient for st in stage_plan(cfg))
-    return ActorMemory(weights, max(0, 2 * one - two), two - one, 4 * unguided, min(g.batch or cfg.distill.sample_batch,
-                       cfg.distill.sample_batch), cfg.distill.sample_batch, guided, held)
+    return ActorMemory(weights=weights, guided_fixed=max(0, 2 * one - two), guided_per_trajectory=two - one,
+                       unguided_per_trajectory=4 * unguided,
+                       guidance_batch=min(g.batch or cfg.distill.sample_batch, cfg.distill.sample_batch),
+                       sample_batch=cfg.distill.sample_batch, guided=guided, deviation_held=held)
 
 
 def actor_gpu_bytes(cfg: Config, gpus: float | None = None) -> tuple[float, str]:
@@ -305,7 +307,7 @@ def actor_gpu_bytes(cfg: Config, gpus: float | None = None) -> tuple[float, str]
 def check_fits(cfg: Config, mem: ActorMemory | None = None) -> ActorMemory | None:
     """Refuse, in one line naming the key to change, a config whose sampler actor cannot fit its GPU share.
     None (nothing checked) for CPU actors and for method random (no prior)."""
-    if cfg.ray.num_gpus_per_actor <= 0 or not method_of(cfg).needs_prior:
+    if not cfg.ray.num_gpus_per_actor or not method_of(cfg).needs_prior:  # 0, or auto before it is sized
         return None
     mem = mem or actor_memory(cfg)
     budget, what = actor_gpu_bytes(cfg)
@@ -333,7 +335,7 @@ def format_memory(cfg: Config, mem: ActorMemory) -> str:
                  + (f"GiB + {mem.deviation_held / GIB:.2f} GiB of earlier latents (gamma {cfg.guidance.gamma:g}, its "
                     "graph kept for a second backward) " if mem.deviation_held else "GiB ")
                  + f"at guidance.batch {mem.guidance_batch}: peak {mem.peak() / GIB:.1f} GiB")
-    if cfg.ray.num_gpus_per_actor <= 0:
+    if not cfg.ray.num_gpus_per_actor:
         return line + (" (CPU actors: host memory)" if cfg.ray.num_gpus_per_actor == 0 else
                        " (ray.num_gpus_per_actor auto: a share of the cluster's GPUs, host memory without)")
     budget, what = actor_gpu_bytes(cfg)
@@ -343,7 +345,7 @@ def format_memory(cfg: Config, mem: ActorMemory) -> str:
     return line
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FitMemory:
     """Estimated bytes of one Ray Train worker of the prior's fit (the pixel DiT, or prior.base fine-tuned)."""
 
@@ -375,7 +377,8 @@ def prior_fit_memory(cfg: Config, workers: int) -> FitMemory:
         return saved_bytes(lambda: net(x, timestep=t, class_labels=y).sample.float().pow(2).mean(), [net])
 
     one, two = step(1), step(2)
-    return FitMemory(params * 4 * 5, max(0, 2 * one - two), two - one, max(1, p.batch_size // max(1, workers)))
+    return FitMemory(state=params * 4 * 5, fixed=max(0, 2 * one - two), per_image=two - one,
+                     batch=max(1, p.batch_size // max(1, workers)))
 
 
 def format_fit_memory(cfg: Config, mem: FitMemory, workers: int) -> str:

@@ -43,9 +43,11 @@ class Method:
 
     def stages(self, cfg: Config) -> list[Stage]:
         d = cfg.distill
-        seed = Stage(0, d.seed_ipc, 0, "random" if d.seed_from == "real" else self.seed_method or self.name, 1, False)
-        return [seed] + [Stage(i, d.ipc_per_stage, d.seed_ipc + (i - 1) * d.ipc_per_stage, self.name,
-                               self.kappa(cfg), self.gradient(cfg)) for i in range(1, d.stages + 1)]
+        seed = Stage(index=0, ipc=d.seed_ipc, slot0=0, kappa=1, gradient=False,
+                     method="random" if d.seed_from == "real" else self.seed_method or self.name)
+        return [seed] + [Stage(index=i, ipc=d.ipc_per_stage, slot0=d.seed_ipc + (i - 1) * d.ipc_per_stage,
+                               method=self.name, kappa=self.kappa(cfg), gradient=self.gradient(cfg))
+                         for i in range(1, d.stages + 1)]
 
     def kappa(self, cfg: Config) -> int:
         return 1
@@ -178,7 +180,7 @@ class Dds(Method):
     name, reads_real_at = "dds", "prior"
 
     def stages(self, cfg):
-        return [Stage(0, cfg.distill.total_ipc, 0, self.name, 1, False)]
+        return [Stage(index=0, ipc=cfg.distill.total_ipc, slot0=0, method=self.name, kappa=1, gradient=False)]
 
     def check(self, cfg):
         if cfg.distill.seed_from == "real":

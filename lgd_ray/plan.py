@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from lgd_ray.config import Config
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Stage:
     index: int
     ipc: int  # images per class generated in this stage
@@ -31,7 +31,7 @@ def fit_workers(cfg: Config, images: int) -> int:
     """DDP workers of a student fit on `images` images: the most, up to ray.train_workers, that divide the batch and
     leave each worker at least ray.min_worker_batch images of every step's batch and of the data."""
     r, batch = cfg.ray, cfg.student.train.batch_size
-    workers = max(1, min(r.train_workers, batch // r.min_worker_batch, images // r.min_worker_batch))
+    workers = max(1, min(r.train_workers or 1, batch // r.min_worker_batch, images // r.min_worker_batch))
     while batch % workers:
         workers -= 1
     return workers

@@ -30,7 +30,7 @@ from lgd_ray.train import Bar, Fitter, rank_slice, terminal_bar, to_cpu
 EVAL_SAMPLES = 512  # fixed draws of the unweighted denoising loss recorded after the fit
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PriorJob:
     """One prior fit, picklable so that a Ray Train worker can run it as well as this process.
 

@@ -48,8 +48,9 @@ def project_job(cfg: Config, load_data: Callable[[], TensorSet], n_classes: int)
     clipped to [-1, 1] in pixel space only."""
     noise = DDPMScheduler(num_train_timesteps=cfg.prior.train_timesteps, beta_schedule="linear",
                           clip_sample=not cfg.prior.latent_channels)
-    return PriorJob(cfg.prior, partial(build_project_dit, cfg, n_classes), load_data, dict(noise.config),
-                    derive_seed(prior_seed(cfg), "prior"), checkpoints=str(prior_checkpoints(cfg)))
+    return PriorJob(prior=cfg.prior, build=partial(build_project_dit, cfg, n_classes), load_data=load_data,
+                    noise=dict(noise.config), seed=derive_seed(prior_seed(cfg), "prior"),
+                    checkpoints=str(prior_checkpoints(cfg)))
 
 
 def ensure_prior(cfg: Config, device="cpu", fitter: Fitter | None = None) -> str:

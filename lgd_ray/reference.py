@@ -28,8 +28,10 @@ def fit_job(cfg: Config, role: str, num_classes: int, load_data, seed: int, init
     """The FitJob of the reference ("reference") or the student ("student"), sized for the configured data set;
     test: the job also tests the model on the real test split, read where it trains (metrics["test_acc"])."""
     section = getattr(cfg, role)
-    return FitJob(section.model, cfg.data.channels, cfg.data.image_size, num_classes, derive_seed(cfg.seed, "init", role),
-                  section.train, load_data, seed, init_state, name or role, checkpoint_every=cfg.ray.checkpoint_every,
+    return FitJob(model=section.model, channels=cfg.data.channels, image_size=cfg.data.image_size,
+                  num_classes=num_classes, init_seed=derive_seed(cfg.seed, "init", role), train=section.train,
+                  load_data=load_data, seed=seed, init_state=init_state, name=name or role,
+                  checkpoint_every=cfg.ray.checkpoint_every,
                   load_test=partial(load_split, cfg.data, "test") if test else None)
 
 

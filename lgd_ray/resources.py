@@ -7,7 +7,7 @@ from dataclasses import replace
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from lgd_ray.config import AUTO, AUTO_GPU, Config, auto_keys, build_config, to_dict
+from lgd_ray.config import AUTO, Config, auto_keys, build_config, to_dict
 from lgd_ray.errors import UserError
 
 
@@ -130,15 +130,15 @@ def resolve_auto(cfg: Config) -> Config:
     r = cfg.ray
     gpus, where = cluster_gpus(r.accelerator_type)
     share = r.num_gpus_per_actor
-    if share == AUTO_GPU:  # sampler actors never run beside a Train fit: the actors split the GPUs between them
+    if share is AUTO:  # sampler actors never run beside a Train fit: the actors split the GPUs between them
         share = min(1.0, gpus / (r.actors or max(1, math.floor(gpus)))) if gpus else 0.0
     actors = r.actors or (max(1, math.floor(gpus / share + 1e-9)) if share else 2)
     use_gpu, train_share = r.train_use_gpu, r.train_gpus_per_worker
-    if use_gpu == AUTO_GPU:
+    if use_gpu is AUTO:
         use_gpu, train_share = gpus > 0, min(train_share, gpus) if gpus else train_share
     workers = r.train_workers or (max(1, math.floor(gpus / train_share + 1e-9)) if use_gpu and train_share else 1)
     batches = (cfg.reference.train.batch_size, cfg.student.train.batch_size, cfg.prior.batch_size)
-    while r.train_workers == AUTO and workers > 1 and any(b % workers for b in batches):
+    while r.train_workers is AUTO and workers > 1 and any(b % workers for b in batches):
         workers -= 1  # each DDP worker takes an equal part of every global batch
     sized = replace(r, actors=actors, train_workers=workers, num_gpus_per_actor=share, train_use_gpu=use_gpu,
                     train_gpus_per_worker=train_share)

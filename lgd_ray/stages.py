@@ -36,16 +36,23 @@ from lgd_ray.tiny_fit import ensure_tiny
 from lgd_ray.train import Fitter, in_process_fitter, load_classifier, process_device, save_classifier
 
 
+def check_run_folder(run_dir: Location, resume: bool) -> dict | None:
+    """The run folder's manifest (None: a new run), or one line if the folder cannot be (re)started: a damaged
+    manifest, stage folders without one, a run there without --resume. Needs no config: said before Ray starts."""
+    existing = read_manifest(run_dir)
+    if existing is None and any(loc.name.startswith("stage-") for loc in run_dir.iterdir()):
+        raise ConfigError(f"run folder {run_dir} holds stage folders but no {MANIFEST}: nothing says what made "
+                          "them; set out=NEW_DIR (or restore the manifest to --resume)")
+    if existing is not None and not resume:
+        raise ConfigError(f"run folder {run_dir} already holds a run: pass --resume to continue it, or set out=NEW_DIR")
+    return existing
+
+
 def open_manifest(run_dir: Location, cfg: Config, resume: bool) -> dict:
     """The run's manifest: new, or (resume) the existing one if it was made by the same config."""
-    existing = read_manifest(run_dir)
+    existing = check_run_folder(run_dir, resume)
     if existing is None:
-        if any(loc.name.startswith("stage-") for loc in run_dir.iterdir()):
-            raise ConfigError(f"run folder {run_dir} holds stage folders but no {MANIFEST}: nothing says what made "
-                              "them; set out=NEW_DIR (or restore the manifest to --resume)")
         return {"config": to_dict(cfg), "config_hash": config_hash(run_identity(cfg)), "stages": {}, "shards": []}
-    if not resume:
-        raise ConfigError(f"run folder {run_dir} already holds a run: pass --resume to continue it, or set out=NEW_DIR")
     # the stored config read with today's keys: a key added since then takes its default, as it did before it existed
     stored, current = run_identity(from_dict(existing["config"])), run_identity(cfg)
     stored["out"] = current["out"]  # where a run lives is not what made it: a run copied or moved elsewhere resumes

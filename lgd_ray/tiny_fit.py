@@ -29,7 +29,7 @@ from lgd_ray.tiny_decoder import VAE_WEIGHTS, TinyDecoder, build_tiny, tiny_path
 from lgd_ray.train import Bar, Fitter, info_location, rank_slice, terminal_bar, to_cpu
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TinyJob:
     """One tiny-decoder fit, picklable for a Ray Train worker; the protocol of PriorJob (run, rounds, checkpoints)."""
 
@@ -155,10 +155,11 @@ def ensure_tiny(cfg: Config, prior_id: str, fitter: Fitter) -> dict:
         latents_id = str(cache_latents(cfg, size if isinstance(size, int) else size[0], prior_id))
         configs = {k: json.loads((Location(prior_id) / k / "config.json").read_text()) for k in ("transformer", "vae")}
         seed = derive_seed(cfg.seed, "tiny-decoder")
-        job = TinyJob(g, prior_id, cfg.local_cache, partial(build_tiny, configs["transformer"], configs["vae"],
-                                                             g.tiny_width),
-                      partial(tiny_data, cfg, prior_id, latents_id, seed), seed, cfg.prior.batch_size,
-                      cfg.prior.checkpoint_steps, checkpoints=Location(path.uri.replace(".safetensors", "-checkpoints")).uri)
+        job = TinyJob(guidance=g, prior_id=prior_id, local_cache=cfg.local_cache,
+                      build=partial(build_tiny, configs["transformer"], configs["vae"], g.tiny_width),
+                      load_data=partial(tiny_data, cfg, prior_id, latents_id, seed), seed=seed,
+                      batch_size=cfg.prior.batch_size, checkpoint_steps=cfg.prior.checkpoint_steps,
+                      checkpoints=Location(path.uri.replace(".safetensors", "-checkpoints")).uri)
         state, metrics = lease.fenced(fitter)(job)
         info = {k: metrics[k] for k in ("step", "workers", "seconds", "params", "final_loss", "x0_mse")}
         info_loc.write_text(json.dumps(info, indent=1))

@@ -258,7 +258,7 @@ def load_classifier(model: torch.nn.Module, loc: Location) -> tuple[torch.nn.Mod
     return model.eval(), json.loads(info_location(loc).read_text())
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FitJob:
     """One classifier to train, picklable so that a Ray Train worker can run it as well as this process."""
 

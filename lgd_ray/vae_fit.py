@@ -45,7 +45,7 @@ class _Reconstruction(torch.nn.Module):
         return self.vae.decode(posterior.sample(generator=gen)).sample, posterior.kl()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class VaeJob:
     """One VAE fit, picklable for a Ray Train worker; the same protocol as PriorJob (run, rounds, checkpoints)."""
 
@@ -155,8 +155,8 @@ def ensure_vae(cfg: Config, fitter: Fitter) -> Location:
     print(f"prior: training a VAE ({p.latent_channels} latent channels) on {cfg.data.name} ({p.vae_steps} steps) "
           f"-> {out}", flush=True)
     checkpoints = Location(cfg.cache).resolve() / f"{out.name}-checkpoints"
-    job = VaeJob(p, partial(build_vae, cfg), partial(load_split, cfg.data, "train"),
-                 derive_seed(prior_seed(cfg), "vae"), checkpoints=str(checkpoints))
+    job = VaeJob(prior=p, build=partial(build_vae, cfg), load_data=partial(load_split, cfg.data, "train"),
+                 seed=derive_seed(prior_seed(cfg), "vae"), checkpoints=str(checkpoints))
     weights, metrics = fitter(job)
     vae = build_vae(cfg)
     vae.load_state_dict(weights)

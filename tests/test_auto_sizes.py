@@ -20,7 +20,7 @@ def test_auto_sizes_follow_the_cluster_gpus(tiny_overrides):
         gpu = ["ray.actors=auto", "ray.train_workers=auto", "ray.num_gpus_per_actor=1", "ray.train_use_gpu=true",
                "ray.train_gpus_per_worker=1"]
         cfg = load_config("digits", tiny_overrides + gpu)
-        assert (cfg.ray.actors, cfg.ray.train_workers) == (0, 0)  # "auto" until sized
+        assert (cfg.ray.actors, cfg.ray.train_workers) == (None, None)  # "auto" until sized
         for extra in (0, 1, 2):  # 1, then 2, then 4 GPUs
             if extra:
                 c.add_node(num_cpus=1, num_gpus=extra)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lgd_ray import distill, evaluate, prepare, report
-from lgd_ray.config import AUTO_GPU, ConfigError, load_config
+from lgd_ray.config import AUTO, ConfigError, load_config
 from lgd_ray.shards import write_shard
 from lgd_ray.stages import run_stages
 from lgd_ray.storage import Location
@@ -125,7 +125,7 @@ def test_evaluation_never_connects_where_a_manifest_says(run_copy):
     manifest["config"]["ray"].update(address="203.0.113.7:6379", accelerator_type="H100", num_gpus_per_actor=8)
     (run / "manifest.json").write_text(json.dumps(manifest))
     cfg, _ = evaluate.load_run(Location(str(run)))
-    assert cfg.ray.address == "" and cfg.ray.accelerator_type == "" and cfg.ray.num_gpus_per_actor == AUTO_GPU
+    assert cfg.ray.address == "" and cfg.ray.accelerator_type == "" and cfg.ray.num_gpus_per_actor is AUTO
     assert cfg.ray == load_config("digits").ray  # configs/digits.yaml's own
     cfg, _ = evaluate.load_run(Location(str(run)), ["ray.address=127.0.0.1:6379"])  # the command line's own
     assert cfg.ray.address == "127.0.0.1:6379"

@@ -67,7 +67,7 @@ def test_a_distillation_runs_on_the_latent_prior(latent_cfg, tmp_path):
 
 def test_the_vae_fit_resumed_from_a_checkpoint_equals_the_uninterrupted_fit(latent_cfg):
     train = load_split(latent_cfg.data, "train")
-    job = VaeJob(latent_cfg.prior, partial(build_vae, latent_cfg), lambda: train, seed=3)
+    job = VaeJob(prior=latent_cfg.prior, build=partial(build_vae, latent_cfg), load_data=lambda: train, seed=3)
     states = []
     whole, _ = job.run(on_round=lambda r, m, state: states.append(state()) if r == 0 else None)
     resumed, metrics = job.run(resume=states[0])
