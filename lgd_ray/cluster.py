@@ -110,9 +110,16 @@ def remote_cause(error: BaseException, kind: type) -> BaseException | None:
             return error
         error = getattr(error, "cause", None) or error.__cause__ or error.__context__
     # Ray Data wraps a task's error in its UserCodeException, whose own cause does not travel: only the remote
-    # traceback's text names it ("lgd_ray.errors.ConfigError: <its one line>")
-    found = re.search(rf"^{re.escape(kind.__module__)}\.{re.escape(kind.__qualname__)}: (.+)$", text, re.MULTILINE)
-    return kind(found.group(1)) if found else None
+    # traceback's text names it ("lgd_ray.errors.ConfigError: <its one line>"), of `kind` or a kind of it
+    kinds, todo = {}, [kind]
+    while todo:
+        k = todo.pop()
+        kinds[f"{k.__module__}.{k.__qualname__}"] = k
+        todo += k.__subclasses__()
+    for name, message in re.findall(r"^([\w.]+): (.+)$", text, re.MULTILINE):
+        if name in kinds:
+            return kinds[name](message)
+    return None
 
 
 def alive_nodes() -> list[dict]:

@@ -52,6 +52,7 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     pool = fitter = None
     lease = Lease(out, cfg.storage.lease_s, cfg.storage.retry_s)  # one driver per run folder: held from run_stages on
     if cfg.ray.enabled:
+        # the Ray layer only when Ray is on: a ray.enabled=false run never imports ray
         from lgd_ray.actors import SamplerPool
         from lgd_ray.cluster import check_cluster_storage, joins_a_cluster, watch_head
         from lgd_ray.ray_train import ray_fitter
