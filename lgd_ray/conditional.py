@@ -147,7 +147,8 @@ def objects_for(loc: Location, timeout_s: float) -> S3Objects | GcsObjects | Non
     except Exception as e:  # no credentials found (google.auth), a malformed endpoint ...
         if isinstance(e, StorageError):
             raise
-        raise StorageError(f"storage: no client for {loc}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise StorageError(f"storage: no client for {loc}: {type(e).__name__}: {first}") from e
 
 
 def key_of(loc: Location) -> str:

@@ -182,6 +182,22 @@ class DDSConfig:
 
 
 @dataclass
+class RdedConfig:
+    """evaluate.labels rded: the RDED protocol, as its validation code runs it (Sun et al., CVPR 2024): each image's
+    strips shuffled (factor across, then factor down), RandomResizedCrop(scale=(1/factor, 1)) and flips; CutMix on every
+    batch; the teacher's soft labels at `temperature` on the mixed batch (KL, no T^2 factor); AdamW with weight decay
+    on weights of 2+ dimensions only; the lr times 0.5 (1 + cos(pi e / 2E)) at epoch e of E."""
+
+    epochs: int = _f(300, min=1)
+    lr: float = _f(0.001, min_excl=0.0)  # RDED's for ConvNets and ResNet-18
+    weight_decay: float = _f(0.01, min=0.0)
+    temperature: float = _f(20.0, min_excl=0.0)  # RDED's with CutMix
+    cutmix: float = _f(1.0, min_excl=0.0)  # Beta(cutmix, cutmix)
+    factor: int = _f(1, min=1)  # patches per side: RDED's own sets are 2 x 2 composites (2); 1 = no shuffle, no crop
+    batch_size: int = _f(0, min=0)  # 0 = RDED's rule: 50 at IPC <= 10, else 100; twice that with 100+ classes
+
+
+@dataclass
 class EvalConfig:
     """The evaluation protocol: a fresh classifier trained on the distilled set, tested on the real test split."""
 
@@ -192,8 +208,11 @@ class EvalConfig:
     eval_every: int = _f(10, min=1)  # test every this many epochs (and after the last): "best" is over these
     repeats: int = _f(3, min=1)  # fresh models (seeds) per evaluation, run in parallel as Ray tasks
     ipc: int = _f(0, min=0)  # evaluate the run's first stages up to this IPC; 0 = the whole run
-    labels: str = _f("hard", choices=["hard", "soft"])  # soft: KD from the run's reference model (theta*)
+    # soft: KD from the run's reference model (theta*) in this recipe; rded: the RDED protocol (evaluate.rded), the
+    # reference as its teacher
+    labels: str = _f("hard", choices=["hard", "soft", "rded"])
     temperature: float = _f(4.0, min_excl=0.0)  # soft labels: softmax temperature of teacher and student
+    rded: RdedConfig = field(default_factory=RdedConfig)
 
 
 @dataclass

@@ -25,8 +25,8 @@ from typing import Callable
 import yaml
 
 from lgd_ray.cli import Parser, one_line_errors
-from lgd_ray.config import (Config, ConfigError, TrainConfig, apply_overrides, build_config, config_hash, from_dict,
-                            load_config, resolve_path, run_identity, to_dict)
+from lgd_ray.config import (Config, ConfigError, RdedConfig, TrainConfig, apply_overrides, build_config, config_hash,
+                            from_dict, load_config, resolve_path, run_identity, to_dict)
 from lgd_ray.cost import classifier_fit_flops, slow_seconds
 from lgd_ray.data import load_split, num_classes, split_size
 from lgd_ray.models import build_classifier
@@ -55,6 +55,7 @@ class EvalJob:
     device: str = "auto"
     teacher: Callable | None = None  # builds the soft-label teacher
     temperature: float = 4.0
+    rded: RdedConfig | None = None  # the RDED protocol's recipe (evaluate.labels rded)
     extra_tests: dict | None = None  # name -> loader of further sets to test the final model on (redundancy)
 
 
@@ -72,7 +73,7 @@ def run_eval_job(job: EvalJob) -> dict:
     start = time.time()
     teacher = job.teacher() if job.teacher else None
     train_classifier(model, train_set, job.train, job.seed, device, on_epoch=on_epoch, desc=f"eval seed {job.seed}",
-                     teacher=teacher, temperature=job.temperature)
+                     teacher=teacher, temperature=job.temperature, rded=job.rded)
     best_epoch, best = max(curve, key=lambda c: c[1])
     extra = {name: accuracy(model, load(), device) for name, load in (job.extra_tests or {}).items()}
     return {"seed": job.seed, "last": curve[-1][1], "best": best, "best_epoch": best_epoch, "curve": curve,
@@ -157,7 +158,7 @@ def _teacher(cfg_tree: dict, n: int):
     cfg = from_dict(cfg_tree)
     path = reference_path(cfg)
     if not path.exists():
-        raise ConfigError(f"evaluate: labels=soft needs the run's reference model at {path}: set cache= to the "
+        raise ConfigError(f"evaluate: labels={cfg.evaluate.labels} needs the run's reference model at {path}: set cache= to the "
                           "cache the run used")
     return load_classifier(new_classifier(cfg, "reference", n), path)[0]
 
@@ -166,12 +167,17 @@ def eval_jobs(cfg: Config, load_train: Callable, ipc: int, tag: str, train: Trai
     """The `repeats` jobs of one evaluation; seeds from (run seed, tag, model, ipc, repeat)."""
     e, n = cfg.evaluate, num_classes(cfg.data)
     model = e.model or cfg.student.model
+    rded = e.rded if e.labels == "rded" else None
+    if rded is not None:  # RDED's epochs and batch (its rule: by IPC and classes) in place of this protocol's
+        batch = rded.batch_size or (50 if ipc <= 10 else 100) * (2 if n >= 100 else 1)
+        train = replace(train or e.train, epochs=rded.epochs, batch_size=min(batch, ipc * n))
     train = train or replace(e.train, epochs=epochs_for(cfg, ipc))
-    teacher = partial(_teacher, to_dict(cfg), n) if e.labels == "soft" else None
+    teacher = partial(_teacher, to_dict(cfg), n) if e.labels in ("soft", "rded") else None
     load_test = partial(load_split, cfg.data, "test")
     return [EvalJob(model=model, channels=cfg.data.channels, image_size=cfg.data.image_size, num_classes=n, train=train,
                     load_train=load_train, load_test=load_test, seed=derive_seed(cfg.seed, tag, model, ipc, r),
-                    eval_every=e.eval_every, device=cfg.device, teacher=teacher, temperature=e.temperature)
+                    eval_every=e.eval_every, device=cfg.device, teacher=teacher,
+                    temperature=rded.temperature if rded else e.temperature, rded=rded)
             for r in range(e.repeats)]
 
 

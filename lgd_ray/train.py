@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from lgd_ray import timeline
 from lgd_ray.checkpoints import latest_checkpoint, load_from, save_to
-from lgd_ray.config import ConfigError, TrainConfig
+from lgd_ray.config import ConfigError, RdedConfig, TrainConfig
 from lgd_ray.data import PreparedSplit, TensorSet, to_float
 from lgd_ray.models import build_classifier
 from lgd_ray.seeding import derive_seed
@@ -86,6 +86,20 @@ def augment(x: torch.Tensor, gen: torch.Generator, crop_scale: float, flip: bool
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def shuffle_patches(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
+    """RDED's ShufflePatches per image: cut into `factor` strips across (the last takes the remainder), shuffle them,
+    then the same down; factor 1 leaves the images as they are."""
+    if factor == 1:
+        return x
+
+    def along(img: torch.Tensor, dim: int) -> torch.Tensor:
+        size = img.shape[dim] // factor
+        strips = list(img.split([size] * (factor - 1) + [img.shape[dim] - size * (factor - 1)], dim))
+        return torch.cat([strips[k] for k in torch.randperm(factor, generator=gen).tolist()], dim)
+
+    return torch.stack([along(along(img, 2), 1) for img in x])
+
+
 def cutmix(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, beta: float):
     """CutMix: paste a random box of a shuffled copy of the batch; returns (x, y, y of the pasted images, share of y)."""
     n, _, h, w = x.shape
@@ -118,8 +132,10 @@ def batches(data, batch_size: int, gen: torch.Generator, device, shuffle: bool):
 def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, device="cpu",
                      on_epoch: Callable[[int, dict], None] | None = None, desc: str = "train",
                      teacher: torch.nn.Module | None = None, temperature: float = 4.0, batch_size: int = 0,
-                     resume: dict | None = None, bar: Bar = terminal_bar) -> torch.nn.Module:
+                     resume: dict | None = None, bar: Bar = terminal_bar,
+                     rded: RdedConfig | None = None) -> torch.nn.Module:
     """SGD + MultiStepLR training on `data` (images uint8, labels int64); `seed` fixes order and augmentation.
+    rded: the RDED protocol's optimiser, schedule, augmentation and KD loss instead (cfg's epochs and batch size).
 
     Each epoch draws from its own generator, seeded from (seed, epoch), so a fit resumed from `resume` (a `train_state`
     after some epoch) continues exactly as the uninterrupted fit would. batch_size: this process's batch (a DDP rank's
@@ -134,9 +150,16 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
         teacher = teacher.to(device).eval().requires_grad_(False)
     if isinstance(data, TensorSet):  # the whole set moves to the device once, not batch by batch
         data = TensorSet(data.images.to(device), data.labels.to(device), data.num_classes)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    milestones = sorted({max(1, int(round(m * cfg.epochs))) for m in cfg.milestones})
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.lr_decay)
+    if rded is None:
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        milestones = sorted({max(1, int(round(m * cfg.epochs))) for m in cfg.milestones})
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.lr_decay)
+    else:
+        params = list(model.parameters())
+        opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() > 1]},
+                                 {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}],
+                                lr=rded.lr, betas=(0.9, 0.999), weight_decay=rded.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs / 2)))
     first = 0
     if resume is not None:
         (model.module if hasattr(model, "module") else model).load_state_dict(resume["model"])
@@ -154,15 +177,21 @@ def train_classifier(model: torch.nn.Module, data, cfg: TrainConfig, seed: int, 
         gen = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
         total, correct, loss_sum = 0, torch.zeros((), device=device), torch.zeros((), device=device)
         for x, y in batches(data, batch_size or cfg.batch_size, gen, device, shuffle=True):
-            x = augment(x, gen, cfg.crop_scale, cfg.flip)
             y_b = None
-            if cfg.cutmix > 0 and torch.rand(1, generator=gen).item() < cfg.cutmix_prob:
-                x, y, y_b, share = cutmix(x, y, gen, cfg.cutmix)
+            if rded is not None:
+                x = augment(shuffle_patches(x, rded.factor, gen), gen, 1 / rded.factor, True)
+                x, y, y_b, share = cutmix(x, y, gen, rded.cutmix)
+            else:
+                x = augment(x, gen, cfg.crop_scale, cfg.flip)
+                if cfg.cutmix > 0 and torch.rand(1, generator=gen).item() < cfg.cutmix_prob:
+                    x, y, y_b, share = cutmix(x, y, gen, cfg.cutmix)
             logits = model(x)
             if teacher is not None:
                 with torch.no_grad():
                     target = F.softmax(teacher(x) / temperature, dim=1)
-                loss = F.kl_div(F.log_softmax(logits / temperature, 1), target, reduction="batchmean") * temperature ** 2
+                loss = F.kl_div(F.log_softmax(logits / temperature, 1), target, reduction="batchmean")
+                if rded is None:
+                    loss = loss * temperature ** 2  # Hinton's scaling; RDED's loss has none
             elif y_b is not None:
                 loss = share * F.cross_entropy(logits, y) + (1 - share) * F.cross_entropy(logits, y_b)
             else:

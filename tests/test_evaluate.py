@@ -97,3 +97,19 @@ def test_run_folder_report(run):
     for i in range(3):
         assert f"report/stage{i}.png" in report
     assert f"{100 * manifest['stages']['2']['student_acc']:.2f}" in report
+
+
+def test_the_rded_protocol(run):
+    """labels=rded: RDED's recipe (its epochs, its batch rule, AdamW, KD at its temperature on CutMix batches, patch
+    shuffling) with the reference as teacher; the same seed gives the same result, the result is recorded as rded."""
+    cfg, out, _ = run
+    keys = ["repeats=1", "ipc=2", "labels=rded", "rded.epochs=4", "rded.factor=2", "eval_every=2", "ray.enabled=false",
+            f"cache={cfg.cache}"]
+    jobs = eval_jobs(load_config("digits", [f"evaluate.{k}" for k in keys[:5]]), lambda: None, 2, "eval")
+    assert (jobs[0].train.epochs, jobs[0].train.batch_size, jobs[0].temperature) == (4, 20, 20.0)  # 50, capped at 2 x 10
+    assert jobs[0].rded.factor == 2 and jobs[0].teacher is not None
+    result = evaluate_run(out, keys)
+    assert result["labels"] == "rded" and result["epochs"] == 4 and (out / "eval" / "convnet2-ipc2-rded.json").exists()
+    assert [e for e, _ in result["repeats"][0]["curve"]] == [2, 4]
+    again = evaluate_run(out, keys)
+    assert again["repeats"][0]["curve"] == result["repeats"][0]["curve"]

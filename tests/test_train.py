@@ -42,3 +42,23 @@ def test_a_fit_resumed_from_its_state_ends_where_the_whole_fit_ends():
     train_classifier(resumed, train, recipe, seed=3, resume=saved[1])
     assert saved[1]["epoch"] == 1 and saved[1]["scheduler"]["last_epoch"] == 2
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_shuffle_patches_permutes_strips_across_then_down():
+    """RDED's ShufflePatches: factor 1 is the identity; factor 2 swaps halves (the last strip takes the remainder),
+    each axis by its own draw, per image."""
+    from lgd_ray.train import shuffle_patches
+
+    x = torch.arange(2 * 1 * 5 * 4).reshape(2, 1, 5, 4)
+    assert torch.equal(shuffle_patches(x, 1, torch.Generator().manual_seed(0)), x)
+    seen = set()
+    for seed in range(20):
+        y = shuffle_patches(x, 2, torch.Generator().manual_seed(seed))
+        for img, out in zip(x, y):
+            rows = [img[:, :2], img[:, 2:]]
+            cols = lambda t: [t[..., :2], t[..., 2:]]
+            options = {tuple(torch.cat([c for c in cols_order], -1).flatten().tolist())
+                       for r in (rows, rows[::-1]) for cols_order in (cols(torch.cat(r, 1)), cols(torch.cat(r, 1))[::-1])}
+            assert tuple(out.flatten().tolist()) in options
+            seen.add(tuple(out.flatten().tolist()))
+    assert len(seen) > 4  # both axes' orders occur (4 per image, 2 images)
