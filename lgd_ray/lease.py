@@ -30,7 +30,7 @@ from pathlib import Path
 
 from lgd_ray.errors import UserError
 from lgd_ray.conditional import Conflict, key_of, objects_for
-from lgd_ray.storage import StorageError, as_location, file_lock, retry_s
+from lgd_ray.storage import StorageError, as_location, file_lock, with_retries
 
 LEASE = "lease.json"
 LOCK = ".lease.lock"
@@ -128,7 +128,8 @@ class Lease:
         loc = self.run_dir / name
         last = self._written.get(name)
         if self._objects:
-            self._written[name] = self._retried(f"write {loc}", lambda: self._store_write(name, data, last))
+            self._written[name] = with_retries(lambda: self._store_write(name, data, last), f"write {loc}",
+                                               self._objects.transient, lambda e: type(e).__name__)
         elif loc.is_local:
             with self._local_lock():
                 now = loc.read_bytes() if loc.exists() else None
@@ -257,23 +258,6 @@ class Lease:
                 return now[1]
             raise LeaseError(f"run folder {self.run_dir}: {name} was written by another driver since this one's "
                              "last write: stopped so that two drivers never write one run") from None
-
-    def _retried(self, action: str, fn):
-        """fn(), its transient failures (no connection, time-outs, HTTP 5xx) retried with back-off for up to
-        storage.retry_s, as every store access is (lgd_ray/storage.py); then one line."""
-        start, wait = time.monotonic(), 0.5
-        while True:
-            try:
-                return fn()
-            except Exception as e:
-                if not self._objects.transient(e):
-                    raise
-                waited = time.monotonic() - start
-                if waited + wait > retry_s():
-                    raise StorageError(f"storage: cannot {action}: {type(e).__name__} (retried for {waited:.0f} s: "
-                                       f"storage.retry_s {retry_s():g})") from e
-                time.sleep(wait)
-                wait = min(wait * 2, 8.0)
 
     def _probe_conditions(self):
         """Refuse a store that ignores conditional puts (older MinIO, some Ceph gateways): there the lease excludes

@@ -92,9 +92,7 @@ def read_shards(run_dir: Location, rows: list[dict]) -> list[dict]:
         data = loc.read_bytes()
         found = hashlib.sha256(data).hexdigest()
         if found != row["sha256"]:
-            raise ConfigError(f"run folder: {loc} has sha256 {found[:12]}, not the {row['sha256'][:12]} of "
-                              f"{run_dir / MANIFEST}: it was replaced or damaged; `python -m lgd_ray.distill CONFIG "
-                              "out=RUN --resume` makes it again")
+            raise not_as_recorded(run_dir, row, found)
         try:
             out += _parse_shard(data)
         except (tarfile.TarError, ValueError, KeyError, OSError, Image.DecompressionBombError) as e:
@@ -141,10 +139,16 @@ def check_shards(run_dir: Location, manifest: dict):
     for row in in_order(manifest["shards"]):
         found = shard_sha256(run_dir, row)
         if found != row["sha256"]:
-            raise ConfigError(f"run folder: {as_location(run_dir) / row['path']} "
-                              + (f"has sha256 {found[:12]}, not the {row['sha256'][:12]}" if found else "is missing, listed")
-                              + f" of {as_location(run_dir) / MANIFEST}: it was replaced or damaged; `python -m "
-                              "lgd_ray.distill CONFIG out=RUN --resume` makes it again")
+            raise not_as_recorded(run_dir, row, found)
+
+
+def not_as_recorded(run_dir: Location, row: dict, found: str | None) -> ConfigError:
+    """The one line for a shard whose bytes (sha256 `found`; None: gone) are not the ones its row recorded."""
+    run_dir = as_location(run_dir)
+    return ConfigError(f"run folder: {run_dir / row['path']} "
+                       + (f"has sha256 {found[:12]}, not the {row['sha256'][:12]}" if found else "is missing, listed")
+                       + f" of {run_dir / MANIFEST}: it was replaced or damaged; `python -m lgd_ray.distill CONFIG "
+                       "out=RUN --resume` makes it again")
 
 
 def shard_sha256(run_dir: Location, row: dict) -> str | None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
+from typing import Callable
 from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow.fs as pafs
@@ -369,26 +370,38 @@ class Location:
 
     # -- errors ----------------------------------------------------------------------------------------------------
     def _call(self, action: str, fn):
-        """fn(), its transient errors retried with exponential back-off for up to storage.retry_s; any other error,
-        or one that lasts longer, is one line (StorageError). A missing file stays FileNotFoundError."""
-        start, wait, said = time.monotonic(), 0.5, False
-        while True:
-            try:
-                return fn()
-            except FileNotFoundError:
+        """fn(), its transient errors retried (with_retries); any other error, or one that lasts longer, is one line
+        (StorageError). A missing file stays FileNotFoundError."""
+        try:
+            return with_retries(fn, f"{action} {self}", lambda e: isinstance(e, OSError) and transient(e), _reason)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise StorageError(f"storage: cannot {action} {self}: {_reason(e)}") from e
+
+
+def with_retries(fn, what: str, is_transient: Callable[[Exception], bool], reason: Callable[[Exception], str]):
+    """fn(), retried with exponential back-off (0.5 s, doubling, at most 30 s) while its error is transient, for up to
+    storage.retry_s (said once on stderr, so that a long wait is not silent); then one line (StorageError) naming
+    `what` could not be done. Any other error is raised as it is."""
+    start, wait, said = time.monotonic(), 0.5, False
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if not is_transient(e):
                 raise
-            except OSError as e:
-                waited = time.monotonic() - start
-                budget = 0.0 if getattr(_retry, "off", False) else retry_s()
-                if not transient(e) or waited + wait > budget:
-                    tried = f" (retried for {waited:.0f} s: storage.retry_s {budget:g})" if transient(e) and budget else ""
-                    raise StorageError(f"storage: cannot {action} {self}: {_reason(e)}{tried}") from e
-                if not said:  # once a call, so that a long wait is not silent
-                    print(f"storage: cannot {action} {self} yet: {_reason(e)}; retrying for up to {budget:g} s "
-                          "(storage.retry_s)", file=sys.stderr, flush=True)
-                    said = True
-                time.sleep(wait)
-                wait = min(2 * wait, 30.0)
+            waited = time.monotonic() - start
+            budget = 0.0 if getattr(_retry, "off", False) else retry_s()
+            if waited + wait > budget:
+                tried = f" (retried for {waited:.0f} s: storage.retry_s {budget:g})" if budget else ""
+                raise StorageError(f"storage: cannot {what}: {reason(e)}{tried}") from e
+            if not said:
+                print(f"storage: cannot {what} yet: {reason(e)}; retrying for up to {budget:g} s (storage.retry_s)",
+                      file=sys.stderr, flush=True)
+                said = True
+            time.sleep(wait)
+            wait = min(2 * wait, 30.0)
 
 
 def as_location(where) -> Location:

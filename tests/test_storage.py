@@ -184,6 +184,7 @@ def test_a_run_on_gcs_makes_the_local_runs_images_and_resumes(tiny_run, gcs_endp
     implied by object names) writes the shards the local run wrote, byte for byte, and --resume makes nothing again."""
     cfg, _, local, _ = tiny_run
     out = gs_uri(gcs_endpoint, new_gs_bucket(gcs_endpoint), "runs/digits")
+    cfg = replace(cfg, ray=replace(cfg.ray, enabled=False))  # in this process: no Ray left running after the test
     manifest = distill(replace(cfg, out=out))
     shas = lambda m: sorted((r["path"], r["sha256"]) for r in m["shards"])
     assert shas(manifest) == shas(local)
