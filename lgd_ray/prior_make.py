@@ -4,7 +4,7 @@ folder data set's classes (lgd_ray/finetune.py), each a fit in this process or o
 `facebook/DiT-XL-2-256` does; and staging a hub pipeline to a store once.
 
     python -m lgd_ray.prior CONFIG [key=value ...]     make the config's prior (skipped if made)
-    python -m lgd_ray.prior CONFIG ... --package       and ship its EMA weights in lgd_ray/priors/
+    python -m lgd_ray.prior CONFIG ... --package       and ship its EMA weights (and a latent prior's VAE) in lgd_ray/priors/
     python -m lgd_ray.prior stage HUB_ID_OR_FOLDER URI  copy a DiT pipeline to a store
 """
 from __future__ import annotations
@@ -31,11 +31,12 @@ from lgd_ray.prior_fit import PriorJob, save_prior, train_prior
 from lgd_ray.seeding import derive_seed
 from lgd_ray.storage import Location
 from lgd_ray.train import Fitter, in_process_fitter, process_device
-from lgd_ray.vae_fit import VAE_MARKER, ensure_vae
+from lgd_ray.vae_fit import VAE_MARKER, build_vae, ensure_vae
 
 
 PACKAGED = Path(__file__).resolve().parent / "priors"  # shipped priors: <cache folder name>.safetensors and .json
-WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"  # a saved pixel prior's (EMA) weights
+WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"  # a saved prior's DiT (EMA) weights
+VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"  # and a latent prior's VAE
 
 
 def build_project_dit(cfg: Config, n_classes: int) -> DiTTransformer2DModel:
@@ -104,34 +105,53 @@ def make_latent_prior(cfg: Config, out: Location, fitter: Fitter) -> dict:
     return train_prior(job, out, fitter, vae=base_vae(str(vae), cfg.local_cache, VAE_MARKER))
 
 
+def _parts(cfg: Config) -> dict[str, tuple[str, str]]:
+    """What a shipped prior holds: its JSON's sha256 key -> (file name suffix in lgd_ray/priors/, file in the
+    pipeline): the DiT's EMA weights, and a latent prior's VAE."""
+    return {"sha256": ("", WEIGHTS), **({"vae_sha256": ("-vae", VAE_WEIGHTS)} if cfg.prior.latent_channels else {})}
+
+
 def package_prior(cfg: Config, command: str) -> Path:
-    """Ship the config's made pixel prior with lgd_ray: its EMA weights as lgd_ray/priors/<cache folder>.safetensors
-    and, beside them, a JSON of their sha256, the command that made them and the fit's info."""
+    """Ship the config's made prior (pixel, or latent with its VAE) with lgd_ray: the DiT's EMA weights as
+    lgd_ray/priors/<cache folder>.safetensors (a latent prior's VAE as <cache folder>-vae.safetensors) and a JSON of
+    their sha256, the VAE's latent scale, the command that made them and the fit's info."""
     out = prior_dir(cfg)
     if cfg.prior.base or not (out / PIPELINE_MARKER).exists():
-        raise ConfigError(f"prior: no pixel prior of this config at {out} to package: make it first")
-    data = (out / WEIGHTS).read_bytes()
+        raise ConfigError(f"prior: no project prior of this config at {out} to package: make it first")
     PACKAGED.mkdir(exist_ok=True)
-    (PACKAGED / f"{out.name}.safetensors").write_bytes(data)
-    meta = {"sha256": hashlib.sha256(data).hexdigest(), "command": command,
-            "train_info": json.loads((out / "train_info.json").read_text())}
+    meta = {"command": command, "train_info": json.loads((out / "train_info.json").read_text())}
+    for key, (suffix, weights) in _parts(cfg).items():
+        data = (out / weights).read_bytes()
+        (PACKAGED / f"{out.name}{suffix}.safetensors").write_bytes(data)
+        meta[key] = hashlib.sha256(data).hexdigest()
+        print(f"prior: {out / weights} -> {PACKAGED / out.name}{suffix}.safetensors ({len(data) / 1e6:.1f} MB, "
+              f"sha256 {meta[key]})", flush=True)
+    if cfg.prior.latent_channels:
+        meta["vae_scaling_factor"] = json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]
     (PACKAGED / f"{out.name}.json").write_text(json.dumps(meta, indent=1) + "\n")
-    print(f"prior: {out} -> {PACKAGED / out.name}.safetensors ({len(data) / 1e6:.1f} MB, sha256 {meta['sha256']})",
-          flush=True)
     return PACKAGED / f"{out.name}.safetensors"
 
 
 def install_packaged(cfg: Config, out: Location):
-    """Save the prior shipped in lgd_ray/priors/ for this config to `out` (its cache folder), instead of training it;
-    weights whose sha256 is not the recorded one are refused in one line."""
+    """Save the prior shipped in lgd_ray/priors/ for this config to `out` (its cache folder), instead of training it
+    (a latent prior with its shipped VAE); weights whose sha256 is not the recorded one are refused in one line."""
     meta = json.loads((PACKAGED / f"{out.name}.json").read_text())
-    data = (PACKAGED / f"{out.name}.safetensors").read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != meta["sha256"]:
-        raise ConfigError(f"prior: {PACKAGED / out.name}.safetensors has sha256 {digest}, not the {meta['sha256']} "
-                          "recorded beside it: restore it (git checkout), or delete both files to train the prior")
-    info = {**meta["train_info"], "packaged": f"lgd_ray/priors/{out.name}.safetensors", "sha256": digest}
-    save_prior(project_job(cfg, None, num_classes(cfg.data)), load(data), info, out)
+    shipped = {}
+    for key, (suffix, _) in _parts(cfg).items():
+        path = PACKAGED / f"{out.name}{suffix}.safetensors"
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != meta[key]:
+            raise ConfigError(f"prior: {path} has sha256 {digest}, not the {meta[key]} recorded beside it: restore it "
+                              "(git checkout), or delete the shipped files to train the prior")
+        shipped[key] = load(data)
+    vae = None
+    if "vae_sha256" in shipped:
+        vae = build_vae(cfg)
+        vae.load_state_dict(shipped["vae_sha256"])
+        vae.register_to_config(scaling_factor=meta["vae_scaling_factor"])
+    info = {**meta["train_info"], "packaged": f"lgd_ray/priors/{out.name}.safetensors", "sha256": meta["sha256"]}
+    save_prior(project_job(cfg, None, num_classes(cfg.data)), shipped["sha256"], info, out, vae=vae)
     print(f"prior: the packaged weights of {meta['train_info']['steps']} steps ({meta['command']}) -> {out}", flush=True)
 
 
@@ -178,8 +198,9 @@ def main(argv: list[str]):
 
     run_cli("lgd_ray.prior", "Train the config's prior, or fine-tune prior.base on its classes (skipped if made).",
             argv, work, lambda parser: parser.add_argument(
-                "--package", action="store_true", help="then ship its EMA weights in lgd_ray/priors/ (under 10 MB: "
-                "commit them; `ensure_prior` installs them into any cache instead of training)"))
+                "--package", action="store_true", help="then ship its EMA weights (a latent prior's with its VAE) in "
+                "lgd_ray/priors/ (under 10 MB: commit them; `ensure_prior` installs them into any cache instead of "
+                "training)"))
 
 
 if __name__ == "__main__":

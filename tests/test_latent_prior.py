@@ -130,3 +130,27 @@ def test_the_tiny_decoder_needs_a_latent_prior(tiny_overrides, trained, tmp_path
     cfg = load_config("digits", tiny_overrides + ["guidance.decoder=tiny", "ray.enabled=false", f"out={tmp_path}"])
     with pytest.raises(ConfigError, match="has no VAE"):
         distill(cfg)
+
+
+def test_a_latent_prior_is_packaged_with_its_vae_and_installed_instead_of_trained(latent_cfg, tmp_path, monkeypatch):
+    """`--package` ships a latent prior's DiT and its VAE (and the VAE's latent scale); a cache without the prior gets
+    the same pipeline from them, without a fit; a changed VAE file is one line."""
+    from lgd_ray import prior_make
+    from lgd_ray.prior import prior_dir
+
+    made = load_prior(ensure_prior(latent_cfg), "ddim")
+    monkeypatch.setattr(prior_make, "PACKAGED", tmp_path / "priors")
+    shipped = prior_make.package_prior(latent_cfg, "python -m lgd_ray.prior ...")
+    meta = json.loads(shipped.with_suffix(".json").read_text())
+    vae_file = shipped.with_name(shipped.stem + "-vae.safetensors")
+    assert vae_file.exists() and meta["vae_scaling_factor"] == pytest.approx(made.vae.config.scaling_factor)
+    fresh = replace(latent_cfg, cache=str(tmp_path / "cache"))
+    monkeypatch.setattr(prior_make, "make_latent_prior", None)  # a fit would fail
+    installed = load_prior(prior_make.ensure_prior(fresh), "ddim")
+    for got, want in ((installed.transformer, made.transformer), (installed.vae, made.vae)):
+        assert all(torch.equal(got.state_dict()[k], v) for k, v in want.state_dict().items())
+    assert installed.vae.config.scaling_factor == made.vae.config.scaling_factor
+    assert prior_dir(fresh).name == prior_dir(latent_cfg).name
+    vae_file.write_bytes(vae_file.read_bytes()[:-1] + b" ")
+    with pytest.raises(ConfigError, match=r"-vae.safetensors has sha256 \w+, not the \w+ recorded beside it"):
+        prior_make.ensure_prior(replace(latent_cfg, cache=str(tmp_path / "other")))
