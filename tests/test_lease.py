@@ -37,12 +37,20 @@ def test_a_lapsed_lease_is_taken_over(store):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_two_drivers_on_one_run_folder(where, trained, tiny_overrides, tmp_path, s3_root):
+@pytest.mark.parametrize("where", ["local", "s3", "gs"])
+def test_two_drivers_on_one_run_folder(where, trained, tiny_overrides, tmp_path, request):
     """A driver started on a folder another driver is writing (stopped with SIGSTOP, so that it cannot finish first
     on a loaded machine; its lease of 30 s holds) exits 2 in one line; after `kill -9` of the first, `--resume` at
     once takes its lease over (its process on this host is gone) and finishes the run."""
-    out = str(tmp_path / "run") if where == "local" else str(s3_root / "run")
+    if where == "local":
+        out = str(tmp_path / "run")
+    elif where == "s3":
+        out = str(request.getfixturevalue("s3_root") / "run")
+    else:
+        from conftest import gs_uri, new_gs_bucket
+
+        endpoint = request.getfixturevalue("gcs_endpoint")
+        out = gs_uri(endpoint, new_gs_bucket(endpoint), "run")
     args = [sys.executable, "-m", "lgd_ray.distill", "digits", *tiny_overrides, "distill.stages=1", "ray.enabled=false",
             "storage.lease_s=30", f"out={out}"]
     lease = (tmp_path / "run" / LEASE) if where == "local" else None
