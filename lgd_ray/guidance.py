@@ -141,9 +141,10 @@ class Guide:
         return torch.cat(self.batch.run(len(x_t), lambda i, j: self._eps(
             prior, x_t[i:j], t, classes[i:j], cfg_scale, slots[i:j] if slots is not None else None), x_t.device))
 
-    def score(self, images: torch.Tensor, classes: list[int], slots: list[int] | None, t: int) -> torch.Tensor:
-        """S of each image for its class, or with views > 0 the mean S of its random views."""
-        labels = torch.tensor(classes, device=images.device)
+    def score(self, images: torch.Tensor, labels: torch.Tensor, classes: list[int], slots: list[int] | None,
+              t: int) -> torch.Tensor:
+        """S of each image for its label (`classes`: the same, as a list: what seeds the views), or with views > 0
+        the mean S of its random views."""
         if not self.views:
             return self.scorer(images, labels)[0]
         views = torch.cat([augment(images[i:i + 1].expand(self.views, -1, -1, -1),
@@ -168,7 +169,7 @@ class Guide:
             step = torch.zeros_like(eps)
             if self.lambda_ > 0:
                 decode = prior.decode if self.decoder is None else self.decoder
-                score = self.score(classifier_input(decode(x0), self.image_size), classes, slots, int(t))
+                score = self.score(classifier_input(decode(x0), self.image_size), labels, classes, slots, int(t))
                 (g_s,) = torch.autograd.grad(score.sum(), wrt, retain_graph=use_memory)
                 step = step + self.lambda_ * _unit(g_s)
             if use_memory:
