@@ -66,7 +66,7 @@ def paper_plan(classes=1000, seed_ipc=10, ipc_per_stage=10, stages=4, steps=50, 
     cls_train = 3 * cls - 2 * conv(128, 3, 128)  # no gradient for the images themselves
     unguided = 2 * dit  # classifier-free guidance: the conditional and the null-class forward
     guided = 2 * dit_grad + dec_grad + 2 * cls_grad  # the CFG pair, decoder, student and reference, each with backward
-    # deviation guidance (gamma > 0), from stage 1 on: g_D's second backward through the CFG pair's retained graph
+    # deviation guidance (gamma > 0), from stage 1 on: the CFG pair's backward for g_D's cotangent too
     deviation = 2 * (dit_grad - dit) if gamma else 0.0
     score = dec + 2 * cls  # every candidate's final image is decoded and scored once
     w = window[1] - window[0] + 1

@@ -9,7 +9,9 @@ unguided step (the CFG pair, no grad) and a guided step (denoiser path: the pair
 classifiers at 128 px, forward and backward to x_t), timed after a warm-up; the allocator's peak during the guided step
 (on the CPU: the weights plus the step's saved tensors) against lgd_ray.gpu_memory's estimate, what `distill --dry-run`
 prints (within 15 %; 10 % on the CPU); every output finite; at the largest batch, the seconds of each part of the
-guided step (DiT pair, VAE decoder, classifiers; forward and backward). Then a forced out-of-memory (the decoder refusing more than
+guided step (DiT pair, VAE decoder, classifiers; forward and backward). The levers of the guided step, each beside
+the plain step (`levers`): the batched deviation backward, channels_last, cudnn.benchmark and torch.compile (these two
+on a GPU only). Then a forced out-of-memory (the decoder refusing more than
 2 images) whose halved result equals a run at batch 2, and, with Ray and a GPU, a digits distillation through Ray with
 GPU sampler actors and GPU Ray Train workers (NCCL with two or more GPUs).
 Writes the rows as JSON (--out) and a Markdown table beside it; exits 1 if any check misses.
@@ -71,6 +73,21 @@ def _timed(fn, device, repeats: int) -> float:
         _sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def _interleaved(a, b, device, repeats: int) -> tuple[float, float]:
+    """Median seconds of a() and of b(), called in turn `repeats` times each after one warm-up call of each (so a
+    drift of the machine's speed hits both)."""
+    a(), b()
+    times = ([], [])
+    for _ in range(repeats):
+        for fn, out in zip((a, b), times):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            out.append(time.perf_counter() - start)
+    return tuple(sorted(t)[len(t) // 2] for t in times)
 
 
 def _setup(small: bool, dtype: str, folder: str, device):
@@ -161,6 +178,85 @@ def part_seconds(prior, nets, x, t, labels, size: int, device, repeats: int, gui
     return out
 
 
+def levers(small: bool, folder: str, batch: int, repeats: int, compile_: bool) -> list[dict]:
+    """The exact and the inexact levers of the guided step (float32, deviation guidance on), each timed against the
+    plain step in one run: deviation guidance's two gradients through the DiT pair as one batched backward (what
+    lgd_ray.guidance does) against two backwards; channels_last convolutions (VAE decoder, classifiers); cuDNN's
+    autotuner (CUDA only); torch.compile of the DiT, the decoder and the classifiers (its compile seconds too). Each
+    row: seconds of the lever and of the plain step, their ratio, the largest difference of the output. The first
+    call's seconds (first_call_s) include torch.compile's compile time."""
+    device = pick_device("auto")
+    prior = _setup(small, "float32", folder, device)
+    cfg = _config(small, "float32", ["guidance.gamma=50"], folder, batch)
+    nets = [build_classifier(cfg.student.model, 3, cfg.data.image_size, 1000, seed=s).to(device).eval()
+            .requires_grad_(False) for s in (1, 2)]
+    t = prior.scheduler.timesteps[25]
+    x, labels = torch.randn(batch, *prior.latent_shape, device=device), torch.arange(batch, device=device)
+    memory = {c: torch.randn(2, *prior.latent_shape, device=device) for c in range(batch)}
+
+    def step(p=prior, n=nets, deviation=memory):
+        return lambda: Guide.from_config(cfg, Scorer(*n, omega=cfg.guidance.omega), deviation, batch=0).eps(
+            p, x, t, labels.tolist(), 4.0)
+
+    def pair_backward(batched: bool):
+        def run():
+            wrt = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                x0 = prior.x0(wrt, t, prior.eps(wrt, t, labels, 4.0))
+                a, b = torch.randn_like(x0), torch.randn_like(x0)
+                if batched:
+                    return torch.autograd.grad(x0, wrt, torch.stack([a, b]), is_grads_batched=True)[0]
+                return torch.stack([torch.autograd.grad(x0, wrt, a, retain_graph=True)[0],
+                                    torch.autograd.grad(x0, wrt, b)[0]])
+        return run
+
+    def row(lever: str, fn, plain_fn, **extra) -> dict:
+        r = {"check": f"lever: {lever}", "batch": batch, "device": str(device), **extra}
+        try:
+            first = time.perf_counter()
+            out = fn()
+            r["first_call_s"] = round(time.perf_counter() - first, 2)
+            plain, lever_s = _interleaved(plain_fn, fn, device, repeats)
+            r.update(plain_s=round(plain, 4), lever_s=round(lever_s, 4), lever_over_plain=round(lever_s / plain, 3))
+            torch.manual_seed(0)
+            want = plain_fn()
+            torch.manual_seed(0)
+            r.update(max_abs_diff=float((fn() - want).abs().max()), finite=bool(torch.isfinite(out).all()))
+            r["ok"] = r["finite"] and (r["max_abs_diff"] == 0 or not extra.get("exact"))
+        except Exception as e:  # a lever that fails on this machine is a finding, not a crash of the check
+            r.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
+        print(json.dumps(r), flush=True)
+        return r
+
+    # exact: the same numbers on the CPU (tests/test_sampler.py); on a GPU the row says whether they are there too
+    rows = [row("deviation backward batched", pair_backward(True), pair_backward(False), exact=device.type == "cpu")]
+    last = lambda m: torch.nn.Module.to(m, memory_format=torch.channels_last)
+    cl_prior = Prior(prior.transformer, prior.scheduler, last(_setup(small, "float32", folder, device).vae))
+    cl_prior.vae.load_state_dict(prior.vae.state_dict())
+    cl_nets = [last(build_classifier(cfg.student.model, 3, cfg.data.image_size, 1000, seed=s).to(device).eval()
+                    .requires_grad_(False)) for s in (1, 2)]
+    rows.append(row("channels_last", step(cl_prior, cl_nets), step()))
+    if device.type == "cuda":
+        def tuned():
+            torch.backends.cudnn.benchmark = True
+            try:
+                return step()()
+            finally:
+                torch.backends.cudnn.benchmark = False
+        rows.append(row("cudnn.benchmark", tuned, step()))
+    if compile_:
+        torch._dynamo.reset()
+        fresh = _setup(small, "float32", folder, device)
+        fresh.transformer.load_state_dict(prior.transformer.state_dict())
+        fresh.vae.load_state_dict(prior.vae.state_dict())
+        fresh.transformer, fresh.vae.decoder = torch.compile(fresh.transformer), torch.compile(fresh.vae.decoder)
+        # without deviation guidance: a compiled model's backward does not run under the batched backward's vmap
+        # (torch 2.14 on the CPU: "Cannot access data pointer of Tensor that doesn't have storage")
+        rows.append(row("torch.compile (gamma 0)", step(fresh, [torch.compile(n) for n in nets], {}),
+                        step(deviation={})))
+    return rows
+
+
 def forced_oom(small: bool, folder: str) -> dict:
     """The decoder refuses more than 2 images (as an allocator at its limit would): the guided step halves 8 -> 4 -> 2
     and equals a run at batch 2."""
@@ -234,6 +330,9 @@ def main(argv: list[str]) -> list[dict]:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-distill", action="store_true", help="leave out the digits distillation on Ray")
+    parser.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
+                        help="time torch.compile of the guided step's models (auto: on a GPU only; its compile time "
+                             "on the CPU would dominate the small check)")
     parser.add_argument("--distill-timeout", type=int, default=480, help="seconds the digits distillation may take")
     parser.add_argument("--out", default="", help="write the rows as JSON here, and a Markdown table beside it")
     args = parser.parse_args(argv)
@@ -248,6 +347,8 @@ def main(argv: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         for variant in args.variants:
             rows += check(args.small, variant, batches, args.repeats, folder)
+        compile_ = args.compile == "yes" or (args.compile == "auto" and torch.cuda.is_available())
+        rows += levers(args.small, folder, max(batches), args.repeats, compile_)
         rows.append(forced_oom(args.small, folder))
         if not args.no_distill:
             rows.append(distill_on_ray(Path(folder) / "digits-gpu", args.distill_timeout))

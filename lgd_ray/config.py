@@ -143,7 +143,9 @@ class GuidanceConfig:
     window: list = _f([10, 45], length=2)  # sampling-step indices (counting down from num_steps-1) guided
     through: str = _f("denoiser", choices=["denoiser", "decoder"])  # gradient path of grad_{x_t} S
     norm_scale: float = _f(1.0, min_excl=0.0)  # rho_t multiplier: guidance norm = lambda*norm_scale*sqrt(1-abar)*|eps|
-    batch: int = _f(0, min=0)  # trajectories per guided backward (memory of a guided step); 0 = the sample batch
+    batch: int | None = _f(0, min=0, auto=True)  # trajectories per guided backward (memory of a guided step); 0 = the
+    #                                              sample batch; auto: the most a GPU actor holds (the meta-device
+    #                                              count of lgd_ray/gpu_memory.py, at most the sample batch), CPU 0
     checkpointing: bool = False  # recompute the DiT's and the VAE decoder's blocks in the guided backward: less
     #                               memory per trajectory, about one more forward of compute
     every: int = _f(1, min=1)  # follow the gradient at every this-many-th step of the window (1 = all: the paper's)
@@ -474,11 +476,12 @@ def _check_cross(cfg: Config):
 
 
 def auto_keys(cfg: Config) -> list[str]:
-    """The `ray` keys left at `auto` (sized by resolve_auto once Ray is connected)."""
+    """The `ray` keys left at `auto` (sized by resolve_auto once Ray is connected; guidance.batch after them)."""
     r = cfg.ray
     return [f"ray.{key}" for key, value in (("actors", r.actors), ("train_workers", r.train_workers),
                                             ("num_gpus_per_actor", r.num_gpus_per_actor),
-                                            ("train_use_gpu", r.train_use_gpu)) if value is AUTO]
+                                            ("train_use_gpu", r.train_use_gpu)) if value is AUTO] + (
+        ["guidance.batch"] if cfg.guidance.batch is AUTO else [])
 
 
 def to_dict(cfg) -> dict:

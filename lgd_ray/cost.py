@@ -180,8 +180,8 @@ def run_cost(cfg: Config) -> dict:
     if g.checkpointing:  # the checkpointed blocks run their forward again in the backward
         guided += (cfg_mult * costs.dit_forward if g.through == "denoiser" else 0.0) + (
             costs.decoder if g.decoder == "full" else 0.0)  # the tiny decoder is not checkpointed
-    # deviation guidance (gamma > 0), in stages with earlier images of the class to deviate from: g_D takes a second
-    # backward through the retained graph of the CFG pair (on the denoiser path; on x0^ it is a similarity's only)
+    # deviation guidance (gamma > 0), in stages with earlier images of the class to deviate from: g_D takes the
+    # CFG pair's backward for a second cotangent (batched with g_S's: the same FLOPs) (on the denoiser path; on x0^ it is a similarity's only)
     deviation = 0.0
     if g.gamma > 0 and g.through == "denoiser":
         deviation = cfg_mult * (costs.dit_grad - costs.dit_forward + (costs.dit_forward if g.checkpointing else 0.0))
@@ -338,8 +338,8 @@ def format_cost(cfg: Config, plan: dict, tflops: float, utilisation: float) -> s
              + (f" with the tiny guidance decoder ({c['guide_decoder']:.1f} / {c['guide_decoder_grad']:.1f} GFLOPs; its "
                 f"one-off fit {plan['tiny_fit_flops'] / 1e15:.1f} PFLOPs = "
                 f"{gpu_hours(plan['tiny_fit_flops'], tflops, utilisation):.2f} GPU-h)" if plan["tiny_fit_flops"] else "")
-             + (f", + {plan['deviation_step_gflops']:.1f} for deviation guidance (gamma {cfg.guidance.gamma:g}: a second "
-                "backward through the DiT, stages 1 on)" if plan["deviation_step_gflops"] else "")
+             + (f", + {plan['deviation_step_gflops']:.1f} for deviation guidance (gamma {cfg.guidance.gamma:g}: the DiT's "
+                "backward for a second gradient, stages 1 on)" if plan["deviation_step_gflops"] else "")
              + f"; {plan['window_steps']} guided of "
              f"{cfg.prior.num_steps} steps (window {cfg.guidance.window}, every {cfg.guidance.every}); "
              + (f"candidates cut to the best after {cfg.guidance.select_after} steps"

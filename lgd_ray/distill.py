@@ -14,12 +14,13 @@ from lgd_ray.data import check_data
 from lgd_ray.errors import UserError
 from lgd_ray.lease import Lease
 from lgd_ray.gpu_memory import (actor_memory, check_fit_fits, check_fits, format_fit_memory, format_memory,
-                            prior_fit_memory)
+                            prior_fit_memory, size_guidance_batch)
 from lgd_ray.methods import check_real_images, method_of
 from lgd_ray.prior import PIPELINE_MARKER, prior_dir
 from lgd_ray.reference import reference_path
 from lgd_ray.stages import check_run_folder, open_manifest, run_stages
 from lgd_ray.storage import as_location, check_writable
+from lgd_ray.train import pick_device
 
 
 def distill(cfg: Config, resume: bool = False) -> dict:
@@ -43,11 +44,13 @@ def distill(cfg: Config, resume: bool = False) -> dict:
         from lgd_ray.resources import resolve_auto
 
         connect(cfg)
-        share_was_auto = cfg.ray.num_gpus_per_actor is AUTO
+        sized_now = cfg.ray.num_gpus_per_actor is AUTO or cfg.guidance.batch is AUTO
         cfg = resolve_auto(cfg)  # the `auto` keys sized from the cluster, once: before the run folder is opened (the
         #                          sizes are part of its config), for the actors and the fits
-        if share_was_auto:
-            check_fits(cfg)  # the sized GPU share
+        if sized_now:
+            check_fits(cfg)  # the sized GPU share and guidance batch
+    elif cfg.guidance.batch is AUTO:  # the sampler is this process: sized for its device
+        cfg = size_guidance_batch(cfg, 1.0 if pick_device(cfg.device).type == "cuda" else 0.0)
     open_manifest(out, cfg, resume)  # --resume: the run folder was made by this config
     pool = fitter = None
     lease = Lease(out, cfg.storage.lease_s, cfg.storage.retry_s)  # one driver per run folder: held from run_stages on
@@ -109,6 +112,8 @@ def dry_run(cfg: Config, tflops: float | None, utilisation: float | None, gpus: 
     except UserError as e:
         data = f"data: NOT FOUND on this machine ({e})"
     cost = run_cost(cfg)
+    share = cfg.ray.num_gpus_per_actor
+    cfg = size_guidance_batch(cfg, 1.0 if share is AUTO else share)  # auto: as a GPU actor of the config would
     mem = actor_memory(cfg) if method_of(cfg).needs_prior else None
     print(f"{data}\nout: {run_dir(cfg)}\n{format_cost(cfg, cost, tflops, utilisation)}", flush=True)
     if gpus:

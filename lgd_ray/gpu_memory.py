@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusers import DDIMScheduler
 
-from lgd_ray.config import Config, ConfigError
+from lgd_ray.config import AUTO, Config, ConfigError
 from lgd_ray.cost import meta_models
 from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.methods import method_of, stage_plan
@@ -128,8 +128,9 @@ class _AsOnCuda(TorchFunctionMode):
     - scaled_dot_product_attention on the meta device runs the memory-efficient kernel (saves its output and
       log-sum-exp), not the math path meta would take (saves the attention matrix: 0.16 float32 / 0.29 bfloat16 GiB
       more per trajectory than CUDA, whose default kernel saved what the efficient one saves; flash was refused);
-    - a backward that retains its graph (deviation guidance's first one) frees no saved tensor on its way, so its own
-      working set (gradients in flight) comes on top of them: `retained_backward`, its most live bytes."""
+    - a backward that retains its graph (deviation guidance's first one on the decoder path) frees no saved tensor
+      on its way, so its own working set (gradients in flight) comes on top of them: `retained_backward`, its most
+      live bytes."""
 
     def __init__(self):
         super().__init__()
@@ -251,7 +252,7 @@ def guided_step_bytes(cfg: Config, prior, student: torch.nn.Module, reference: t
                       memory_images: int = 0) -> int:
     """Saved-tensor bytes of one guided step (the configured path, omega and sizes) of `batch` trajectories on
     `prior`'s device: meta for the estimate, a real device for a measurement (the batch in one backward).
-    memory_images > 0: with deviation guidance from that many earlier latents per class (the graph kept for g_D)."""
+    memory_images > 0: with deviation guidance from that many earlier latents per class."""
     device = prior.device
     x = torch.randn(batch, *prior.latent_shape, device=device)
     classes = [k % prior.num_classes for k in range(batch)]
@@ -306,8 +307,9 @@ def actor_gpu_bytes(cfg: Config, gpus: float | None = None) -> tuple[float, str]
 
 def check_fits(cfg: Config, mem: ActorMemory | None = None) -> ActorMemory | None:
     """Refuse, in one line naming the key to change, a config whose sampler actor cannot fit its GPU share.
-    None (nothing checked) for CPU actors and for method random (no prior)."""
-    if not cfg.ray.num_gpus_per_actor or not method_of(cfg).needs_prior:  # 0, or auto before it is sized
+    None (nothing checked) for CPU actors, for method random (no prior) and before an `auto` share or guidance.batch
+    is sized."""
+    if not cfg.ray.num_gpus_per_actor or not method_of(cfg).needs_prior or cfg.guidance.batch is AUTO:
         return None
     mem = mem or actor_memory(cfg)
     budget, what = actor_gpu_bytes(cfg)
@@ -326,14 +328,30 @@ def check_fits(cfg: Config, mem: ActorMemory | None = None) -> ActorMemory | Non
     return mem
 
 
+def size_guidance_batch(cfg: Config, gpus: float) -> Config:
+    """The config with guidance.batch `auto` sized for a sampler of `gpus` GPUs (an actor's share, or 1 for a run in
+    this process on CUDA): the largest guided backward that fits by the meta-device count, at most the sample batch
+    (at least 1: check_fits refuses what one trajectory cannot fit); 0 (the whole sample batch) on the CPU. Said in one
+    line. Out of memory all the same, the actor halves it (lgd_ray.batching)."""
+    if cfg.guidance.batch is not AUTO:
+        return cfg
+    size, why = 0, "CPU sampler: the whole sample batch"
+    if gpus and method_of(cfg).needs_prior:
+        budget, what = actor_gpu_bytes(cfg, gpus)
+        size = max(1, actor_memory(cfg).largest_guidance_batch(budget))
+        why = f"the largest guided backward that {what} holds by the meta-device count"
+    print(f"guidance: batch auto -> {size} ({why})", flush=True)
+    return replace(cfg, guidance=replace(cfg.guidance, batch=size))
+
+
 def format_memory(cfg: Config, mem: ActorMemory) -> str:
     """The dry-run's memory lines."""
     line = (f"memory per sampler actor (estimate, meta-device count): weights {mem.weights / GIB:.2f} GiB; unguided "
             f"batch of {mem.sample_batch}: {mem.sample_batch * mem.unguided_per_trajectory / GIB:.2f} GiB")
     if mem.guided:
         line += (f"; guided step {mem.guided_per_trajectory / GIB:.3f} GiB per trajectory + {mem.guided_fixed / GIB:.2f} "
-                 + (f"GiB + {mem.deviation_held / GIB:.2f} GiB of earlier latents (gamma {cfg.guidance.gamma:g}, its "
-                    "graph kept for a second backward) " if mem.deviation_held else "GiB ")
+                 + (f"GiB + {mem.deviation_held / GIB:.2f} GiB of earlier latents (gamma {cfg.guidance.gamma:g}: "
+                    "its gradient batched with S's through the DiT) " if mem.deviation_held else "GiB ")
                  + f"at guidance.batch {mem.guidance_batch}: peak {mem.peak() / GIB:.1f} GiB")
     if not cfg.ray.num_gpus_per_actor:
         return line + (" (CPU actors: host memory)" if cfg.ray.num_gpus_per_actor == 0 else

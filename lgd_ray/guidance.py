@@ -170,11 +170,21 @@ class Guide:
             if self.lambda_ > 0:
                 decode = prior.decode if self.decoder is None else self.decoder
                 score = self.score(classifier_input(decode(x0), self.image_size), labels, classes, slots, int(t))
-                (g_s,) = torch.autograd.grad(score.sum(), wrt, retain_graph=use_memory)
-                step = step + self.lambda_ * _unit(g_s)
-            if use_memory:
-                (g_d,) = torch.autograd.grad(nearest_cosine(x0, classes, self.memory).sum(), wrt)
-                step = step - self.gamma * _unit(g_d)
+            if self.lambda_ > 0 and use_memory and wrt is not x0:
+                # both gradients through the DiT in one batched backward: d S / d x0^ and d cos / d x0^ first (graphs
+                # apart past x0^, each freed as it is used), then x0^ -> x_t once for the two (the same numbers as two
+                # backwards on the CPU, and no backward that keeps its graph)
+                (g_s0,) = torch.autograd.grad(score.sum(), x0)
+                (g_d0,) = torch.autograd.grad(nearest_cosine(x0, classes, self.memory).sum(), x0)
+                g_s, g_d = torch.autograd.grad(x0, wrt, torch.stack([g_s0, g_d0]), is_grads_batched=True)[0]
+                step = self.lambda_ * _unit(g_s) - self.gamma * _unit(g_d)
+            else:
+                if self.lambda_ > 0:
+                    (g_s,) = torch.autograd.grad(score.sum(), wrt, retain_graph=use_memory)
+                    step = step + self.lambda_ * _unit(g_s)
+                if use_memory:
+                    (g_d,) = torch.autograd.grad(nearest_cosine(x0, classes, self.memory).sum(), wrt)
+                    step = step - self.gamma * _unit(g_d)
         eps = eps.detach()
         eps_norm = eps.flatten(1).norm(dim=1).view(-1, *[1] * (eps.dim() - 1))
         return eps - self.norm_scale * sigma * eps_norm * step

@@ -8,6 +8,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from lgd_ray.config import AUTO, Config, auto_keys, build_config, to_dict
+from lgd_ray.gpu_memory import size_guidance_batch
 from lgd_ray.errors import UserError
 
 
@@ -124,9 +125,9 @@ def resolve_auto(cfg: Config) -> Config:
     of them, at most 1 (0 without GPUs); ray.train_use_gpu G > 0 (ray.train_gpus_per_worker at most G);
     ray.actors one per ray.num_gpus_per_actor (CPU actors: 2); ray.train_workers one per ray.train_gpus_per_worker
     (CPU: 1), as many as divide every global batch. Said in one line; the sized config is checked as any other."""
-    autos = auto_keys(cfg)
+    autos = [k for k in auto_keys(cfg) if k.startswith("ray.")]
     if not autos:
-        return cfg
+        return size_guidance_batch(cfg, cfg.ray.num_gpus_per_actor)
     r = cfg.ray
     gpus, where = cluster_gpus(r.accelerator_type)
     share = r.num_gpus_per_actor
@@ -145,4 +146,4 @@ def resolve_auto(cfg: Config) -> Config:
     print(f"ray: {where} {gpus:g} GPU{' of type ' + r.accelerator_type if r.accelerator_type else ''}: "
           + ", ".join(f"{key} auto -> {str(v).lower() if isinstance(v := getattr(sized, key[4:]), bool) else f'{v:g}'}"
                       for key in autos), flush=True)
-    return build_config(to_dict(replace(cfg, ray=sized)))
+    return size_guidance_batch(build_config(to_dict(replace(cfg, ray=sized))), share)

@@ -89,9 +89,31 @@ def test_dit_xl_guided_step_is_counted_and_a_config_that_cannot_fit_is_refused()
     assert bf16.weights < 0.6 * mem.weights and bf16.guided_per_trajectory < mem.guided_per_trajectory
     assert check_fits(load_config("imagenet1k", ["ray.num_gpus_per_actor=0"])) is None  # CPU actors: not checked
     with pytest.raises(ConfigError, match="unknown; set ray.gpu_memory_gb"):
-        check_fits(load_config("imagenet1k", ["ray.accelerator_type=TPU-V4"]), mem)
+        check_fits(load_config("imagenet1k", ["ray.accelerator_type=TPU-V4", "guidance.batch=16"]), mem)
     with pytest.raises(ConfigError, match="lower distill.sample_batch"):
-        check_fits(load_config("imagenet1k", ["ray.gpu_memory_gb=16"]), mem)
+        check_fits(load_config("imagenet1k", ["ray.gpu_memory_gb=16", "guidance.batch=16"]), mem)
+
+
+def test_guidance_batch_auto_is_the_largest_that_fits(capsys):
+    """guidance.batch auto (the GPU configs' default): sized for the actor's GPU share to the largest guided backward
+    the count fits, which check_fits then passes; one more would be refused; 0 (the whole batch) on the CPU."""
+    from lgd_ray.gpu_memory import size_guidance_batch
+
+    cfg = load_config("imagenet1k")
+    assert cfg.guidance.batch is None  # auto, until sized
+    assert check_fits(cfg) is None  # not checked before it is sized
+    sizes = {}
+    for gpus in (1.0, 0.5):
+        sized = size_guidance_batch(replace(cfg, ray=replace(cfg.ray, num_gpus_per_actor=gpus)), gpus)
+        n = sizes[gpus] = sized.guidance.batch
+        mem = check_fits(sized)
+        assert mem is not None and mem.guidance_batch == n
+        if n < cfg.distill.sample_batch:
+            with pytest.raises(ConfigError, match=f"set guidance.batch={n}"):
+                check_fits(replace(sized, guidance=replace(sized.guidance, batch=n + 1)))
+    assert 16 < sizes[1.0] <= 64 and 1 <= sizes[0.5] < sizes[1.0]
+    assert f"guidance: batch auto -> {sizes[1.0]} (the largest guided backward that 1 x H100 80 GB" in capsys.readouterr().out
+    assert size_guidance_batch(cfg, 0.0).guidance.batch == 0
 
 
 def test_gpu_check_runs_at_small_shapes_on_the_cpu(tmp_path):
@@ -110,6 +132,10 @@ def test_gpu_check_runs_at_small_shapes_on_the_cpu(tmp_path):
     checks = {r["check"]: r for r in rows if "check" in r}
     assert checks["forced out-of-memory"]["ok"] and checks["forced out-of-memory"]["batch_after"] == 2
     assert checks["digits on Ray with GPUs"]["ok"] is None  # no GPU here
+    # the levers, timed beside the plain step: the batched deviation backward gives the very numbers on the CPU
+    assert checks["lever: deviation backward batched"]["ok"] and checks["lever: deviation backward batched"]["max_abs_diff"] == 0
+    assert checks["lever: channels_last"]["ok"] and checks["lever: channels_last"]["max_abs_diff"] < 1e-4
+    assert "lever: torch.compile (gamma 0)" not in checks and "lever: cudnn.benchmark" not in checks  # GPU only
     assert (tmp_path / "gpu.md").read_text().startswith("| variant | batch |")
 
 

@@ -95,6 +95,30 @@ def test_deviation_guidance_moves_away_from_memory(setup):
     assert sim(away) < sim(plain) - 0.01
 
 
+def test_deviation_and_learnability_gradients_in_one_backward_are_two_backwards(setup):
+    """With both terms through the denoiser, the guided step takes the two gradients through the DiT in one batched
+    backward: on the CPU the very numbers of two backwards (the oracle below: the formula of lgd_ray/guidance.py)."""
+    from lgd_ray.guidance import _unit, classifier_input
+
+    prior, scorer, cfg = setup
+    plain = _generate(prior, cfg, scorer=scorer)
+    memory = {c: to_float(torch.stack([o.image for o in plain if o.cls == c])) for c in range(10)}
+    guide = _guide(scorer, lam=0.2, gamma=0.5, memory=memory)
+    classes = [c for c, _ in ITEMS]
+    labels, t = torch.tensor(classes), torch.tensor(700)
+    x_t = torch.randn(len(ITEMS), *prior.latent_shape, generator=torch.Generator().manual_seed(0))
+    got = guide.eps(prior, x_t, t, classes, cfg.prior.cfg_scale)
+    wrt = x_t.clone().requires_grad_(True)
+    eps = prior.eps(wrt, t, labels, cfg.prior.cfg_scale)
+    x0 = prior.x0(wrt, t, eps)
+    (g_s,) = torch.autograd.grad(scorer(classifier_input(prior.decode(x0), 8), labels)[0].sum(), wrt, retain_graph=True)
+    (g_d,) = torch.autograd.grad(nearest_cosine(x0, classes, memory).sum(), wrt)
+    eps = eps.detach()
+    norm = eps.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    want = eps - guide.norm_scale * prior.signal_noise(t, x_t)[1] * norm * (0.2 * _unit(g_s) - 0.5 * _unit(g_d))
+    assert torch.equal(got, want)
+
+
 def test_kappa_needs_a_scorer(setup):
     prior, _, cfg = setup
     with pytest.raises(ValueError, match="needs a scorer"):
