@@ -182,12 +182,13 @@ class NodeCheck:
                     return
 
 
-def check_cluster_storage(cfg: Config, out: Location, cache: Location,
-                          timeout_s: float = 60.0) -> NodeCheck | None:
+def check_cluster_storage(cfg: Config, out: Location, cache: Location, timeout_s: float = 60.0,
+                          while_checking: Callable[[NodeCheck], None] | None = None) -> NodeCheck | None:
     """On a cluster joined by address, or any cluster of several alive nodes, fail fast unless every node reaches out,
     cache and the data (relative paths are refused before anything is written). A cluster file's head starts alone
     (workers come with the autoscaler), so one alive node is no sign of a single machine. Returns the check for nodes
-    that join later (its markers stay until remove()), or None when Ray is this machine alone."""
+    that join later (its markers stay until remove()), or None when Ray is this machine alone. while_checking(check)
+    runs while the nodes check (the driver starts its actors then)."""
     nodes = alive_nodes()
     if len(nodes) < 2 and not joins_a_cluster(cfg):
         return None
@@ -197,9 +198,12 @@ def check_cluster_storage(cfg: Config, out: Location, cache: Location,
     for loc, _ in check.markers:
         loc.write_text(token)
     task = ray.remote(num_cpus=0, max_retries=0)(NodeCheck.problem)
+    here = ray.get_runtime_context().get_node_id()  # the driver's node: it wrote the markers and found the data
     try:
         refs = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-            check): n for n in nodes}
+            check): n for n in nodes if n["NodeID"] != here}
+        if while_checking is not None:
+            while_checking(check)
         ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         for ref in ready:
             problem = ray.get(ref)

@@ -60,12 +60,21 @@ def distill(cfg: Config, resume: bool = False) -> dict:
         from lgd_ray.cluster import check_cluster_storage, joins_a_cluster, watch_head
         from lgd_ray.ray_train import ray_fitter
 
-        # relative paths, node-local folders, nodes without the data: now, and on nodes that join later
-        node_check = check_cluster_storage(cfg, out, cache)
-        pool = SamplerPool(cfg, out, node_check=node_check, keep=True, holder=lease.holder)  # stage to stage, prior loaded
+        def start_actors(check):  # stage to stage, prior loaded; with nothing to train first they start now, while
+            nonlocal pool  # the nodes check the store (each actor checks its own node too)
+            pool = SamplerPool(cfg, out, node_check=check, keep=True, holder=lease.holder)
+            if models_ready(cfg):
+                pool.start()
+
+        try:  # relative paths, node-local folders, nodes without the data: now, and on nodes that join later
+            node_check = check_cluster_storage(cfg, out, cache, while_checking=start_actors)
+        except BaseException:
+            if pool is not None:
+                pool.shutdown()
+            raise
+        if pool is None:  # Ray is this machine alone: nothing was checked
+            start_actors(None)
         fitter = ray_fitter(cfg, out, node_check, pool)
-        if models_ready(cfg):  # nothing to train first: the actors start while the driver sets up
-            pool.start()
         if joins_a_cluster(cfg):  # a head on another machine may go away: said in one line, not a silent exit 1
             watch_head(cfg, lease.release)  # the lease released: --resume may start at once
     try:

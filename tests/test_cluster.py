@@ -46,7 +46,7 @@ def test_relative_paths_are_refused_before_any_work(cluster, tiny_overrides, tmp
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare(1)")
-def test_a_node_with_a_private_disk_fails_the_run_in_seconds(cluster, tiny_overrides, tmp_path):
+def test_a_node_with_a_private_disk_fails_the_run_in_seconds(cluster, tiny_overrides, trained, tmp_path):
     """A node that joins after the start-up check (as the autoscaler's do) and cannot see the run folder: a sampler
     actor started there says so before its first chunk; a start-up check with it alive names it."""
     from lgd_ray.actors import SamplerActor
@@ -84,6 +84,13 @@ def test_a_node_with_a_private_disk_fails_the_run_in_seconds(cluster, tiny_overr
                                                r".*does not share that folder"):
             check_cluster_storage(cfg, run, Location(cfg.cache))
         assert time.time() - start < 75  # 21 s alone; 60 s once with a prior training beside it on the 2 cores
+        # a run: its sampler actors start while the nodes check; the failed check stops them (their CPUs come back)
+        with pytest.raises(StorageError, match=r"cannot read .*does not share that folder"):
+            distill(cfg)
+        deadline = time.time() + 30
+        while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+            assert time.time() < deadline, "the run's sampler actors outlived its failed storage check"
+            time.sleep(0.5)
     finally:
         check.remove()
         os.killpg(node.pid, 15)
