@@ -8,6 +8,8 @@
 #     (at the seed IPC only the methods are: a guidance variant's seed increment is dit's and real-seed's is random's,
 #     byte for byte, so their evaluations would repeat those)
 #   REDUNDANCY="dit lgd" bash docs/seeds_table.sh fashion-mnist 0 1 2   # and these variants' increment redundancy
+#   EVAL_SET="evaluate.eval_every=1000" ...   # overrides for every evaluation: here the test at the last epoch only
+#     (the last accuracy is the same number, as training never depends on the tests; best is then the last)
 # In-process (ray.enabled=false): one run at a time, so the seconds are comparable. The prior and the reference are
 # trained once per seed (cached in runs/cache) and shared by every variant of that seed: the differences are paired.
 set -euo pipefail
@@ -17,6 +19,7 @@ ONLY=${ONLY:-}
 read -r -a EVAL_IPC <<< "${EVAL_IPC:-}"
 REDUNDANCY=${REDUNDANCY:-}
 read -r -a SET <<< "${SET:-}"
+read -r -a EVAL_SET <<< "${EVAL_SET:-}"
 SEED_IPC=$($PY -c "import sys; from lgd_ray.config import load_config
 print(load_config(sys.argv[1], sys.argv[2:]).distill.seed_ipc)" "$CONFIG" "${SET[@]}")
 OUT=runs/seeds-$CONFIG
@@ -47,7 +50,7 @@ for v in "${VARIANTS[@]}"; do
     echo "$said"
     for s in "${todo[@]}"; do  # only finished runs: evaluate alone would take a stopped run's finished stages
       if grep -q "^distill: done.*/$name/seed$s\$" <<< "$said"; then
-        $PY -m lgd_ray.evaluate $OUT/$name/seed$s ray.enabled=false | tail -1
+        $PY -m lgd_ray.evaluate $OUT/$name/seed$s ray.enabled=false "${EVAL_SET[@]}" | tail -1
       else
         echo "== $name seed $s: the distillation did not finish (above); not evaluated"
       fi
@@ -59,7 +62,7 @@ for v in "${VARIANTS[@]}"; do
     for s in "${SEEDS[@]}"; do
       evaluated "$s" || continue
       ls "$OUT/$name/seed$s/eval/"*-ipc$ipc-hard.json >/dev/null 2>&1 \
-        || $PY -m lgd_ray.evaluate $OUT/$name/seed$s evaluate.ipc=$ipc ray.enabled=false | tail -1
+        || $PY -m lgd_ray.evaluate $OUT/$name/seed$s evaluate.ipc=$ipc ray.enabled=false "${EVAL_SET[@]}" | tail -1
     done
   done
   if [[ " $REDUNDANCY " == *" $name "* ]]; then

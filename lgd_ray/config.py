@@ -214,6 +214,9 @@ class EvalConfig:
     # reference as its teacher
     labels: str = _f("hard", choices=["hard", "soft", "rded"])
     temperature: float = _f(4.0, min_excl=0.0)  # soft labels: softmax temperature of teacher and student
+    # soft / rded labels' teacher: reference (the run's theta*) | a timm ImageNet model (resnet18.tv_in1k: the papers'
+    # torchvision ResNet-18), its weights from the hub or NAME@WEIGHTS.safetensors (lgd_ray/teachers.py)
+    teacher: str = _f("reference", nonempty=True)
     rded: RdedConfig = field(default_factory=RdedConfig)
 
 

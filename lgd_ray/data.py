@@ -256,6 +256,18 @@ def read_classlist(name_or_path: str) -> list[str]:
     return wnids
 
 
+def imagenet_indices(data: DataConfig) -> list[int]:
+    """Each class's ImageNet-1K index, for a folder data set of ImageNet classes (data.classes wnids); a one-line
+    ConfigError for any other data set."""
+    imagenet = read_classlist("imagenet1k")
+    classes = read_classlist(data.classes) if data.name == "folder" else []
+    unknown = [c for c in classes if c not in imagenet]
+    if not classes or unknown:
+        raise ConfigError(f"config: data.classes of {data.name}: " + (
+            f"{len(unknown)} not ImageNet wnids (first: {unknown[0]})" if unknown else "not a list of ImageNet wnids"))
+    return [imagenet.index(w) for w in classes]
+
+
 def _idx_file(root: Location, stem: str) -> Location:
     for name in (stem, stem + ".gz"):
         if (root / name).exists():

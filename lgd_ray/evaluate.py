@@ -30,13 +30,14 @@ from lgd_ray.config import (Config, ConfigError, RdedConfig, TrainConfig, apply_
 from lgd_ray.cost import classifier_fit_flops, slow_seconds
 from lgd_ray.data import load_split, num_classes, split_size
 from lgd_ray.models import build_classifier
+from lgd_ray.pooling import labels_of
 from lgd_ray.ray_tasks import map_jobs
 from lgd_ray.report import write_report
-from lgd_ray.reference import new_classifier, reference_path
 from lgd_ray.seeding import derive_seed
 from lgd_ray.shards import load_tensor_set, read_manifest, trained_increments
 from lgd_ray.storage import Location, as_location
-from lgd_ray.train import accuracy, load_classifier, process_device, train_classifier
+from lgd_ray.teachers import check_teacher, load_teacher
+from lgd_ray.train import accuracy, process_device, train_classifier
 
 
 @dataclass(kw_only=True)
@@ -155,17 +156,13 @@ def _boundaries(manifest: dict) -> list[int]:
 
 
 def _teacher(cfg_tree: dict, n: int):
-    cfg = from_dict(cfg_tree)
-    path = reference_path(cfg)
-    if not path.exists():
-        raise ConfigError(f"evaluate: labels={cfg.evaluate.labels} needs the run's reference model at {path}: set cache= to the "
-                          "cache the run used")
-    return load_classifier(new_classifier(cfg, "reference", n), path)[0]
+    return load_teacher(from_dict(cfg_tree), n)
 
 
 def eval_jobs(cfg: Config, load_train: Callable, ipc: int, tag: str, train: TrainConfig | None = None) -> list[EvalJob]:
     """The `repeats` jobs of one evaluation; seeds from (run seed, tag, model, ipc, repeat)."""
     e, n = cfg.evaluate, num_classes(cfg.data)
+    check_teacher(cfg)
     model = e.model or cfg.student.model
     rded = e.rded if e.labels == "rded" else None
     if rded is not None:  # RDED's epochs and batch (its rule: by IPC and classes) in place of this protocol's
@@ -216,13 +213,20 @@ def write_results(folder: Location, name: str, result: dict):
 
 def _result(cfg: Config, method: str, ipc: int, jobs: list[EvalJob], rows: list[dict], start: float,
             identity_hash: str) -> dict:
-    return {"method": method, "model": jobs[0].model, "ipc": ipc, "labels": cfg.evaluate.labels,
+    e = cfg.evaluate
+    return {"method": method, "model": jobs[0].model, "ipc": ipc, "labels": e.labels,
+            **({"teacher": e.teacher} if e.labels != "hard" else {}),
             "config_hash": identity_hash, "epochs": jobs[0].train.epochs,
             **summarise(rows), "repeats": rows, "evaluate": to_dict(cfg.evaluate), "seconds": round(time.time() - start, 1)}
 
 
+def _labels_tag(result: dict) -> str:
+    """labels_of as part of a file name: soft (resnet18.tv_in1k) -> soft-resnet18.tv_in1k."""
+    return re.sub(r"[^\w.]+", "-", labels_of(result)).strip("-")
+
+
 def _print(result: dict, out: Location):
-    print(f"evaluate: {result['method']}, {result['model']}, IPC {result['ipc']}, {result['labels']} labels, "
+    print(f"evaluate: {result['method']}, {result['model']}, IPC {result['ipc']}, {labels_of(result)} labels, "
           f"{len(result['repeats'])} repeats x {result['epochs']} epochs: last {result['last_mean']:.2f} ± "
           f"{result['last_std']:.2f}%, best {result['best_mean']:.2f} ± {result['best_std']:.2f}% -> {out}", flush=True)
 
@@ -238,7 +242,7 @@ def evaluate_run(run_dir: Location, overrides: list[str] = ()) -> dict:
     expected = partial(expected_job_s, cfg, jobs[0], ipc * num_classes(cfg.data))
     result = _result(cfg, cfg.distill.method, ipc, jobs, map_jobs(cfg, run_eval_job, jobs, "evaluate", expected), start,
                      manifest.get("config_hash") or config_hash(run_identity(cfg)))  # the run's, as it recorded it
-    name = f"{result['model']}-ipc{ipc}-{result['labels']}"
+    name = f"{result['model']}-ipc{ipc}-{_labels_tag(result)}"
     write_results(run_dir / "eval", name, result)
     _print(result, run_dir / "eval" / f"{name}.json")
     write_report(run_dir)
@@ -254,7 +258,7 @@ def evaluate_full(cfg: Config) -> dict:
                     lambda: expected_job_s(cfg, jobs[0], split_size(cfg.data, "train")))
     result = _result(cfg, "full", 0, jobs, rows, start, config_hash(run_identity(cfg)))
     result["ipc"] = "full"
-    name = f"{result['model']}-full-{result['labels']}"
+    name = f"{result['model']}-full-{_labels_tag(result)}"
     write_results(out / "eval", name, result)
     _print(result, out / "eval" / f"{name}.json")
     return result

@@ -99,14 +99,21 @@ def _labelled(groups: list) -> list:
     return groups
 
 
+def labels_of(result: dict) -> str:
+    """An evaluation's labels as tables name them: hard | soft | rded, with a teacher other than the run's reference
+    after them (soft (resnet18.tv_in1k))."""
+    teacher = result.get("teacher", "reference")
+    return result["labels"] + ("" if teacher == "reference" else f" ({teacher.split('@')[0]})")
+
+
 def collect(runs: list) -> list[Group]:
     """The groups of the runs' evaluations (run folders, paths or URIs); evaluations on the full data set excluded."""
     groups: dict[tuple, Group] = {}
     for run, _, cfg, identity in _runs(runs):
         for p in (run / "eval").files(".json"):
             r = json.loads(p.read_text())
-            key = (config_hash(identity), str(r["ipc"]), r["model"], r["labels"])
-            g = groups.setdefault(key, Group(cfg.data.name, r["method"], str(r["ipc"]), r["model"], r["labels"],
+            key = (config_hash(identity), str(r["ipc"]), r["model"], labels_of(r))
+            g = groups.setdefault(key, Group(cfg.data.name, r["method"], str(r["ipc"]), r["model"], labels_of(r),
                                              _flat(identity)))
             g.by_seed[cfg.seed] = [(100 * x["last"], 100 * x["best"]) for x in r["repeats"]]
     return _labelled(list(groups.values()))

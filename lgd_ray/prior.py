@@ -17,7 +17,7 @@ import torch.utils.checkpoint
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, DiTPipeline, DiTTransformer2DModel
 
 from lgd_ray.config import Config, ConfigError, PriorConfig, config_hash
-from lgd_ray.data import num_classes, read_classlist
+from lgd_ray.data import imagenet_indices, num_classes
 from lgd_ray.storage import Location, local_copy
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
@@ -212,13 +212,13 @@ def prior_class_map(cfg: Config, prior: Prior) -> torch.Tensor | None:
     when the DiT has the data set's own classes (fine-tuned on them, or the project's pixel DiT)."""
     if cfg.data.name != "folder" or prior.num_classes == num_classes(cfg.data):
         return None
-    imagenet, classes = read_classlist("imagenet1k"), read_classlist(cfg.data.classes)
-    unknown = [c for c in classes if c not in imagenet]
-    if prior.num_classes != len(imagenet) or unknown:
-        raise ConfigError(f"prior: the DiT has {prior.num_classes} classes, data.classes {len(classes)}"
-                          + (f" ({len(unknown)} not ImageNet wnids, first: {unknown[0]})" if unknown else "")
-                          + "; fine-tune a DiT on them: python -m lgd_ray.prior CONFIG prior.model_id= prior.base=HUB_ID")
-    return torch.tensor([imagenet.index(w) for w in classes])
+    fix = "fine-tune a DiT on them: python -m lgd_ray.prior CONFIG prior.model_id= prior.base=HUB_ID"
+    if prior.num_classes != 1000:
+        raise ConfigError(f"prior: the DiT has {prior.num_classes} classes, data.classes {num_classes(cfg.data)}; {fix}")
+    try:
+        return torch.tensor(imagenet_indices(cfg.data))
+    except ConfigError as e:
+        raise ConfigError(f"prior: the DiT has 1000 ImageNet classes, {str(e).removeprefix('config: ')}; {fix}") from None
 
 
 PRIOR_TRAIN_KEYS = ("patch_size", "num_heads", "head_dim", "depth", "train_timesteps", "train_steps", "batch_size",

@@ -22,7 +22,7 @@ from lgd_ray import timeline
 from lgd_ray.cli import Parser, one_line_errors
 from lgd_ray.config import ConfigError
 from lgd_ray.methods import METHODS
-from lgd_ray.pooling import METHOD_ORDER, seeds_tables, stages_table
+from lgd_ray.pooling import METHOD_ORDER, labels_of, seeds_tables, stages_table
 from lgd_ray.shards import MANIFEST, check_shards, in_order, read_manifest, read_shards, stage_rows
 from lgd_ray.storage import Location, as_location
 
@@ -95,13 +95,13 @@ def scores_plot(manifest: dict):
 
 def _eval_table(run_dir: Location) -> list[str]:
     results = sorted((json.loads(p.read_text()) for p in (run_dir / "eval").files(".json")),
-                     key=lambda r: (r["model"], r["labels"], str(r["ipc"])))
+                     key=lambda r: (r["model"], labels_of(r), str(r["ipc"])))
     if not results:
         return []
     lines = ["## Evaluation (fresh models on the distilled set, real test split)", "",
              "| model | IPC | labels | epochs | repeats | last-epoch acc (%) | best acc (%) |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['model']} | {r['ipc']} | {r['labels']} | {r['epochs']} | {len(r['repeats'])} | "
+        lines.append(f"| {r['model']} | {r['ipc']} | {labels_of(r)} | {r['epochs']} | {len(r['repeats'])} | "
                      f"{r['last_mean']:.2f} ± {r['last_std']:.2f} | {r['best_mean']:.2f} ± {r['best_std']:.2f} |")
     return lines + ["", "Best = the highest of the tests every `evaluate.eval_every` epochs (selected on the test set).", ""]
 
@@ -202,7 +202,7 @@ def compare(runs: list) -> str:
     for run in map(as_location, runs):
         for p in (run / "eval").files(".json"):
             r = json.loads(p.read_text())
-            rows.append((r["method"], str(r["ipc"]), r["model"], r["labels"], r["epochs"], len(r["repeats"]),
+            rows.append((r["method"], str(r["ipc"]), r["model"], labels_of(r), r["epochs"], len(r["repeats"]),
                          f"{r['last_mean']:.2f} ± {r['last_std']:.2f}", f"{r['best_mean']:.2f} ± {r['best_std']:.2f}",
                          f"{r['seconds']:.0f}", str(run)))
         path = run / "redundancy" / "redundancy.json"

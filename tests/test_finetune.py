@@ -82,7 +82,7 @@ def test_folder_classes_a_hub_dit_does_not_know_are_refused(tmp_path):
     (tmp_path / "classes.txt").write_text("zebra\nn01440764\n")
     cfg = load_config("digits", ["data.name=folder", f"data.root={tmp_path}", f"data.classes={tmp_path / 'classes.txt'}",
                                  "prior.model_id=facebook/DiT-XL-2-256"])
-    with pytest.raises(ConfigError, match=r"1 not ImageNet wnids, first: zebra\); fine-tune a DiT on them"):
+    with pytest.raises(ConfigError, match=r"ImageNet classes, data.classes of folder: 1 not ImageNet wnids \(first: zebra\); fine-tune a DiT"):
         prior_class_map(cfg, load_prior(str(_base(tmp_path)), "ddim"))
     with pytest.raises(ConfigError, match="'prior.base' .* needs data.name=folder"):
         load_config("digits", [f"prior.base={tmp_path}"])

@@ -73,3 +73,55 @@ def test_one_guided_stage_over_1000_classes(latent_pipeline_dir, tmp_path):
         keys = [k for r in rows for k in r["keys"]]
         assert len(keys) == 1000 == len(set(keys))
     assert manifest["stages"]["1"]["mean_S"] is not None and manifest["prior"] == str(latent_pipeline_dir)
+
+
+def test_an_imagenet_teacher_labels_a_subset(latent_pipeline_dir, tmp_path):
+    """evaluate.teacher NAME@WEIGHTS (timm's ResNet-18, random weights: no hub here) teaches an ImageNet subset: its
+    logits are the model's ImageNet rows of the subset's classes, on images normalised as timm says; a soft-label
+    evaluation of a run trains with it and records it; what it cannot teach is refused in one line."""
+    import subprocess
+    import sys
+
+    import timm
+    from safetensors.torch import save_file
+
+    from lgd_ray.config import ConfigError
+    from lgd_ray.distill import distill
+    from lgd_ray.evaluate import evaluate_run
+    from lgd_ray.teachers import check_teacher, load_teacher
+
+    _imagefolder(tmp_path / "data", read_classlist("imagenette"), size=32)
+    model = timm.create_model("resnet18", num_classes=1000).eval()
+    save_file(model.state_dict(), tmp_path / "resnet18.safetensors")
+    teacher_key = f"evaluate.teacher=resnet18.tv_in1k@{tmp_path / 'resnet18.safetensors'}"
+    cfg = load_config("imagenette", _overrides(tmp_path / "data", latent_pipeline_dir, tmp_path, "imagenette")
+                      + ["data.image_size=32", "ray.enabled=false", teacher_key])
+    teacher = load_teacher(cfg, 10)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    mean, std = (torch.tensor(model.pretrained_cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    imagenet = read_classlist("imagenet1k")
+    rows = [imagenet.index(w) for w in read_classlist("imagenette")]
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), model(((x + 1) / 2 - mean) / std)[:, rows], atol=1e-5)
+
+    distill(cfg)
+    result = evaluate_run(tmp_path / "run", ["evaluate.labels=soft", "evaluate.repeats=1", "evaluate.epochs_by_ipc=[2]",
+                                             "evaluate.ipc_breaks=[]", "evaluate.eval_every=1", teacher_key,
+                                             f"data.root={tmp_path / 'data'}", f"cache={tmp_path / 'cache'}",
+                                             "ray.enabled=false"])
+    assert result["teacher"].startswith("resnet18.tv_in1k@") and result["labels"] == "soft"
+    assert (tmp_path / "run" / "eval" / "convnet2-ipc2-soft-resnet18.tv_in1k.json").exists()
+
+    for extra, match in ((["evaluate.teacher=resnet99"], "neither 'reference' nor a timm model name"),
+                         (["data.classes=" + str(tmp_path / "mine.txt")], "1 not ImageNet wnids.*evaluate.teacher=reference")):
+        (tmp_path / "mine.txt").write_text("n01440764\nzebra\n")
+        with pytest.raises(ConfigError, match=match):
+            check_teacher(load_config("imagenette", ["evaluate.labels=soft", teacher_key] + extra))
+    with pytest.raises(ConfigError, match="needs RGB data, digits has 1 channel"):
+        check_teacher(load_config("digits", ["evaluate.labels=soft", "evaluate.teacher=resnet18.tv_in1k"]))
+    # no hub: one line naming the way out (HF_HUB_OFFLINE: at once, as a machine without internet after its retries)
+    r = subprocess.run([sys.executable, "-c", "from lgd_ray.config import load_config\nfrom lgd_ray.teachers import "
+                        "load_teacher\nload_teacher(load_config('imagenette'), 10)"], capture_output=True, text=True,
+                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert r.returncode != 0 and "the teacher resnet18.tv_in1k could not be loaded from the hub" in r.stderr
+    assert "evaluate.teacher=resnet18.tv_in1k@FILE.safetensors" in r.stderr
