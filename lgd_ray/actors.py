@@ -15,6 +15,7 @@ a CUDA error on a fresh actor); any other error, which would come again every ti
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from collections import deque
 from datetime import timedelta
@@ -30,6 +31,7 @@ from lgd_ray.cost import chunk_flops, slow_seconds
 from lgd_ray.errors import UserError
 from lgd_ray.methods import ChunkMaker
 from lgd_ray.plan import ChunkTask
+from lgd_ray.ray_train import rank_bar
 from lgd_ray.resources import actor_resources, check_placeable, deadline_s, ray_options, resolve_auto, shortage
 from lgd_ray.storage import PERMANENT, Location, as_location
 from lgd_ray.timeline import timed
@@ -87,10 +89,11 @@ class SamplerActor:
             probe.bind(("", 0))
             return f"tcp://{ray.util.get_node_ip_address()}:{probe.getsockname()[1]}"
 
-    def fit(self, job, threads: int, rank: int = 0, world: int = 1, init_method: str = "") -> tuple[dict, dict]:
+    def fit(self, job, threads: int, rank: int = 0, world: int = 1, init_method: str = "",
+            progress: bool = False) -> tuple[dict, dict]:
         """Train a FitJob here as DDP rank `rank` of `world` (one: no DDP), on this actor's CPU or GPU, with `threads`
-        torch threads (a Ray Train worker's count: the same arithmetic); returns (weights, metrics with the fit's
-        timeline spans)."""
+        torch threads (a Ray Train worker's count: the same arithmetic), its bar on the driver's terminal with
+        `progress`; returns (weights, metrics with the fit's timeline spans)."""
         if self.error is not None:
             raise self.error
         before, start = torch.get_num_threads(), time.time()
@@ -102,7 +105,7 @@ class SamplerActor:
             wrap = (lambda m: DDP(m.to(device), device_ids=[torch.cuda.current_device()])) if device.type == "cuda" \
                 else DDP
         try:
-            state, metrics = job.run(device, rank, world, wrap=wrap)
+            state, metrics = job.run(device, rank, world, wrap=wrap, bar=rank_bar(rank, progress))
         finally:
             torch.set_num_threads(before)
             if world > 1:
@@ -270,7 +273,7 @@ class SamplerPool:
         for _ in range(r.max_restarts + 2):
             actors = self._ready_actors(workers)
             init = ray.get(actors[0].rendezvous.remote()) if workers > 1 else ""
-            refs = [a.fit.remote(job, threads, rank, workers, init) for rank, a in enumerate(actors)]
+            refs = [a.fit.remote(job, threads, rank, workers, init, sys.stderr.isatty()) for rank, a in enumerate(actors)]
             try:
                 results = ray.get(refs)
             except ray.exceptions.RayActorError as e:

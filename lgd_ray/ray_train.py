@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import ray.train
 import ray.train.torch
@@ -40,6 +42,12 @@ def _report(metrics: dict, state: dict | None, round_: int):
             write_checkpoint(Path(tmp), state, round_)
             checkpoint = Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def rank_bar(rank: int, progress: bool) -> Callable:
+    """A fit's bar on rank `rank`: rank 0 draws on the driver's console when the driver has a terminal (`progress`:
+    sys.stderr.isatty() there; in a log Ray's bars would be one line of carriage returns per fit), the others none."""
+    return driver_bar if rank == 0 and progress else silent_bar
 
 
 def driver_bar(total: int, desc: str, initial: int = 0):
@@ -87,7 +95,7 @@ def _worker_loop(config: dict):
         wrap = torch.nn.parallel.DistributedDataParallel if world > 1 else None
     start = time.time()
     _, metrics = job.run(device, rank, world, wrap=wrap, on_round=on_round, resume=resume,
-                         bar=driver_bar if rank == 0 else silent_bar)
+                         bar=rank_bar(rank, config["progress"]))
     spans = job_spans(metrics, start, time.time(), f"worker{rank}", config["resources"])
     if world > 1:  # every rank's spans, for rank 0's report (a collective: every rank calls it)
         gathered = [None] * world
@@ -130,7 +138,7 @@ def ray_fitter(cfg: Config, run_dir: Location, node_check=None, pool=None) -> Fi
             _worker_loop,
             train_loop_config={"job": job, "threads": max(1, round(r.train_cpus_per_worker)),
                                "start_from": str(found) if found else "", "node_check": node_check,
-                               "resources": resources},
+                               "resources": resources, "progress": sys.stderr.isatty()},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=r.train_use_gpu,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if r.train_use_gpu else "gloo"),
