@@ -511,10 +511,12 @@ def config_hash(tree) -> str:
 
 def run_identity(cfg: Config) -> dict:
     """What decides a run's output: the config less its resources (the `ray` keys but train_workers and, with several,
-    min_worker_batch; local_cache),
-    evaluation, sweep, storage retries and prepare (the prepared set's own index says what it holds)."""
+    min_worker_batch; local_cache; guidance.batch, sized by the GPU and halved on out-of-memory: it splits a guided
+    backward, every term per image), evaluation, sweep, storage retries and prepare (the prepared set's own index says
+    what it holds)."""
     tree = to_dict(cfg)
     del tree["evaluate"], tree["sweep"], tree["local_cache"], tree["storage"], tree["prepare"]
+    del tree["guidance"]["batch"]
     tree["ray"] = {"train_workers": cfg.ray.train_workers}
     if cfg.ray.train_workers != 1:  # it sizes the student fits only where there may be several workers
         tree["ray"]["min_worker_batch"] = cfg.ray.min_worker_batch

@@ -47,3 +47,18 @@ def test_cli_one_line_errors(tmp_path):
     (line,) = r.stderr.strip().splitlines()
     assert "apt-get install dataset-fashion-mnist" in line and "data.root" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_run_identity_leaves_out_resources_and_the_guidance_batch():
+    """The run folder's identity (its default name, --resume's check, the pooling of seeds) is what decides the images:
+    not where they were made, nor how many trajectories a guided backward took (sized by the GPU, halved on
+    out-of-memory; every term of the step is per image)."""
+    from lgd_ray.config import run_dir, run_identity
+
+    base = load_config("imagenet1k")
+    same = [load_config("imagenet1k", extra) for extra in (["guidance.batch=7"], ["guidance.batch=0"],
+                                                           ["ray.actors=3", "ray.num_cpus_per_actor=2"])]
+    assert {config_hash(run_identity(c)) for c in same} == {config_hash(run_identity(base))}
+    assert len({run_dir(c).path for c in same + [base]}) == 1
+    for other in (["guidance.lambda=1"], ["ray.train_workers=2"], ["seed=1"]):
+        assert config_hash(run_identity(load_config("imagenet1k", other))) != config_hash(run_identity(base))
