@@ -359,10 +359,10 @@ class Location:
                 str(p), (self / p.relative_to(local).as_posix()).path, source_filesystem=pafs.LocalFileSystem(),
                 destination_filesystem=self.fs))
 
-    def download_dir(self, local: Path):
+    def download_dir(self, local: Path, listing: list[tuple[str, int, int]] | None = None):
         """Copy this folder into a local folder, file by file (on GCS its folders are implied: no marker objects for
-        pyarrow's folder copy to find)."""
-        for name, _, _ in self.listing():
+        pyarrow's folder copy to find); `listing`: its listing() if the caller has it (no second list request)."""
+        for name, _, _ in listing if listing is not None else self.listing():
             target = Path(local) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             self._call("read", lambda name=name, target=target: pafs.copy_files(
@@ -480,7 +480,7 @@ def local_copy(loc: Location, cache_root: str, marker: str) -> Path:
             tmp = target.with_name(target.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             print(f"storage: copying {loc} -> {target} (once on this node)", file=sys.stderr, flush=True)
-            loc.download_dir(tmp)
+            loc.download_dir(tmp, listing)
             tmp.rename(target)
             for old in root.glob(f"{uri_key}-*"):  # an earlier version of this URI (loaded processes keep their weights)
                 if old != target:
