@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from lgd_ray.config import Config, ConfigError, config_hash, from_dict, run_identity, to_dict
 from lgd_ray.cost import run_cost, stage_cost
 from lgd_ray.data import check_data, class_chunks, class_names, num_classes
+from lgd_ray.gpu_memory import size_guidance_batch
 from lgd_ray.lease import Lease
 from lgd_ray.methods import ChunkMaker, method_of, stage_plan
 from lgd_ray.plan import ChunkTask, fit_workers
@@ -158,6 +159,8 @@ def run_stages(cfg: Config, run_dir: Location, resume: bool = False, runner: Chu
     started = started or time.time()
     run_dir = as_location(run_dir)
     device = process_device(cfg.device)  # a sweep trial: the GPU Tune gave it, or the CPU
+    if runner is None:  # guidance.batch auto not sized yet (a library call): for this process's device
+        cfg = size_guidance_batch(cfg, 1.0 if device.type == "cuda" else 0.0)
     slot = {"GPU": 1} if device.type == "cuda" else {"CPU": 1}  # what a run without Ray holds
     timeline = timeline or Timeline(run_dir, slot)
     method = method_of(cfg)
