@@ -10,6 +10,7 @@
 #   REDUNDANCY="dit lgd" bash docs/seeds_table.sh fashion-mnist 0 1 2   # and these variants' increment redundancy
 #   EVAL_SET="evaluate.eval_every=1000" ...   # overrides for every evaluation: here the test at the last epoch only
 #     (the last accuracy is the same number, as training never depends on the tests; best is then the last)
+#   OUT=runs/ipc10-fashion-mnist SET="distill.seed_ipc=4 distill.ipc_per_stage=2 distill.stages=3" ...  # another folder
 # In-process (ray.enabled=false): one run at a time, so the seconds are comparable. The prior and the reference are
 # trained once per seed (cached in runs/cache) and shared by every variant of that seed: the differences are paired.
 set -euo pipefail
@@ -22,7 +23,7 @@ read -r -a SET <<< "${SET:-}"
 read -r -a EVAL_SET <<< "${EVAL_SET:-}"
 SEED_IPC=$($PY -c "import sys; from lgd_ray.config import load_config
 print(load_config(sys.argv[1], sys.argv[2:]).distill.seed_ipc)" "$CONFIG" "${SET[@]}")
-OUT=runs/seeds-$CONFIG
+OUT=${OUT:-runs/seeds-$CONFIG}
 VARIANTS=(
   "random distill.method=random"
   "dit distill.method=dit"
