@@ -9,7 +9,7 @@ import json
 import math
 import statistics
 from dataclasses import dataclass, field
-from itertools import combinations
+from itertools import combinations, groupby
 
 from scipy.stats import t as student_t
 
@@ -165,31 +165,35 @@ def stages_table(runs: list) -> str:
 
 
 def seeds_tables(runs: list) -> str:
-    """Markdown: the pooled table of every group, and the paired differences of the groups run with the same seeds
-    (same data set, IPC, evaluation model and labels). Empty when no group has two seeds."""
+    """Markdown: per data set, evaluation model and labels (a protocol), the pooled table of its groups and the paired
+    differences of the groups run with the same seeds at the same IPC. Empty when no group has two seeds."""
     groups = collect(runs)
     if not any(len(g.by_seed) > 1 for g in groups):
         return ""
     groups.sort(key=lambda g: (g.data, g.model, g.labels, int(g.ipc) if g.ipc.isdigit() else 10**9,
                                METHOD_ORDER.get(g.method, 9), g.label))
-    lines = ["| data | IPC | model | labels | method | seeds | models per seed | last-epoch acc (%) | best acc (%) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for g in groups:
-        (lm, ls), (bm, bs) = g.pooled(0), g.pooled(1)
-        lines.append(f"| {g.data} | {g.ipc} | {g.model} | {g.labels} | {g.label} | {','.join(map(str, sorted(g.by_seed)))} "
-                     f"| {len(next(iter(g.by_seed.values())))} | {lm:.2f} ± {ls:.2f} | {bm:.2f} ± {bs:.2f} |")
-    lines += ["", "Pooled over run seeds x evaluation models (mean ± sample std).", "",
-              "| data | IPC | model | labels | A | B | seeds | A - B, last epoch (95 % CI) | A - B, best (95 % CI) |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for b, a in combinations(groups, 2):  # A - B: the later (in METHOD_ORDER) minus the earlier
-        if (a.data, a.ipc, a.model, a.labels) != (b.data, b.ipc, b.model, b.labels):
-            continue
-        diffs = [paired(a.seed_means(k), b.seed_means(k)) for k in (0, 1)]
-        if diffs[0] is None:
-            continue
-        cells = [f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" for m, lo, hi, _ in diffs]
-        lines.append(f"| {a.data} | {a.ipc} | {a.model} | {a.labels} | {a.label} | {b.label} | {diffs[0][3]} | "
-                     f"{cells[0]} | {cells[1]} |")
-    lines += ["", "Paired over the seeds both groups have: the mean of the per-seed differences of the mean accuracy "
-              "over evaluation models, with a 95 % t interval (n - 1 degrees of freedom)."]
+    lines = []
+    for (data, model, labels), members in groupby(groups, key=lambda g: (g.data, g.model, g.labels)):
+        members = list(members)
+        lines += [f"### {data}: {model}, {labels} labels", "",
+                  "| IPC | method | seeds | models per seed | last-epoch acc (%) | best acc (%) |", "|---|---|---|---|---|---|"]
+        for g in members:
+            (lm, ls), (bm, bs) = g.pooled(0), g.pooled(1)
+            lines.append(f"| {g.ipc} | {g.label} | {','.join(map(str, sorted(g.by_seed)))} "
+                         f"| {len(next(iter(g.by_seed.values())))} | {lm:.2f} ± {ls:.2f} | {bm:.2f} ± {bs:.2f} |")
+        rows = []
+        for b, a in combinations(members, 2):  # A - B: the later (in METHOD_ORDER) minus the earlier
+            if a.ipc != b.ipc or (diffs := [paired(a.seed_means(k), b.seed_means(k)) for k in (0, 1)])[0] is None:
+                continue
+            last_a, last_b = a.seed_means(0), b.seed_means(0)
+            per_seed = ", ".join(f"{last_a[s] - last_b[s]:+.2f}" for s in sorted(set(last_a) & set(last_b)))
+            cells = [f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" for m, lo, hi, _ in diffs]
+            rows.append(f"| {a.ipc} | {a.label} | {b.label} | {diffs[0][3]} | {per_seed} | {cells[0]} | {cells[1]} |")
+        if rows:
+            lines += ["", "| IPC | A | B | seeds | A - B per seed, last epoch | A - B, last epoch (95 % CI) | "
+                      "A - B, best (95 % CI) |", "|---|---|---|---|---|---|---|"] + rows
+        lines.append("")
+    lines += ["Pooled over run seeds x evaluation models (mean ± sample std). Paired over the seeds both groups have "
+              "(in seed order): the mean of the per-seed differences of the mean accuracy over evaluation models, "
+              "with a 95 % t interval (n - 1 degrees of freedom)."]
     return "\n".join(lines)

@@ -48,7 +48,8 @@ def test_pooled_and_paired_by_hand(tmp_path):
     assert n == 3 and abs(m - 1.6667) < 1e-3 and abs(lo - 0.2324) < 1e-3 and abs(hi - 3.1009) < 1e-3
     assert paired({0: 1.0}, {0: 0.0}) is None  # one common seed: no interval
     table = compare(runs)
-    assert "## Over run seeds" in table and "81.67 ± 2.94" in table and "+1.67 [+0.23, +3.10]" in table
+    assert "## Over run seeds" in table and "### digits: convnet2, hard labels" in table and "81.67 ± 2.94" in table
+    assert "| 20 | lgd guidance.kappa=3 | lgd guidance.kappa=1 | 3 | +2.00, +2.00, +1.00 | +1.67 [+0.23, +3.10] |" in table
 
 
 def test_the_incremental_student_pooled_by_hand(tmp_path):
