@@ -24,6 +24,7 @@ from diffusers import DDIMScheduler
 
 from lgd_ray.config import AUTO, Config, ConfigError
 from lgd_ray.cost import meta_models
+from lgd_ray.data import num_classes
 from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.methods import method_of, stage_plan
 from lgd_ray.prior import Prior, checkpointed
@@ -169,17 +170,16 @@ def saved_bytes(fn, exclude: list[torch.nn.Module] = ()) -> int:
 
 @contextlib.contextmanager
 def _counted_checkpoints(models: list[torch.nn.Module], count: _Count):
-    """While active, the checkpointed blocks of `models` run through count.checkpointed (their own function is put
-    back after)."""
-    swapped = [(m, m._gradient_checkpointing_func) for model in models for m in model.modules()
-               if getattr(m, "gradient_checkpointing", False)]
-    for m, _ in swapped:
-        m._gradient_checkpointing_func = count.checkpointed
+    """While active, the models among `models` with diffusers' gradient checkpointing on run their blocks through
+    count.checkpointed; after, through lgd_ray.prior.checkpointed (the one function this project checkpoints with)."""
+    swapped = [m for m in models if getattr(m, "is_gradient_checkpointing", False)]
+    for m in swapped:
+        m.enable_gradient_checkpointing(count.checkpointed)
     try:
         yield
     finally:
-        for m, fn in swapped:
-            m._gradient_checkpointing_func = fn
+        for m in swapped:
+            m.enable_gradient_checkpointing(checkpointed)
 
 
 class _LargestOutput(TorchDispatchMode):
@@ -255,9 +255,9 @@ def guided_step_bytes(cfg: Config, prior, student: torch.nn.Module, reference: t
     memory_images > 0: with deviation guidance from that many earlier latents per class."""
     device = prior.device
     x = torch.randn(batch, *prior.latent_shape, device=device)
-    classes = [k % prior.num_classes for k in range(batch)]
-    classes = range(min(batch, prior.num_classes))
-    memory = {c: torch.randn(memory_images, *prior.latent_shape, device=device) for c in classes} if memory_images else None
+    classes = [k % num_classes(cfg.data) for k in range(batch)]  # the data set's, as the sampler's chunks
+    memory = ({c: torch.randn(memory_images, *prior.latent_shape, device=device) for c in set(classes)}
+              if memory_images else None)
     tiny = None  # guidance.decoder tiny: the guided step decodes x0^ with it (random weights: shapes are what count)
     if cfg.guidance.decoder == "tiny" and prior.vae is not None:
         with torch.device(device):

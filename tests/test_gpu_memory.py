@@ -32,7 +32,7 @@ def test_the_count_sees_attention_and_a_retained_backward_as_cuda_runs_them():
 @pytest.mark.parametrize("through, gamma", [("denoiser", 0), ("decoder", 0), ("denoiser", 50)])
 def test_meta_count_agrees_with_the_same_counter_on_a_cpu_guided_step(latent_pipeline_dir, through, gamma):
     """The estimate (meta device, batches 1 and 2, extrapolated) within 10 % of the saved tensors of a real guided
-    step of 6 trajectories on the CPU (a tiny latent DiT + VAE, ConvNet classifiers at 32 px), with deviation guidance
+    step of 12 trajectories on the CPU (more than the 10 classes; a tiny latent DiT + VAE, ConvNet classifiers at 32 px), with deviation guidance
     too (gamma > 0: the graph kept for g_D's backward, against the last stage's 90 earlier latents a class). Both sides
     use the same saved-tensor counter: this checks the meta device's shapes and the extrapolation, and cannot catch
     what the counter misses (an under-count); bench/gpu_check.py measures torch's allocator on a GPU for that."""
@@ -46,8 +46,8 @@ def test_meta_count_agrees_with_the_same_counter_on_a_cpu_guided_step(latent_pip
     torch.manual_seed(0)
     student, reference = (build_classifier(m, 3, 32, 10).eval().requires_grad_(False)
                           for m in (cfg.student.model, cfg.reference.model))
-    measured = guided_step_bytes(cfg, prior, student, reference, 6, k)
-    estimate = mem.guided_fixed + 6 * mem.guided_per_trajectory
+    measured = guided_step_bytes(cfg, prior, student, reference, 12, k)
+    estimate = mem.guided_fixed + 12 * mem.guided_per_trajectory
     print(f"{through}: estimate {estimate} B, measured {measured} B")
     assert measured > 0 and abs(estimate - measured) / measured < 0.10, (estimate, measured)
     weights = sum(t.numel() * 4 for m in (prior.transformer, prior.vae, student, reference)
