@@ -20,10 +20,12 @@ from safetensors.torch import load_file
 
 from lgd_ray.config import load_config
 from lgd_ray.data import num_classes
+from lgd_ray.finetune import base_vae
 from lgd_ray.prior import PIPELINE_MARKER
 from lgd_ray.prior_fit import save_prior
 from lgd_ray.prior_make import project_job
 from lgd_ray.storage import Location
+from lgd_ray.vae_fit import VAE_MARKER, vae_dir
 
 matplotlib.use("Agg")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,8 +43,10 @@ def export(cfg, checkpoint: Path, out: Path) -> tuple[int, Path]:
 
 
 def save_weights(cfg, state: dict, info: dict, folder: Path):
-    """DiT weights of cfg.prior's shape saved as a prior folder (a DiTPipeline, loaded by prior.model_id)."""
-    save_prior(project_job(cfg, None, num_classes(cfg.data)), state, info, Location(str(folder)))
+    """DiT weights of cfg.prior's shape saved as a prior folder (a DiTPipeline, loaded by prior.model_id); a latent
+    prior's with the config's fitted VAE (from the cache, where its fit put it)."""
+    vae = base_vae(str(vae_dir(cfg)), cfg.local_cache, VAE_MARKER) if cfg.prior.latent_channels else None
+    save_prior(project_job(cfg, None, num_classes(cfg.data)), state, info, Location(str(folder)), vae=vae)
 
 
 def checkpoint_parser(prog: str) -> argparse.ArgumentParser:

@@ -9,6 +9,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline
 
+from conftest import load_bench
+from lgd_ray.checkpoints import write_checkpoint
 from lgd_ray.config import ConfigError, load_config
 from lgd_ray.data import load_split
 from lgd_ray.distill import distill
@@ -154,3 +156,19 @@ def test_a_latent_prior_is_packaged_with_its_vae_and_installed_instead_of_traine
     vae_file.write_bytes(vae_file.read_bytes()[:-1] + b" ")
     with pytest.raises(ConfigError, match=r"-vae.safetensors has sha256 \w+, not the \w+ recorded beside it"):
         prior_make.ensure_prior(replace(latent_cfg, cache=str(tmp_path / "other")))
+
+
+def test_a_latent_fits_checkpoint_is_exported_with_its_vae_for_the_fidelity_curve(latent_cfg, tmp_path):
+    """bench/prior_curve.py on a latent prior: a checkpoint's EMA weights saved as a pipeline with the config's fitted
+    VAE, so that it samples images, not latents (here the finished fit's weights as the checkpoint)."""
+    folder = ensure_prior(latent_cfg)
+    made = load_prior(folder)
+    checkpoint = tmp_path / "checkpoint_000002"
+    checkpoint.mkdir()
+    write_checkpoint(checkpoint, {"ema": made.transformer.state_dict(), "step": 60}, 2)
+    step, exported = load_bench("prior_curve").export(latent_cfg, checkpoint, tmp_path / "curve")
+    prior = load_prior(str(exported))
+    assert step == 60 and prior.vae is not None and prior.image_size == made.image_size
+    for a, b in ((prior.transformer, made.transformer), (prior.vae, made.vae)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert prior.vae.config.scaling_factor == made.vae.config.scaling_factor
