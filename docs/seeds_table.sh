@@ -11,6 +11,8 @@
 #   EVAL_SET="evaluate.eval_every=1000" ...   # overrides for every evaluation: here the test at the last epoch only
 #     (the last accuracy is the same number, as training never depends on the tests; best is then the last)
 #   OUT=runs/ipc10-fashion-mnist SET="distill.seed_ipc=4 distill.ipc_per_stage=2 distill.stages=3" ...  # another folder
+#   ONLY="random dit lgd lgd-tiny" bash docs/seeds_table.sh fashion-mnist-latent 0 1 2  # issue 41: a latent prior's
+#     guided step with the tiny guidance decoder beside the full one
 # In-process (ray.enabled=false): one run at a time, so the seconds are comparable. The prior and the reference are
 # trained once per seed (cached in runs/cache) and shared by every variant of that seed: the differences are paired.
 set -euo pipefail
@@ -37,6 +39,7 @@ VARIANTS=(
   "lgd-aug4 guidance.augment=4"
   "gradient-only-small guidance.kappa=1 guidance.lambda=0.02 guidance.through=decoder guidance.window=[0,45]"
   "lgd-small guidance.lambda=0.02 guidance.through=decoder guidance.window=[0,45]"
+  "lgd-tiny guidance.decoder=tiny"
 )
 for v in "${VARIANTS[@]}"; do
   read -r name overrides <<< "$v"
