@@ -90,12 +90,20 @@ def _runs(runs: list):
         yield run, manifest, cfg, {k: v for k, v in run_identity(cfg).items() if k not in NOT_IDENTITY}
 
 
+PLAN = ("distill.seed_ipc", "distill.stages", "distill.ipc_per_stage")  # labelled together as the stage plan
+
+
 def _labelled(groups: list) -> list:
-    """Each group's label: its method plus the keys in which the method's groups of the same data set differ."""
+    """Each group's label: its method plus the keys in which the method's groups of the same data set differ; the
+    stage plan's keys, where one of them differs, as one `stages=SEED+STAGESxIPC` (e.g. stages=4+3x2)."""
     for g in groups:
         peers = [h for h in groups if (h.data, h.method) == (g.data, g.method)]
         varying = sorted(k for k in g.config if len({h.config.get(k) for h in peers}) > 1)
-        g.label = " ".join([g.method] + [f"{k}={json.loads(g.config[k])}" for k in varying])
+        words = [f"{k}={json.loads(g.config[k])}" for k in varying if k not in PLAN]
+        if any(k in PLAN for k in varying):
+            seed, stages, per_stage = (json.loads(g.config[k]) for k in PLAN)
+            words.insert(0, f"stages={seed}+{stages}x{per_stage}")
+        g.label = " ".join([g.method] + words)
     return groups
 
 

@@ -94,3 +94,13 @@ def test_seeds_flag_parses_a_comma_list_beside_overrides(capsys):
     with pytest.raises(SystemExit):
         main(["digits", "--seeds", "0,0", "--dry-run"])
     assert "distinct" in capsys.readouterr().err
+
+
+def test_a_stage_plan_that_differs_is_one_label(tmp_path):
+    """Groups of one method whose stage plans differ are told apart by one `stages=SEED+STAGESxIPC` word."""
+    plan = ["distill.seed_ipc=4", "distill.ipc_per_stage=2", "distill.stages=3"]
+    runs = [_run(tmp_path / f"a{s}", [], s, [80]) for s in (0, 1)]
+    runs += [_run(tmp_path / f"b{s}", plan + ["guidance.kappa=1"], s, [81]) for s in (0, 1)]
+    cfg = load_config("digits", [])
+    default = f"stages={cfg.distill.seed_ipc}+{cfg.distill.stages}x{cfg.distill.ipc_per_stage}"
+    assert {g.label for g in collect(runs)} == {f"lgd {default} guidance.kappa=3", "lgd stages=4+3x2 guidance.kappa=1"}
