@@ -191,9 +191,13 @@ def seeds_tables(runs: list) -> str:
                          f"| {len(next(iter(g.by_seed.values())))} | {lm:.2f} ± {ls:.2f} | {bm:.2f} ± {bs:.2f} |")
         rows = []
         for b, a in combinations(members, 2):  # A - B: the later (in METHOD_ORDER) minus the earlier
-            if a.ipc != b.ipc or (diffs := [paired(a.seed_means(k), b.seed_means(k)) for k in (0, 1)])[0] is None:
+            if a.ipc != b.ipc:
                 continue
-            last_a, last_b = a.seed_means(0), b.seed_means(0)
+            means = [(a.seed_means(k), b.seed_means(k)) for k in (0, 1)]  # (A, B) by seed: last, best
+            diffs = [paired(ma, mb) for ma, mb in means]
+            if diffs[0] is None:
+                continue
+            (last_a, last_b), _ = means
             per_seed = ", ".join(f"{last_a[s] - last_b[s]:+.2f}" for s in sorted(set(last_a) & set(last_b)))
             cells = [f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" for m, lo, hi, _ in diffs]
             rows.append(f"| {a.ipc} | {a.label} | {b.label} | {diffs[0][3]} | {per_seed} | {cells[0]} | {cells[1]} |")
