@@ -6,9 +6,8 @@
 #   bash docs/stronger_prior.sh sampling               # DDPM steps x CFG scale on the finished prior
 #   bash docs/stronger_prior.sh dit10 CFG STEPS [KEY=VALUE ...]  # dit IPC 10 (3 fresh ConvNet-3) at that sampling
 #   bash docs/stronger_prior.sh deep                   # the depth-8 variant at the 30,000 base steps' CPU time
-#   bash docs/stronger_prior.sh keep [KEY=VALUE ...]   # copy the fitted VAE and the newest checkpoint to docs/fit-state/
-# A session's work tree (runs/ with it) is laid anew here between sessions: `keep`, committed before a stop, is what
-# the next session's `fit` resumes from (it copies docs/fit-state/ back into the cache when the cache lacks them).
+#   bash docs/stronger_prior.sh keep [KEY=VALUE ...]   # the fitted VAE, the newest checkpoint, the curve's rows: docs/fit-state/
+#     (docs/keep.sh: runs/ does not outlive a session here; `bash docs/keep.sh restore` before `fit` resumes the fit)
 # KEY=VALUE: prior keys of a variant (e.g. prior.depth=8 prior.train_steps=14500); the default is the config's recipe.
 # Writes runs/prior-CONFIG[-KEYS]/ (issue 30's record was made when this folder was runs/prior30k).
 set -euo pipefail
@@ -19,7 +18,6 @@ CONFIG=${CONFIG:-fashion-mnist}
 KEYS=(ray.enabled=false "$@")
 TAG=$(echo "$*" | tr ' =' '_-'); OUT=runs/prior-$CONFIG${TAG:+-$TAG}
 mkdir -p "$OUT/ckpts"
-KEPT=docs/fit-state/$CONFIG${TAG:+-$TAG}
 cache_dir() { $PY -c "import sys; from lgd_ray.config import load_config; from lgd_ray.prior import prior_checkpoints
 print(prior_checkpoints(load_config(sys.argv[1], sys.argv[2:])).local_path)" "$CONFIG" "${KEYS[@]}"; }
 ready() {  # the fit has finished (else `sampling` and `dit10` would start a second fit of the same prior)
@@ -30,10 +28,6 @@ sys.exit(not (prior_dir(load_config(sys.argv[1], sys.argv[2:])) / PIPELINE_MARKE
 case $STEP in
   fit)  # the fit deletes its checkpoints once the prior is saved: hard links keep every one of them for the curve
     CKPTS=$(cache_dir)
-    if [ -d "$KEPT" ]; then  # resume from what an earlier session kept (an existing cache entry is left as it is)
-      for d in "$KEPT"/vae-*; do [ -e "$d" ] && [ ! -e "$(dirname "$CKPTS")/$(basename "$d")" ] && cp -a "$d" "$(dirname "$CKPTS")/"; done
-      [ -d "$CKPTS" ] || { mkdir -p "$CKPTS"; cp -a "$KEPT"/prior-* "$CKPTS/" 2>/dev/null || true; }
-    fi
     (while sleep 30; do for d in "$CKPTS"/prior-*/checkpoint_*; do [ -d "$d" ] && cp -aln "$d" "$OUT/ckpts/"; done; done) &
     KEEP=$!
     $PY -m lgd_ray.prior $CONFIG "${KEYS[@]}" | tail -2
@@ -55,15 +49,16 @@ case $STEP in
       $PY -m lgd_ray.distill $CONFIG "${KEYS[@]}" distill.method=dit distill.stages=0 prior.cfg_scale=$CFG \
         prior.num_steps=$N out=$RUN --resume | grep -E "^distill: done|error"
       $PY -m lgd_ray.evaluate "$RUN" ray.enabled=false | tail -1; } ;;
-  keep)  # the VAE (once fitted) and the DiT fit's newest checkpoint, nothing else: a few MB to commit
-    CKPTS=$(cache_dir)
-    rm -rf "$KEPT"; mkdir -p "$KEPT"
+  keep)  # the VAE (once fitted) and the DiT fit's newest checkpoint: what `fit` resumes from
     VAE=$($PY -c "import sys; from lgd_ray.config import load_config; from lgd_ray.vae_fit import vae_dir
 print(vae_dir(load_config(sys.argv[1], sys.argv[2:])).local_path)" "$CONFIG" "${KEYS[@]}")
-    [ -f "$VAE/vae_info.json" ] && cp -a "$VAE" "$KEPT/"
-    LAST=$(ls -d "$CKPTS"/prior-*/checkpoint_* 2>/dev/null | grep -v '\.json$' | sort -V | tail -1 || true)
-    [ -n "$LAST" ] && { mkdir -p "$KEPT/$(basename "$(dirname "$LAST")")"; cp -a "$LAST" "$KEPT/$(basename "$(dirname "$LAST")")/"; }
-    du -sh "$KEPT"/* ;;
+    VAE=$(realpath --relative-to=. "$VAE"); CKPTS=$(realpath --relative-to=. "$(cache_dir)")
+    LAST=$(ls -d "$VAE-checkpoints"/vae-*/checkpoint_* "$CKPTS"/prior-*/checkpoint_* 2>/dev/null | grep -v '\.json$' \
+      | sort -V | tail -1 || true)
+    KEEP=(); [ -f "$VAE/vae_info.json" ] && KEEP+=("$VAE"); [ -n "$LAST" ] && KEEP+=("$LAST")
+    [ -f "$OUT/curve/curve.json" ] && KEEP+=("$OUT/curve/curve.json")  # the curve's rows so far (its checkpoints go)
+    [ ${#KEEP[@]} -gt 0 ] || { echo "nothing to keep yet" >&2; exit 2; }
+    bash docs/keep.sh save "prior-$CONFIG${TAG:+-$TAG}" "${KEEP[@]}" ;;
   deep)
     exec bash "$0" fit prior.depth=8 prior.train_steps=14500 ;;
   *) echo "unknown step $STEP" >&2; exit 2 ;;
