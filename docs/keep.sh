@@ -3,7 +3,8 @@
 # from run state committed before the stop. From the repository root:
 #   bash docs/keep.sh save NAME PATH...   # PATH... (folders or files under runs/) into docs/fit-state/NAME.tar.gz
 #   bash docs/keep.sh restore             # every docs/fit-state/*.tar.gz back into runs/ (files already there are kept)
-# Keep only what a resume reads (a fit's newest checkpoint, a cached reference, a run folder): a few MB a session.
+# Keep only what a resume reads (a fit's newest checkpoint, a cached reference, a run folder): each save adds its size
+# (tens of MB) to git history, so keep only what the next session cannot make again cheaply.
 set -euo pipefail
 KEPT=docs/fit-state
 case ${1:-} in
