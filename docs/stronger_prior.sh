@@ -54,7 +54,7 @@ case $STEP in
 print(vae_dir(load_config(sys.argv[1], sys.argv[2:])).local_path)" "$CONFIG" "${KEYS[@]}")
     VAE=$(realpath --relative-to=. "$VAE"); CKPTS=$(realpath --relative-to=. "$(cache_dir)")
     LAST=$(ls -d "$VAE-checkpoints"/vae-*/checkpoint_* "$CKPTS"/prior-*/checkpoint_* 2>/dev/null | grep -v '\.json$' \
-      | sort -V | tail -1 || true)
+      | awk -F/ '{print $NF, $0}' | sort -V | tail -1 | cut -d' ' -f2 || true)  # the highest round, in any run folder
     KEEP=(); [ -f "$VAE/vae_info.json" ] && KEEP+=("$VAE"); [ -n "$LAST" ] && KEEP+=("$LAST")
     [ -f "$OUT/curve/curve.json" ] && KEEP+=("$OUT/curve/curve.json")  # the curve's rows so far (its checkpoints go)
     [ ${#KEEP[@]} -gt 0 ] || { echo "nothing to keep yet" >&2; exit 2; }

@@ -64,10 +64,16 @@ def base_vae(base: str, local_cache: str, marker: str = PIPELINE_MARKER) -> Auto
 
 
 def latent_dir(cfg: Config, vae: str) -> Location:
-    """The latent cache of the train split under the VAE of `vae` (a model id): keyed by the data set and it."""
+    """The latent cache of the train split under the VAE of `vae` (a model id): keyed by the data set and it, a VAE in
+    the cache by its entry's name (the same key wherever the cache is mounted)."""
     data = dataclasses.asdict(cfg.data)
     del data["prepared"]  # the same images, files or prepared shards
-    return Location(cfg.cache).resolve() / f"latents-{config_hash({'data': data, 'base': vae})}"
+    cache = Location(cfg.cache).resolve()
+    try:
+        base = "cache:" + Location(vae).resolve().relative_to(cache)
+    except ValueError:
+        base = vae
+    return cache / f"latents-{config_hash({'data': data, 'base': base})}"
 
 
 @torch.no_grad()

@@ -97,12 +97,18 @@ def make_prior(cfg: Config, out: Location, device, fitter: Fitter | None, lease)
 def make_latent_prior(cfg: Config, out: Location, fitter: Fitter) -> dict:
     """The project's latent prior: its VAE fitted (or found in the cache), the train split encoded with it once, and
     the latent DiT fitted on those latents, saved in `out` as a DiTPipeline with that VAE; returns the DiT fit's info."""
-    vae = ensure_vae(cfg, fitter)
-    latents = cache_latents(cfg, cfg.data.image_size, str(vae), VAE_MARKER)
+    vae, latents = latent_data(cfg, fitter)
     print(f"prior: training a latent DiT on {cfg.data.name}'s latents ({cfg.prior.train_steps} steps) -> {out}",
           flush=True)
     job = project_job(cfg, partial(read_latents, latents), num_classes(cfg.data))
     return train_prior(job, out, fitter, vae=base_vae(str(vae), cfg.local_cache, VAE_MARKER))
+
+
+def latent_data(cfg: Config, fitter: Fitter) -> tuple[Location, Location]:
+    """The config's VAE folder (fitted with `fitter` first if it is not in the cache) and the train split's latents
+    under it (encoded once, cached)."""
+    vae = ensure_vae(cfg, fitter)
+    return vae, cache_latents(cfg, cfg.data.image_size, str(vae), VAE_MARKER)
 
 
 def _parts(cfg: Config) -> dict[str, tuple[str, str]]:

@@ -19,6 +19,7 @@ from lgd_ray.prior_make import ensure_prior
 from lgd_ray.ray_train import ray_fitter
 from lgd_ray.shards import in_order, read_shards
 from lgd_ray.storage import Location
+from lgd_ray.vae_fit import vae_dir
 
 CLASSES = ["zebra", "n01440764", "apple"]  # the class list; the folders sort as apple, n01440764, zebra
 COLOURS = {"zebra": (220, 30, 30), "n01440764": (30, 200, 40), "apple": (40, 60, 230)}
@@ -91,3 +92,15 @@ def test_folder_classes_a_hub_dit_does_not_know_are_refused(tmp_path):
 def _base(tmp_path: Path) -> Path:
     tiny_latent_pipeline().save_pretrained(tmp_path / "base")
     return tmp_path / "base"
+
+
+def test_latent_cache_key_follows_the_vae_not_the_cache_mount(tmp_path):
+    """The project VAE's latents keep their key when the cache is mounted elsewhere; a hub id keys by the id."""
+    keys = []
+    for root, steps in ((tmp_path / "a" / "cache", 2500), (tmp_path / "b" / "cache", 2500), (tmp_path, 100)):
+        cfg = load_config("fashion-mnist-latent", [f"cache={root}", f"prior.vae_steps={steps}"])
+        own, hub = latent_dir(cfg, str(vae_dir(cfg))), latent_dir(cfg, "stabilityai/sd-vae-ft-ema")
+        assert own.relative_to(Location(str(root))) == own.name  # in the cache it is keyed in
+        keys.append((own.name, hub.name))
+    assert keys[0] == keys[1]  # the same VAE, the cache mounted elsewhere
+    assert keys[2][0] != keys[0][0] and keys[2][1] == keys[0][1]  # another VAE; the same hub id
