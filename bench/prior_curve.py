@@ -4,7 +4,7 @@ folder, loaded as any prior.model_id) and measured by bench/prior_fidelity.py at
     python bench/prior_curve.py CONFIG CHECKPOINT_DIR... [key=value ...] --out runs/curve [--cfg-scale 1] [--per-class 50]
 
 CHECKPOINT_DIR: checkpoint_NNNNNN folders of the fit of CONFIG with these overrides (its prior.* keys decide the DiT's
-shape). Writes OUT/step-N/ (the priors), OUT/curve.json (one row per checkpoint and the floor) and OUT/curve.png;
+shape). Writes OUT/step-N/ (the priors), OUT/curve.json (one row per checkpoint and the floors) and OUT/curve.png;
 a checkpoint OUT/curve.json already holds at the same setting is not measured again.
 The checkpoints of one fit are mid-schedule: a fit of N steps anneals its learning rate by step N, so its prior is
 better than the checkpoint at step N of a longer fit.
@@ -70,12 +70,13 @@ def parse_checkpoint_args(parser: argparse.ArgumentParser, argv):
     return args, overrides, checkpoints, load_config(args.config, overrides), out
 
 
-def measure(args, overrides: list[str], folder: Path, scheduler: str) -> tuple[dict, dict]:
-    """bench/prior_fidelity.py on the prior in `folder` at `scheduler` and --cfg-scale: (the real floor, its row)."""
-    floor, row = prior_fidelity.main([args.config, *overrides, f"prior.model_id={folder}", "--per-class",
-                                      str(args.per_class), "--schedulers", scheduler, "--cfg-scales",
-                                      str(args.cfg_scale)])
-    return floor, row
+def measure(args, overrides: list[str], folder: Path, scheduler: str) -> tuple[list[dict], dict]:
+    """bench/prior_fidelity.py on the prior in `folder` at `scheduler` and --cfg-scale: (the floors: real, and a
+    latent prior's VAE round trip; its row)."""
+    *floors, row = prior_fidelity.main([args.config, *overrides, f"prior.model_id={folder}", "--per-class",
+                                        str(args.per_class), "--schedulers", scheduler, "--cfg-scales",
+                                        str(args.cfg_scale)])
+    return floors, row
 
 
 def print_rows(rows: list[dict], first: str):
@@ -85,7 +86,7 @@ def print_rows(rows: list[dict], first: str):
                          if k in r))
 
 
-def plot(rows: list[dict], floor: dict, path: Path):
+def plot(rows: list[dict], floors: list[dict], path: Path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -93,7 +94,8 @@ def plot(rows: list[dict], floor: dict, path: Path):
     for ax, key, label in zip(axes, ("fd", "recall", "reference_acc"), ("FD (lower is better)", "recall",
                                                                          "theta* accuracy on samples")):
         ax.plot(steps, [r[key] for r in rows], "o-", label="prior checkpoint")
-        ax.axhline(floor[key], ls="--", c="grey", label="real train vs real test")
+        for floor, style in zip(floors, ("--", ":")):
+            ax.axhline(floor[key], ls=style, c="grey", label=floor["setting"])
         ax.set_xlabel("prior fit steps")
         ax.set_title(label)
         ax.grid(alpha=0.3)
@@ -110,20 +112,20 @@ def main(argv):
     earlier = json.loads((out / "curve.json").read_text()) if (out / "curve.json").exists() else {"rows": []}
     n = min(10, num_classes(cfg.data)) * args.per_class  # prior_fidelity's samples: the first 10 classes at most
     done = {r["steps"]: r for r in earlier["rows"] if (r["setting"], r["n"]) == (setting, n)}
-    rows, floor = [], earlier.get("floor")
+    rows, floors = [], earlier.get("floors", [earlier["floor"]] if "floor" in earlier else [])
     for checkpoint in checkpoints:
         step, folder = export(cfg, checkpoint, out)
         if step in done:  # measured by an earlier call with the same setting (the same seeded samples)
             rows.append(done[step])
             continue
-        floor, row = measure(args, overrides, folder, args.scheduler)
+        floors, row = measure(args, overrides, folder, args.scheduler)
         rows.append({"steps": step, "prior": str(folder), **row})
     listed = {r["steps"] for r in rows}
     rows += [r for step, r in done.items() if step not in listed]  # earlier checkpoints not named this time
     rows.sort(key=lambda r: r["steps"])
-    (out / "curve.json").write_text(json.dumps({"floor": floor, "rows": rows}, indent=1))
-    plot(rows, floor, out / "curve.png")
-    print_rows([floor] + rows, "steps")
+    (out / "curve.json").write_text(json.dumps({"floors": floors, "rows": rows}, indent=1))
+    plot(rows, floors, out / "curve.png")
+    print_rows(floors + rows, "steps")
 
 if __name__ == "__main__":
     main(sys.argv[1:])

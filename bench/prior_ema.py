@@ -62,12 +62,12 @@ def main(argv):
     args, overrides, checkpoints, cfg, out = parse_checkpoint_args(parser, argv)
     priors = [(f"the fit's EMA {cfg.prior.ema_decay}", export(cfg, checkpoints, None, out))]
     priors += [(f"post-hoc {d}", export(cfg, checkpoints, d, out)) for d in args.decays]
-    rows, floor = [], None
+    rows, floors = [], []
     for name, folder in priors:
-        floor, row = measure(args, overrides, folder, cfg.prior.scheduler)
+        floors, row = measure(args, overrides, folder, cfg.prior.scheduler)
         rows.append({"weights": name, "prior": str(folder), **row})
-    (out / "ema.json").write_text(json.dumps({"floor": floor, "rows": rows}, indent=1))
-    print_rows([floor] + rows, "weights")
+    (out / "ema.json").write_text(json.dumps({"floors": floors, "rows": rows}, indent=1))
+    print_rows(floors + rows, "weights")
     return rows
 
 if __name__ == "__main__":

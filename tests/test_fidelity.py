@@ -64,7 +64,7 @@ def test_prior_curve_bench_measures_each_checkpoint_of_a_fit(trained, tiny_overr
     load_bench("prior_curve").main(["digits", *map(str, folders), *keys, "--out", str(tmp_path / "curve"),
                                     "--per-class", "8", "--cfg-scale", "2"])
     curve = json.loads((tmp_path / "curve" / "curve.json").read_text())
-    assert [r["steps"] for r in curve["rows"]] == [10, 20] and curve["floor"]["setting"] == "real train vs real test"
+    assert [r["steps"] for r in curve["rows"]] == [10, 20] and [f["setting"] for f in curve["floors"]] == ["real train vs real test"]
     assert all(r["n"] == 80 and r["fd"] >= 0 for r in curve["rows"]) and (tmp_path / "curve" / "curve.png").exists()
     last = load_prior(curve["rows"][-1]["prior"]).transformer.state_dict()
     assert all(torch.equal(last[k], weights[k]) for k in weights)  # the fit's returned (EMA) weights

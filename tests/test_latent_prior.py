@@ -158,9 +158,11 @@ def test_a_latent_prior_is_packaged_with_its_vae_and_installed_instead_of_traine
         prior_make.ensure_prior(replace(latent_cfg, cache=str(tmp_path / "other")))
 
 
-def test_a_latent_fits_checkpoint_is_exported_with_its_vae_for_the_fidelity_curve(latent_cfg, tmp_path):
+def test_a_latent_fits_checkpoint_is_exported_with_its_vae_for_the_fidelity_curve(latent_cfg, tiny_overrides,
+                                                                                    tmp_path):
     """bench/prior_curve.py on a latent prior: a checkpoint's EMA weights saved as a pipeline with the config's fitted
-    VAE, so that it samples images, not latents (here the finished fit's weights as the checkpoint)."""
+    VAE, so that it samples images, not latents (here the finished fit's weights as the checkpoint); its curve has the
+    VAE's round trip of real images as a second floor."""
     folder = ensure_prior(latent_cfg)
     made = load_prior(folder)
     checkpoint = tmp_path / "checkpoint_000002"
@@ -172,3 +174,9 @@ def test_a_latent_fits_checkpoint_is_exported_with_its_vae_for_the_fidelity_curv
     for a, b in ((prior.transformer, made.transformer), (prior.vae, made.vae)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert prior.vae.config.scaling_factor == made.vae.config.scaling_factor
+    load_bench("prior_curve").main(["digits", str(checkpoint), *tiny_overrides, *LATENT, f"cache={latent_cfg.cache}",
+                                    "ray.enabled=false", "--out", str(tmp_path / "curve"), "--per-class", "8"])
+    curve = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    real, round_trip = curve["floors"]
+    assert (real["setting"], round_trip["setting"]) == ("real train vs real test", "real train through the VAE vs real test")
+    assert round_trip["fd"] > real["fd"] and [r["steps"] for r in curve["rows"]] == [60]  # the VAE loses detail
