@@ -30,7 +30,7 @@ def main(argv):
     stage_index = int(argv[1]) if len(argv) > 1 else 1
     cfg = from_dict(read_manifest(run)["config"])
     n = num_classes(cfg.data)
-    prior = load_prior(prior_id(cfg), cfg.prior.scheduler, dtype=cfg.prior.dtype)
+    prior = load_prior(prior_id(cfg), cfg.prior.scheduler, dtype=cfg.prior.dtype, variance=cfg.prior.variance)
     reference, _ = ensure_reference(cfg, n)
     student, _ = load_classifier(new_classifier(cfg, "student", n), run / stage_dir(stage_index - 1) / "student.safetensors")
     scorer = Scorer(student.requires_grad_(False), reference.requires_grad_(False), cfg.guidance.omega)

@@ -69,7 +69,7 @@ def main(argv):
         report({"setting": "real train through the VAE vs real test"}, round_trip, train_y)
     items = [(c, s) for c in range(classes) for s in range(args.per_class)]
     for scheduler in args.schedulers:
-        prior = load_prior(model_id, scheduler, dtype=cfg.prior.dtype)
+        prior = load_prior(model_id, scheduler, dtype=cfg.prior.dtype, variance=cfg.prior.variance)
         for cfg_scale in args.cfg_scales:
             start = time.time()
             out = generate(prior, items, run_seed=123, stage=0, num_steps=cfg.prior.num_steps, cfg_scale=cfg_scale,

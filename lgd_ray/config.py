@@ -60,6 +60,7 @@ class DataConfig:
 class PriorConfig:
     model_id: str = ""  # hub id, local folder or store URI of a diffusers DiT pipeline; "" = the project's pixel DiT
     scheduler: str = _f("ddim", choices=["ddim", "ddpm"])
+    variance: str = _f("fixed_small", choices=["fixed_small", "fixed_large"])  # DDPM's step noise: beta-tilde (DiTPipeline's) | beta
     num_steps: int = _f(50, min=1)
     cfg_scale: float = _f(4.0, min=1.0)  # classifier-free guidance; 1 = off
     dtype: str = _f("float32", choices=["float32", "bfloat16", "float16"])  # DiT and VAE weights; sampler state is fp32

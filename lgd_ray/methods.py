@@ -273,7 +273,8 @@ class ChunkMaker:
         method = method_of(cfg)
         self.prior = self.tiny = None  # tiny: the guided step's decoder with guidance.decoder tiny (made by the driver)
         if method.needs_prior:
-            self.prior = load_prior(require_prior(cfg), cfg.prior.scheduler, self.device, cfg.prior.dtype, cfg.local_cache)
+            self.prior = load_prior(require_prior(cfg), cfg.prior.scheduler, self.device, cfg.prior.dtype, cfg.local_cache,
+                                    cfg.prior.variance)
             self.prior.class_map = prior_class_map(cfg, self.prior)
             if cfg.guidance.checkpointing:
                 self.prior.checkpoint_blocks()

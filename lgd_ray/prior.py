@@ -171,12 +171,14 @@ def local_model(model_id: str, local_cache: str = "~/.cache/lgd_ray", marker: st
 
 
 def load_prior(model_id: str, scheduler: str = "ddim", device="cpu", dtype: str = "float32",
-               local_cache: str = "~/.cache/lgd_ray") -> Prior:
+               local_cache: str = "~/.cache/lgd_ray", variance: str = "fixed_small") -> Prior:
     """Load a DiT pipeline's parts from a hub id (`facebook/DiT-XL-2-256`), a local folder saved by save_pretrained, or
     a store URI (copied once per node into `local_cache`; the hub is not contacted).
 
     The VAE is loaded when model_index.json lists one; the scheduler's config is reused with the class named by
-    `scheduler` (ddim | ddpm); the weights are cast to `dtype` (float32 | bfloat16 | float16).
+    `scheduler` (ddim | ddpm), DDPM's with the step variance `variance` (fixed_small | fixed_large: a learned-sigma
+    DiT's variance channels are dropped, as DiTPipeline does); the weights are cast to `dtype` (float32 | bfloat16 |
+    float16).
     """
     dtype = DTYPES[dtype]
     model_id = local_model(model_id, local_cache)
@@ -186,8 +188,8 @@ def load_prior(model_id: str, scheduler: str = "ddim", device="cpu", dtype: str 
         raise ConfigError(f"prior: cannot load a diffusers pipeline from {model_id!r}: {str(e).splitlines()[0]}") from e
     transformer = DiTTransformer2DModel.from_pretrained(model_id, subfolder="transformer", torch_dtype=dtype)
     sched_config = SCHEDULERS[scheduler].load_config(model_id, subfolder="scheduler")
-    if scheduler == "ddpm" and sched_config.get("variance_type", "").startswith("learned"):
-        sched_config["variance_type"] = "fixed_small"  # learned-sigma channels are dropped, as DiTPipeline does
+    if scheduler == "ddpm":
+        sched_config["variance_type"] = variance
     sched = SCHEDULERS[scheduler].from_config(sched_config)
     vae = None
     if (index.get("vae") or [None])[0] is not None:

@@ -127,7 +127,7 @@ def trajectory_latents(prior: Prior, cfg: Config, per_class: int, seed: int) -> 
 def tiny_data(cfg: Config, prior_id: str, latents_id: str, seed: int) -> TensorSet:
     """The fit's latents: the train split's cached latents, then the trajectories' x0^ (last)."""
     data = read_latents(Location(latents_id))
-    prior = load_prior(prior_id, cfg.prior.scheduler, local_cache=cfg.local_cache)
+    prior = load_prior(prior_id, cfg.prior.scheduler, local_cache=cfg.local_cache, variance=cfg.prior.variance)
     prior.class_map = prior_class_map(cfg, prior)  # a data set's classes on a 1000-class DiT: their ImageNet rows
     x0 = trajectory_latents(prior, cfg, cfg.guidance.tiny_trajectories, seed)
     return TensorSet(torch.cat([data.images.float(), x0]), torch.zeros(len(data.images) + len(x0), dtype=torch.long),

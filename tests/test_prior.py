@@ -21,6 +21,29 @@ def test_folder_loads_like_a_hub_id_and_samples(latent_pipeline_dir):
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
 
 
+def test_ddpm_step_variance_is_the_configs(latent_pipeline_dir):
+    """prior.variance sets DDPM's step noise (a learned-sigma DiT's variance channels are dropped either way): from the
+    same x and seeds, one step differs only by the noise's scale, sqrt(beta) (fixed_large) against sqrt(beta-tilde)
+    (fixed_small, DiTPipeline's and the default)."""
+    labels, gens = torch.tensor([1, 2, 3, 4]), lambda: [generator(3, i) for i in range(4)]
+    x = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens()])
+    noise = x  # the step's noise: the first draw of fresh generators, as x's was
+    steps = {}
+    for variance in ("fixed_small", "fixed_large"):
+        prior = load_prior(str(latent_pipeline_dir), "ddpm", variance=variance)
+        assert prior.scheduler.config.variance_type == variance
+        steps[variance] = sample(prior, labels, gens(), num_steps=4, cfg_scale=1.0, x=x, first=3, last=3)[0]
+    sched = load_prior(str(latent_pipeline_dir), "ddpm").scheduler
+    assert sched.config.variance_type == "fixed_small"  # the default
+    sched.set_timesteps(4)
+    a, a_prev = sched.alphas_cumprod[sched.timesteps[0]], sched.alphas_cumprod[sched.timesteps[1]]
+    beta = 1 - a / a_prev
+    beta_tilde = (1 - a_prev) / (1 - a) * beta
+    expected = (beta.sqrt() - beta_tilde.sqrt()) * noise
+    assert torch.allclose(steps["fixed_large"] - steps["fixed_small"], expected, atol=1e-5)
+    assert expected.abs().max() > 0.01
+
+
 def test_bad_model_id_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="cannot load a diffusers pipeline"):
         load_prior(str(tmp_path / "nowhere"))
