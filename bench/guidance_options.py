@@ -55,7 +55,8 @@ def main(argv):
     cfgs = {n: build_config(apply_overrides(copy.deepcopy(base), OPTIONS[n])) for n in names}
     cfg = cfgs["exact"]
     n = num_classes(cfg.data)
-    priors = {d: load_prior(prior_id(cfg), cfg.prior.scheduler, dtype=d, variance=cfg.prior.variance) for d in {c.prior.dtype for c in cfgs.values()}}
+    priors = {d: load_prior(prior_id(cfg), cfg.prior.scheduler, dtype=d, variance=cfg.prior.variance)
+              for d in {c.prior.dtype for c in cfgs.values()}}
     reference, _ = ensure_reference(cfg, n)
     student, _ = load_classifier(new_classifier(cfg, "student", n), run / stage_dir(a.stage - 1) / "student.safetensors")
     scorer = Scorer(student.requires_grad_(False), reference.requires_grad_(False), cfg.guidance.omega)
