@@ -4,7 +4,7 @@
 #   bash docs/keep.sh save NAME PATH...   # PATH... (folders or files under runs/) into docs/fit-state/NAME.tar.gz
 #   bash docs/keep.sh restore             # every docs/fit-state/*.tar.gz back into runs/ (files already there are kept)
 #   EXCLUDE="*/student.safetensors" bash docs/keep.sh save NAME RUN...   # without files matching these patterns
-#     (finished runs only: a stopped run resumes from its last stage's student; evaluate and report do not read them)
+#     (evaluated runs only: evaluate and report do not read them, but `distill --resume` trains a missing one again)
 # Keep only what a resume reads (a fit's newest checkpoint, a cached reference, a run folder): each save adds its size
 # (tens of MB) to git history, so keep only what the next session cannot make again cheaply.
 set -euo pipefail
