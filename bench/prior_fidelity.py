@@ -62,14 +62,14 @@ def main(argv):
 
     train_x, train_y = per_class(load_split(cfg.data, "train"), classes, args.per_class)
     report({"setting": "real train vs real test"}, train_x, train_y)
-    vae = load_prior(model_id, dtype=cfg.prior.dtype)
-    if vae.vae is not None:  # a latent prior's samples can be no closer than its VAE's round trip of real images
+    priors = {s: load_prior(model_id, s, dtype=cfg.prior.dtype, variance=cfg.prior.variance) for s in args.schedulers}
+    prior = next(iter(priors.values()))
+    if prior.vae is not None:  # a latent prior's samples can be no closer than its VAE's round trip of real images
         with torch.no_grad():
-            round_trip = to_float(to_uint8(vae.decode(vae.encode(train_x))))
+            round_trip = to_float(to_uint8(prior.decode(prior.encode(train_x))))
         report({"setting": "real train through the VAE vs real test"}, round_trip, train_y)
     items = [(c, s) for c in range(classes) for s in range(args.per_class)]
-    for scheduler in args.schedulers:
-        prior = load_prior(model_id, scheduler, dtype=cfg.prior.dtype, variance=cfg.prior.variance)
+    for scheduler, prior in priors.items():
         for cfg_scale in args.cfg_scales:
             start = time.time()
             out = generate(prior, items, run_seed=123, stage=0, num_steps=cfg.prior.num_steps, cfg_scale=cfg_scale,
