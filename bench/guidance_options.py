@@ -21,7 +21,7 @@ from lgd_ray.data import num_classes
 from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.cost import PEAK_TFLOPS, UTILISATION, gpu_hours, run_cost
 from lgd_ray.methods import stage_plan
-from lgd_ray.prior import load_prior, prior_id
+from lgd_ray.prior import configured_prior, prior_id
 from lgd_ray.reference import ensure_reference, new_classifier
 from lgd_ray.sampler import generate
 from lgd_ray.shards import read_manifest, stage_dir
@@ -55,8 +55,7 @@ def main(argv):
     cfgs = {n: build_config(apply_overrides(copy.deepcopy(base), OPTIONS[n])) for n in names}
     cfg = cfgs["exact"]
     n = num_classes(cfg.data)
-    priors = {d: load_prior(prior_id(cfg), cfg.prior.scheduler, dtype=d, variance=cfg.prior.variance)
-              for d in {c.prior.dtype for c in cfgs.values()}}
+    priors = {d: configured_prior(cfg, prior_id(cfg), dtype=d) for d in {c.prior.dtype for c in cfgs.values()}}
     reference, _ = ensure_reference(cfg, n)
     student, _ = load_classifier(new_classifier(cfg, "student", n), run / stage_dir(a.stage - 1) / "student.safetensors")
     scorer = Scorer(student.requires_grad_(False), reference.requires_grad_(False), cfg.guidance.omega)

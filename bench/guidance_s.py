@@ -15,7 +15,7 @@ from lgd_ray.config import from_dict
 from lgd_ray.data import num_classes
 from lgd_ray.guidance import Guide, Scorer
 from lgd_ray.methods import stage_plan
-from lgd_ray.prior import load_prior, prior_id
+from lgd_ray.prior import configured_prior, prior_id
 from lgd_ray.reference import ensure_reference, new_classifier
 from lgd_ray.sampler import generate
 from lgd_ray.shards import read_manifest, stage_dir
@@ -30,7 +30,7 @@ def main(argv):
     stage_index = int(argv[1]) if len(argv) > 1 else 1
     cfg = from_dict(read_manifest(run)["config"])
     n = num_classes(cfg.data)
-    prior = load_prior(prior_id(cfg), cfg.prior.scheduler, dtype=cfg.prior.dtype, variance=cfg.prior.variance)
+    prior = configured_prior(cfg, prior_id(cfg))
     reference, _ = ensure_reference(cfg, n)
     student, _ = load_classifier(new_classifier(cfg, "student", n), run / stage_dir(stage_index - 1) / "student.safetensors")
     scorer = Scorer(student.requires_grad_(False), reference.requires_grad_(False), cfg.guidance.omega)

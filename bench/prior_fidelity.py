@@ -19,7 +19,7 @@ import torch
 from lgd_ray.config import load_config
 from lgd_ray.data import load_split, num_classes, to_float, to_uint8
 from lgd_ray.fidelity import features, fidelity
-from lgd_ray.prior import load_prior
+from lgd_ray.prior import configured_prior
 from lgd_ray.prior_make import ensure_prior
 from lgd_ray.reference import ensure_reference
 from lgd_ray.sampler import generate
@@ -62,7 +62,7 @@ def main(argv):
 
     train_x, train_y = per_class(load_split(cfg.data, "train"), classes, args.per_class)
     report({"setting": "real train vs real test"}, train_x, train_y)
-    priors = {s: load_prior(model_id, s, dtype=cfg.prior.dtype, variance=cfg.prior.variance) for s in args.schedulers}
+    priors = {s: configured_prior(cfg, model_id, scheduler=s) for s in args.schedulers}
     prior = next(iter(priors.values()))
     if prior.vae is not None:  # a latent prior's samples can be no closer than its VAE's round trip of real images
         with torch.no_grad():

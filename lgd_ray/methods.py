@@ -21,7 +21,7 @@ from lgd_ray.lease import check_holder
 from lgd_ray.models import penultimate
 from lgd_ray.modes import ModeGuide, class_modes
 from lgd_ray.plan import ChunkTask, Stage
-from lgd_ray.prior import load_prior, pipeline_image_size, prior_class_map, prior_id, require_prior
+from lgd_ray.prior import configured_prior, pipeline_image_size, prior_id, require_prior
 from lgd_ray.reference import load_reference, new_classifier
 from lgd_ray.sampler import generate, sample_batch_size
 from lgd_ray.seeding import derive_seed, generator
@@ -273,9 +273,7 @@ class ChunkMaker:
         method = method_of(cfg)
         self.prior = self.tiny = None  # tiny: the guided step's decoder with guidance.decoder tiny (made by the driver)
         if method.needs_prior:
-            self.prior = load_prior(require_prior(cfg), cfg.prior.scheduler, self.device, cfg.prior.dtype, cfg.local_cache,
-                                    cfg.prior.variance)
-            self.prior.class_map = prior_class_map(cfg, self.prior)
+            self.prior = configured_prior(cfg, require_prior(cfg), self.device)
             if cfg.guidance.checkpointing:
                 self.prior.checkpoint_blocks()
             if method.uses_tiny_decoder(cfg):

@@ -223,6 +223,16 @@ def prior_class_map(cfg: Config, prior: Prior) -> torch.Tensor | None:
         raise ConfigError(f"prior: the DiT has 1000 ImageNet classes, {str(e).removeprefix('config: ')}; {fix}") from None
 
 
+def configured_prior(cfg: Config, model_id: str, device="cpu", scheduler: str | None = None,
+                     dtype: str | None = None) -> Prior:
+    """The prior at `model_id` as cfg.prior samples it (its scheduler, dtype and step variance, unless `scheduler` or
+    `dtype` is given), with the data set's class map (prior_class_map)."""
+    prior = load_prior(model_id, scheduler or cfg.prior.scheduler, device, dtype or cfg.prior.dtype, cfg.local_cache,
+                       cfg.prior.variance)
+    prior.class_map = prior_class_map(cfg, prior)
+    return prior
+
+
 PRIOR_TRAIN_KEYS = ("patch_size", "num_heads", "head_dim", "depth", "train_timesteps", "train_steps", "batch_size",
                     "lr", "label_dropout", "ema_decay")
 LATER_TRAIN_KEYS = ("base", "min_snr_gamma", "autocast", "compile", "latent_channels", "vae_channels", "vae_steps",

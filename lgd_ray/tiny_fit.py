@@ -20,7 +20,7 @@ from lgd_ray.data import TensorSet, num_classes
 from lgd_ray.finetune import cache_latents, read_latents
 from lgd_ray.guidance import guided_steps
 from lgd_ray.lease import cache_lock
-from lgd_ray.prior import Prior, load_prior, prior_class_map
+from lgd_ray.prior import Prior, configured_prior, load_prior
 from lgd_ray.prior_fit import after_step, descend, warmup_cosine
 from lgd_ray.sampler import sample
 from lgd_ray.seeding import derive_seed, generator
@@ -127,8 +127,7 @@ def trajectory_latents(prior: Prior, cfg: Config, per_class: int, seed: int) -> 
 def tiny_data(cfg: Config, prior_id: str, latents_id: str, seed: int) -> TensorSet:
     """The fit's latents: the train split's cached latents, then the trajectories' x0^ (last)."""
     data = read_latents(Location(latents_id))
-    prior = load_prior(prior_id, cfg.prior.scheduler, local_cache=cfg.local_cache, variance=cfg.prior.variance)
-    prior.class_map = prior_class_map(cfg, prior)  # a data set's classes on a 1000-class DiT: their ImageNet rows
+    prior = configured_prior(cfg, prior_id, dtype="float32")  # trajectories in float32, whatever cfg.prior.dtype is
     x0 = trajectory_latents(prior, cfg, cfg.guidance.tiny_trajectories, seed)
     return TensorSet(torch.cat([data.images.float(), x0]), torch.zeros(len(data.images) + len(x0), dtype=torch.long),
                      data.num_classes)
