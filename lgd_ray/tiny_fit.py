@@ -17,10 +17,10 @@ from safetensors.torch import save
 
 from lgd_ray.config import Config, ConfigError, GuidanceConfig
 from lgd_ray.data import TensorSet, num_classes
-from lgd_ray.finetune import cache_latents, read_latents
+from lgd_ray.finetune import base_vae, cache_latents, read_latents
 from lgd_ray.guidance import guided_steps
 from lgd_ray.lease import cache_lock
-from lgd_ray.prior import Prior, configured_prior, load_prior
+from lgd_ray.prior import Prior, configured_prior
 from lgd_ray.prior_fit import after_step, descend, warmup_cosine
 from lgd_ray.sampler import sample
 from lgd_ray.seeding import derive_seed, generator
@@ -66,7 +66,7 @@ def fit_tiny(job: TinyJob, device="cpu", rank: int = 0, world: int = 1, wrap=Non
     device = torch.device(device)
     torch.manual_seed(job.seed)
     tiny = job.build().to(device).train()
-    vae = load_prior(job.prior_id, local_cache=job.local_cache, device=device).vae
+    vae = base_vae(job.prior_id, job.local_cache).to(device)  # the VAE alone: the DiT is not needed here
     opt = torch.optim.AdamW(tiny.parameters(), lr=job.guidance.tiny_lr, weight_decay=0.0)
     sched = warmup_cosine(opt, steps)
     first, before = 0, 0.0
